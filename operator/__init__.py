@@ -1,0 +1,1 @@
+"""xling.operator: a kopf operator that turns RetrievalExperiment resources into KubeRay RayJobs."""

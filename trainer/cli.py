@@ -1,0 +1,52 @@
+"""The ``xling`` command: run, eval, render, plan. Subcommands import their heavy parts lazily."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from xling.trainer.spec import SpecError, load_experiment
+
+
+def _run(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.file)
+    if args.check:
+        print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
+        return 0
+    from xling.trainer.run import run_experiment
+
+    run_experiment(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="xling", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment YAML (a RetrievalExperiment) on local Ray")
+    run.add_argument("file")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    run.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
+    run.add_argument("--check", action="store_true", help="only validate the file")
+    run.set_defaults(func=_run)
+    for module in ("xling.trainer.evaluation", "xling.operator.render"):
+        try:
+            __import__(module, fromlist=["add_cli"]).add_cli(sub)
+        except (ImportError, AttributeError):  # a part not installed in this image (e.g. operator-only)
+            continue
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as err:
+        print(err, file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Optimisation engines behind one small interface: ``backward``, ``step``, ``save``, ``load``.
+
+``TorchEngine`` is plain PyTorch (AdamW + scheduler, gradients all-reduced when several workers run
+without DeepSpeed). ``DeepSpeedEngine`` wraps ``deepspeed.initialize`` for ZeRO stages 0-3. The training
+loop only sees this interface, so it reads the same for both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from xling.trainer.spec import ExperimentSpec
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: ExperimentSpec) -> Any:
+    from transformers import get_scheduler
+
+    opt = spec.optimization
+    return get_scheduler(opt.scheduler, optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.max_steps)
+
+
+def make_optimizer(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and LayerNorms (standard for transformer fine-tuning)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": spec.optimization.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=spec.optimization.learning_rate)
+
+
+class TorchEngine:
+    """Plain PyTorch. With several workers, gradients are averaged by all-reduce before each step."""
+
+    def __init__(self, model: nn.Module, spec: ExperimentSpec):
+        self.module = model
+        self.spec = spec
+        self.optimizer = make_optimizer(model, spec)
+        self.scheduler = make_scheduler(self.optimizer, spec)
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if self.world > 1:
+            for p in params:
+                dist.all_reduce(p.grad)
+                p.grad /= self.world
+        norm = torch.nn.utils.clip_grad_norm_(params, self.spec.optimization.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save(self, directory: Path, rank: int) -> None:
+        if rank == 0:  # replicas are identical
+            state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict()}  # fmt: skip
+            torch.save(state, directory / "engine.pt")
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, directory: Path, rank: int) -> None:
+        """A standard Hugging Face model dir of the backbone (rank 0 writes)."""
+        if rank == 0:
+            self.module.backbone.save_pretrained(directory)
+
+
+def save_trainer_state(directory: Path, step: int, extra: dict[str, Any]) -> None:
+    """Step and RNG state: with the stateless sampler this is all a resume needs beyond the engine."""
+    (directory / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
+    torch.save({"torch": torch.get_rng_state()}, directory / "rng.pt")
+
+
+def load_trainer_state(directory: Path) -> dict[str, Any]:
+    state = json.loads((directory / "trainer_state.json").read_text())
+    rng = directory / "rng.pt"
+    if rng.exists():
+        torch.set_rng_state(torch.load(rng, weights_only=False)["torch"])
+    return state

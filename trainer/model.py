@@ -1,0 +1,249 @@
+"""The bi-encoder: one shared Hugging Face backbone, pooling, L2 normalisation, E5-style prefixes.
+
+Also resolves the built-in model names (``xling/multilingual-e5-small``, ``xling/tiny-random``) and
+implements the evaluation ``TextEncoder`` protocol (length-bucketed batches, inference mode, bf16 on GPU,
+sharded across ranks when a process group is up, so a ZeRO-3 model larger than one device can encode).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec
+
+log = logging.getLogger(__name__)
+Pooling = Literal["cls", "mean", "last_token"]
+Kind = Literal["query", "passage"]
+
+TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R order, as in e5-small
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """Reduce token states [B, T, H] to one vector per text."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    # last_token: the last non-padding position, right or left padded alike.
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+class BiEncoder(nn.Module):
+    """Shared-weight encoder for queries and passages."""
+
+    def __init__(self, backbone: nn.Module, pooling: Pooling = "mean", normalize: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.pooling: Pooling = pooling
+        self.normalize = normalize
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = pool(hidden, attention_mask, self.pooling)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+
+class Tokenize:
+    """Turns raw texts into model inputs: prefix, truncation, padding side, EOS for last-token pooling."""
+
+    def __init__(self, tokenizer: Any, spec: ModelSpec):
+        self.tok = tokenizer
+        self.spec = spec
+        self.append_eos = False
+        if spec.pooling == "last_token":
+            tokenizer.padding_side = "left"
+            ids = tokenizer("a")["input_ids"]
+            self.append_eos = tokenizer.eos_token is not None and ids[-1] != tokenizer.eos_token_id
+
+    def __call__(self, texts: Sequence[str], kind: Kind) -> dict[str, torch.Tensor]:
+        prefix = self.spec.query_prefix if kind == "query" else self.spec.passage_prefix
+        max_len = self.spec.max_query_length if kind == "query" else self.spec.max_passage_length
+        suffix = self.tok.eos_token if self.append_eos else ""
+        batch = self.tok(
+            [f"{prefix}{t}{suffix}" for t in texts],
+            max_length=max_len,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
+        )
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
+    """A Unigram tokenizer trained in-process: tests and smoke runs need no hub."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL, unk_token="<unk>")
+    tok.train_from_iterator(list(texts), trainer)
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=512,
+    )  # fmt: skip
+
+
+def tiny_config(vocab_size: int) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512, pad_token_id=1,
+    )  # fmt: skip
+
+
+def build_tiny_model(texts: Iterable[str], out_dir: Path, seed: int = 0) -> Path:
+    """Write a random-init BERT (85k params) + a tokenizer trained on ``texts`` as a standard HF dir."""
+    from transformers import BertModel
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists():
+        return out_dir
+    tokenizer = train_tiny_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = BertModel(tiny_config(len(tokenizer)), add_pooling_layer=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache: Path | None = None) -> str:
+    """Map built-in names to local directories; hub names and paths pass through unchanged."""
+    if name == DEMO_MODEL:
+        from xling.trainer.e5s1 import ensure_demo_model
+
+        return str(ensure_demo_model(cache))
+    if name == TINY_MODEL:
+        if tiny_texts is None:
+            raise ValueError(f"model.name {TINY_MODEL!r} needs training texts to build its tokenizer")
+        texts = list(tiny_texts)
+        digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+        root = Path(cache or ".cache") / "models" / f"tiny-random-{digest}"
+        return str(build_tiny_model(texts, root))
+    return name
+
+
+def load_tokenizer(path: str, spec: ModelSpec | None = None) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        path, revision=spec.revision if spec else None, trust_remote_code=bool(spec and spec.trust_remote_code)
+    )
+
+
+def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """AutoModel.from_pretrained. Under a live HfDeepSpeedConfig (ZeRO-3) it is built already partitioned."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype
+    )
+    if spec.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
+    return model
+
+
+# --------------------------------------------------------------------------------------- encoding
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """Cheap content hash of the weights (a slice of every tensor): keys the embedding cache."""
+    h = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        h.update(name.encode())
+        flat = p.detach().reshape(-1)
+        h.update(flat[:64].float().cpu().numpy().tobytes())
+        h.update(str(tuple(p.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+class HFTextEncoder:
+    """Implements the evaluation TextEncoder protocol on a BiEncoder.
+
+    Texts are sorted by length so batches pad little. With a process group of W ranks, rank r encodes
+    every W-th batch and the results are all-gathered; every rank runs the same number of forwards, as
+    ZeRO-3 requires (its parameters are gathered collectively).
+    """
+
+    def __init__(self, model: BiEncoder, tokenize: Tokenize, batch_size: int = 64, fingerprint: str = ""):
+        self.model = model
+        self.tokenize = tokenize
+        self.batch_size = batch_size
+        self.fingerprint = fingerprint or weights_fingerprint(model)
+
+    def encode(self, texts: Sequence[str], kind: Kind) -> np.ndarray:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        rank = dist.get_rank() if world > 1 else 0
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        rounds = -(-len(batches) // world)
+        device = next(self.model.parameters()).device
+        use_bf16 = device.type == "cuda"
+        dim: int | None = None
+        mine: list[torch.Tensor] = []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            for r in range(rounds):
+                b = r * world + rank
+                idx = batches[b] if b < len(batches) else batches[0]  # dummy batch keeps ranks in step
+                inputs = {k: v.to(device) for k, v in self.tokenize([texts[i] for i in idx], kind).items()}
+                emb = self.model(**inputs).float()
+                dim = emb.shape[1]
+                mine.append(emb if b < len(batches) else emb[:0])
+        self.model.train(was_training)
+        out = np.zeros((len(texts), dim or 0), dtype=np.float32)
+        if world == 1:
+            for b, emb in zip(batches, mine, strict=False):
+                out[b] = emb.cpu().numpy()
+            return out
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, [e.cpu().numpy() for e in mine])
+        for r_rank, embs in enumerate(gathered):
+            for r, emb in enumerate(embs):
+                b = r * world + r_rank
+                if b < len(batches):
+                    out[batches[b]] = emb
+        return out
+
+
+def load_text_encoder(
+    name_or_path: str,
+    pooling: Pooling = "mean",
+    query_prefix: str = "query: ",
+    passage_prefix: str = "passage: ",
+    max_length: int = 128,
+    batch_size: int = 64,
+) -> HFTextEncoder:
+    """A ready TextEncoder for ``xling eval``: loads any HF encoder or built-in name onto the best device."""
+    spec = ModelSpec(
+        name=name_or_path, pooling=pooling, query_prefix=query_prefix, passage_prefix=passage_prefix,
+        max_query_length=max_length, max_passage_length=max_length,
+    )  # fmt: skip
+    path = resolve_model_path(name_or_path)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = BiEncoder(load_backbone(path, spec), pooling).to(device)
+    return HFTextEncoder(model, Tokenize(load_tokenizer(path, spec), spec), batch_size)

@@ -1,0 +1,162 @@
+"""``xling run``: validate, load data, open the MLflow run, then train on Ray Train.
+
+Everything that can fail cheaply (spec, data rows, model name) fails here, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xling.trainer.data import load_corpus
+from xling.trainer.data.pairs import PairCorpus, RowReport
+from xling.trainer.spec import TINY_MODEL, RetrievalExperiment
+from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
+
+#: Environment every local run needs on a CPU box (see docs/platform notes); kept if already set.
+LOCAL_ENV = {
+    "DS_ACCELERATOR": "cpu",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "PYTHONWARNINGS": "ignore::FutureWarning",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_TRAIN_V2_ENABLED": "1",
+}
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    seconds: float
+
+
+def _local_env() -> dict[str, str]:
+    """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node)."""
+    for key, value in LOCAL_ENV.items():
+        if key != "DS_ACCELERATOR" or not _has_gpu():
+            os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[PairCorpus, RowReport, str]:
+    """Load and check the data, resolve the model: everything before the first worker starts."""
+    from xling.trainer.model import resolve_model_path
+
+    spec = exp.spec
+    if skip_bad_rows:
+        spec.data.skip_bad_rows = True
+    report = RowReport()
+    corpus = load_corpus(spec.data, report if spec.data.skip_bad_rows else None)
+    if report.total:
+        print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
+        for example in report.examples[:3]:
+            print(f"  e.g. {example}", file=sys.stderr)
+    tiny_texts = None
+    if spec.model.name == TINY_MODEL:
+        tiny_texts = [p.query for g in corpus.groups[:3000] for p in g.values()]
+    model_path = resolve_model_path(spec.model.name, tiny_texts)
+    return corpus, report, model_path
+
+
+def run_experiment(
+    exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
+) -> RunResult:
+    if exp.spec.sweep is not None:
+        raise NotImplementedError("spec.sweep: sweeps are not implemented yet (tracked as the sweep issue)")
+    started = time.time()
+    env = _local_env()
+    spec = exp.spec
+    corpus, report, model_path = prepare(exp, skip_bad_rows)
+    print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
+
+    uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
+    experiment_name = spec.tracking.experiment_name or exp.metadata.name
+    tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
+            "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
+            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
+    run_name = spec.tracking.run_name or exp.metadata.name
+    run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
+    print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
+
+    result = _fit(exp, corpus, model_path, uri, run_id, env)
+    _finish_run(uri, run_id, "FINISHED" if result.error is None else "FAILED")
+    if result.error is not None:
+        raise result.error
+    metrics = dict(result.metrics or {})
+    for key in sorted(k for k in metrics if k.startswith("table.")):
+        print(f"\n{metrics[key]}")
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    seconds = time.time() - started
+    print(f"\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\ntook {seconds:.0f}s", flush=True)
+    return RunResult(run_id, metrics, ckpt, seconds)
+
+
+def _fit(exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str, run_id: str, env: dict) -> Any:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from xling.trainer.train_loop import train_loop_per_worker
+
+    spec = exp.spec
+    dist = spec.distributed
+    use_gpu = dist.gpus_per_worker > 0
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
+                 num_cpus=os.cpu_count() if not use_gpu else None)  # fmt: skip
+    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
+    storage = Path(spec.output_dir).resolve() / "ray"
+    config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,
+              "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path)}  # fmt: skip
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{exp.metadata.name}-{run_id[:8]}",
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+        ),
+    )
+    try:
+        return trainer.fit()
+    except Exception as err:  # noqa: BLE001 - recorded in MLflow, then re-raised by the caller
+        from types import SimpleNamespace
+
+        return SimpleNamespace(error=err, metrics=None, checkpoint=None)
+
+
+def _model_fingerprint(model_path: str) -> str:
+    """Identifies zero-shot weights for the embedding cache: path + config + weight file sizes/mtimes."""
+    import hashlib
+
+    h = hashlib.sha256(model_path.encode())
+    p = Path(model_path)
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]
+
+
+def _finish_run(uri: str, run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_tag(run_id, "xling.status", status.lower())
+    client.set_terminated(run_id, status)

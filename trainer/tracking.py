@@ -1,0 +1,97 @@
+"""MLflow: where runs, per-step metrics and results live.
+
+The driver opens the run and logs params; rank 0 of the workers logs metrics through ``StepLogger``,
+batched into one ``log_batch`` call per step. After a resume, steps already in MLflow are not logged
+again: with deterministic batches their values are the same, so each step appears exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """Default: ./mlflow.db; relative sqlite paths become absolute so Ray workers in other CWDs agree."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested spec -> flat MLflow params (``sampling.alpha``)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+    """Create an MLflow run (artifacts beside a sqlite store) and return its id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if tracking_uri.startswith("sqlite:///"):
+            location = Path(tracking_uri.removeprefix("sqlite:///")).parent.joinpath("mlruns").as_uri()
+        exp_id = client.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    client.log_batch(run.info.run_id, tags=[RunTag("xling.status", "running")])
+    return run.info.run_id
+
+
+class StepLogger:
+    """Batched per-step metrics for rank 0; a no-op on other ranks."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, active: bool):
+        self.active = bool(active and tracking_uri and run_id)
+        self.run_id = run_id
+        self.last_logged = -1
+        if self.active:
+            from mlflow import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+            history = self.client.get_metric_history(run_id, "train.loss")
+            self.last_logged = max((m.step for m in history), default=-1)
+
+    def log(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
+        if not self.active or (step <= self.last_logged and not force):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+        self.last_logged = max(self.last_logged, step)
+
+    def log_dict(self, data: dict[str, Any], path: str) -> None:
+        if self.active:
+            self.client.log_dict(self.run_id, data, path)

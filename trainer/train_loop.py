@@ -1,0 +1,188 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Read top to bottom: build model and engine, restore from the last checkpoint if Ray hands one over,
+then for each global step take this rank's slice of the sampler's batch, encode queries and passages,
+compute the global-batch InfoNCE, step, log, and checkpoint. Evaluation runs on every rank (encoding is
+sharded and collective), and rank 0 scores and logs.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xling.trainer.data.pairs import PairCorpus
+from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
+from xling.trainer.losses import info_nce
+from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
+from xling.trainer.sampling import Composition, Item, build_sampler
+from xling.trainer.spec import ExperimentSpec
+from xling.trainer.tracking import StepLogger
+
+log = logging.getLogger("xling.train")
+
+
+def batch_texts(corpus: PairCorpus, items: tuple[Item, ...], hard_negatives: int) -> tuple[list, list, list]:
+    """Queries, passages and hard negatives (passage language) for a slice of a batch plan."""
+    queries, passages, negatives = [], [], []
+    for it in items:
+        group = corpus.groups[it.group]
+        queries.append(group[it.qlang].query)
+        target = group[it.plang]
+        passages.append(target.passage)
+        if hard_negatives:
+            negs = list(target.hard_negatives[:hard_negatives])
+            negs += [target.hard_negatives[-1] if target.hard_negatives else target.passage] * (hard_negatives - len(negs))
+            negatives.extend(negs)
+    return queries, passages, negatives
+
+
+def progress_line(step: int, total: int, loss: float, pairs_per_s: float, started: float) -> str:
+    frac = step / total
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    eta = (time.time() - started) / max(frac, 1e-9) * (1 - frac)
+    return f"[{bar}] {step}/{total} loss={loss:.4f} pairs/s={pairs_per_s:.1f} eta={eta:.0f}s"
+
+
+class Trainer:
+    """State for one rank: spec, data, model, engine, sampler, logger."""
+
+    def __init__(self, config: dict[str, Any]):
+        import ray.train
+
+        self.spec = ExperimentSpec.model_validate(config["spec"])
+        self.config = config
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.corpus: PairCorpus = config["corpus"]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        torch.manual_seed(self.spec.sampling.seed)
+        spec = self.spec
+        self.tokenize = Tokenize(load_tokenizer(config["model_path"], spec.model), spec.model)
+        dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
+        backbone = load_backbone(config["model_path"], spec.model, dtype=dtype)
+        if spec.distributed.activation_checkpointing:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = BiEncoder(backbone, spec.model.pooling, spec.model.normalize).to(self.device)
+        self.engine = TorchEngine(self.model, spec)
+        self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
+        self.composition = Composition()
+        self.logger = StepLogger(config.get("tracking_uri"), config.get("run_id"), self.rank == 0)
+        self.start_step = 0
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def restore(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            self.engine.load(Path(d))
+            state = load_trainer_state(Path(d))
+        self.start_step = state["step"]
+        for kind, n in state.get("composition", {}).get("kinds", {}).items():
+            self.composition.kinds[kind] = n
+        log.info("rank %d resumed at step %d", self.rank, self.start_step)
+
+    def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            self.engine.save(d, self.rank)
+            if self.rank == 0:
+                save_trainer_state(d, step, {"composition": self.composition.as_dict()})
+                if final:
+                    self.engine.export(d / "model", self.rank)
+                    self.tokenize.tok.save_pretrained(d / "model")
+            if dist.is_initialized():
+                dist.barrier()
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
+
+    # ----------------------------------------------------------------------------- evaluation
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Every rank encodes its shard; rank 0 scores, logs and returns flat metrics and the table."""
+        from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
+
+        ev = self.spec.evaluation
+        out: dict[str, Any] = {}
+        encoder = HFTextEncoder(self.model, self.tokenize, ev.batch_size, fingerprint=self._fingerprint(step))
+        cache = ev.cache_dir or ".cache/embeddings"
+        for suite_spec in ev.suites:
+            suite = load_suite(suite_spec)
+            # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
+            results = evaluate_suite(suite, encoder, index=ev.index, cache_dir=cache if self.world == 1 else None)
+            if self.rank == 0:
+                prefix = suite_spec.name.replace("-", "_")
+                if self.logger.active:
+                    log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
+                metrics = results.flat_metrics(prefix)
+                out.update(metrics)
+                out[f"table.{prefix}"] = format_table(results)
+        return out
+
+    def _fingerprint(self, step: int) -> str:
+        base = self.config.get("model_fingerprint", "")
+        return base if step == 0 else f"{self.config.get('run_id', 'local')}-step{step}"
+
+    # ----------------------------------------------------------------------------- training
+    def train_step(self, step: int) -> tuple[float, int, int]:
+        spec = self.spec
+        plan = self.sampler.plan(step)
+        self.composition.add(plan)
+        queries, passages, negatives = batch_texts(self.corpus, plan.shard(self.rank, self.world), spec.loss.hard_negatives)
+        q_in = {k: v.to(self.device) for k, v in self.tokenize(queries, "query").items()}
+        p_in = {k: v.to(self.device) for k, v in self.tokenize(passages + negatives, "passage").items()}
+        q = self.engine(**q_in)
+        p_all = self.engine(**p_in)
+        p, n = p_all[: len(passages)], (p_all[len(passages) :] if negatives else None)
+        loss = info_nce(q, p, n, spec.loss.temperature, spec.loss.symmetric)
+        self.engine.backward(loss)
+        self.engine.step()
+        tokens = int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
+        return float(loss.detach()), len(queries), tokens
+
+    def fit(self) -> None:
+        spec, opt = self.spec, self.spec.optimization
+        self.restore()
+        if spec.evaluation.at_start and self.start_step == 0 and spec.evaluation.suites:
+            zero_shot = self.evaluate(0)
+            if self.rank == 0:
+                print("\nZero-shot (step 0):\n" + "\n".join(v for k, v in zero_shot.items() if k.startswith("table.")), flush=True)
+        started, window_t, window_pairs, window_tokens = time.time(), time.time(), 0, 0
+        metrics: dict[str, Any] = {}
+        for step in range(self.start_step, opt.max_steps):
+            loss, pairs, tokens = self.train_step(step)
+            window_pairs += pairs * self.world
+            window_tokens += tokens * self.world
+            done = step + 1
+            if done % opt.log_every == 0 or done == opt.max_steps:
+                elapsed = max(time.time() - window_t, 1e-9)
+                metrics = {"train.loss": loss, "train.lr": self.engine.lr, "train.pairs_per_s": window_pairs / elapsed,
+                           "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics()}  # fmt: skip
+                self.logger.log(done, metrics)
+                if self.rank == 0:
+                    print(progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started), flush=True)
+                window_t, window_pairs, window_tokens = time.time(), 0, 0
+            if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
+                self.checkpoint(done, metrics)
+        final = dict(metrics)
+        if spec.evaluation.suites:
+            final.update(self.evaluate(opt.max_steps))
+        if self.rank == 0:
+            self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
+        self.checkpoint(opt.max_steps, final, final=True)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point (one call per rank)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    Trainer(config).fit()
