@@ -140,8 +140,10 @@ def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache
         if tiny_texts is None:
             raise ValueError(f"model.name {TINY_MODEL!r} needs training texts to build its tokenizer")
         texts = list(tiny_texts)
+        from xling.trainer.e5s1 import default_cache_dir
+
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
-        root = Path(cache or ".cache") / "models" / f"tiny-random-{digest}"
+        root = Path(cache or default_cache_dir()) / "models" / f"tiny-random-{digest}"
         return str(build_tiny_model(texts, root))
     return name
 
@@ -156,10 +158,14 @@ def load_tokenizer(path: str, spec: ModelSpec | None = None) -> Any:
 
 def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
     """AutoModel.from_pretrained. Under a live HfDeepSpeedConfig (ZeRO-3) it is built already partitioned."""
-    from transformers import AutoModel
+    from transformers import AutoConfig, AutoModel
 
+    kwargs: dict[str, Any] = {}
+    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    if config.model_type in ("bert", "xlm-roberta", "roberta"):
+        kwargs["add_pooling_layer"] = False  # retrieval pools itself; an unused pooler gets no gradient
     model = AutoModel.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype, **kwargs
     )
     if spec.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)

@@ -26,6 +26,7 @@ LOCAL_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every print of a worker reaches the console twice
 }
 
 
@@ -96,9 +97,10 @@ def run_experiment(
     if result.error is not None:
         raise result.error
     metrics = dict(result.metrics or {})
-    for key in sorted(k for k in metrics if k.startswith("table.")):
-        print(f"\n{metrics[key]}")
     ckpt = result.checkpoint.path if result.checkpoint else None
+    report = Path(ckpt or "/nonexistent") / "results.txt"
+    if report.is_file() and report.read_text():
+        print(f"\nAfter training (step {metrics.get('step')}):\n{report.read_text()}")
     seconds = time.time() - started
     print(f"\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\ntook {seconds:.0f}s", flush=True)
     return RunResult(run_id, metrics, ckpt, seconds)
@@ -115,8 +117,8 @@ def _fit(exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": env}, include_dashboard=False, log_to_driver=True,
-                 num_cpus=os.cpu_count() if not use_gpu else None)  # fmt: skip
+        # The dashboard process serves the state API that Ray Train V2's controller polls.
+        ray.init(runtime_env={"env_vars": env}, num_cpus=None if use_gpu else os.cpu_count())
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = Path(spec.output_dir).resolve() / "ray"
     config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from xling.trainer.data.pairs import PairCorpus
+from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
@@ -91,7 +92,9 @@ class Trainer:
             self.composition.kinds[kind] = n
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
 
-    def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False) -> None:
+    def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False, report: str = "") -> None:
+        """Save engine + trainer state; the final one also holds the HF model and the results tables.
+        Ray gets headline metrics only (per-language ones live in MLflow and results.txt)."""
         import ray.train
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -99,23 +102,26 @@ class Trainer:
             self.engine.save(d, self.rank)
             if self.rank == 0:
                 save_trainer_state(d, step, {"composition": self.composition.as_dict()})
+                (d / "results.txt").write_text(report)
                 if final:
                     self.engine.export(d / "model", self.rank)
                     self.tokenize.tok.save_pretrained(d / "model")
             if dist.is_initialized():
                 dist.barrier()
             ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
-            ray.train.report({**metrics, "step": step}, checkpoint=ckpt)
+            headline = {k: v for k, v in metrics.items() if k.count(".") <= 2}  # not xquad_r.mono.ar.map
+            ray.train.report({**headline, "step": step}, checkpoint=ckpt)
 
     # ----------------------------------------------------------------------------- evaluation
-    def evaluate(self, step: int) -> dict[str, Any]:
-        """Every rank encodes its shard; rank 0 scores, logs and returns flat metrics and the table."""
+    def evaluate(self, step: int) -> tuple[dict[str, float], str]:
+        """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables."""
         from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
 
         ev = self.spec.evaluation
-        out: dict[str, Any] = {}
+        out: dict[str, float] = {}
+        tables: list[str] = []
         encoder = HFTextEncoder(self.model, self.tokenize, ev.batch_size, fingerprint=self._fingerprint(step))
-        cache = ev.cache_dir or ".cache/embeddings"
+        cache = ev.cache_dir or str(default_cache_dir() / "embeddings")
         for suite_spec in ev.suites:
             suite = load_suite(suite_spec)
             # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
@@ -124,10 +130,9 @@ class Trainer:
                 prefix = suite_spec.name.replace("-", "_")
                 if self.logger.active:
                     log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
-                metrics = results.flat_metrics(prefix)
-                out.update(metrics)
-                out[f"table.{prefix}"] = format_table(results)
-        return out
+                out.update(results.flat_metrics(prefix))
+                tables.append(format_table(results))
+        return out, "\n\n".join(tables)
 
     def _fingerprint(self, step: int) -> str:
         base = self.config.get("model_fingerprint", "")
@@ -154,9 +159,9 @@ class Trainer:
         spec, opt = self.spec, self.spec.optimization
         self.restore()
         if spec.evaluation.at_start and self.start_step == 0 and spec.evaluation.suites:
-            zero_shot = self.evaluate(0)
+            _, table = self.evaluate(0)
             if self.rank == 0:
-                print("\nZero-shot (step 0):\n" + "\n".join(v for k, v in zero_shot.items() if k.startswith("table.")), flush=True)
+                print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
         started, window_t, window_pairs, window_tokens = time.time(), time.time(), 0, 0
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
@@ -174,12 +179,13 @@ class Trainer:
                 window_t, window_pairs, window_tokens = time.time(), 0, 0
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
-        final = dict(metrics)
+        final, table = dict(metrics), ""
         if spec.evaluation.suites:
-            final.update(self.evaluate(opt.max_steps))
+            scores, table = self.evaluate(opt.max_steps)
+            final.update(scores)
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
-        self.checkpoint(opt.max_steps, final, final=True)
+        self.checkpoint(opt.max_steps, final, final=True, report=table)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -1,0 +1,131 @@
+"""Training data: every ``data.sources`` entry of a spec, read into one :class:`PairCorpus`.
+
+``load_corpus`` is the entry point; the readers (``loaders``) and builders (``builders``) it dispatches to
+and the overlap guard ``drop_overlapping`` are public too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Collection, Iterator
+
+from xling.trainer.data.builders import (
+    drop_overlapping,
+    iapp_rows,
+    ntrex_rows,
+    squad_rows,
+    tydiqa_rows,
+    xnli_rows,
+)
+from xling.trainer.data.loaders import Row, read_hf, read_pairs
+from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport
+from xling.trainer.spec import DataSource, DataSpec
+
+__all__ = [
+    "BadRowError",
+    "Pair",
+    "PairCorpus",
+    "RowReport",
+    "drop_overlapping",
+    "limit",
+    "load_corpus",
+    "load_source",
+]
+
+log = logging.getLogger(__name__)
+
+
+def source_rows(source: DataSource, languages: Collection[str], report: RowReport | None) -> Iterator[Row]:
+    """The rows of one source; ``languages`` lets the per-language-file builders skip files."""
+    path = source.path
+    match source.type:
+        case "pairs":
+            return read_pairs(path, report)
+        case "hf":
+            return read_hf(path, source.split or "train", report)
+        case "xnli":
+            return xnli_rows(path, source.split or "dev", languages)
+        case "ntrex":
+            return ntrex_rows(path, languages)
+        case "tydiqa":
+            return tydiqa_rows(path, source.split, languages)
+        case "iapp":
+            return iapp_rows(path, source.split or "train")
+        case "squad":
+            if source.language is None:
+                raise ValueError(
+                    f"{path}: a squad source needs the field 'language' (the language of the file)"
+                )
+            return squad_rows(path, source.language)
+    raise ValueError(f"{path}: unknown source type {source.type!r}")
+
+
+def limit(corpus: PairCorpus, languages: Collection[str], max_per_language: int | None) -> PairCorpus:
+    """Keep ``languages`` and, per language, the first ``max_per_language`` groups (deterministic, and the
+    same groups in every language of a parallel source, so capping keeps it parallel)."""
+    counts: Counter[str] = Counter()
+    groups = []
+    for group in corpus.groups:
+        kept = {}
+        for lang, pair in group.items():
+            if lang in languages and (max_per_language is None or counts[lang] < max_per_language):
+                counts[lang] += 1
+                kept[lang] = pair
+        if kept:
+            groups.append(kept)
+    return PairCorpus(groups)
+
+
+def load_source(
+    source: DataSource, languages: Collection[str], report: RowReport | None = None
+) -> PairCorpus:
+    """One source, checked row by row, restricted to ``languages`` and capped."""
+    rows = source_rows(source, languages, report)
+    return limit(PairCorpus.from_pairs(rows, report), languages, source.max_pairs_per_language)
+
+
+def _merge(named: list[tuple[str, PairCorpus]], report: RowReport | None) -> PairCorpus:
+    """Join groups that share a pair_id across sources (e.g. one pairs file per language); a language
+    that two sources give the same pair_id is a bad row."""
+    index: dict[str, dict[str, Pair]] = {}
+    for name, corpus in named:
+        for group in corpus.groups:
+            pair_id = next(iter(group.values())).pair_id
+            target = index.setdefault(pair_id, {})
+            for lang, pair in group.items():
+                if lang in target:
+                    err = BadRowError(
+                        f"{name}: pair_id {pair_id!r} repeats language {lang!r} of an earlier source"
+                    )
+                    if report is None:
+                        raise err
+                    report.add(err)
+                    continue
+                target[lang] = pair
+    return PairCorpus(list(index.values()))
+
+
+def load_corpus(spec: DataSpec, report: RowReport | None = None) -> PairCorpus:
+    """Every source of ``spec``, restricted to ``spec.languages`` (and each source's own ``languages``),
+    merged into one corpus. Bad rows raise BadRowError naming file and row, unless ``spec.skip_bad_rows``:
+    then they are counted in ``report`` (a fresh one, logged, when none is passed)."""
+    if not spec.skip_bad_rows:
+        report = None
+    elif report is None:
+        report = RowReport()
+    named = []
+    for i, source in enumerate(spec.sources):
+        languages = set(spec.languages) & set(source.languages or spec.languages)
+        corpus = load_source(source, languages, report)
+        name = f"data.sources[{i}] ({source.type} {source.path})"
+        log.info("%s: %d groups, pairs per language %s", name, len(corpus), corpus.sizes())
+        if not len(corpus):
+            log.warning("%s: no pairs in languages %s", name, sorted(languages))
+        named.append((name, corpus))
+    corpus = _merge(named, report)
+    if report is not None and report.total:
+        log.warning("skipped %d bad rows: %s", report.total, dict(report.skipped))
+    if not len(corpus):
+        raise ValueError(f"data: no source has pairs in languages {sorted(spec.languages)}")
+    return corpus
