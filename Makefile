@@ -27,9 +27,9 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 
 setup: $(BIN)/.installed tools
 
-tools: bin/helm
+tools: bin/helm bin/hadolint
 
-bin/helm:
+bin/helm bin/hadolint:
 	bash tools/install_k8s_tools.sh bin
 
 model: setup
@@ -46,7 +46,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 crds: setup
-	$(BIN)/python -m xling.operator.crd manifests/crds
+	$(BIN)/python -m xling.operator.crd manifests/crds && cp manifests/crds/*.yaml helm/xling/crds/
 
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

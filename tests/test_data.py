@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from xling.trainer.data import builders, load_corpus, loaders
 from xling.trainer.data.pairs import BadRowError, PairCorpus, RowReport
 from xling.trainer.spec import XQUAD_R_LANGUAGES, DataSource, DataSpec

@@ -15,6 +15,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast
+
 from xling.trainer import e5s1
 
 H, NL, NH, FF, VOC, MAXP, TVS = 32, 2, 2, 64, 40, 16, 2

@@ -28,11 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
     run.add_argument("--check", action="store_true", help="only validate the file")
     run.set_defaults(func=_run)
-    for module in ("xling.trainer.evaluation", "xling.operator.render"):
+    for module in ("xling.trainer.evaluation", "xling.operator.render", "xling.trainer.report_sweep",
+                   "xling.trainer.plan"):
         try:
             __import__(module, fromlist=["add_cli"]).add_cli(sub)
-        except (ImportError, AttributeError):  # a part not installed in this image (e.g. operator-only)
-            continue
+        except ModuleNotFoundError as err:  # a dependency this image lacks (e.g. no kopf in a trainer image)
+            if (err.name or "").startswith("xling"):
+                raise
     return parser
 
 

@@ -8,6 +8,7 @@ loop only sees this interface, so it reads the same for both.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +30,8 @@ def make_optimizer(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimi
     """AdamW without weight decay on biases and LayerNorms (standard for transformer fine-tuning)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
+        if p.requires_grad:  # a ZeRO-3 partitioned parameter is flat; ds_shape is its real shape
+            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
     groups = [
         {"params": decay, "weight_decay": spec.optimization.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -53,6 +54,10 @@ class TorchEngine:
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
+
+    def accumulate(self) -> AbstractContextManager[None]:
+        """Several backward calls per step (GradCache): nothing to do, gradients are reduced in step()."""
+        return nullcontext()
 
     def step(self) -> float:
         params = [p for p in self.module.parameters() if p.grad is not None]
@@ -88,15 +93,21 @@ class TorchEngine:
             self.module.backbone.save_pretrained(directory)
 
 
-def save_trainer_state(directory: Path, step: int, extra: dict[str, Any]) -> None:
-    """Step and RNG state: with the stateless sampler this is all a resume needs beyond the engine."""
-    (directory / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-    torch.save({"torch": torch.get_rng_state()}, directory / "rng.pt")
+def save_trainer_state(directory: Path, step: int, extra: dict[str, Any], rank: int = 0) -> None:
+    """Step (rank 0) and this rank's RNG state: with the stateless sampler this is all a resume needs
+    beyond the engine. Every rank calls it; each writes its own RNG file (dropout streams differ)."""
+    if rank == 0:
+        (directory / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    torch.save(rng, directory / f"rng.{rank}.pt")
 
 
-def load_trainer_state(directory: Path) -> dict[str, Any]:
+def load_trainer_state(directory: Path, rank: int = 0) -> dict[str, Any]:
     state = json.loads((directory / "trainer_state.json").read_text())
-    rng = directory / "rng.pt"
+    rng = directory / f"rng.{rank}.pt"
     if rng.exists():
-        torch.set_rng_state(torch.load(rng, weights_only=False)["torch"])
+        saved = torch.load(rng, weights_only=False)
+        torch.set_rng_state(saved["torch"])
+        if saved["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
     return state

@@ -64,20 +64,20 @@ class Tokenize:
         self.append_eos = False
         if spec.pooling == "last_token":
             tokenizer.padding_side = "left"
+            if tokenizer.pad_token is None:  # decoder LLMs (Mistral, Llama) ship none; pads are masked anyway
+                tokenizer.pad_token = tokenizer.eos_token
             ids = tokenizer("a")["input_ids"]
             self.append_eos = tokenizer.eos_token is not None and ids[-1] != tokenizer.eos_token_id
 
     def __call__(self, texts: Sequence[str], kind: Kind) -> dict[str, torch.Tensor]:
         prefix = self.spec.query_prefix if kind == "query" else self.spec.passage_prefix
         max_len = self.spec.max_query_length if kind == "query" else self.spec.max_passage_length
-        suffix = self.tok.eos_token if self.append_eos else ""
-        batch = self.tok(
-            [f"{prefix}{t}{suffix}" for t in texts],
-            max_length=max_len,
-            truncation=True,
-            padding=True,
-            return_tensors="pt",
-        )
+        texts = [f"{prefix}{t}" for t in texts]
+        if self.append_eos:  # truncate first, then append: a long text keeps the EOS its embedding is read at
+            ids = self.tok(texts, max_length=max_len - 1, truncation=True)["input_ids"]
+            batch = self.tok.pad({"input_ids": [x + [self.tok.eos_token_id] for x in ids]}, return_tensors="pt")
+        else:
+            batch = self.tok(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 

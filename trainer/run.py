@@ -14,7 +14,7 @@ from typing import Any
 
 from xling.trainer.data import load_corpus
 from xling.trainer.data.pairs import PairCorpus, RowReport
-from xling.trainer.spec import TINY_MODEL, RetrievalExperiment
+from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
 from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
 
 #: Environment every local run needs on a CPU box (see docs/platform notes); kept if already set.
@@ -65,6 +65,8 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Pair
         print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
         for example in report.examples[:3]:
             print(f"  e.g. {example}", file=sys.stderr)
+    if spec.data.drop_eval_overlap:
+        corpus = _drop_eval_overlap(corpus, spec)
     tiny_texts = None
     if spec.model.name == TINY_MODEL:
         tiny_texts = [p.query for g in corpus.groups[:3000] for p in g.values()]
@@ -72,14 +74,39 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Pair
     return corpus, report, model_path
 
 
+def _drop_eval_overlap(corpus: PairCorpus, spec: ExperimentSpec) -> PairCorpus:
+    """Never train on evaluation text: guard against the full suites, not just the evaluated slice."""
+    from xling.trainer.data import drop_overlapping
+    from xling.trainer.evaluation import load_suite
+
+    texts: list[str] = []
+    for suite_spec in spec.evaluation.suites:
+        if suite_spec.name == "miracl":
+            continue
+        full = suite_spec.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
+        suite = load_suite(full)
+        for data in suite.data.values():
+            texts += data.candidate_texts + data.query_texts
+    if not texts:
+        return corpus
+    corpus, dropped = drop_overlapping(corpus, texts)
+    print(f"data: dropped {dropped} training groups that overlap the evaluation data", flush=True)
+    return corpus
+
+
 def run_experiment(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
     if exp.spec.sweep is not None:
-        raise NotImplementedError("spec.sweep: sweeps are not implemented yet (tracked as the sweep issue)")
+        from xling.trainer.sweep import run_sweep
+
+        return run_sweep(exp, tracking_uri, skip_bad_rows)
+    from xling.trainer.plan import check_fits
+
     started = time.time()
     env = _local_env()
     spec = exp.spec
+    check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
     corpus, report, model_path = prepare(exp, skip_bad_rows)
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
 
@@ -106,7 +133,11 @@ def run_experiment(
     return RunResult(run_id, metrics, ckpt, seconds)
 
 
-def _fit(exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str, run_id: str, env: dict) -> Any:
+def _fit(
+    exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str, run_id: str, env: dict,
+    callbacks: list | None = None,
+) -> Any:  # fmt: skip
+    """Train one run on Ray Train; ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -133,6 +164,7 @@ def _fit(exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=dist.max_failures),
+            callbacks=callbacks,
         ),
     )
     try:

@@ -9,6 +9,8 @@ sharded and collective), and rank 0 scores and logs.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +22,10 @@ import torch.distributed as dist
 from xling.trainer.data.pairs import PairCorpus
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
+from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
+from xling.trainer.plan import count_dense_params, peak_flops
 from xling.trainer.sampling import Composition, Item, build_sampler
 from xling.trainer.spec import ExperimentSpec
 from xling.trainer.tracking import StepLogger
@@ -65,13 +69,25 @@ class Trainer:
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(self.spec.sampling.seed)
         spec = self.spec
+        if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
+            torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
         self.tokenize = Tokenize(load_tokenizer(config["model_path"], spec.model), spec.model)
         dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
-        backbone = load_backbone(config["model_path"], spec.model, dtype=dtype)
-        if spec.distributed.activation_checkpointing:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.model = BiEncoder(backbone, spec.model.pooling, spec.model.normalize).to(self.device)
-        self.engine = TorchEngine(self.model, spec)
+
+        def build_model() -> BiEncoder:
+            backbone = load_backbone(config["model_path"], spec.model, dtype=dtype)
+            if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
+                backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            return BiEncoder(backbone, spec.model.pooling, spec.model.normalize)
+
+        if spec.distributed.deepspeed is not None:  # builds the model itself: partitioned under ZeRO-3
+            from xling.trainer.deepspeed_engine import DeepSpeedEngine
+
+            self.engine: TorchEngine | DeepSpeedEngine = DeepSpeedEngine(build_model, spec)
+        else:
+            self.engine = TorchEngine(build_model().to(self.device), spec)
+        self.model = self.engine.module
+        self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
         self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
         self.composition = Composition()
         self.logger = StepLogger(config.get("tracking_uri"), config.get("run_id"), self.rank == 0)
@@ -86,11 +102,12 @@ class Trainer:
             return
         with ckpt.as_directory() as d:
             self.engine.load(Path(d))
-            state = load_trainer_state(Path(d))
+            state = load_trainer_state(Path(d), self.rank)
         self.start_step = state["step"]
         for kind, n in state.get("composition", {}).get("kinds", {}).items():
             self.composition.kinds[kind] = n
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
+        self.logger.log(self.start_step, {"train.resumed_at_step": self.start_step}, force=True)  # restarts show in MLflow
 
     def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False, report: str = "") -> None:
         """Save engine + trainer state; the final one also holds the HF model and the results tables.
@@ -100,15 +117,17 @@ class Trainer:
         with tempfile.TemporaryDirectory() as tmp:
             d = Path(tmp)
             self.engine.save(d, self.rank)
+            save_trainer_state(d, step, {"composition": self.composition.as_dict()}, self.rank)
+            if final:
+                self.engine.export(d / "model", self.rank)  # collective under ZeRO-3; rank 0 writes
             if self.rank == 0:
-                save_trainer_state(d, step, {"composition": self.composition.as_dict()})
                 (d / "results.txt").write_text(report)
                 if final:
-                    self.engine.export(d / "model", self.rank)
                     self.tokenize.tok.save_pretrained(d / "model")
             if dist.is_initialized():
                 dist.barrier()
-            ckpt = ray.train.Checkpoint.from_directory(tmp) if self.rank == 0 else None
+            # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
             headline = {k: v for k, v in metrics.items() if k.count(".") <= 2}  # not xquad_r.mono.ar.map
             ray.train.report({**headline, "step": step}, checkpoint=ckpt)
 
@@ -146,11 +165,16 @@ class Trainer:
         queries, passages, negatives = batch_texts(self.corpus, plan.shard(self.rank, self.world), spec.loss.hard_negatives)
         q_in = {k: v.to(self.device) for k, v in self.tokenize(queries, "query").items()}
         p_in = {k: v.to(self.device) for k, v in self.tokenize(passages + negatives, "passage").items()}
-        q = self.engine(**q_in)
-        p_all = self.engine(**p_in)
-        p, n = p_all[: len(passages)], (p_all[len(passages) :] if negatives else None)
-        loss = info_nce(q, p, n, spec.loss.temperature, spec.loss.symmetric)
-        self.engine.backward(loss)
+        b = len(passages)
+
+        def loss_fn(q: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
+            return info_nce(q, p_all[:b], p_all[b:] if negatives else None, spec.loss.temperature, spec.loss.symmetric)
+
+        if spec.loss.grad_cache.enabled:  # activation memory of one chunk, the same gradients
+            loss = cached_step(self.engine, [q_in, p_in], loss_fn, spec.loss.grad_cache.chunk_size)
+        else:
+            loss = loss_fn(self.engine(**q_in), self.engine(**p_in))
+            self.engine.backward(loss)
         self.engine.step()
         tokens = int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
         return float(loss.detach()), len(queries), tokens
@@ -165,6 +189,7 @@ class Trainer:
         started, window_t, window_pairs, window_tokens = time.time(), time.time(), 0, 0
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
+            inject_fault(step, self.rank, resumed=self.start_step > 0)
             loss, pairs, tokens = self.train_step(step)
             window_pairs += pairs * self.world
             window_tokens += tokens * self.world
@@ -172,7 +197,11 @@ class Trainer:
             if done % opt.log_every == 0 or done == opt.max_steps:
                 elapsed = max(time.time() - window_t, 1e-9)
                 metrics = {"train.loss": loss, "train.lr": self.engine.lr, "train.pairs_per_s": window_pairs / elapsed,
-                           "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics()}  # fmt: skip
+                           "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics(),
+                           # model FLOPs (6N per real token) over the peak of all ranks' devices
+                           "train.mfu": 6 * self.dense_params * window_tokens / elapsed / (self.peak_flops * self.world)}  # fmt: skip
+                if self.device.type == "cuda":
+                    metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self.logger.log(done, metrics)
                 if self.rank == 0:
                     print(progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started), flush=True)
@@ -186,6 +215,13 @@ class Trainer:
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
         self.checkpoint(opt.max_steps, final, final=True, report=table)
+
+
+def inject_fault(step: int, rank: int, resumed: bool) -> None:
+    """Fault-tolerance tests only: ``XLING_FAULT_KILL=STEP:RANK`` SIGKILLs that rank as it reaches STEP,
+    in the first attempt (a restarted worker group resumes from a checkpoint and runs on)."""
+    if not resumed and os.environ.get("XLING_FAULT_KILL") == f"{step}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -1,0 +1,104 @@
+{{/* Names, labels and derived settings shared by the templates. */}}
+
+{{- define "xling.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Object-name prefix: "<release>-xling", or the release name if it already contains the chart name. */}}
+{{- define "xling.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "xling.operatorName" -}}
+{{- printf "%s-operator" (include "xling.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Cluster-scoped RBAC objects carry the namespace too: releases of one name in two namespaces must not clash. */}}
+{{- define "xling.clusterRbacName" -}}
+{{- printf "%s-%s" (include "xling.operatorName" .) .Release.Namespace | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "xling.mlflowName" -}}
+{{- printf "%s-mlflow" (include "xling.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "xling.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "xling.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: xling
+{{- end }}
+
+{{/* Selector labels; "component" is operator, mlflow or test. Call with (dict "ctx" . "component" "..."). */}}
+{{- define "xling.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "xling.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "xling.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "xling.operatorName" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "xling.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- end }}
+
+{{/* Namespaces the operator watches when not cluster-wide (a list; default: the release namespace). */}}
+{{- define "xling.watchNamespaces" -}}
+{{- $ns := .Values.operator.watchNamespaces | default (list .Release.Namespace) | uniq }}
+{{- toJson $ns }}
+{{- end }}
+
+{{/* In-cluster URL of the bundled MLflow server. */}}
+{{- define "xling.mlflowUrl" -}}
+{{- printf "http://%s.%s.svc:%v" (include "xling.mlflowName" .) .Release.Namespace .Values.mlflow.service.port }}
+{{- end }}
+
+{{/* Whether the MLflow PersistentVolumeClaim is needed (SQLite file or artifacts on it). */}}
+{{- define "xling.mlflowNeedsVolume" -}}
+{{- if or (eq .Values.mlflow.backendStore.type "sqlite") (eq .Values.mlflow.artifactStore.type "pvc") }}true{{- end }}
+{{- end }}
+
+{{/* Arguments after `python -m xling.operator` (see operator/__main__.py). No --namespace = all namespaces. */}}
+{{- define "xling.operatorArgs" -}}
+{{- if not .Values.operator.clusterWide }}
+{{- range include "xling.watchNamespaces" . | fromJsonArray }}
+- --namespace={{ . }}
+{{- end }}
+{{- end }}
+- --liveness=http://0.0.0.0:{{ .Values.operator.healthPort }}/healthz
+- --log-format={{ .Values.operator.logFormat }}
+{{- if .Values.operator.verbose }}
+- --verbose
+{{- end }}
+{{- with .Values.operator.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of the operator container (variables read by operator/handlers.py). */}}
+{{- define "xling.operatorEnv" -}}
+- name: XLING_MAX_WORKERS
+  value: {{ .Values.operator.maxWorkers | quote }}
+- name: XLING_WATCHDOG_INTERVAL
+  value: {{ .Values.operator.watchdogIntervalSeconds | quote }}
+{{- with .Values.operator.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}

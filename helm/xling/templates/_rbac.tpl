@@ -1,0 +1,50 @@
+{{/*
+The operator's permissions: exactly the API calls it makes (operator/rbac.py lists them; tests/test_helm.py
+checks that these rules and that list agree). No wildcards.
+*/}}
+
+{{/* Rules on namespaced resources, granted in every watched namespace (Role) or everywhere (ClusterRole). */}}
+{{- define "xling.rbac.namespacedRules" -}}
+# RetrievalExperiments: kopf lists, watches and patches them (progress annotations, finalizer).
+- apiGroups: [xling.io]
+  resources: [retrievalexperiments]
+  verbs: [get, list, watch, patch]
+# Conditions, phase and results.
+- apiGroups: [xling.io]
+  resources: [retrievalexperiments/status]
+  verbs: [patch]
+# Children carry ownerReferences with blockOwnerDeletion, which needs update on the owner's finalizers.
+- apiGroups: [xling.io]
+  resources: [retrievalexperiments/finalizers]
+  verbs: [update]
+# One RayJob per experiment: created, read back, suspended/resumed by patch; kopf watches their status.
+- apiGroups: [ray.io]
+  resources: [rayjobs]
+  verbs: [get, list, watch, create, patch]
+# The experiment spec handed to the Ray job as a mounted file.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+# Only the Secret an experiment names for its MLflow credentials.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+# kopf reports handler progress and errors as Events on the experiment.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/* Rules on cluster-scoped resources (always a ClusterRole): kopf's discovery. */}}
+{{- define "xling.rbac.clusterRules" -}}
+# CRDs: kopf notices resources (such as KubeRay's RayJob) appearing after it started.
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if not .Values.operator.clusterWide }}
+# Namespaces: with a list of namespaces to watch, kopf follows which of them exist.
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end }}

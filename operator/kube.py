@@ -1,0 +1,142 @@
+"""The few Kubernetes API calls the operator makes, behind one small synchronous client.
+
+kopf watches and patches its own resource; every other call goes through here, so ``rbac.API_CALLS`` can be
+read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
+sync. Each method is one request; 404 reads come back as None, 409 creates as :class:`Conflict`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import kopf
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from xling.operator.crd import GROUP, PLURAL, VERSION
+
+MERGE_PATCH = "application/merge-patch+json"
+RAYJOB = ("ray.io", "v1", "rayjobs")
+EXPERIMENT = (GROUP, VERSION, PLURAL)
+
+
+class Conflict(Exception):
+    """409: the object exists already (create) or changed since it was read (patch with resourceVersion)."""
+
+
+class Kube:
+    def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
+        self.api_client = api_client
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+
+    @classmethod
+    def from_environment(cls, pool_size: int = 32) -> Kube:
+        """In-cluster service account, else $KUBECONFIG / ~/.kube/config (as kopf's own login does)."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            # $KUBECONFIG is read now: the client's own default was frozen when it was imported.
+            kubernetes.config.load_kube_config(
+                config_file=os.environ.get("KUBECONFIG"), client_configuration=config
+            )
+        config.connection_pool_maxsize = pool_size  # one connection per handler thread
+        return cls(kubernetes.client.ApiClient(config))
+
+    def connection_info(self) -> kopf.ConnectionInfo:
+        """The same credentials for kopf's own watches and patches (the token is re-read on each login)."""
+        c = self.api_client.configuration
+        header = c.get_api_key_with_prefix("BearerToken") or c.get_api_key_with_prefix("authorization") or ""
+        scheme, _, token = header.rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=c.host,
+            ca_path=c.ssl_ca_cert,
+            insecure=not c.verify_ssl,
+            scheme=scheme or ("Bearer" if token else None),
+            token=token or None,
+            certificate_path=c.cert_file,
+            private_key_path=c.key_file,
+        )
+
+    def close(self) -> None:
+        self.api_client.close()
+
+    @staticmethod
+    def _json(call: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any] | None:
+        try:
+            resp = call(*args, _preload_content=False, **kwargs)
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            if err.status == 409:
+                raise Conflict(err.reason) from None
+            raise
+        return json.loads(resp.data or b"null")
+
+    # --- ConfigMaps (v1) ---
+    def create_configmap(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return self._json(self.core.create_namespaced_config_map, body["metadata"]["namespace"], body)
+
+    def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._json(self.core.read_namespaced_config_map, name, namespace)
+
+    def patch_configmap(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        return self._json(
+            self.core.patch_namespaced_config_map, name, namespace, patch, _content_type=MERGE_PATCH
+        )
+
+    # --- Secrets (v1): read only the one a spec names, for the MLflow credentials ---
+    def read_secret_data(self, namespace: str, name: str) -> dict[str, str]:
+        secret = self._json(self.core.read_namespaced_secret, name, namespace) or {}
+        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+
+    # --- RayJobs (ray.io/v1) ---
+    def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any] | None:
+        return self._json(
+            self.custom.create_namespaced_custom_object,
+            *RAYJOB[:2],
+            body["metadata"]["namespace"],
+            RAYJOB[2],
+            body,
+        )
+
+    def read_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._json(
+            self.custom.get_namespaced_custom_object, RAYJOB[0], RAYJOB[1], namespace, RAYJOB[2], name
+        )
+
+    def patch_rayjob(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None:
+        return self._json(
+            self.custom.patch_namespaced_custom_object,
+            *RAYJOB[:2],
+            namespace,
+            RAYJOB[2],
+            name,
+            patch,
+            _content_type=MERGE_PATCH,
+        )
+
+    # --- RetrievalExperiments: read, and write status (kopf itself does list/watch/patch) ---
+    def read_experiment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._json(
+            self.custom.get_namespaced_custom_object, *EXPERIMENT[:2], namespace, EXPERIMENT[2], name
+        )
+
+    def patch_experiment_status(
+        self, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """Merge patch of /status; put metadata.resourceVersion in ``patch`` for optimistic concurrency."""
+        return self._json(
+            self.custom.patch_namespaced_custom_object_status,
+            *EXPERIMENT[:2],
+            namespace,
+            EXPERIMENT[2],
+            name,
+            patch,
+            _content_type=MERGE_PATCH,
+        )

@@ -1,0 +1,100 @@
+"""``xling plan``: exact shapes from configs, DeepSpeed's ZeRO-3 estimate, 6N/8N/10N FLOPs, the verdict,
+and a run that cannot fit refused before anything starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from xling.trainer.cli import main
+from xling.trainer.plan import count_dense_params, flops_per_token, make_plan, model_shape
+from xling.trainer.spec import parse_experiment
+
+GiB = 2**30
+
+
+def experiment(model: str = "xling/xlm-roberta-30b", **spec: Any) -> dict[str, Any]:
+    doc = {
+        "apiVersion": "xling.io/v1alpha1",
+        "kind": "RetrievalExperiment",
+        "metadata": {"name": "big"},
+        "spec": {
+            "model": {"name": model, "maxQueryLength": 64, "maxPassageLength": 256},
+            "data": {"languages": ["de", "en"], "sources": [{"type": "pairs", "path": "pairs.jsonl"}]},
+            "sampling": {"strategy": "hybrid"},
+            "loss": {"gradCache": {"enabled": True, "chunkSize": 16}},
+            "optimization": {"globalBatchSize": 4096},
+            "distributed": {"numWorkers": 16, "gpusPerWorker": 1, "precision": "bf16",
+                            "activationCheckpointing": True, "deepspeed": {"stage": 3, "hpzPartitionSize": 8}},
+        },
+    }  # fmt: skip
+    for section, values in spec.items():
+        doc["spec"][section] = {**doc["spec"].get(section, {}), **values}
+    return doc
+
+
+def test_shapes_are_exact_counts_of_the_config() -> None:
+    big = model_shape("xling/xlm-roberta-30b")
+    assert big.total_params == pytest.approx(31.45e9, rel=1e-3)
+    assert big.largest_layer_params == 250002 * 7168, "the word embedding is the largest layer"
+    qwen = model_shape("Qwen/Qwen2.5-32B")
+    assert qwen.model_class == "Qwen2Model" and qwen.gated_mlp
+
+
+def test_shape_from_a_local_config_matches_the_model(tmp_path: Path) -> None:
+    from test_deepspeed import build, tiny_model_dir
+
+    path = tiny_model_dir(tmp_path / "qwen2", "qwen2")
+    shape = model_shape(str(path))
+    model = build(path, "last_token")()
+    assert shape.total_params == sum(p.numel() for p in model.parameters())
+    assert shape.dense_params == count_dense_params(model)
+
+
+def test_30b_plan_uses_deepspeed_zero3_estimate_and_flop_factors() -> None:
+    spec = parse_experiment(experiment()).spec
+    shape = model_shape(spec.model.name)
+    plans = {g: make_plan(spec, g, 80, shape=shape) for g in (8, 16, 32)}
+    for g, p in plans.items():
+        want = 4 * shape.largest_layer_params + 18 * shape.total_params / g  # ZeRO-3, no offload
+        assert p.memory_breakdown_gb["model_states"] == pytest.approx(want / GiB, abs=0.01)
+        assert p.flops_per_step == 10 * shape.dense_params * 4096 * (64 + 256)  # GradCache + checkpointing
+    assert not plans[8].fits and plans[16].fits and plans[32].fits
+    assert "offloadOptimizer" in plans[8].notes[-1]
+    assert plans[32].step_time_s < plans[16].step_time_s
+    offloaded = parse_experiment(experiment(distributed={**experiment()["spec"]["distributed"], "deepspeed": {
+        "stage": 3, "offloadOptimizer": {"device": "cpu"}}})).spec  # fmt: skip
+    assert make_plan(offloaded, 8, 80, shape=shape).fits
+
+
+def test_flops_per_token() -> None:
+    assert [flops_per_token(10, gc, ckpt) for gc, ckpt in ((0, 0), (1, 0), (0, 1), (1, 1))] == [60, 80, 80, 100]
+
+
+def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    file = tmp_path / "big.yaml"
+    file.write_text(yaml.safe_dump(experiment()))
+    assert main(["plan", str(file), "--gpus", "16", "--gpu-mem", "80", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is True and out["gpus"] == 16
+    assert 40 < out["memory_per_gpu_gb"] < 76 and out["flops_per_step"] > 1e17 and out["step_time_s"] > 0
+    assert main(["plan", str(file), "--gpus", "8"]) == 1  # does not fit: non-zero exit for scripts
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_run_that_cannot_fit_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 30B model on 2 CPU workers of this box: refused before data, MLflow or Ray."""
+    monkeypatch.chdir(tmp_path)
+    file = tmp_path / "big.yaml"
+    cpu = {"numWorkers": 2, "gpusPerWorker": 0, "cpusPerWorker": 0.5, "deepspeed": {"stage": 3}}
+    file.write_text(yaml.safe_dump(experiment(distributed=cpu)))
+    assert main(["run", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert "refused before starting any worker" in err and "DOES NOT FIT" in err
+    assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()

@@ -1,0 +1,373 @@
+"""Sweeps without Ray: the spec, the trial plan, and the report rebuilt from a real MLflow store."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xling.trainer.report_sweep import (
+    is_headline,
+    markdown,
+    pareto_front,
+    parse_per_query,
+    per_language_keys,
+    primary_parameter,
+    publish,
+    summarize,
+    write_report,
+)
+from xling.trainer.spec import SpecError, SweepSpec, load_experiment, parse_experiment
+from xling.trainer.stats import mean_ci
+from xling.trainer.sweep import Plan, TrialContext, _child_run, _parent_run, default_concurrency, plan_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "manifests/samples"
+LANGS = ("ar", "de", "en", "es")
+
+
+def experiment(sweep: dict, **spec_changes: object):
+    """The smoke sample with a sweep (and other spec fields) replaced."""
+    exp = load_experiment(SAMPLES / "smoke.yaml")
+    doc = exp.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"].update(spec_changes, sweep=sweep)
+    return parse_experiment(doc, "test.yaml")
+
+
+# ----------------------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize(
+    ("param", "message"),
+    [
+        ({"grid": [1], "choice": [2]}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"uniform": [2, 1]}, "low must be below high"),
+        ({"loguniform": [0, 1]}, "bounds must be > 0"),
+        ({"grid": []}, "at least 1 item"),
+    ],
+)
+def test_a_parameter_has_exactly_one_valid_space(param: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SweepSpec.model_validate({"parameters": {"sampling.alpha": param}})
+
+
+def test_sweep_level_rules() -> None:
+    with pytest.raises(ValueError, match="distinct seeds"):
+        SweepSpec.model_validate({"seeds": [1, 1]})
+    with pytest.raises(ValueError, match="numSamples"):
+        SweepSpec.model_validate({"numSamples": 3, "parameters": {"sampling.alpha": {"grid": [0.5]}}})
+    assert SweepSpec().seeds == [0] and SweepSpec().parameters == {}  # the operator builds a default one
+
+
+@pytest.mark.parametrize(
+    ("sweep", "changes", "message"),
+    [
+        ({"parameters": {"sampling.alfa": {"grid": [0.5]}}}, {}, "sampling.alfa is not a spec field"),
+        ({"parameters": {"sampling.alpha": {"grid": [0.5, 1.5]}}}, {}, "value 1.5: sampling.alpha: Input should be less"),
+        ({"parameters": {"sampling.strategy": {"choice": ["xx", "yy"]}}}, {}, "value 'yy'"),
+        ({"parameters": {"sampling": {"grid": [1]}}}, {}, "not a single value"),
+        ({"parameters": {"sampling.seed": {"grid": [1, 2]}}}, {}, "through sweep.seeds"),
+        ({"parameters": {"model.name": {"grid": ["x"]}}}, {}, "not sweepable"),
+        ({"parameters": {"data.skipBadRows": {"grid": [True]}}}, {}, "not sweepable"),
+        ({"parameters": {"distributed.deepspeed.stage": {"grid": [1]}}}, {}, "unset in the base spec"),
+        ({"metric": "miracl.ndcg10"}, {}, "sweep.metric: 'miracl.ndcg10' is not logged"),
+        ({"metric": "train.loss", "mode": "min", "constraints": [{"metric": "xquad_r.multi.map", "max": 1}]},
+         {"evaluation": {"suites": []}}, "sweep.constraints\\[0\\].metric"),
+        ({"constraints": [{"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]},
+         {"evaluation": {"atStart": False, "suites": [{"name": "xquad-r", "path": "x"}]}}, "needs evaluation.atStart"),
+        ({"asha": {}}, {"optimization": {"maxSteps": 8, "checkpointEvery": 0}}, "needs optimization.checkpointEvery"),
+    ],
+)  # fmt: skip
+def test_check_names_the_offending_field_before_any_work(sweep: dict, changes: dict, message: str) -> None:
+    exp = experiment(sweep, **changes)
+    with pytest.raises(ValueError, match=message):
+        plan_sweep(exp)
+
+
+def test_a_combination_that_breaks_a_cross_field_rule_is_caught_by_the_plan() -> None:
+    sweep = {
+        "parameters": {"optimization.warmupSteps": {"grid": [5]}, "optimization.maxSteps": {"grid": [4, 8]}}
+    }
+    with pytest.raises(ValueError, match="warmupSteps=5, maxSteps=4: optimization.warmupSteps"):
+        plan_sweep(experiment(sweep))
+
+
+def test_paths_in_camel_or_snake_case_reach_the_trial_spec() -> None:
+    sweep = {"parameters": {"optimization.learningRate": {"grid": [0.01]}, "loss.temperature": {"grid": [0.1]},
+                            "sampling.language_weighting": {"grid": ["size"]}}, "seeds": [7]}  # fmt: skip
+    exp = experiment(sweep)
+    plan = plan_sweep(exp)
+    spec = exp.spec.sweep.trial_spec(exp.spec, plan.points[0].values, 7)
+    assert spec.optimization.learning_rate == 0.01 and spec.loss.temperature == 0.1
+    assert spec.sampling.language_weighting == "size" and spec.sampling.seed == 7 and spec.sweep is None
+    assert plan.points[0].label == "learningRate=0.01, temperature=0.1, language_weighting=size"
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def test_grid_points_cross_seeds_with_stable_names() -> None:
+    exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.0, 0.5, 1.0]}}, "seeds": [3, 4]})
+    plan = plan_sweep(exp)
+    assert [p.label for p in plan.points] == ["alpha=0", "alpha=0.5", "alpha=1"]
+    assert [(t.name, t.point, t.seed) for t in plan.trials] == [
+        ("p0-s3", 0, 3), ("p0-s4", 0, 4), ("p1-s3", 1, 3), ("p1-s4", 1, 4), ("p2-s3", 2, 3), ("p2-s4", 2, 4),
+    ]  # fmt: skip
+    assert (
+        plan_sweep(experiment({"parameters": {"sampling.alpha": {"grid": [0.0, 0.5, 1.0]}}, "seeds": [3, 4]}))
+        == plan
+    )
+    wider = experiment({"parameters": {"sampling.alpha": {"grid": [0.0, 0.5, 1.0, 0.25]}}, "seeds": [3, 4]})
+    assert plan_sweep(wider).digest != plan.digest, "a changed sweep is not restored into the old one"
+
+
+def test_random_spaces_are_drawn_per_grid_point_reproducibly() -> None:
+    sweep = {"parameters": {"sampling.strategy": {"grid": ["xx", "hybrid"]},
+                            "optimization.learningRate": {"loguniform": [1e-5, 1e-3]},
+                            "loss.temperature": {"uniform": [0.02, 0.1]},
+                            "sampling.languageWeighting": {"choice": ["uniform", "size"]}},
+             "numSamples": 3, "searchSeed": 11, "seeds": [0, 1]}  # fmt: skip
+    plan = plan_sweep(experiment(sweep))
+    assert len(plan.points) == 6 and len(plan.trials) == 12
+    assert [p.values["sampling.strategy"] for p in plan.points] == ["xx"] * 3 + ["hybrid"] * 3
+    for p in plan.points:
+        assert 1e-5 <= p.values["optimization.learningRate"] <= 1e-3
+        assert 0.02 <= p.values["loss.temperature"] <= 0.1
+    assert len({p.values["optimization.learningRate"] for p in plan.points}) == 6
+    assert plan_sweep(experiment(sweep)) == plan
+    assert plan_sweep(experiment({**sweep, "searchSeed": 12})).points != plan.points
+
+
+def test_default_concurrency_from_gpus_or_cpus() -> None:
+    spec = experiment({}).spec
+    assert default_concurrency({"CPU": 2.0}, [spec]) == 1  # 0.5 trial + 1 worker CPU
+    spec.distributed.cpus_per_worker = 0.5
+    assert default_concurrency({"CPU": 2.0}, [spec]) == 2
+    spec.distributed.gpus_per_worker, spec.distributed.num_workers = 2, 2
+    spec.optimization.global_batch_size = 16
+    assert default_concurrency({"CPU": 64.0, "GPU": 8.0}, [spec]) == 2
+    assert default_concurrency({"CPU": 64.0, "GPU": 2.0}, [spec]) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("sweep-alpha", 5, 15), ("baselines", 3, 9)]
+)
+def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
+    plan = plan_sweep(load_experiment(SAMPLES / f"{name}.yaml"))
+    assert (len(plan.points), len(plan.trials)) == (points, trials)
+
+
+def test_baselines_sweep_the_strategy_as_a_category() -> None:
+    exp = load_experiment(SAMPLES / "baselines.yaml")
+    plan = plan_sweep(exp)
+    assert [p.values["sampling.strategy"] for p in plan.points] == ["xx", "xy", "hybrid"]
+    specs = [exp.spec.sweep.trial_spec(exp.spec, p.values, 0) for p in plan.points]
+    assert {s.model.name for s in specs} == {"xling/multilingual-e5-small"}
+
+
+# ----------------------------------------------------------------------------- report from MLflow
+
+
+def _per_query(shift: float, rng: np.random.Generator) -> dict:
+    """4 languages x 25 queries; ``shift`` raises every AP of a configuration."""
+    n = 25
+    language = np.repeat(np.arange(4), n)
+    block = np.clip(rng.uniform(0.1, 0.8, (4 * n, 4)) + shift, 0, 1)
+    return {"languages": list(LANGS), "query_ids": [f"{LANGS[i]}:q{k}" for i in range(4) for k in range(n)],
+            "language": language.tolist(), "multi_ap": np.clip(block.mean(axis=1), 0, 1).tolist(),
+            "block_ap": block.tolist()}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Plan]:
+    """A finished two-point sweep logged through the driver's own functions, without training."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    tmp = tmp_path_factory.mktemp("fake-sweep")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    sweep = {"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2], "bootstrapSamples": 500,
+             "constraints": [{"metric": "xquad_r.bias.rank_distance", "max": 30},
+                             {"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]}  # fmt: skip
+    exp = experiment(sweep)
+    plan = plan_sweep(exp)
+    tags = {"xling.sweep": "fake", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
+    parent = _parent_run(exp, plan, uri, "fake", tags, tmp / "state.json")
+    ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", tags)
+    client = MlflowClient(uri)
+    rng = np.random.default_rng(0)
+    for trial in plan.trials:
+        run_id, finished = _child_run(
+            ctx, trial, exp.spec.sweep.trial_spec(exp.spec, plan.points[trial.point].values, trial.seed)
+        )
+        assert finished is None
+        good = trial.point == 1  # alpha=0.75: better mAP, but more bias than the constraint allows
+        final = {"xquad_r.multi.map": 0.3 + 0.1 * good + 0.01 * trial.seed, "xquad_r.mono.map": 0.5,
+                 "xquad_r.cross.map": 0.2 + 0.01 * trial.seed, "xquad_r.bias.rank_distance": 20.0 + 20 * good}  # fmt: skip
+        final |= {f"xquad_r.multi.{lang}.map": final["xquad_r.multi.map"] for lang in LANGS}
+        final |= {
+            f"xquad_r.mono.{a}.map" if a == b else f"xquad_r.cross.{a}_{b}.map": 0.5
+            for a in LANGS
+            for b in LANGS
+        }
+        final |= {
+            f"xquad_r.bias.{lang}.{m}": 0.3 for lang in LANGS for m in ("rank_distance", "top10_own_share")
+        }
+        zero = {"xquad_r.multi.map": 0.25, **{f"xquad_r.multi.{lang}.map": 0.25 for lang in LANGS}}
+        zero["xquad_r.multi.de.map"] = 0.35  # alpha=0.25 falls below zero-shot in German
+        metrics = [Metric(k, v, 0, 0) for k, v in zero.items()] + [
+            Metric(k, v, 1, 6) for k, v in final.items()
+        ]
+        client.log_batch(run_id, metrics=metrics)
+        client.log_dict(run_id, _per_query(0.05 * good, rng), "eval/xquad-r/step-6/per_query.json")
+        client.set_terminated(run_id, "FINISHED")
+    return uri, parent, plan
+
+
+def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, str, Plan]) -> None:
+    from mlflow import MlflowClient
+
+    uri, parent, plan = fake_sweep
+    s = summarize(MlflowClient(uri), parent)
+    assert s.planned == s.finished == 6 and [p.label for p in s.points] == ["alpha=0.25", "alpha=0.75"]
+    ci = s.points[0].stats["xquad_r.multi.map"]
+    ref = mean_ci([0.30, 0.31, 0.32])
+    assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((ref.mean, ref.low, ref.high, 3))
+    assert s.points[1].violations == ["xquad_r.bias.rank_distance 40 > 30"]
+    assert s.points[0].violations == ["de: xquad_r.multi.de.map 0.31 below zero-shot 0.35"]
+    assert s.best is None and "No point meets every constraint" in s.notes[0]
+    assert s.zero_shot["xquad_r.multi.map"] == 0.25
+    assert {c.setting for c in s.comparisons} == {"multi", "mono", "cross"}
+    multi = next(c for c in s.comparisons if c.setting == "multi")
+    assert (multi.a, multi.b) == (0, 1) and multi.test.diff < 0 and multi.test.n == 100
+    assert multi.test.p_value == pytest.approx(1 / 501), "a clear per-query shift is significant"
+
+
+def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri, parent, _ = fake_sweep
+    client = MlflowClient(uri)
+    s = summarize(client, parent)
+    s.sweep.constraints = s.sweep.constraints[:1]  # keep only the rank-distance bound
+    for p in s.points:
+        p.violations = [v for v in p.violations if "zero-shot" not in v]
+    s.best = 0
+    files = {p.name for p in write_report(s, tmp_path)}
+    assert files == {"summary.md", "summary.html", "summary.json", "points.csv", "metric_vs_alpha.png",
+                     "pareto.png", "heatmaps.png", "bias.png"}  # fmt: skip
+    md = (tmp_path / "summary.md").read_text()
+    assert "| 0 | alpha=0.25 | 3 | 0.3100 ± 0.0248 |" in md and "| best |" in md and "| - | zero-shot |" in md
+    html = (tmp_path / "summary.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "Paired bootstrap" in html
+    data = json.loads((tmp_path / "summary.json").read_text())
+    assert data["best"] == 0 and data["points"][1]["feasible"] is False
+    publish(client, s)
+    run = client.get_run(parent)
+    assert run.data.metrics["best.xquad_r.multi.map"] == pytest.approx(0.31)
+    assert run.data.tags["xling.best_point"] == "alpha=0.25"
+    assert {a.path for a in client.list_artifacts(parent, "summary")} >= {
+        "summary/summary.md",
+        "summary/pareto.png",
+    }
+
+
+def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, Plan]) -> None:
+    from mlflow import MlflowClient
+
+    uri, parent, plan = fake_sweep
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent).info.experiment_id
+    runs = client.search_runs([exp_id], "tags.`xling.trial` = 'p0-s0'")
+    exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2]})
+    ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", {})
+    run_id, finished = _child_run(ctx, plan.trials[0], exp.spec)
+    assert run_id == runs[0].info.run_id and finished["xquad_r.multi.map"] == pytest.approx(0.30)
+
+
+def test_xling_results_cli(
+    fake_sweep: tuple[str, str, Plan], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mlflow import MlflowClient
+
+    from xling.trainer.cli import main
+
+    uri, parent, _ = fake_sweep
+    assert main(["results", "fake", "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(markdown(summarize(MlflowClient(uri), parent)))
+    assert "Sweep 'fake': 6 of 6 trials finished" in out and (tmp_path / "pareto.png").is_file()
+    assert main(["results", parent, "--tracking-uri", uri]) == 0
+    assert main(["results", "nope", "--tracking-uri", uri]) == 2
+    assert "no sweep named 'nope'" in capsys.readouterr().err
+
+
+def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri, state = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "state.json"
+    exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}})
+    parent = _parent_run(exp, plan_sweep(exp), uri, "x", {}, state)
+    # Same trials, another objective and constraint: the same parent, and the summary follows the new spec.
+    again = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}, "metric": "xquad_r.mono.map"})
+    assert _parent_run(again, plan_sweep(again), uri, "x", {}, state) == parent
+    plan = MlflowClient(uri).download_artifacts(parent, "sweep/plan.json", str(tmp_path))
+    assert json.loads(Path(plan).read_text())["sweep"]["metric"] == "xquad_r.mono.map"
+    other = experiment({"parameters": {"sampling.alpha": {"grid": [0.5]}}})
+    with pytest.raises(ValueError, match="planned from a different spec"):
+        _parent_run(other, plan_sweep(other), uri, "x", {}, state)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_per_query_settings_from_the_evaluation_file() -> None:
+    doc = {"languages": ["ar", "de"], "query_ids": ["ar:1", "ar:2", "de:1"], "language": [0, 0, 1],
+           "multi_ap": [0.5, 0.25, 1.0], "block_ap": [[1.0, 0.5], [0.5, None], [0.25, 1.0]]}  # fmt: skip
+    pq = parse_per_query(doc)
+    assert pq.ap["mono"].tolist() == [1.0, 0.5, 1.0]
+    assert pq.ap["cross"][0] == 0.5 and math.isnan(pq.ap["cross"][1]) and pq.ap["cross"][2] == 0.25
+    assert pq.ap["multi"].tolist() == [0.5, 0.25, 1.0]
+
+
+def test_metric_names() -> None:
+    assert is_headline("xquad_r.multi.map") and is_headline("train.loss")
+    assert not is_headline("xquad_r.multi.ar.map") and not is_headline("system/cpu_utilization_percentage")
+    keys = {"xquad_r.multi.ar.map", "xquad_r.multi.de.map", "xquad_r.multi.map", "xquad_r.mono.ar.map"}
+    assert per_language_keys("xquad_r.multi.map", keys) == {
+        "ar": "xquad_r.multi.ar.map",
+        "de": "xquad_r.multi.de.map",
+    }
+
+
+def test_pareto_front_lower_x_higher_y() -> None:
+    points = [(10.0, 0.5), (20.0, 0.6), (15.0, 0.4), (10.0, 0.45), (30.0, 0.6)]
+    assert pareto_front(points) == [0, 1]
+
+
+def test_primary_parameter_prefers_alpha_then_categories(
+    fake_sweep: tuple[str, str, Plan], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+
+    uri, parent, _ = fake_sweep
+    s = summarize(MlflowClient(uri), parent)
+    assert primary_parameter(s) == "sampling.alpha"
+    s.sweep.parameters = {"sampling.strategy": s.sweep.parameters["sampling.alpha"]}
+    for p, strategy in zip(s.points, ("xx", "xy"), strict=True):
+        p.values = {"sampling.strategy": strategy}
+    assert primary_parameter(s) == "sampling.strategy"
+    assert "metric_vs_strategy.png" in {p.name for p in write_report(s, tmp_path)}
+
+
+def test_sweep_smoke_sample_validates() -> None:
+    exp = load_experiment(SAMPLES / "sweep-smoke.yaml")
+    assert exp.spec.sweep.seeds == [0, 1] and exp.spec.sweep.parameters["sampling.alpha"].grid == [0.25, 0.75]
+    doc = exp.model_dump(mode="json", by_alias=True, exclude_none=True)
+    doc["spec"]["sweep"]["seeds"] = []
+    with pytest.raises(SpecError, match="spec.sweep.seeds"):
+        parse_experiment(doc)

@@ -1,0 +1,49 @@
+"""The two calls the trainer, sweeps and ``xling eval`` share: load a suite, evaluate an encoder on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from xling.trainer.evaluation.engine import evaluate_lareqa
+from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa
+from xling.trainer.evaluation.miracl import MiraclSuite, evaluate_miracl, load_miracl
+from xling.trainer.evaluation.protocol import TextEncoder
+from xling.trainer.evaluation.results import SuiteResults
+from xling.trainer.evaluation.search import IndexKind
+from xling.trainer.spec import EvalSuite
+
+Suite = LareqaSuite | MiraclSuite
+
+
+def load_suite(spec: EvalSuite) -> Suite:
+    """Read a suite's files. ``spec.path`` is used as given: resolve it against the spec file first."""
+    if spec.name == "miracl":
+        return load_miracl(
+            spec.path,
+            languages=spec.languages,
+            max_queries=spec.max_queries,
+            max_passages=spec.max_paragraphs,
+        )
+    return load_lareqa(
+        spec.name,
+        spec.path,
+        languages=spec.languages,
+        candidate_context=spec.candidate_context,
+        max_paragraphs=spec.max_paragraphs,
+        max_queries=spec.max_queries,
+    )
+
+
+def evaluate_suite(
+    suite: Suite,
+    encoder: TextEncoder,
+    *,
+    index: IndexKind = "flat",
+    cache_dir: str | Path | None = None,
+    depth: int = 100,
+) -> SuiteResults:
+    """Evaluate ``encoder`` on a loaded suite; ``depth`` is the length of the kept top-k lists (run
+    files; with IVF/HNSW also the cut-off of every metric)."""
+    if isinstance(suite, MiraclSuite):
+        return evaluate_miracl(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)
+    return evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)

@@ -1,0 +1,124 @@
+"""``xling eval``: evaluate a model on one suite from the command line.
+
+Registered by the main CLI through :func:`add_cli`; heavy imports happen inside the handler so that
+``xling --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from xling.trainer.evaluation.results import SuiteResults
+
+SUITES = ("xquad-r", "mlqa-r", "miracl")
+#: Where ``make data`` puts the gzipped demo copy of XQuAD-R.
+DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r"}
+
+
+def _languages(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``eval`` subcommand; its handler is stored as ``func`` and returns an exit code."""
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on XQuAD-R, MLQA-R or MIRACL",
+        description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
+        "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
+    )
+    p.add_argument("--model", required=True, metavar="PATH_OR_NAME", help="checkpoint path or model name")
+    p.add_argument("--suite", required=True, choices=SUITES)
+    p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
+    p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
+    p.add_argument("--max-queries", type=int, metavar="N", help="first N queries per language")
+    p.add_argument("--max-paragraphs", type=int, metavar="N", help="first N paragraphs (MIRACL: passages)")
+    p.add_argument("--candidate-context", choices=("sentence", "paragraph"), default="sentence")
+    p.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    p.add_argument("--depth", type=int, default=100, help="length of the top-k lists written to --run-file")
+    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache ('' disables it)")
+    p.add_argument("--out", metavar="results.json", help="write every number as JSON")
+    p.add_argument("--run-file", metavar="run.trec", help="TREC run (query ids <lang>:<question id>)")
+    p.add_argument("--qrels-file", metavar="qrels.trec", help="TREC qrels for --run-file")
+    p.add_argument("--tracking-uri", help="also log to this MLflow tracking URI")
+    p.add_argument("--experiment", default="xling-eval", help="MLflow experiment (with --tracking-uri)")
+    p.set_defaults(func=run_eval)
+    return p
+
+
+def _log_mlflow(args: argparse.Namespace, results: SuiteResults) -> str:
+    import mlflow
+
+    from xling.trainer.evaluation.report import log_to_mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=args.tracking_uri)
+    experiment = client.get_experiment_by_name(args.experiment)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(args.experiment)
+    run = client.create_run(experiment_id, run_name=f"eval-{Path(args.model).name}-{args.suite}")
+    for key in (
+        "model",
+        "suite",
+        "data",
+        "languages",
+        "max_queries",
+        "max_paragraphs",
+        "candidate_context",
+        "index",
+    ):
+        value = getattr(args, key)
+        client.log_param(run.info.run_id, key, ",".join(value) if isinstance(value, list) else value)
+    log_to_mlflow(results, client, run.info.run_id, step=0)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Load the suite (fail fast on bad data), then the model; evaluate, print, write what was asked."""
+    from pydantic import ValidationError
+
+    from xling.trainer.evaluation.api import evaluate_suite, load_suite
+    from xling.trainer.evaluation.errors import EvalDataError
+    from xling.trainer.evaluation.report import format_table, write_results_json
+    from xling.trainer.evaluation.trec import write_qrels, write_run
+    from xling.trainer.spec import EvalSuite
+
+    data = args.data or DEFAULT_DATA.get(args.suite)
+    if data is None:
+        print(f"xling eval: --data DIR is required for --suite {args.suite}", file=sys.stderr)
+        return 2
+    try:
+        spec = EvalSuite(
+            name=args.suite,
+            path=data,
+            languages=args.languages,
+            max_queries=args.max_queries,
+            max_paragraphs=args.max_paragraphs,
+            candidate_context=args.candidate_context,
+        )
+        suite = load_suite(spec)
+    except (ValidationError, EvalDataError) as err:
+        print(f"xling eval: {err}", file=sys.stderr)
+        return 2
+    from xling.trainer.model import load_text_encoder
+
+    encoder = load_text_encoder(
+        args.model, pooling="mean", query_prefix="query: ", passage_prefix="passage: ", max_length=128
+    )
+    results = evaluate_suite(
+        suite, encoder, index=args.index, cache_dir=args.cache_dir or None, depth=args.depth
+    )
+    print(format_table(results))
+    print(f"encode {results.timings['encode_s']:.1f} s, score {results.timings['score_s']:.1f} s")
+    if args.out:
+        write_results_json(results, args.out)
+    if args.run_file:
+        write_run(results.ranked, args.run_file)
+    if args.qrels_file:
+        write_qrels(results.ranked, args.qrels_file)
+    if args.tracking_uri:
+        print(f"logged to MLflow run {_log_mlflow(args, results)}")
+    return 0

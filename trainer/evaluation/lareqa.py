@@ -1,0 +1,227 @@
+"""LAReQA-format suites (XQuAD-R, MLQA-R): SQuAD JSON plus per-paragraph sentence spans.
+
+Every sentence of every paragraph in every language is a candidate. A question's relevant set is the
+sentence holding its answer start, in its own paragraph and in each other language's version of the
+same question id (11 per question on XQuAD-R; 2-4 on MLQA-R, whose ids are not in every language).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from xling.trainer.evaluation.errors import EvalDataError
+
+CandidateContext = Literal["sentence", "paragraph"]
+
+
+@dataclass(frozen=True)
+class LanguageData:
+    """One language's candidates and queries. Candidate indices are local to the language."""
+
+    language: str
+    file: Path
+    candidate_ids: list[str]
+    candidate_texts: list[str]
+    query_ids: list[str]
+    query_texts: list[str]
+    #: question id -> local index of its answer sentence, for every question whose paragraph is kept
+    #: (max_queries shortens the query list, never the relevant sets).
+    answer_of: dict[str, int]
+
+
+@dataclass(frozen=True)
+class LareqaSuite:
+    """A loaded suite; the pooled candidate index is the concatenation of the languages in order."""
+
+    name: str
+    languages: tuple[str, ...]
+    candidate_context: CandidateContext
+    data: dict[str, LanguageData]
+    fingerprint: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def offsets(self) -> dict[str, int]:
+        """Start of each language's block in the pool."""
+        out, start = {}, 0
+        for lang in self.languages:
+            out[lang] = start
+            start += len(self.data[lang].candidate_ids)
+        return out
+
+    @property
+    def pool_size(self) -> int:
+        return sum(len(d.candidate_ids) for d in self.data.values())
+
+    @cached_property
+    def pool_ids(self) -> list[str]:
+        """Candidate ids in pool order (``<lang>:<paragraph>:<sentence>``)."""
+        return [cid for lang in self.languages for cid in self.data[lang].candidate_ids]
+
+    @cached_property
+    def candidate_language(self) -> np.ndarray:
+        """Language index (into ``languages``) of every pooled candidate."""
+        return np.repeat(
+            np.arange(len(self.languages)), [len(self.data[lang].candidate_ids) for lang in self.languages]
+        )
+
+    def relevant(self, lang: str) -> np.ndarray:
+        """Pooled indices of each query's relevant candidates, shape (queries, languages), -1 = none."""
+        ids = self.data[lang].query_ids
+        out = np.full((len(ids), len(self.languages)), -1, dtype=np.int64)
+        for j, other in enumerate(self.languages):
+            answer_of, offset = self.data[other].answer_of, self.offsets[other]
+            for i, qid in enumerate(ids):
+                if qid in answer_of:
+                    out[i, j] = offset + answer_of[qid]
+        return out
+
+
+def find_file(directory: Path, lang: str) -> Path:
+    """``<lang>.json`` or its gzipped copy."""
+    for name in (f"{lang}.json", f"{lang}.json.gz"):
+        if (directory / name).is_file():
+            return directory / name
+    raise EvalDataError(f"{directory}: no {lang}.json or {lang}.json.gz")
+
+
+def discover_languages(directory: Path) -> list[str]:
+    """Language codes of the ``<lang>.json[.gz]`` files in a directory, sorted."""
+    if not directory.is_dir():
+        raise EvalDataError(f"{directory}: not a directory")
+    names = {p.name.split(".")[0] for p in directory.iterdir() if p.name.endswith((".json", ".json.gz"))}
+    langs = sorted(n for n in names if n.isalpha() and n.islower() and 2 <= len(n) <= 3)
+    if not langs:
+        raise EvalDataError(f"{directory}: no <lang>.json or <lang>.json.gz files")
+    return langs
+
+
+def _read_json(path: Path) -> tuple[Any, bytes]:
+    raw = path.read_bytes()
+    text = gzip.decompress(raw) if path.name.endswith(".gz") else raw
+    try:
+        return json.loads(text), text
+    except json.JSONDecodeError as err:
+        raise EvalDataError(f"{path}: not valid JSON ({err})") from None
+
+
+def _field(record: dict[str, Any], key: str, where: str, kind: type) -> Any:
+    if not isinstance(record, dict) or key not in record:
+        raise EvalDataError(f"{where}: missing {key!r}")
+    value = record[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise EvalDataError(f"{where}: {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _paragraphs(doc: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """Every paragraph in file order, with its location for error messages."""
+    articles = _field(doc, "data", str(path), list)
+    out = []
+    for a, article in enumerate(articles):
+        paragraphs = _field(article, "paragraphs", f"{path}: data[{a}]", list)
+        out.extend((f"{path}: data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
+    return out
+
+
+def _answer_sentence(breaks: list[Any], start: int, where: str) -> int:
+    for i, span in enumerate(breaks):
+        if not (isinstance(span, list | tuple) and len(span) == 2):
+            raise EvalDataError(f"{where}: sentence_breaks[{i}] is not a [start, end] pair")
+        if span[0] <= start < span[1]:
+            return i
+    raise EvalDataError(f"{where}: answer_start {start} is outside every sentence (sentence_breaks {breaks})")
+
+
+def load_language(
+    path: Path,
+    lang: str,
+    *,
+    candidate_context: CandidateContext = "sentence",
+    max_paragraphs: int | None = None,
+    max_queries: int | None = None,
+) -> tuple[LanguageData, str]:
+    """Parse one language file; return its data and a digest of the file's bytes."""
+    doc, raw = _read_json(path)
+    cand_ids: list[str] = []
+    cand_texts: list[str] = []
+    query_ids: list[str] = []
+    query_texts: list[str] = []
+    answer_of: dict[str, int] = {}
+    for p, (where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
+        context = _field(par, "context", where, str)
+        sentences = _field(par, "sentences", where, list)
+        breaks = _field(par, "sentence_breaks", where, list)
+        if len(sentences) != len(breaks):
+            raise EvalDataError(f"{where}: {len(sentences)} sentences but {len(breaks)} sentence_breaks")
+        first = len(cand_ids)
+        for s, sentence in enumerate(sentences):
+            if not isinstance(sentence, str):
+                raise EvalDataError(f"{where}: sentences[{s}] is not a string")
+            cand_ids.append(f"{lang}:{p}:{s}")
+            cand_texts.append(sentence if candidate_context == "sentence" else f"{sentence} {context}")
+        for k, qa in enumerate(_field(par, "qas", where, list)):
+            qwhere = f"{where}.qas[{k}]"
+            qid = _field(qa, "id", qwhere, str)
+            qwhere = f"{qwhere} (id {qid})"
+            answers = _field(qa, "answers", qwhere, list)
+            if not answers:
+                raise EvalDataError(f"{qwhere}: empty 'answers'")
+            start = _field(answers[0], "answer_start", f"{qwhere}.answers[0]", int)
+            if qid in answer_of:
+                raise EvalDataError(f"{qwhere}: duplicate question id")
+            answer_of[qid] = first + _answer_sentence(breaks, start, qwhere)
+            query_ids.append(qid)
+            query_texts.append(_field(qa, "question", qwhere, str))
+    data = LanguageData(
+        language=lang,
+        file=path,
+        candidate_ids=cand_ids,
+        candidate_texts=cand_texts,
+        query_ids=query_ids[:max_queries],
+        query_texts=query_texts[:max_queries],
+        answer_of=answer_of,
+    )
+    return data, hashlib.sha256(raw).hexdigest()
+
+
+def load_lareqa(
+    name: str,
+    directory: str | Path,
+    *,
+    languages: list[str] | None = None,
+    candidate_context: CandidateContext = "sentence",
+    max_paragraphs: int | None = None,
+    max_queries: int | None = None,
+) -> LareqaSuite:
+    """Load a LAReQA-format suite. ``max_paragraphs`` keeps the first N paragraphs of each language
+    (the same positions, so XQuAD-R stays parallel); ``max_queries`` keeps the first N questions."""
+    directory = Path(directory)
+    langs = list(languages or discover_languages(directory))
+    data: dict[str, LanguageData] = {}
+    digest = hashlib.sha256(f"{candidate_context}|{max_paragraphs}|{max_queries}".encode())
+    for lang in langs:
+        data[lang], file_digest = load_language(
+            find_file(directory, lang),
+            lang,
+            candidate_context=candidate_context,
+            max_paragraphs=max_paragraphs,
+            max_queries=max_queries,
+        )
+        digest.update(f"|{lang}:{file_digest}".encode())
+    return LareqaSuite(
+        name=name,
+        languages=tuple(langs),
+        candidate_context=candidate_context,
+        data=data,
+        fingerprint=digest.hexdigest()[:16],
+        options={"max_paragraphs": max_paragraphs, "max_queries": max_queries, "path": str(directory)},
+    )

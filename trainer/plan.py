@@ -1,0 +1,422 @@
+"""``xling plan FILE --gpus N --gpu-mem 80``: will this experiment fit, and how long will a step take?
+
+Everything is arithmetic on the model's shape, so it runs before any worker starts and without a GPU:
+
+- the model is instantiated on the ``meta`` device from its Hugging Face config (a local dir or the hub
+  cache) or from a built-in table of known shapes, giving exact parameter counts and the largest layer;
+- model states per GPU come from DeepSpeed's own estimators (the ones ``estimate_zero3_model_states_mem_
+  needs_all_cold`` prints), activations from the transformer's saved tensors per token, plus the
+  GradCache buffers, DeepSpeed's communication buckets and a fixed runtime overhead;
+- FLOPs per step are 6N per token, 8N with GradCache, +2N with activation checkpointing (N: non-embedding
+  parameters); step time is those FLOPs at a stated fraction of peak, or the ZeRO-3 parameter traffic
+  if that takes longer.
+
+``check_fits`` is what ``xling run`` calls to refuse a run that cannot fit. The FLOP and peak helpers also
+feed the trainer's per-step MFU metric.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, RetrievalExperiment, load_experiment
+
+GiB = 2**30
+
+
+def _shape(
+    model_type: str, vocab: int, hidden: int, layers: int, heads: int, ffn: int, **extra: int
+) -> tuple:
+    kwargs = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads)
+    return model_type, kwargs | {"intermediate_size": ffn, **extra}
+
+
+_E5_SMALL = _shape("bert", 250037, 384, 12, 12, 1536)
+_XLMR_LARGE = _shape("xlm-roberta", 250002, 1024, 24, 16, 4096, max_position_embeddings=514)
+#: Shapes known without hub access: (model_type, config kwargs). ``xling/xlm-roberta-30b`` is the
+#: hypothetical 30B XLM-R-shaped encoder of the design notes (no such checkpoint exists).
+KNOWN_SHAPES: dict[str, tuple[str, dict[str, int]]] = {
+    TINY_MODEL: _shape("bert", 2000, 32, 2, 2, 64),
+    DEMO_MODEL: _E5_SMALL,
+    "intfloat/multilingual-e5-small": _E5_SMALL,
+    "intfloat/multilingual-e5-large": _XLMR_LARGE,
+    "BAAI/bge-m3": _XLMR_LARGE,
+    "facebook/xlm-roberta-xl": _shape(
+        "xlm-roberta-xl", 250880, 2560, 36, 32, 10240, max_position_embeddings=514
+    ),
+    "facebook/xlm-roberta-xxl": _shape(
+        "xlm-roberta-xl", 250880, 4096, 48, 32, 16384, max_position_embeddings=514
+    ),
+    "xling/xlm-roberta-30b": _shape("xlm-roberta", 250002, 7168, 48, 56, 28672, max_position_embeddings=514),
+    "intfloat/e5-mistral-7b-instruct": _shape("mistral", 32000, 4096, 32, 32, 14336, num_key_value_heads=8),
+    "Qwen/Qwen3-Embedding-8B": _shape(
+        "qwen3", 151665, 4096, 36, 32, 12288, num_key_value_heads=8, head_dim=128
+    ),
+    "Qwen/Qwen2.5-32B": _shape("qwen2", 152064, 5120, 64, 40, 27648, num_key_value_heads=8),
+}
+#: Dense bf16 peak per device, TFLOP/s (vendor figures; SXM parts).
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+                   "A6000": 155.0, "A10": 125.0}  # fmt: skip
+CPU_TFLOPS_PER_THREAD = 0.07  # fp32 GEMM per core measured on the dev box (docs/platform notes)
+RUNTIME_OVERHEAD_GIB = 2.0  # CUDA context and NCCL per GPU
+USABLE_FRACTION = 0.95  # allocator fragmentation: a plan that needs the last 5% will not run
+
+
+class PlanError(ValueError):
+    """The experiment cannot fit on the stated hardware (raised before any worker starts)."""
+
+
+# ------------------------------------------------------------------------------------------ model shape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    model_class: str
+    total_params: int
+    embedding_params: int  # lookups, no matmul FLOPs
+    largest_layer_params: int  # the most parameters any one module owns (ZeRO-3 gathers it whole)
+    hidden: int
+    layers: int
+    ffn: int
+    gated_mlp: bool  # SwiGLU-style MLPs keep three ffn-wide tensors, not two
+
+    @property
+    def dense_params(self) -> int:
+        return self.total_params - self.embedding_params
+
+
+def model_shape(name: str, revision: str | None = None, trust_remote_code: bool = False) -> ModelShape:
+    """Exact counts from a config: the model is built on the meta device (no memory, no weights)."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    if name in KNOWN_SHAPES:
+        model_type, kwargs = KNOWN_SHAPES[name]
+        config = AutoConfig.for_model(model_type, **kwargs)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            known = ", ".join(sorted(KNOWN_SHAPES))
+            raise ValueError(
+                f"model {name!r}: no config found offline ({err}); known shapes: {known}"
+            ) from None
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
+    embedding = sum(
+        p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
+    )
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return ModelShape(
+        name=name, model_class=type(model).__name__, total_params=sum(p.numel() for p in model.parameters()),
+        embedding_params=embedding, largest_layer_params=largest, hidden=config.hidden_size,
+        layers=config.num_hidden_layers, ffn=config.intermediate_size,
+        gated_mlp=getattr(config, "hidden_act", "") == "silu",
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+def flops_per_token(dense_params: int, grad_cache: bool, checkpointing: bool) -> float:
+    """Executed FLOPs per token: 2N forward + 4N backward, +2N for GradCache's extra no-grad forward and
+    +2N for recomputing checkpointed activations (attention's seq-dependent term is < 1% here)."""
+    return (6 + 2 * grad_cache + 2 * checkpointing) * dense_params
+
+
+def peak_flops() -> float:
+    """This process's device peak in FLOP/s: ``XLING_PEAK_TFLOPS``, else the GPU table, else CPU threads."""
+    import torch
+
+    if env := os.environ.get("XLING_PEAK_TFLOPS"):
+        return float(env) * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        tflops = next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), GPU_PEAK_TFLOPS["A100"])
+        return tflops * 1e12
+    return CPU_TFLOPS_PER_THREAD * torch.get_num_threads() * 1e12
+
+
+def count_dense_params(model: Any) -> int:
+    """Non-embedding parameters of a live model (ZeRO-3 partitioned ones counted at full size)."""
+    import torch
+
+    embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in embedding)
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass
+class Plan:
+    model: str
+    model_class: str
+    total_params: int
+    dense_params: int
+    largest_layer_params: int
+    gpus: int
+    gpus_per_node: int
+    gpu_mem_gb: float
+    zero_stage: int
+    memory_breakdown_gb: dict[str, float]
+    memory_per_gpu_gb: float
+    host_memory_per_node_gb: float
+    tokens_per_step: int
+    flops_per_token: float
+    flops_per_step: float
+    compute_time_s: float
+    allgather_gb_per_gpu: float
+    comm_time_s: float
+    step_time_s: float
+    mfu: float
+    peak_tflops: float
+    fits: bool
+    notes: list[str]
+
+
+def make_plan(
+    spec: ExperimentSpec,
+    gpus: int,
+    gpu_mem_gb: float,
+    mfu: float = 0.4,
+    peak_tflops: float = 989.0,
+    gpus_per_node: int = 8,
+    inter_node_gbs: float = 50.0,
+    intra_node_gbs: float = 450.0,
+    shape: ModelShape | None = None,
+) -> Plan:
+    """Memory per GPU, FLOPs and step time of ``spec`` on ``gpus`` devices of ``gpu_mem_gb`` GiB each."""
+    shape = shape or model_shape(spec.model.name, spec.model.revision, spec.model.trust_remote_code)
+    dist, ds, loss, opt = spec.distributed, spec.distributed.deepspeed, spec.loss, spec.optimization
+    stage = ds.stage if ds else -1
+    per_node = min(gpus, gpus_per_node)
+    nodes = math.ceil(gpus / per_node)
+    n, notes = shape.total_params, []
+    offload_opt = bool(ds and ds.offload_optimizer.device != "none")
+    offload_param = bool(ds and ds.offload_param.device != "none")
+
+    # model states (bytes per GPU, host bytes per node)
+    if stage >= 1:
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import: keep it for --json
+            from deepspeed.runtime.zero import stage3, stage_1_and_2
+    if stage == 3:
+        host, states, _ = stage3.estimate_zero3_model_states_mem_needs(
+            n,
+            shape.largest_layer_params,
+            per_node,
+            nodes,
+            cpu_offload=offload_opt,
+            cpu_offload_params=offload_param,
+        )
+    elif stage in (1, 2):
+        host, states = stage_1_and_2.estimate_zero2_model_states_mem_needs(
+            n, per_node, nodes, cpu_offload=offload_opt
+        )
+    else:  # replicated: fp32 AdamW (params, grads, two moments) or DeepSpeed's mixed precision (+ 16-bit copy)
+        host, states = 0, (18 if stage == 0 else 16) * n
+
+    # activations of the largest graph alive at once
+    act_bytes = 2 if dist.precision == "bf16" else 4
+    per_gpu_batch = opt.global_batch_size // gpus
+    texts = 1 + loss.hard_negatives  # passages per query
+    q_len, p_len = spec.model.max_query_length, spec.model.max_passage_length
+    if loss.grad_cache.enabled:
+        chunk = min(loss.grad_cache.chunk_size, per_gpu_batch)
+        graph_tokens = chunk * max(q_len, p_len)
+    else:
+        graph_tokens = per_gpu_batch * (q_len + texts * p_len)
+    mlp_tensors = 3 if shape.gated_mlp else 2
+    layer_bytes_per_token = (
+        9 * shape.hidden + mlp_tensors * shape.ffn
+    ) * act_bytes  # saved tensors, flash attention
+    if dist.activation_checkpointing:
+        activations = graph_tokens * (shape.layers * shape.hidden * act_bytes + layer_bytes_per_token)
+    else:
+        activations = graph_tokens * shape.layers * layer_bytes_per_token
+    # embeddings, their gradients and the logits of the global-batch loss (fp32)
+    local, candidates = per_gpu_batch * (1 + texts), opt.global_batch_size * texts
+    loss_bytes = 4 * (2 * local * shape.hidden + 3 * per_gpu_batch * candidates)
+    buffers = (
+        (ds.reduce_bucket_size + (ds.prefetch_bucket_size if stage == 3 else 0)) * act_bytes
+        if stage >= 1
+        else 0
+    )
+    breakdown = {"model_states": states, "activations": activations, "loss_and_cache": loss_bytes,
+                 "comm_buffers": buffers, "runtime": RUNTIME_OVERHEAD_GIB * GiB}  # fmt: skip
+    total = sum(breakdown.values())
+
+    # compute and ZeRO-3 parameter traffic
+    tokens = opt.global_batch_size * (q_len + texts * p_len)
+    fpt = flops_per_token(shape.dense_params, loss.grad_cache.enabled, dist.activation_checkpointing)
+    flops = fpt * tokens
+    compute_s = flops / (gpus * peak_tflops * 1e12 * mfu)
+    gather_gb, comm_s = 0.0, 0.0
+    if stage == 3 and gpus > 1:
+        if loss.grad_cache.enabled:  # pass 1 forwards + pass 2 forward and backward, per chunk
+            calls = math.ceil(per_gpu_batch / chunk) + math.ceil(per_gpu_batch * texts / chunk)
+            fwd, bwd = 2 * calls, calls
+        else:  # query and passage forwards, each re-gathered in backward
+            fwd, bwd = 2, 2
+        per_gather = 2 * n * (gpus - 1) / gpus  # 16-bit parameters arriving at each GPU
+        inter = inter_node_gbs if nodes > 1 else intra_node_gbs
+        bwd_bw = (
+            intra_node_gbs if (nodes == 1 or ds.hpz_partition_size > 1) else inter
+        )  # hpZ: intra-node copy
+        gather_gb = per_gather * (fwd + bwd) / 1e9
+        comm_s = per_gather * (fwd / inter + bwd / bwd_bw) / 1e9
+        if comm_s > compute_s:
+            notes.append(
+                f"communication-bound: ZeRO-3 all-gathers take {comm_s:.1f} s vs {compute_s:.1f} s of compute; "
+                "raise gradCache.chunkSize, set hpzPartitionSize to the GPUs per node, or use fewer, larger GPUs"
+            )
+    fits = total <= USABLE_FRACTION * gpu_mem_gb * GiB
+    if not fits:
+        notes.append(
+            _advice(stage, offload_opt, offload_param, dist.activation_checkpointing, loss.grad_cache.enabled)
+        )
+    return Plan(
+        model=shape.name, model_class=shape.model_class, total_params=n, dense_params=shape.dense_params,
+        largest_layer_params=shape.largest_layer_params, gpus=gpus, gpus_per_node=per_node, gpu_mem_gb=gpu_mem_gb,
+        zero_stage=stage, memory_breakdown_gb={k: round(v / GiB, 2) for k, v in breakdown.items()},
+        memory_per_gpu_gb=round(total / GiB, 2), host_memory_per_node_gb=round(host / GiB, 1),
+        tokens_per_step=tokens, flops_per_token=fpt, flops_per_step=flops, compute_time_s=compute_s,
+        allgather_gb_per_gpu=round(gather_gb, 1), comm_time_s=comm_s, step_time_s=max(compute_s, comm_s), mfu=mfu,
+        peak_tflops=peak_tflops, fits=fits, notes=notes,
+    )  # fmt: skip
+
+
+def _advice(stage: int, offload_opt: bool, offload_param: bool, checkpointing: bool, grad_cache: bool) -> str:
+    steps = [
+        (stage < 3, "distributed.deepspeed.stage: 3"),
+        (not checkpointing, "distributed.activationCheckpointing: true"),
+        (not grad_cache, "loss.gradCache.enabled: true"),
+        (stage == 3 and not offload_opt, "distributed.deepspeed.offloadOptimizer.device: cpu"),
+        (stage == 3 and not offload_param, "distributed.deepspeed.offloadParam.device: cpu"),
+    ]
+    todo = [s for cond, s in steps if cond]
+    return "does not fit; try " + (", then ".join(todo) if todo else "more GPUs")
+
+
+def format_plan(p: Plan, source: str) -> str:
+    gb = p.memory_breakdown_gb
+    nodes = math.ceil(p.gpus / p.gpus_per_node)
+    stage = f"ZeRO-{p.zero_stage}" if p.zero_stage >= 0 else "no DeepSpeed (replicated)"
+    lines = [
+        f"xling plan: {source} on {p.gpus} GPUs x {p.gpu_mem_gb:g} GiB ({nodes} node(s) x {p.gpus_per_node})",
+        f"  model        {p.model} ({p.model_class}): {p.total_params / 1e9:.2f}B params, "
+        f"{p.dense_params / 1e9:.2f}B non-embedding, largest layer {p.largest_layer_params / 1e9:.2f}B",
+        f"  memory/GPU   model states {gb['model_states']:8.2f} GiB  ({stage}, DeepSpeed estimator)",
+        f"               activations  {gb['activations']:8.2f} GiB",
+        f"               loss + cache {gb['loss_and_cache']:8.2f} GiB",
+        f"               comm buffers {gb['comm_buffers']:8.2f} GiB",
+        f"               runtime      {gb['runtime']:8.2f} GiB",
+        f"               total        {p.memory_per_gpu_gb:8.2f} GiB of {p.gpu_mem_gb:g} "
+        f"({USABLE_FRACTION * p.gpu_mem_gb:.1f} usable)",
+    ]
+    if p.host_memory_per_node_gb:
+        lines.append(
+            f"  host memory  {p.host_memory_per_node_gb:.1f} GiB per node (offload / construction buffers)"
+        )
+    lines += [
+        f"  FLOPs/step   {p.flops_per_step:.3e} ({p.flops_per_token / p.dense_params:.0f}N x {p.tokens_per_step} tokens)",
+        f"  step time    {p.step_time_s:.2f} s (compute {p.compute_time_s:.2f} s at {p.mfu:.0%} of "
+        f"{p.peak_tflops:g} TFLOP/s per GPU; ZeRO-3 all-gathers {p.allgather_gb_per_gpu:g} GB/GPU, {p.comm_time_s:.2f} s)",
+        f"  verdict      {'FITS' if p.fits else 'DOES NOT FIT'}",
+    ]
+    lines += [f"  note: {n}" for n in p.notes]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ run-time check
+
+
+def _host_memory_gb() -> float:
+    import psutil
+
+    return psutil.virtual_memory().total / GiB
+
+
+def _local_gpu_memory_gb() -> float | None:
+    import torch
+
+    if env := os.environ.get("XLING_GPU_MEM_GB"):
+        return float(env)
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GiB
+    return None
+
+
+def check_fits(exp: RetrievalExperiment) -> Plan | None:
+    """Refuse (PlanError) a run that cannot fit, before any worker starts.
+
+    GPU runs are checked against this node's GPU memory (or ``XLING_GPU_MEM_GB`` on a GPU-less head
+    node); CPU runs against host memory, as all workers share it. Returns None when it cannot tell
+    (unknown model shape offline, or GPU size unknown)."""
+    spec = exp.spec
+    dist = spec.distributed
+    gpu_run = dist.gpus_per_worker > 0
+    try:
+        shape = model_shape(spec.model.name, spec.model.revision, spec.model.trust_remote_code)
+    except (ValueError, OSError):
+        return None
+    if gpu_run:
+        mem = _local_gpu_memory_gb()
+        if mem is None:
+            return None
+        plan = make_plan(spec, dist.num_workers * dist.gpus_per_worker, mem, shape=shape)
+    else:  # every worker is a "device" whose memory is a share of this host's
+        host = _host_memory_gb()
+        plan = make_plan(
+            spec, dist.num_workers, host / dist.num_workers, shape=shape, gpus_per_node=dist.num_workers
+        )
+    if not plan.fits:
+        where = (
+            "GPU"
+            if gpu_run
+            else f"worker (host memory {_host_memory_gb():.0f} GiB shared by {dist.num_workers})"
+        )
+        raise PlanError(
+            f"{exp.metadata.name}: refused before starting any worker: needs {plan.memory_per_gpu_gb:.1f} GiB per "
+            f"{where}, has {plan.gpu_mem_gb:.1f} GiB\n" + format_plan(plan, exp.metadata.name)
+        )
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _plan_cmd(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.file)
+    spec = exp.spec
+    gpus = args.gpus or spec.distributed.num_workers * max(spec.distributed.gpus_per_worker, 1)
+    plan = make_plan(spec, gpus, args.gpu_mem, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                     gpus_per_node=args.gpus_per_node)  # fmt: skip
+    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan, args.file))
+    return 0 if plan.fits else 1
+
+
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plan", help="memory, FLOPs and step time of an experiment on N GPUs (no GPU needed)"
+    )
+    p.add_argument("file")
+    p.add_argument("--gpus", type=int, help="total GPUs (default: numWorkers x gpusPerWorker)")
+    p.add_argument("--gpu-mem", type=float, default=80.0, help="memory per GPU, GiB (default 80: H100)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument(
+        "--mfu", type=float, default=0.4, help="fraction of peak the executed FLOPs reach (default 0.4)"
+    )
+    p.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (default: H100 SXM)"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.set_defaults(func=_plan_cmd)

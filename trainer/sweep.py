@@ -1,0 +1,378 @@
+"""``xling run`` for a spec with ``sweep``: one Ray Tune trial per (point, seed), each a Ray Train run.
+
+Tune V2 pattern: the trainable is a plain function that builds and fits a ``TorchTrainer`` (``run._fit``)
+and relays the workers' reports to Tune through ``TuneReportCallback``, so ASHA sees them. The trial
+function takes one CPU; Train's V2 controller takes none.
+
+Trials are planned here, not by Tune's search algorithms: grid points x ``numSamples`` draws (seeded) x
+seeds, so every point gets every seed and a rerun plans the very same trials. Names are stable
+throughout, which makes a restarted sweep continue where it stopped: Tune's experiment
+(``<outputDir>/ray/<metadata.name>``) is restored, so finished trials are not rerun; an interrupted
+trial finds its MLflow child run by trial name, and with it its Train run and last checkpoint.
+
+MLflow: one parent run per sweep (its id kept in ``xling-sweep.json`` beside Tune's state), one nested
+child run per trial with system metrics on; the parent gets the summary (``report_sweep``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xling.trainer.e5s1 import default_cache_dir
+from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
+from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, prepare
+from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
+from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from xling.trainer.data.pairs import PairCorpus
+
+#: CPUs of the Tune function trainable: it only waits on Train (but a 0-CPU trial cannot be scheduled).
+TRIAL_CPUS = 0.5
+#: Seconds between system-metric samples of a trial (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
+SYSTEM_METRICS_INTERVAL_S = 5.0
+#: Beside Tune's experiment state: the parent run and the plan's digest.
+STATE_FILE = "xling-sweep.json"
+#: Tells MLflow's UI that an experiment holds training runs (it shows the runs table, not traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+#: What a trial's result depends on: a restored sweep must have been planned from the same values.
+_PLANNED_FIELDS = {"model", "data", "sampling", "loss", "optimization", "distributed", "evaluation"}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One configuration: swept path -> value, and a short label for tables and plots."""
+
+    label: str
+    values: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One (point, seed); ``name`` is stable and names the Tune trial and the MLflow child run."""
+
+    name: str
+    point: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    points: list[Point]
+    trials: list[Trial]
+    digest: str
+
+    def to_json(self, exp: RetrievalExperiment) -> dict[str, Any]:
+        """What ``summarize`` reads back from the parent run: the sweep as run, its points and trials."""
+        return {
+            "digest": self.digest,
+            "sweep": exp.spec.sweep.model_dump(mode="json", by_alias=True),
+            "points": [asdict(p) for p in self.points],
+            "trials": [asdict(t) for t in self.trials],
+            "experiment": exp.model_dump(mode="json", by_alias=True, exclude_none=True),
+        }
+
+
+def _draw(param: SweepParameter, rng: random.Random) -> Any:
+    if param.choice is not None:
+        return rng.choice(param.choice)
+    if param.uniform is not None:
+        return rng.uniform(*param.uniform)
+    if param.loguniform is not None:
+        low, high = param.loguniform
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    raise ValueError("a grid is enumerated, not drawn")
+
+
+def _label(values: dict[str, Any]) -> str:
+    """``alpha=0.25, learningRate=0.001``: the last path segment unless two parameters share it."""
+    leaves = [path.rsplit(".", 1)[-1] for path in values]
+    names = [leaf if leaves.count(leaf) == 1 else path for leaf, path in zip(leaves, values, strict=True)]
+    shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values.values()]
+    return ", ".join(f"{n}={v}" for n, v in zip(names, shown, strict=True)) or "base"
+
+
+def plan_sweep(exp: RetrievalExperiment) -> Plan:
+    """Every trial of the sweep, validated against the spec before anything starts."""
+    spec, sweep = exp.spec, exp.spec.sweep
+    if sweep is None:
+        raise ValueError("spec.sweep: not set")
+    sweep.check(spec)
+    grid = {path: p.grid for path, p in sweep.parameters.items() if p.grid is not None}
+    rng = random.Random(sweep.search_seed)
+    points = []
+    for combo in itertools.product(*grid.values()):
+        fixed = dict(zip(grid, combo, strict=True))
+        for _ in range(sweep.num_samples):
+            values = {
+                path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()
+            }
+            points.append(Point(_label(values), values))
+    for point in points:  # combinations can break cross-field rules that single values keep
+        try:
+            sweep.trial_spec(spec, point.values, sweep.seeds[0])
+        except ValueError as err:
+            raise ValueError(f"sweep point {point.label}: {err}") from None
+    width = len(str(len(points) - 1))
+    trials = [Trial(f"p{i:0{width}d}-s{seed}", i, seed) for i in range(len(points)) for seed in sweep.seeds]
+    # What the file says (not defaults, which may grow with new spec fields) and the resulting trials.
+    basis = {"spec": spec.model_dump(mode="json", include=_PLANNED_FIELDS, exclude_unset=True),
+             "points": [asdict(p) for p in points], "trials": [asdict(t) for t in trials]}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
+    return Plan(points, trials, digest)
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial needs from the driver (sent once through the object store)."""
+
+    exp: RetrievalExperiment
+    plan: Plan
+    tracking_uri: str
+    experiment_name: str
+    parent_run_id: str
+    env: dict[str, str]
+    model_path: str
+    tags: dict[str, str]
+
+    def spec(self, point: int, seed: int) -> ExperimentSpec:
+        return self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
+
+    def experiment(self, trial: Trial) -> RetrievalExperiment:
+        return self.exp.model_copy(update={"spec": self.spec(trial.point, trial.seed)})
+
+
+def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[str, dict[str, float] | None]:
+    """The trial's nested MLflow run, and its metrics when it already finished.
+
+    A restarted sweep reopens the run of a trial it retries. A trial whose run finished is not trained
+    again, even when the interruption came before Tune recorded the trial as done.
+    """
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ctx.tracking_uri)
+    parent = client.get_run(ctx.parent_run_id)
+    found = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"{children_of(ctx.parent_run_id)} and tags.`xling.trial` = '{trial.name}'",
+        max_results=1,
+    )
+    if found and found[0].info.status == "FINISHED":
+        return found[0].info.run_id, found[0].data.metrics
+    if found:
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        client.set_tag(found[0].info.run_id, "xling.status", "running")
+        return found[0].info.run_id, None
+    point = ctx.plan.points[trial.point]
+    tags = {**ctx.tags, "mlflow.parentRunId": ctx.parent_run_id, "xling.role": "trial", "xling.trial": trial.name,
+            "xling.point": str(trial.point), "xling.point_label": point.label,
+            "xling.point_values": json.dumps(point.values), "xling.seed": str(trial.seed),
+            "xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha)}  # fmt: skip
+    params = flatten(spec.model_dump(mode="json"))
+    run_id = start_run(
+        ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
+    )
+    return run_id, None
+
+
+def run_trial(config: dict[str, Any], ctx: TrialContext, corpus: PairCorpus) -> None:
+    """The Tune function trainable: one Ray Train run for one (point, seed)."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = Trial(**config["trial"])
+    exp = ctx.experiment(trial)
+    run_id, finished = _child_run(ctx, trial, exp.spec)
+    if finished is not None:
+        tune.report({**{k: v for k, v in finished.items() if is_headline(k)}, "mlflow_run_id": run_id})
+        return
+    monitor = SystemMetricsMonitor(
+        run_id,
+        sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+        resume_logging=True,
+        tracking_uri=ctx.tracking_uri,
+    )
+    monitor.start()
+    try:
+        result = _fit(exp, corpus, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
+    finally:
+        monitor.finish()
+    _finish_run(ctx.tracking_uri, run_id, "FAILED" if result.error is not None else "FINISHED")
+    if result.error is not None:
+        raise result.error
+    tune.report({**result.metrics, "mlflow_run_id": run_id})
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config["trial"]["name"]
+
+
+def _parent_run(exp: RetrievalExperiment, plan: Plan, uri: str, experiment_name: str, tags: dict[str, str],
+                state_path: Path) -> str:  # fmt: skip
+    """The sweep's parent run: the one recorded beside Tune's state when continuing, else a new one.
+    Its ``sweep/plan.json`` is (re)written from this spec: objective, constraints and bootstrap settings may
+    change between runs of a sweep, the trials may not."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(uri)
+    if state_path.is_file():
+        state = json.loads(state_path.read_text())
+        if state["digest"] != plan.digest:
+            raise ValueError(
+                f"{state_path.parent}: a sweep planned from a different spec is stored here; delete that "
+                f"directory or change metadata.name"
+            )
+        run_id = state["parent_run_id"]
+        try:
+            client.update_run(run_id, status="RUNNING")
+        except MlflowException as err:
+            raise ValueError(
+                f"{state_path}: its parent run {run_id} is not in {uri} (tracking URI changed?)"
+            ) from err
+        client.set_tag(run_id, "xling.status", "running")
+    else:
+        parent_tags = {**tags, "xling.role": "sweep", "xling.trials": str(len(plan.trials)),
+                       "xling.plan_digest": plan.digest, "xling.sampling": exp.spec.sampling.strategy}  # fmt: skip
+        run_name = exp.spec.tracking.run_name or exp.metadata.name
+        run_id = start_run(
+            uri, experiment_name, run_name, flatten(exp.spec.model_dump(mode="json")), parent_tags
+        )
+        experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # else MLflow 3's UI opens on its GenAI overview
+            client.set_experiment_tag(
+                experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
+            )
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"parent_run_id": run_id, "digest": plan.digest, "tracking_uri": uri}
+        state_path.write_text(json.dumps(state) + "\n")
+    client.log_dict(run_id, plan.to_json(exp), "sweep/plan.json")
+    return run_id
+
+
+def default_concurrency(resources: dict[str, float], specs: list[ExperimentSpec]) -> int:
+    """Trials that fit at once: GPUs / GPUs per trial, or on CPU-only runs CPUs / CPUs per trial."""
+    gpus = max(s.distributed.num_workers * s.distributed.gpus_per_worker for s in specs)
+    if gpus:
+        return max(1, int(resources.get("GPU", 0) // gpus))
+    cpus = TRIAL_CPUS + max(s.distributed.num_workers * s.distributed.cpus_per_worker for s in specs)
+    return max(1, int(resources.get("CPU", 1) // cpus))
+
+
+def _settle_children(client: MlflowClient, ctx: TrialContext) -> None:
+    """Close child runs Tune stopped (ASHA) or that an interruption left open. A trial stopped right
+    after its final report did finish: its objective is logged at the last step."""
+    from mlflow.entities import RunStatus
+
+    parent = client.get_run(ctx.parent_run_id)
+    for run in client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"{children_of(ctx.parent_run_id)} and attributes.status = 'RUNNING'",
+    ):
+        max_steps = int(run.data.params.get("optimization.max_steps", -1))
+        metric = ctx.exp.spec.sweep.metric
+        done = any(m.step == max_steps for m in client.get_metric_history(run.info.run_id, metric))
+        status = RunStatus.to_string(RunStatus.FINISHED if done else RunStatus.KILLED)
+        client.set_tag(run.info.run_id, "xling.status", "finished" if done else "stopped")
+        client.set_terminated(run.info.run_id, status)
+
+
+def run_sweep(
+    exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
+) -> RunResult:
+    """Plan, train every trial on Ray Tune (continuing a stored sweep), then summarize on the parent run."""
+    started = time.time()
+    plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
+    # Trials run in Tune's trial directories: pin the cache (models, zero-shot embeddings) for all of them.
+    env = {**_local_env(), "XLING_CACHE": str(default_cache_dir().resolve())}
+    exp = exp.model_copy(deep=True)
+    exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())  # trials run in other directories
+    corpus, report, model_path = prepare(exp, skip_bad_rows)
+    print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
+    uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
+    experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
+    storage = Path(exp.spec.output_dir) / "ray"
+    path = storage / exp.metadata.name
+    tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
+            "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
+            "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
+    parent = _parent_run(exp, plan, uri, experiment_name, tags, path / STATE_FILE)
+    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags)
+    print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
+
+    grid = _tune(ctx, corpus, storage, path)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    _settle_children(client, ctx)
+    summary = summarize(client, parent)
+    publish(client, summary)
+    print("\n" + markdown(summary), flush=True)
+    errors = [r.error for r in grid if r.error is not None]
+    complete = summary.finished == len(plan.trials) or exp.spec.sweep.asha is not None
+    status = "FAILED" if errors else ("FINISHED" if complete else "KILLED")
+    _finish_run(uri, parent, status)
+    seconds = time.time() - started
+    print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(plan.trials)} trials failed; first: {errors[0]}")
+    if status == "KILLED":
+        raise RuntimeError(
+            f"sweep stopped with {summary.finished} of {len(plan.trials)} trials; rerun to continue"
+        )
+    best = summary.points[summary.best] if summary.best is not None else None
+    metrics = {k: c.mean for k, c in best.stats.items()} if best else {}
+    return RunResult(parent, metrics, None, seconds)
+
+
+def _tune(ctx: TrialContext, corpus: PairCorpus, storage: Path, path: Path) -> Any:
+    """Run (or continue) the Tune experiment; returns its ResultGrid."""
+    import ray
+    from ray import tune
+
+    sweep = ctx.exp.spec.sweep
+    specs = [ctx.spec(i, sweep.seeds[0]) for i in range(len(ctx.plan.points))]
+    if not ray.is_initialized():
+        use_gpu = any(s.distributed.gpus_per_worker for s in specs)
+        ray.init(runtime_env={"env_vars": ctx.env}, num_cpus=None if use_gpu else os.cpu_count())
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, ctx=ctx, corpus=corpus), {"cpu": TRIAL_CPUS}
+    )
+    if tune.Tuner.can_restore(str(path)):
+        print(f"sweep: continuing {path} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(str(path), trainable, resume_errored=True).fit()
+    scheduler = None
+    if sweep.asha is not None:
+        from ray.tune.schedulers import ASHAScheduler
+
+        a = sweep.asha
+        max_t = max(s.optimization.max_steps for s in specs)
+        scheduler = ASHAScheduler(time_attr="step", metric=a.metric, mode=a.mode, max_t=max_t,
+                                  grace_period=a.grace_period, reduction_factor=a.reduction_factor)  # fmt: skip
+    concurrency = sweep.max_concurrent_trials or default_concurrency(ray.cluster_resources(), specs)
+    print(f"sweep: {len(ctx.plan.trials)} trials ({len(ctx.plan.points)} points x {len(sweep.seeds)} seeds), "
+          f"{concurrency} at a time", flush=True)  # fmt: skip
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([asdict(t) for t in ctx.plan.trials])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=concurrency,
+            scheduler=scheduler,
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1),
+    )
+    return tuner.fit()
