@@ -198,7 +198,10 @@ class HFTextEncoder:
         self.model = model
         self.tokenize = tokenize
         self.batch_size = batch_size
-        self.fingerprint = fingerprint or weights_fingerprint(model)
+        spec = tokenize.spec
+        # The cache key covers everything that changes an embedding, not just the weights.
+        settings = f"{model.pooling}|{model.normalize}|{spec.query_prefix}|{spec.passage_prefix}|{spec.max_query_length}|{spec.max_passage_length}"
+        self.fingerprint = hashlib.sha256(f"{fingerprint or weights_fingerprint(model)}|{settings}".encode()).hexdigest()[:16]
 
     def encode(self, texts: Sequence[str], kind: Kind) -> np.ndarray:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -251,5 +254,5 @@ def load_text_encoder(
     )  # fmt: skip
     path = resolve_model_path(name_or_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = BiEncoder(load_backbone(path, spec), pooling).to(device)
+    model = BiEncoder(load_backbone(path, spec), pooling).to(device).eval()
     return HFTextEncoder(model, Tokenize(load_tokenizer(path, spec), spec), batch_size)
