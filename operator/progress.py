@@ -51,21 +51,15 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 
 
 def language_breakdown(metric: str, metrics: dict[str, float]) -> dict[str, float]:
-    """Per-language values of ``metric``: keys that differ from it in one dot-separated part, a language code.
-
-    ``xquad_r.multi.map`` -> ``{"de": <xquad_r.de.map>, "sw": <xquad_r.sw.map>, ...}``.
-    """
-    want = metric.split(".")
+    """Per-language values of ``metric``, named as the evaluator names them: the language code goes
+    before the last part. ``xquad_r.multi.map`` -> ``{"de": <xquad_r.multi.de.map>, ...}``."""
+    head, _, last = metric.rpartition(".")
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        parts = key.split(".")
-        diff = (
-            [i for i, (a, b) in enumerate(zip(parts, want, strict=False)) if a != b]
-            if len(parts) == len(want)
-            else []
-        )
-        if len(diff) == 1 and parts[diff[0]] in KNOWN_LANGUAGES:
-            out[parts[diff[0]]] = value
+        stem, _, tail = key.rpartition(".")
+        prefix, _, lang = stem.rpartition(".")
+        if tail == last and prefix == head and lang in KNOWN_LANGUAGES:
+            out[lang] = value
     return dict(sorted(out.items()))
 
 

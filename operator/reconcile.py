@@ -73,7 +73,8 @@ def invalid(err: Exception) -> StatusUpdate:
 
 def _create_or_read(
     create: Callable[[dict[str, Any]], Any], read: Callable[[str, str], Any], body: dict[str, Any]
-):
+) -> dict[str, Any]:
+    """Create; if it exists already (a restart mid-reconcile), read it instead."""
     try:
         return create(body) or read(body["metadata"]["namespace"], body["metadata"]["name"])
     except Conflict:

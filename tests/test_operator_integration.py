@@ -158,13 +158,13 @@ async def fake_mlflow(metrics: list[dict[str, Any]]) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster) -> None:
+async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster
     old = int((time.time() - 3600) * 1000)
     metrics = [
         {"key": "xquad_r.multi.map", "value": 0.5, "timestamp": old},
-        {"key": "xquad_r.de.map", "value": 0.6, "timestamp": old},
-        {"key": "xquad_r.sw.map", "value": 0.4, "timestamp": old},
+        {"key": "xquad_r.multi.de.map", "value": 0.6, "timestamp": old},
+        {"key": "xquad_r.multi.sw.map", "value": 0.4, "timestamp": old},
     ]
     async with fake_mlflow(metrics) as mlflow_url, operator(c, watchdog_interval=0.2):
         secret = {
@@ -217,6 +217,18 @@ async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster
         )
         assert c.status("life")["observedGeneration"] == 3  # two spec edits
 
+        if shutil.which("kubectl"):  # what users run; it reads the condition written above
+            cmd = [
+                "kubectl",
+                "--kubeconfig",
+                str(tmp_path / "kubeconfig"),
+                "wait",
+                "--for=condition=Succeeded",
+            ]
+            proc = await asyncio.to_thread(
+                subprocess.run, [*cmd, "rexp/life", "--timeout=20s"], capture_output=True, text=True
+            )
+            assert proc.returncode == 0 and "condition met" in proc.stdout, proc.stderr
         await until(lambda: ("Normal", "JobSucceeded") in c.events("life"))
         events = c.events("life")
         for expected in [

@@ -311,7 +311,7 @@ def test_summarize_uses_parent_metrics_and_newest_timestamp():
 
 
 def test_language_breakdown():
-    metrics = {"xquad_r.multi.map": 0.5, "xquad_r.de.map": 0.6, "xquad_r.sw.map": 0.4, "xquad_r.de.mrr": 0.1}
+    metrics = {"xquad_r.multi.map": 0.5, "xquad_r.multi.de.map": 0.6, "xquad_r.multi.sw.map": 0.4, "xquad_r.multi.de.mrr": 0.1}
     assert language_breakdown("xquad_r.multi.map", metrics) == {"de": 0.6, "sw": 0.4}
 
 

@@ -149,9 +149,9 @@ def _fit(
     use_gpu = dist.gpus_per_worker > 0
     if not ray.is_initialized():
         # The dashboard process serves the state API that Ray Train V2's controller polls.
-        ray.init(runtime_env={"env_vars": env}, num_cpus=None if use_gpu else os.cpu_count())
+        init_ray(env, use_gpu)
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
-    storage = Path(spec.output_dir).resolve() / "ray"
+    storage = storage_path(spec.output_dir)
     config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,
               "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path)}  # fmt: skip
     trainer = TorchTrainer(
@@ -161,7 +161,7 @@ def _fit(
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=f"{exp.metadata.name}-{run_id[:8]}",
-            storage_path=str(storage),
+            storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=dist.max_failures),
             callbacks=callbacks,
@@ -173,6 +173,25 @@ def _fit(
         from types import SimpleNamespace
 
         return SimpleNamespace(error=err, metrics=None, checkpoint=None)
+
+
+def init_ray(env: dict[str, str], use_gpu: bool) -> None:
+    """Join the cluster in RAY_ADDRESS (a RayJob's driver), else start a local Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+    else:
+        ray.init(runtime_env={"env_vars": env}, num_cpus=None if use_gpu else os.cpu_count())
+
+
+def storage_path(output_dir: str) -> str:
+    """Ray Train storage: a URI (s3://, gs://) as it is, a local path made absolute."""
+    if "://" in output_dir:
+        return output_dir.rstrip("/") + "/ray"
+    return str(Path(output_dir).resolve() / "ray")
 
 
 def _model_fingerprint(model_path: str) -> str:

@@ -578,6 +578,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
+        # Cross-field validators name their field relative to the model: join it onto the path.
+        head, sep, rest = msg.partition(": ")
+        if sep and re.fullmatch(r"[A-Za-z][\w.\[\]]*", head):
+            path, msg = f"{path}.{head}" if path != "<root>" else head, rest
         lines.append(f"  {path}: {msg}")
     return "\n".join(lines)
 

@@ -52,6 +52,8 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri)
+    if uid := os.environ.get("XLING_EXPERIMENT_UID"):  # set by the operator: links runs to the resource
+        tags = {**tags, "xling.k8s.uid": uid}
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
