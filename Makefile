@@ -38,7 +38,7 @@ model: setup
 demo: setup model
 	$(BIN)/xling run manifests/samples/demo.yaml
 
-test: setup
+test: setup model
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra --durations=15
 

@@ -196,7 +196,7 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Plan
     exp = experiment(sweep)
     plan = plan_sweep(exp)
     tags = {"xling.sweep": "fake", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
-    parent = _parent_run(exp, plan, uri, "fake", tags, tmp / "state.json")
+    parent = _parent_run(exp, plan, uri, "fake", tags, None)
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", tags)
     client = MlflowClient(uri)
     rng = np.random.default_rng(0)
@@ -309,17 +309,19 @@ def test_xling_results_cli(
 def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    uri, state = f"sqlite:///{tmp_path}/mlflow.db", tmp_path / "state.json"
+    uri, tags = f"sqlite:///{tmp_path}/mlflow.db", {"xling.sweep": "smoke"}
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}})
-    parent = _parent_run(exp, plan_sweep(exp), uri, "x", {}, state)
-    # Same trials, another objective and constraint: the same parent, and the summary follows the new spec.
+    with pytest.raises(ValueError, match="its parent run is not in"):
+        _parent_run(exp, plan_sweep(exp), uri, "x", tags, "runs/ray/smoke")
+    parent = _parent_run(exp, plan_sweep(exp), uri, "x", tags, None)
+    # Same trials, another objective: the same parent, and the summary follows the new spec.
     again = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}, "metric": "xquad_r.mono.map"})
-    assert _parent_run(again, plan_sweep(again), uri, "x", {}, state) == parent
+    assert _parent_run(again, plan_sweep(again), uri, "x", tags, "runs/ray/smoke") == parent
     plan = MlflowClient(uri).download_artifacts(parent, "sweep/plan.json", str(tmp_path))
     assert json.loads(Path(plan).read_text())["sweep"]["metric"] == "xquad_r.mono.map"
     other = experiment({"parameters": {"sampling.alpha": {"grid": [0.5]}}})
     with pytest.raises(ValueError, match="planned from a different spec"):
-        _parent_run(other, plan_sweep(other), uri, "x", {}, state)
+        _parent_run(other, plan_sweep(other), uri, "x", tags, "runs/ray/smoke")
 
 
 # ----------------------------------------------------------------------------- pieces

@@ -353,9 +353,7 @@ def tables(s: SweepSummary) -> list[Table]:
     pct = round(100 * s.sweep.confidence)
     rows = []
     for p in s.points:
-        mark = (
-            "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
-        )
+        mark = "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
         rows.append(
             [str(p.index), p.label, str(len(p.trials))] + [_fmt(p.stats.get(k)) for k in metrics] + [mark]
         )

@@ -2,7 +2,7 @@
 
 Tune V2 pattern: the trainable is a plain function that builds and fits a ``TorchTrainer`` (``run._fit``)
 and relays the workers' reports to Tune through ``TuneReportCallback``, so ASHA sees them. The trial
-function takes one CPU; Train's V2 controller takes none.
+function takes half a CPU; Train's V2 controller takes none.
 
 Trials are planned here, not by Tune's search algorithms: grid points x ``numSamples`` draws (seeded) x
 seeds, so every point gets every seed and a rerun plans the very same trials. Names are stable
@@ -10,8 +10,8 @@ throughout, which makes a restarted sweep continue where it stopped: Tune's expe
 (``<outputDir>/ray/<metadata.name>``) is restored, so finished trials are not rerun; an interrupted
 trial finds its MLflow child run by trial name, and with it its Train run and last checkpoint.
 
-MLflow: one parent run per sweep (its id kept in ``xling-sweep.json`` beside Tune's state), one nested
-child run per trial with system metrics on; the parent gets the summary (``report_sweep``).
+MLflow: one parent run per sweep (found again by its sweep name and plan digest when continuing), one
+nested child run per trial with system metrics on; the parent gets the summary (``report_sweep``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
-from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, prepare
+from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, init_ray, prepare, storage_path
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
 from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
 
@@ -42,8 +41,6 @@ if TYPE_CHECKING:
 TRIAL_CPUS = 0.5
 #: Seconds between system-metric samples of a trial (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
 SYSTEM_METRICS_INTERVAL_S = 5.0
-#: Beside Tune's experiment state: the parent run and the plan's digest.
-STATE_FILE = "xling-sweep.json"
 #: Tells MLflow's UI that an experiment holds training runs (it shows the runs table, not traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 #: What a trial's result depends on: a restored sweep must have been planned from the same values.
@@ -219,29 +216,38 @@ def _trial_name(trial: Any) -> str:
     return trial.config["trial"]["name"]
 
 
-def _parent_run(exp: RetrievalExperiment, plan: Plan, uri: str, experiment_name: str, tags: dict[str, str],
-                state_path: Path) -> str:  # fmt: skip
-    """The sweep's parent run: the one recorded beside Tune's state when continuing, else a new one.
-    Its ``sweep/plan.json`` is (re)written from this spec: objective, constraints and bootstrap settings may
-    change between runs of a sweep, the trials may not."""
+def _parent_run(
+    exp: RetrievalExperiment,
+    plan: Plan,
+    uri: str,
+    experiment_name: str,
+    tags: dict[str, str],
+    stored: str | None,
+) -> str:
+    """The sweep's parent run: when continuing the Tune experiment at ``stored``, the newest parent of this
+    sweep (it must have been planned identically), else a new one. Its ``sweep/plan.json`` is (re)written from
+    this spec: objective, constraints and bootstrap settings may change between runs of a sweep, trials not."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(uri)
-    if state_path.is_file():
-        state = json.loads(state_path.read_text())
-        if state["digest"] != plan.digest:
+    if stored is not None:
+        experiment = client.get_experiment_by_name(experiment_name)
+        found = experiment and client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`xling.sweep` = '{exp.metadata.name}' and tags.`xling.role` = 'sweep'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not found:
             raise ValueError(
-                f"{state_path.parent}: a sweep planned from a different spec is stored here; delete that "
-                f"directory or change metadata.name"
+                f"{stored}: a sweep to continue, but its parent run is not in {uri} (other tracking URI?)"
             )
-        run_id = state["parent_run_id"]
-        try:
-            client.update_run(run_id, status="RUNNING")
-        except MlflowException as err:
+        run_id = found[0].info.run_id
+        if found[0].data.tags.get("xling.plan_digest") != plan.digest:
             raise ValueError(
-                f"{state_path}: its parent run {run_id} is not in {uri} (tracking URI changed?)"
-            ) from err
+                f"{stored}: a sweep planned from a different spec is stored here; delete it or change metadata.name"
+            )
+        client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, "xling.status", "running")
     else:
         parent_tags = {**tags, "xling.role": "sweep", "xling.trials": str(len(plan.trials)),
@@ -255,9 +261,6 @@ def _parent_run(exp: RetrievalExperiment, plan: Plan, uri: str, experiment_name:
             client.set_experiment_tag(
                 experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
             )
-        state_path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"parent_run_id": run_id, "digest": plan.digest, "tracking_uri": uri}
-        state_path.write_text(json.dumps(state) + "\n")
     client.log_dict(run_id, plan.to_json(exp), "sweep/plan.json")
     return run_id
 
@@ -271,58 +274,66 @@ def default_concurrency(resources: dict[str, float], specs: list[ExperimentSpec]
     return max(1, int(resources.get("CPU", 1) // cpus))
 
 
-def _settle_children(client: MlflowClient, ctx: TrialContext) -> None:
-    """Close child runs Tune stopped (ASHA) or that an interruption left open. A trial stopped right
-    after its final report did finish: its objective is logged at the last step."""
+def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None:
+    """Close the child runs that Tune ended before their trial function could: ASHA stopped them (right
+    after the final report the trial did finish: its objective is logged at the last step), or an
+    interruption did. Runs of trials that raised stay FAILED."""
     from mlflow.entities import RunStatus
 
+    errored = {r.config["trial"]["name"] for r in grid if r.error is not None}
     parent = client.get_run(ctx.parent_run_id)
+    metric = ctx.exp.spec.sweep.metric
     for run in client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"{children_of(ctx.parent_run_id)} and attributes.status = 'RUNNING'",
+        filter_string=f"{children_of(ctx.parent_run_id)} and attributes.status != 'FINISHED'",
     ):
+        if run.data.tags["xling.trial"] in errored:
+            continue
         max_steps = int(run.data.params.get("optimization.max_steps", -1))
-        metric = ctx.exp.spec.sweep.metric
         done = any(m.step == max_steps for m in client.get_metric_history(run.info.run_id, metric))
-        status = RunStatus.to_string(RunStatus.FINISHED if done else RunStatus.KILLED)
         client.set_tag(run.info.run_id, "xling.status", "finished" if done else "stopped")
-        client.set_terminated(run.info.run_id, status)
+        client.set_terminated(
+            run.info.run_id, RunStatus.to_string(RunStatus.FINISHED if done else RunStatus.KILLED)
+        )
 
 
 def run_sweep(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
     """Plan, train every trial on Ray Tune (continuing a stored sweep), then summarize on the parent run."""
+    from mlflow import MlflowClient
+    from ray import tune
+
     started = time.time()
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
     # Trials run in Tune's trial directories: pin the cache (models, zero-shot embeddings) for all of them.
     env = {**_local_env(), "XLING_CACHE": str(default_cache_dir().resolve())}
     exp = exp.model_copy(deep=True)
-    exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())  # trials run in other directories
+    if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
+        exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
     corpus, report, model_path = prepare(exp, skip_bad_rows)
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
     experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
-    storage = Path(exp.spec.output_dir) / "ray"
-    path = storage / exp.metadata.name
+    storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
             "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
-    parent = _parent_run(exp, plan, uri, experiment_name, tags, path / STATE_FILE)
+    tune_path = f"{storage}/{exp.metadata.name}"
+    stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
+    parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
     ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags)
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
-    grid = _tune(ctx, corpus, storage, path)
-    from mlflow import MlflowClient
-
+    grid = _tune(ctx, corpus, storage, stored)
     client = MlflowClient(uri)
-    _settle_children(client, ctx)
+    _settle_children(client, ctx, grid)
     summary = summarize(client, parent)
     publish(client, summary)
     print("\n" + markdown(summary), flush=True)
     errors = [r.error for r in grid if r.error is not None]
-    complete = summary.finished == len(plan.trials) or exp.spec.sweep.asha is not None
-    status = "FAILED" if errors else ("FINISHED" if complete else "KILLED")
+    interrupted = grid.num_terminated + grid.num_errors < len(plan.trials)  # ASHA's stops are terminations
+    status = "FAILED" if errors else ("KILLED" if interrupted else "FINISHED")
     _finish_run(uri, parent, status)
     seconds = time.time() - started
     print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)
@@ -337,22 +348,20 @@ def run_sweep(
     return RunResult(parent, metrics, None, seconds)
 
 
-def _tune(ctx: TrialContext, corpus: PairCorpus, storage: Path, path: Path) -> Any:
-    """Run (or continue) the Tune experiment; returns its ResultGrid."""
+def _tune(ctx: TrialContext, corpus: PairCorpus, storage: str, stored: str | None) -> Any:
+    """Run the Tune experiment, or continue the one ``stored`` there; returns its ResultGrid."""
     import ray
     from ray import tune
 
     sweep = ctx.exp.spec.sweep
     specs = [ctx.spec(i, sweep.seeds[0]) for i in range(len(ctx.plan.points))]
-    if not ray.is_initialized():
-        use_gpu = any(s.distributed.gpus_per_worker for s in specs)
-        ray.init(runtime_env={"env_vars": ctx.env}, num_cpus=None if use_gpu else os.cpu_count())
+    init_ray(ctx.env, any(s.distributed.gpus_per_worker for s in specs))
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, ctx=ctx, corpus=corpus), {"cpu": TRIAL_CPUS}
     )
-    if tune.Tuner.can_restore(str(path)):
-        print(f"sweep: continuing {path} (finished trials are kept)", flush=True)
-        return tune.Tuner.restore(str(path), trainable, resume_errored=True).fit()
+    if stored is not None:
+        print(f"sweep: continuing {stored} (finished trials are kept)", flush=True)
+        return tune.Tuner.restore(stored, trainable, resume_errored=True).fit()
     scheduler = None
     if sweep.asha is not None:
         from ray.tune.schedulers import ASHAScheduler
@@ -373,6 +382,6 @@ def _tune(ctx: TrialContext, corpus: PairCorpus, storage: Path, path: Path) -> A
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
-        run_config=tune.RunConfig(name=path.name, storage_path=str(storage), verbose=1),
+        run_config=tune.RunConfig(name=ctx.exp.metadata.name, storage_path=storage, verbose=1),
     )
     return tuner.fit()
