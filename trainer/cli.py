@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: completed steps and trials are kept; rerun the same command to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -533,6 +533,8 @@ class ExperimentSpec(Spec):
                     f"evaluation.suites[{i}].languages: {sorted(missing)} are not in the {suite.name} data "
                     f"(it has {', '.join(known or ())})"
                 )
+        if self.sweep is not None:
+            self.sweep.check(self)
         ds = self.distributed.deepspeed
         if ds is not None:
             if ds.offload_param.device != "none" and ds.stage != 3:
