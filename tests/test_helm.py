@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from k8s_schema import grants
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "xling"
@@ -107,17 +108,6 @@ def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind}/{name}, found {len(found)}"
     return found[0]
-
-
-def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    """RBAC rules as (apiGroup, resource[/subresource], verb) triples."""
-    return {
-        (g, r, v)
-        for rule in rules
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
 
 
 def env_of(container: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from k8s_schema import grants, to_json_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = ROOT / "bin"
@@ -64,16 +65,6 @@ def docs_of(text: str) -> list[dict[str, Any]]:
     return [d for d in yaml.load_all(text, Loader=Yaml12Loader) if d]
 
 
-def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
-    return {
-        (g, r, v)
-        for rule in rules
-        for g in rule["apiGroups"]
-        for r in rule["resources"]
-        for v in rule["verbs"]
-    }
-
-
 # --- the CRD's schema as JSON Schema ----------------------------------------------------------------------------
 
 
@@ -84,39 +75,6 @@ def crd_object() -> dict[str, Any]:
     from xling.operator.crd import crd
 
     return crd()
-
-
-def to_json_schema(node: Any) -> Any:
-    """A structural OpenAPI v3 schema as JSON Schema (draft 4 keeps `exclusiveMinimum: true` semantics).
-
-    - `nullable: true` allows null;
-    - int-or-string fields take either;
-    - objects with declared properties reject unknown fields, like kubectl's strict field validation, unless
-      they preserve unknown fields. CEL rules (x-kubernetes-validations) are not evaluated here: the spec's
-      pydantic validators mirror them (checked below with parse_experiment).
-    """
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {
-        k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
-    }
-    if "properties" in node and "properties" in out:
-        out["properties"] = {k: to_json_schema(v) for k, v in node["properties"].items()}
-    if node.get("x-kubernetes-int-or-string"):
-        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
-    if (
-        node.get("type") == "object"
-        and "properties" in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out.setdefault("additionalProperties", False)
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    return out
 
 
 @pytest.fixture(scope="module")

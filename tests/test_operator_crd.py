@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 import yaml
 from k8s_emulator import experiment
+from k8s_schema import to_json_schema
 
 from xling.operator import crd, manifests
 
@@ -66,23 +67,9 @@ def test_names_columns_and_status():
     assert status["properties"]["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
 
 
-def _as_jsonschema(node: Any) -> Any:
-    """OpenAPI's ``nullable`` in JSON-Schema terms, for a plain validator."""
-    if isinstance(node, list):
-        return [_as_jsonschema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _as_jsonschema(v) for k, v in node.items() if k != "nullable"}
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    return out
-
-
 @pytest.fixture(scope="module")
 def spec_validator():
-    return jsonschema.Draft4Validator(_as_jsonschema(_version()["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft4Validator(to_json_schema(_version()["schema"]["openAPIV3Schema"]))
 
 
 def _resolved(body: dict[str, Any]) -> dict[str, Any]:

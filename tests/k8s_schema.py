@@ -1,0 +1,43 @@
+"""Schema helpers shared by the manifest, chart and CRD tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """RBAC rules as (apiGroup, resource[/subresource], verb) triples."""
+    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+
+
+def to_json_schema(node: Any) -> Any:
+    """A structural OpenAPI v3 schema as JSON Schema (draft 4 keeps `exclusiveMinimum: true` semantics).
+
+    - `nullable: true` allows null;
+    - int-or-string fields take either;
+    - objects with declared properties reject unknown fields, like kubectl's strict field validation, unless
+      they preserve unknown fields. CEL rules (x-kubernetes-validations) are not evaluated here: the spec's
+      pydantic validators mirror them (checked below with parse_experiment).
+    """
+    if isinstance(node, list):
+        return [to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
+    }
+    if "properties" in node and "properties" in out:
+        out["properties"] = {k: to_json_schema(v) for k, v in node["properties"].items()}
+    if node.get("x-kubernetes-int-or-string"):
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out.setdefault("additionalProperties", False)
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+    return out
