@@ -83,9 +83,8 @@ def test_sweep_level_rules() -> None:
     ],
 )  # fmt: skip
 def test_check_names_the_offending_field_before_any_work(sweep: dict, changes: dict, message: str) -> None:
-    exp = experiment(sweep, **changes)
-    with pytest.raises(ValueError, match=message):
-        plan_sweep(exp)
+    with pytest.raises(ValueError, match=message):  # the spec itself, or the plan, refuses it
+        plan_sweep(experiment(sweep, **changes))
 
 
 def test_a_combination_that_breaks_a_cross_field_rule_is_caught_by_the_plan() -> None:

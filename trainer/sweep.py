@@ -338,7 +338,11 @@ def run_sweep(
     seconds = time.time() - started
     print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)
     if errors:
-        raise RuntimeError(f"{len(errors)} of {len(plan.trials)} trials failed; first: {errors[0]}")
+        # Errored trials are retried on restore (resume_errored): an interrupt can also surface as errors.
+        raise RuntimeError(
+            f"{len(errors)} of {len(plan.trials)} trials failed (first: {errors[0]}); "
+            "rerun to continue: finished trials are kept, failed ones are retried"
+        )
     if status == "KILLED":
         raise RuntimeError(
             f"sweep stopped with {summary.finished} of {len(plan.trials)} trials; rerun to continue"
