@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: completed steps and trials are kept; rerun the same command to continue", file=sys.stderr)
+        print("interrupted: completed steps and trials are kept; rerun to continue", file=sys.stderr)
         return 130
 
 

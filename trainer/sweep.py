@@ -332,7 +332,10 @@ def run_sweep(
     publish(client, summary)
     print("\n" + markdown(summary), flush=True)
     errors = [r.error for r in grid if r.error is not None]
-    interrupted = grid.num_terminated + grid.num_errors < len(plan.trials)  # ASHA's stops are terminations
+    if exp.spec.sweep.asha is None:  # every trial must finish; MLflow's finished children are the record
+        interrupted = summary.finished + len(errors) < len(plan.trials)
+    else:  # ASHA's stops are terminations, not interruptions
+        interrupted = grid.num_terminated + grid.num_errors < len(plan.trials)
     status = "FAILED" if errors else ("KILLED" if interrupted else "FINISHED")
     _finish_run(uri, parent, status)
     seconds = time.time() - started
