@@ -3,7 +3,8 @@
 Run A trains uninterrupted. Run B is the same experiment, but rank 0 is SIGKILLed mid-run (a test-only
 hook, ``XLING_FAULT_KILL``); with ``maxFailures`` set, Ray replaces the worker group, which resumes from
 the last checkpoint. B must log every step exactly once to MLflow, with the same losses as A: the
-restored model, optimizer, scheduler, sampler step and RNG continue with identical batches.
+restored model, optimizer, scheduler, sampler step and RNG continue with identical batches. Run C has no
+failures to spare: it must end FAILED in MLflow, keeping the steps and the checkpoint it had made.
 """
 
 from __future__ import annotations
@@ -52,10 +53,11 @@ def experiment(name: str, max_failures: int) -> Any:
     return resolve_paths(parse_experiment(doc, name), ROOT)
 
 
-def run(tmp: Path, name: str, kill: str | None) -> tuple[Any, dict[str, list[tuple[int, float]]]]:
+def run(
+    tmp: Path, name: str, kill: str | None, max_failures: int
+) -> tuple[Any, dict[str, list[tuple[int, float]]]]:
     """One ``run_experiment`` on a fresh 2-CPU Ray (worker env fixed at ray.init); MLflow histories by metric."""
     import ray
-    from mlflow import MlflowClient
 
     from xling.trainer.run import LOCAL_ENV, run_experiment
 
@@ -66,19 +68,22 @@ def run(tmp: Path, name: str, kill: str | None) -> tuple[Any, dict[str, list[tup
         num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}
     )  # needs LOCAL_ENV set here too
     try:
-        # one failure to spare: with other Ray clusters on the machine, Ray Train's placement-group cleaner can
-        # take a live run for dead (its state query reaches another cluster's dashboard) and end it
-        exp = experiment(name, max_failures=2 if kill else 1)
+        exp = experiment(name, max_failures)
         exp.spec.output_dir = str(tmp / "runs")
         result = run_experiment(exp, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
     finally:
         ray.shutdown()
+    return result, history(tmp, result.run_id)
+
+
+def history(tmp: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    from mlflow import MlflowClient
+
     client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    history = {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(result.run_id, key))
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         for key in ("train.loss", "train.lr", "train.resumed_at_step", "train.mfu", "train.pairs_per_s")
     }
-    return result, history
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +94,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:  # the driver's env decides e.g. Ray's auth mode
         for key, value in {**LOCAL_ENV, "XLING_CACHE": str(tmp / "cache")}.items():
             mp.setenv(key, os.environ.get(key, value))
-        return {"a": run(tmp, "uninterrupted", None), "b": run(tmp, "killed", f"{KILL_BEFORE}:0")}
+        # one failure to spare in A: with other Ray clusters on the machine, Ray Train's placement-group
+        # cleaner can take a live run for dead (its state query reaches another cluster's dashboard)
+        runs: dict[str, Any] = {
+            "a": run(tmp, "uninterrupted", None, 1),
+            "b": run(tmp, "killed", f"{KILL_BEFORE}:0", 2),
+        }
+        try:
+            run(tmp, "exhausted", f"{KILL_BEFORE}:0", 0)
+        except Exception as err:  # noqa: BLE001 - the test below checks what it was
+            runs["c"] = (tmp, err)
+        return runs
 
 
 def test_two_worker_zero3_gradcache_runs_end_to_end(runs: dict[str, Any]) -> None:
@@ -117,3 +132,20 @@ def test_killed_worker_is_replaced_and_resumes_without_losing_or_duplicating_met
     for key in ("train.loss", "train.lr"):
         for (step, got), (_, want) in zip(b[key], a[key], strict=True):
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9), f"{key} at step {step}"
+
+
+def test_a_run_out_of_retries_fails_in_mlflow_and_keeps_what_it_did(runs: dict[str, Any]) -> None:
+    import ray.train
+    from mlflow import MlflowClient
+
+    assert "c" in runs, "a killed worker with maxFailures=0 must fail the run"
+    tmp, err = runs["c"]
+    assert isinstance(err, ray.train.TrainingFailedError), repr(err)
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("exhausted").experiment_id])
+    assert run.info.status == "FAILED" and run.data.tags["xling.status"] == "failed"
+    assert [s for s, _ in history(tmp, run.info.run_id)["train.loss"]] == list(range(1, KILL_BEFORE + 1))
+    kept = list(
+        (tmp / "runs" / "ray").glob(f"exhausted-{run.info.run_id[:8]}/checkpoint_*/trainer_state.json")
+    )
+    assert len(kept) == 1 and '"step": 3' in kept[0].read_text(), "the checkpoint made before the kill stays"

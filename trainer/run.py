@@ -120,9 +120,6 @@ def run_experiment(
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     result = _fit(exp, corpus, model_path, uri, run_id, env)
-    _finish_run(uri, run_id, "FINISHED" if result.error is None else "FAILED")
-    if result.error is not None:
-        raise result.error
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
     report = Path(ckpt or "/nonexistent") / "results.txt"
@@ -137,8 +134,8 @@ def _fit(
     exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str, run_id: str, env: dict,
     callbacks: list | None = None,
 ) -> Any:  # fmt: skip
-    """Train one run on Ray Train; ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
-    import ray
+    """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -147,9 +144,7 @@ def _fit(
     spec = exp.spec
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
-    if not ray.is_initialized():
-        # The dashboard process serves the state API that Ray Train V2's controller polls.
-        init_ray(env, use_gpu)
+    init_ray(env, use_gpu)
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
     config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,
@@ -168,11 +163,14 @@ def _fit(
         ),
     )
     try:
-        return trainer.fit()
-    except Exception as err:  # noqa: BLE001 - recorded in MLflow, then re-raised by the caller
-        from types import SimpleNamespace
-
-        return SimpleNamespace(error=err, metrics=None, checkpoint=None)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception:  # an interrupt leaves the run open, to be continued
+        _finish_run(uri, run_id, "FAILED")
+        raise
+    _finish_run(uri, run_id, "FINISHED")
+    return result
 
 
 def init_ray(env: dict[str, str], use_gpu: bool) -> None:

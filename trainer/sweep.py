@@ -206,9 +206,6 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, corpus: PairCorpus) -> 
         result = _fit(exp, corpus, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
     finally:
         monitor.finish()
-    _finish_run(ctx.tracking_uri, run_id, "FAILED" if result.error is not None else "FINISHED")
-    if result.error is not None:
-        raise result.error
     tune.report({**result.metrics, "mlflow_run_id": run_id})
 
 

@@ -219,8 +219,15 @@ class Trainer:
 
 def inject_fault(step: int, rank: int, resumed: bool) -> None:
     """Fault-tolerance tests only: ``XLING_FAULT_KILL=STEP:RANK`` SIGKILLs that rank as it reaches STEP,
-    in the first attempt (a restarted worker group resumes from a checkpoint and runs on)."""
+    in the first attempt (a restarted worker group resumes from a checkpoint and runs on).
+
+    The kill waits until Ray Train has committed the last reported checkpoint: the controller polls
+    workers every few seconds, and a worker that dies before the poll takes its report with it, so the
+    replacement would start from scratch and hit the same kill again."""
     if not resumed and os.environ.get("XLING_FAULT_KILL") == f"{step}:{rank}":
+        import ray.train
+
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
