@@ -70,16 +70,21 @@ def run(
     try:
         exp = experiment(name, max_failures)
         exp.spec.output_dir = str(tmp / "runs")
-        result = run_experiment(exp, tracking_uri=f"sqlite:///{tmp}/mlflow.db")
+        result = run_experiment(exp, tracking_uri=store(tmp))
     finally:
         ray.shutdown()
     return result, history(tmp, result.run_id)
 
 
+def store(tmp: Path) -> str:
+    """The MLflow store all runs of this module share."""
+    return f"sqlite:///{tmp}/mlflow.db"
+
+
 def history(tmp: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    client = MlflowClient(store(tmp))
     return {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         for key in ("train.loss", "train.lr", "train.resumed_at_step", "train.mfu", "train.pairs_per_s")
@@ -141,7 +146,7 @@ def test_a_run_out_of_retries_fails_in_mlflow_and_keeps_what_it_did(runs: dict[s
     assert "c" in runs, "a killed worker with maxFailures=0 must fail the run"
     tmp, err = runs["c"]
     assert isinstance(err, ray.train.TrainingFailedError), repr(err)
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    client = MlflowClient(store(tmp))
     (run,) = client.search_runs([client.get_experiment_by_name("exhausted").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["xling.status"] == "failed"
     assert [s for s, _ in history(tmp, run.info.run_id)["train.loss"]] == list(range(1, KILL_BEFORE + 1))

@@ -163,9 +163,7 @@ def _fit(
         ),
     )
     try:
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        result = trainer.fit()  # Train V2 raises a failed run's error (numWorkers >= 1: never local mode)
     except Exception:  # an interrupt leaves the run open, to be continued
         _finish_run(uri, run_id, "FAILED")
         raise
