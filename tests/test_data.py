@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from xling.trainer.data import builders, load_corpus, loaders
+from xling.trainer.data import builders, load_corpus, loaders, pairs
 from xling.trainer.data.pairs import BadRowError, PairCorpus, RowReport
 from xling.trainer.spec import XQUAD_R_LANGUAGES, DataSource, DataSpec
 
@@ -111,7 +111,8 @@ def test_skip_bad_rows_counts_them(tmp_path: Path) -> None:
     path = write_pairs(tmp_path / "rows.jsonl", rows)
     path.write_text(path.read_text() + "{not json\n" + '{"pair_id": "x"}\n')
     spec = DataSpec(
-        languages=["en", "de"], sources=[DataSource(type="pairs", path=str(path))], skip_bad_rows=True
+        languages=["en", "de"], sources=[DataSource(type="pairs", path=str(path), pool="monolingual")],
+        skip_bad_rows=True,
     )
     report = RowReport()
     corpus = load_corpus(spec, report)
@@ -144,8 +145,8 @@ def test_load_corpus_restricts_caps_and_merges_sources(tmp_path: Path) -> None:
     en = write_pairs(tmp_path / "en.jsonl", [ROWS[0], ROWS[2]])
     de = write_pairs(tmp_path / "de.csv", [ROWS[1]])
     sources = [
-        DataSource(type="pairs", path=str(en), max_pairs_per_language=1),
-        DataSource(type="pairs", path=str(de)),
+        DataSource(type="pairs", path=str(en), max_pairs_per_language=1, pool="monolingual"),
+        DataSource(type="pairs", path=str(de), pool="monolingual"),
     ]
     corpus = load_corpus(DataSpec(languages=["en", "de"], sources=sources))
     assert len(corpus) == 1 and set(corpus.groups[0]) == {"en", "de"}  # p1 joined across the two sources
@@ -170,7 +171,7 @@ def test_hf_local_dataset_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     write_pairs(raw / "train.jsonl", ROWS)
     for path in (saved, raw):
         corpus = load_corpus(
-            DataSpec(languages=["en", "de"], sources=[DataSource(type="hf", path=str(path))])
+            DataSpec(languages=["en", "de"], sources=[DataSource(type="hf", path=str(path), pool="monolingual")])
         )
         assert corpus.sizes() == {"de": 1, "en": 2}
         assert corpus.groups[1]["en"].hard_negatives == ("a", "b")
@@ -330,18 +331,24 @@ def test_overlap_guard_finds_the_oxygen_passage() -> None:
 
 def test_demo_pack_loads_without_shared_data() -> None:
     sources = [
+        DataSource(type="mlqa", path=str(DEMO / "mlqa-test-gxlt"), languages=["de", "es", "vi", "zh"]),
         DataSource(type="ntrex", path=str(DEMO / "ntrex-128"), max_pairs_per_language=100),
-        DataSource(type="tydiqa", path=str(DEMO / "tydiqa-goldp")),
-        DataSource(type="squad", path=str(DEMO / "native-qa" / "arcd"), language="ar"),
+        DataSource(type="tydiqa", path=str(DEMO / "tydiqa-goldp"), pool="monolingual"),
+        DataSource(type="squad", path=str(DEMO / "native-qa" / "arcd"), language="ar", pool="monolingual"),
         DataSource(
-            type="squad", path=str(DEMO / "native-qa" / "cmrc2018" / "cmrc2018_dev.json.gz"), language="zh"
+            type="squad", path=str(DEMO / "native-qa" / "cmrc2018" / "cmrc2018_dev.json.gz"), language="zh",
+            pool="monolingual",
         ),
-        DataSource(type="iapp", path=str(DEMO / "native-qa" / "iapp-wiki-qa")),
+        DataSource(type="iapp", path=str(DEMO / "native-qa" / "iapp-wiki-qa"), pool="monolingual"),
     ]
     corpus = load_corpus(DataSpec(languages=list(XQUAD_R_LANGUAGES), sources=sources))
     sizes = corpus.sizes()
-    assert sizes["de"] == 100 and sizes["en"] == 100 + 3933 and sizes["ar"] == 100 + 842 + 799
-    assert sizes["zh"] == 100 + 2837 and sizes["th"] == 100 + 4670
+    assert sizes["en"] == 100 + 3933 and sizes["ar"] == 100 + 842 + 799
+    assert sizes["zh"] == 3128 + 100 + 2837 and sizes["th"] == 100 + 4670
+    assert sizes["de"] == 3821 + 100 and sizes["vi"] == 1675 + 100
+    # only the MLQA and NTREX groups may be drawn for X-Y
+    sources = [next(iter(corpus.groups[g].values())).pair_id.split(":")[0] for g in corpus.xy_groups()]
+    assert set(sources) == {"mlqa", "ntrex"} and sources.count("mlqa") == 5328
 
 
 def test_demo_pack_contents() -> None:
@@ -351,7 +358,39 @@ def test_demo_pack_contents() -> None:
     for folder, license_file in [
         ("ntrex-128", "LICENSE.md"), ("tydiqa-goldp", "LICENSE"), ("native-qa/arcd", "LICENSE"),
         ("native-qa/cmrc2018", "LICENSE"), ("native-qa/iapp-wiki-qa", "LICENSE"), ("xquad-r", "LICENSE"),
+        ("mlqa-test-gxlt", "LICENSE"), ("mlqa-test-gxlt", "SOURCE.md"),
     ]:  # fmt: skip
         assert (DEMO / folder / license_file).is_file(), folder
     assert not (DEMO / "xnli").exists() and not (DEMO / "native-qa" / "tquad").exists()
-    assert sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file()) < 10_000_000
+    assert sum(f.stat().st_size for f in DEMO.rglob("*") if f.is_file()) < 20_000_000
+
+
+def test_mlqa_groups_questions_and_paragraphs_by_question_id() -> None:
+    corpus = PairCorpus.from_pairs(builders.mlqa_rows(DEMO / "mlqa-test-gxlt"))
+    assert len(corpus) == 9677  # distinct question ids (SOURCE.md)
+    queries = {lang for g in corpus.groups for lang, p in g.items() if p.query is not None}
+    passages = {lang for g in corpus.groups for lang, p in g.items() if p.passage is not None}
+    assert queries == {"ar", "de", "es", "hi", "vi", "zh"} and passages == {"de", "es", "vi", "zh"}
+    assert sum(len(g) >= 2 and bool(pairs.xx_languages(g)) for g in corpus.groups) == 5328
+    # one paragraph serves several questions: their groups share its text key
+    owners: dict[str, int] = {}
+    for g in corpus.groups:
+        for p in g.values():
+            if p.passage is not None:
+                owners[p.passage] = owners.get(p.passage, 0) + 1
+    assert max(owners.values()) > 1
+    de_only = PairCorpus.from_pairs(builders.mlqa_rows(DEMO / "mlqa-test-gxlt", languages={"de"}))
+    assert {lang for g in de_only.groups for lang in g} == {"de"}
+
+
+def test_mlqa_bad_rows_name_file_and_question(tmp_path: Path) -> None:
+    doc = {"data": [{"paragraphs": [{"context": "Ein Absatz.", "qas": [
+        {"id": "a1", "question": "Was?", "answers": [{"text": "", "answer_start": 0}]},
+        {"id": "a2", "question": " ", "answers": []}]}]}]}  # fmt: skip
+    file = tmp_path / "test-context-de-question-ar.json"
+    file.write_text(json.dumps(doc))
+    with pytest.raises(BadRowError, match=r"test-context-de-question-ar\.json:question 2 \(id a2\): empty query"):
+        PairCorpus.from_pairs(builders.mlqa_rows(tmp_path))
+    (tmp_path / "test-context-de-question-ar.json").rename(tmp_path / "context-de.json")
+    with pytest.raises(FileNotFoundError, match="no MLQA files"):
+        list(builders.mlqa_rows(tmp_path))

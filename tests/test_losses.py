@@ -48,6 +48,14 @@ def test_loss_matches_hand_computed(symmetric, with_negatives) -> None:
     assert got.item() == pytest.approx(want, rel=1e-10)
 
 
+def test_masked_negatives_are_no_candidates() -> None:
+    q, p, n = tensors(k=2)
+    mask = torch.tensor([True, False, False, True, True, True, False, True])
+    got = info_nce(q, p, n, temperature=0.05, negative_mask=mask)
+    want = reference(q.tolist(), p.tolist(), n[mask].tolist(), 0.05)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+
+
 def test_tiny_case_by_hand() -> None:
     # Two orthogonal unit pairs, tau = 1: loss = log(e + 1) - 1 for each query.
     q = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)

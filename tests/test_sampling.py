@@ -1,5 +1,6 @@
-"""Sampler invariants, property-based: per-batch language rules, no parallel duplicates, rank
-consistency and resumability (a pure function of seed and step)."""
+"""Sampler invariants, property-based: per-batch language rules, no parallel duplicates and no shared
+conflict key, rank consistency and resumability (a pure function of seed and step); and the sampling
+distributions (X-Y uniform over language pairs, X-X only over languages that can fill a batch)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,16 @@ from xling.trainer.spec import SamplingSpec
 LANGS = ["ar", "de", "en", "es", "zh"]
 
 
-def corpus(n_parallel: int = 60, n_mono: int = 40, langs: list[str] = LANGS) -> PairCorpus:
+def corpus(n_parallel: int = 60, n_mono: int = 40, langs: list[str] = LANGS, n_asym: int = 0) -> PairCorpus:
     groups = [{lang: Pair(f"par{i}", lang, f"q{i}{lang}", f"p{i}{lang}") for lang in langs} for i in range(n_parallel)]
-    groups += [{"en": Pair(f"mono{i}", "en", f"mq{i}", f"mp{i}")} for i in range(n_mono)]
+    groups += [{"en": Pair(f"mono{i}", "en", f"mq{i}", f"mp{i}", pool="monolingual")} for i in range(n_mono)]
+    # MLQA-like: questions in ar and hi, paragraphs in de only, a question and a paragraph in es;
+    # every third group shares its es paragraph with the next one (one paragraph, two questions)
+    for i in range(n_asym):
+        shared = f"para{i - i % 2}"
+        groups.append({"ar": Pair(f"asym{i}", "ar", f"aq{i}", None), "hi": Pair(f"asym{i}", "hi", f"hq{i}", None),
+                       "de": Pair(f"asym{i}", "de", None, f"dp{i}"),
+                       "es": Pair(f"asym{i}", "es", f"eq{i}", shared if i % 3 == 0 else f"ep{i}")})  # fmt: skip
     return PairCorpus(groups)
 
 
@@ -34,7 +42,7 @@ def settings_(draw):
     return spec, batch, world
 
 
-C = corpus()
+C = corpus(n_asym=30)
 
 
 @settings(max_examples=150, deadline=None)
@@ -45,8 +53,13 @@ def test_batch_invariants(cfg, step) -> None:
     assert len(plan.items) == batch
     groups = [it.group for it in plan.items]
     assert len(set(groups)) == batch, "two members of one parallel group in a batch"
+    keys = [k for g in groups for k in C.keys[g]]
+    assert len(keys) == len(set(keys)), "two groups with a shared conflict key in a batch"
     for it in plan.items:
-        assert it.qlang in C.groups[it.group] and it.plang in C.groups[it.group]
+        assert C.groups[it.group][it.qlang].query is not None
+        assert C.groups[it.group][it.plang].passage is not None
+        if plan.kind == "xy":
+            assert all(p.pool == "shared" for p in C.groups[it.group].values())
     if plan.kind == "xx":
         assert {it.qlang for it in plan.items} == {it.plang for it in plan.items} == {plan.language}
     elif plan.kind == "xy":
@@ -88,6 +101,74 @@ def test_hybrid_realises_alpha() -> None:
         comp.add(sampler.plan(s))
     assert abs(comp.metrics()["batches.xx_fraction"] - 0.3) < 0.04
     assert comp.kinds["xx"] + comp.kinds["xy"] == 2000
+
+
+def test_asymmetric_groups_use_only_the_sides_they_have() -> None:
+    asym = corpus(n_parallel=0, n_mono=0, n_asym=40)
+    assert asym.sizes() == {"es": 40}  # the only language with a question and a paragraph
+    assert set(asym.by_pair) == {("ar", "de"), ("ar", "es"), ("es", "de"), ("hi", "de"), ("hi", "es")}
+    xy = build_sampler(asym, 8, SamplingSpec(strategy="xy"))
+    pairs = Composition()
+    for s in range(200):
+        pairs.add(xy.plan(s))
+    assert set(pairs.pairs) == {"ar-de", "ar-es", "es-de", "hi-de", "hi-es"}
+    xx = build_sampler(asym, 8, SamplingSpec(strategy="xx"))
+    assert {xx.plan(s).language for s in range(20)} == {"es"}
+
+
+def test_groups_sharing_a_key_never_meet() -> None:
+    """Pairs of groups share one passage text: a batch of 20 out of 40 groups must take one of each pair."""
+    groups = [{"en": Pair(f"g{i}", "en", f"q{i}", f"p{i // 2}"), "de": Pair(f"g{i}", "de", f"fq{i}", f"fp{i}")}
+              for i in range(40)]  # fmt: skip
+    c = PairCorpus(groups)
+    for strategy in ("xx", "xy", "mixed"):
+        sampler = build_sampler(c, 20, SamplingSpec(strategy=strategy, seed=3))
+        for s in range(50):
+            assert sorted(it.group // 2 for it in sampler.plan(s).items) == list(range(20))
+    with pytest.raises(ValueError, match="share no conflict key"):
+        build_sampler(c, 21, SamplingSpec(strategy="xx"))
+
+
+def test_xy_is_uniform_over_language_pairs() -> None:
+    """500 five-language groups and 500 en-de groups: 20 ordered pairs, so en-de is 1/20 of the X-Y items
+    (drawing a group first and then two of its languages gave en-de 28 %)."""
+    five = ["ar", "de", "en", "es", "zh"]
+    groups = [{lang: Pair(f"f{i}", lang, f"q{i}{lang}", f"p{i}{lang}") for lang in five} for i in range(500)]
+    groups += [{lang: Pair(f"b{i}", lang, f"bq{i}{lang}", f"bp{i}{lang}") for lang in ("en", "de")} for i in range(500)]
+    c = PairCorpus(groups)
+    shares = {}
+    for weighting in ("uniform", "size"):
+        comp = Composition()
+        sampler = build_sampler(c, 16, SamplingSpec(strategy="xy", pair_weighting=weighting))
+        for s in range(1000):
+            comp.add(sampler.plan(s))
+        shares[weighting] = comp.pairs["en-de"] / sum(comp.pairs.values())
+        assert len(comp.pairs) == 20
+    assert 0.04 < shares["uniform"] < 0.06
+    assert 0.09 < shares["size"] < 0.11  # 1000 of the 10,000 (pair, group) entries
+
+
+def test_size_weighting_draws_only_languages_that_fill_a_batch() -> None:
+    c = PairCorpus([{"en": Pair(f"e{i}", "en", f"q{i}", f"p{i}")} for i in range(100)]
+                   + [{"de": Pair(f"d{i}", "de", f"q{i}", f"dp{i}")} for i in range(5)])  # fmt: skip
+    sampler = build_sampler(c, 8, SamplingSpec(strategy="xx", language_weighting="size", language_temperature=3.0))
+    assert {sampler.plan(s).language for s in range(300)} == {"en"}  # de (5 groups) cannot fill 8
+    with pytest.raises(ValueError, match="needs a language with 200 groups"):
+        build_sampler(c, 200, SamplingSpec(strategy="hybrid", alpha=0.5))
+
+
+def test_composition_logs_query_and_passage_shares() -> None:
+    sampler = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=4))
+    comp = Composition()
+    for s in range(50):
+        comp.add(sampler.plan(s))
+    m = comp.metrics()
+    queries = {k: v for k, v in m.items() if k.startswith("batches.query_share.")}
+    passages = {k: v for k, v in m.items() if k.startswith("batches.passage_share.")}
+    assert set(queries) == {f"batches.query_share.{lang}" for lang in LANGS + ["hi"]}
+    assert "batches.query_share.de" in queries and "batches.passage_share.hi" not in passages
+    assert sum(queries.values()) == pytest.approx(1) and sum(passages.values()) == pytest.approx(1)
+    assert Composition.from_dict(comp.as_dict()) == comp
 
 
 def test_xx_uniform_vs_size_weighting() -> None:

@@ -38,18 +38,25 @@ def info_nce(
     negatives: torch.Tensor | None = None,
     temperature: float = 0.05,
     symmetric: bool = False,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE of local queries ``q`` [b, d] against the global positives (+ hard negatives).
 
-    ``p`` [b, d] holds each local query's positive; ``negatives`` [b*k, d] the local hard negatives.
-    ``symmetric`` adds the passage -> query term (hard negatives play no part in that direction).
+    ``p`` [b, d] holds each local query's positive; ``negatives`` [b*k, d] the local hard negatives, of which
+    ``negative_mask`` [b*k] (bool) says which count: a masked one (padding, or a text that is an in-batch
+    positive) is no candidate for any query. ``symmetric`` adds the passage -> query term (hard negatives
+    play no part in that direction).
     """
     rank, _ = _world()
     b = q.shape[0]
     all_p = gather_with_grad(p)
     candidates = all_p if negatives is None else torch.cat([all_p, gather_with_grad(negatives)])
     labels = torch.arange(b, device=q.device) + rank * b
-    loss = F.cross_entropy(q @ candidates.T / temperature, labels)
+    logits = q @ candidates.T / temperature
+    if negatives is not None and negative_mask is not None:
+        keep = torch.cat([torch.ones(len(all_p), device=q.device), gather_with_grad(negative_mask.float())])
+        logits = logits.masked_fill(keep[None, :] == 0, float("-inf"))
+    loss = F.cross_entropy(logits, labels)
     if symmetric:
         all_q = gather_with_grad(q)
         loss = (loss + F.cross_entropy(p @ all_q.T / temperature, labels)) / 2

@@ -67,11 +67,20 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Pair
             print(f"  e.g. {example}", file=sys.stderr)
     if spec.data.drop_eval_overlap:
         corpus = _drop_eval_overlap(corpus, spec)
+    check_batches(corpus, spec)
     tiny_texts = None
     if spec.model.name == TINY_MODEL:
-        tiny_texts = [p.query for g in corpus.groups[:3000] for p in g.values()]
+        tiny_texts = [p.query or p.passage or "" for g in corpus.groups[:3000] for p in g.values()]
     model_path = resolve_model_path(spec.model.name, tiny_texts)
     return corpus, report, model_path
+
+
+def check_batches(corpus: PairCorpus, spec: ExperimentSpec) -> None:
+    """Refuse a sampling setup the data cannot fill (no X-X language with a full batch, too few X-Y
+    groups) now, rather than after Ray started and a worker reached that batch."""
+    from xling.trainer.sampling import build_sampler
+
+    build_sampler(corpus, spec.optimization.global_batch_size, spec.sampling)
 
 
 def _drop_eval_overlap(corpus: PairCorpus, spec: ExperimentSpec) -> PairCorpus:

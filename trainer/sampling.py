@@ -1,24 +1,31 @@
 """Batch samplers: the research variable.
 
-Every sampler answers one question: which pairs form global batch ``step``? The answer is a pure
+Every sampler answers one question: which items form global batch ``step``? The answer is a pure
 function of ``(seed, step)`` (an RNG seeded with both), so
 - every rank computes the same global batch and takes its own disjoint slice,
 - resuming at step k reproduces the batches exactly, with no sampler state to checkpoint,
 - the batch type (X-X language, or X-Y) is decided once per *global* step, as homogeneity must hold for
   the negative pool that all ranks share.
 
-A batch draws distinct parallel groups, so it never holds two translations of one pair (false negatives).
+No false negatives by construction: a batch holds distinct groups (never two translations of one pair)
+and never two groups that share a conflict key (one text, an overlapping NTREX window, a shared MLQA
+paragraph), so no in-batch passage also answers another item's query.
+
+The distributions (docs/research-protocol.md): an X-X batch language is drawn uniformly (or by size) over
+the languages that can fill a batch; each X-Y item draws its ordered (query, passage) language pair
+uniformly (or by size) over the pairs the data can serve, then a group that has that pair.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-from xling.trainer.data.pairs import PairCorpus
+from xling.trainer.data.pairs import PairCorpus, xx_languages
 from xling.trainer.spec import SamplingSpec
 
 BatchKind = Literal["xx", "xy", "mixed"]
@@ -50,61 +57,134 @@ def _rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step, 0x5EED])
 
 
-def _distinct(rng: np.random.Generator, population: list[int], k: int) -> list[int]:
-    """k distinct members of ``population``: rejection sampling, O(k) for k << n, no O(n) permutation."""
+class _Batch:
+    """The groups drawn so far for one batch and the conflict keys they hold."""
+
+    def __init__(self, keys: Sequence[tuple[int, ...]]):
+        self.keys = keys
+        self.groups: set[int] = set()
+        self.used: set[int] = set()
+
+    def take(self, g: int) -> bool:
+        """Add group ``g`` unless it is in the batch already or shares a conflict key with it."""
+        if g in self.groups or not self.used.isdisjoint(self.keys[g]):
+            return False
+        self.groups.add(g)
+        self.used.update(self.keys[g])
+        return True
+
+
+def _draw(rng: np.random.Generator, population: Sequence[int], batch: _Batch) -> int | None:
+    """A group of ``population`` that fits ``batch``: a few uniform tries (O(1) for a batch far smaller than
+    the population), then a scan from a random offset; None when no member fits."""
     n = len(population)
-    if k > n:
-        raise ValueError(f"cannot draw {k} distinct parallel groups from {n}")
-    if 2 * k > n:
-        return [population[i] for i in rng.permutation(n)[:k]]
-    chosen: dict[int, None] = {}
-    while len(chosen) < k:
-        for i in rng.integers(0, n, size=k - len(chosen)):
-            chosen.setdefault(int(i))
-    return [population[i] for i in chosen]
+    for i in rng.integers(0, n, size=min(n, 8)):
+        if batch.take(population[int(i)]):
+            return population[int(i)]
+    start = int(rng.integers(n))
+    for j in range(n):
+        g = population[(start + j) % n]
+        if batch.take(g):
+            return g
+    return None
+
+
+def _can_fill(population: Sequence[int], keys: Sequence[tuple[int, ...]], k: int) -> bool:
+    """Whether ``population`` holds ``k`` groups without a shared key (greedy, so a yes is certain)."""
+    batch = _Batch(keys)
+    return sum(batch.take(g) for g in population) >= k if len(population) >= k else False
+
+
+def _weights(sizes: Sequence[int], weighting: str, temperature: float) -> np.ndarray:
+    w = np.asarray(sizes, dtype=float)
+    w = w ** (1.0 / temperature) if weighting == "size" else np.ones_like(w)
+    return w / w.sum() if w.sum() else w
 
 
 class BatchSampler:
     """Base class: subclasses implement :meth:`plan`. ``batch_size`` is the *global* batch size."""
 
-    kind: str = ""
+    kind: str = ""  # the batch kind it produces ("hybrid": xx or xy)
 
     def __init__(self, corpus: PairCorpus, batch_size: int, spec: SamplingSpec):
         self.corpus = corpus
         self.batch_size = batch_size
         self.spec = spec
-        sizes = np.array([len(corpus.by_language[lang]) for lang in corpus.languages], dtype=float)
-        if spec.language_weighting == "size":
-            w = sizes ** (1.0 / spec.language_temperature)
-        else:
-            w = (sizes >= batch_size).astype(float)  # uniform over languages that can fill a batch
-        self._mono_langs = corpus.languages
-        self._mono_p = w / w.sum() if w.sum() > 0 else w
+        # X-X: only languages that can fill a batch (a smaller one would fail mid-run)
+        self._xx_langs = [
+            lang for lang, ids in corpus.by_language.items() if _can_fill(ids, corpus.keys, batch_size)
+        ]
+        sizes = [len(corpus.by_language[lang]) for lang in self._xx_langs]
+        self._xx_p = _weights(sizes, spec.language_weighting, spec.language_temperature)
+        self._xy_pairs = list(corpus.by_pair)
+        sizes = [len(corpus.by_pair[pair]) for pair in self._xy_pairs]
+        self._xy_p = _weights(sizes, spec.pair_weighting, spec.language_temperature)
+        self._mixed = sorted({g for ids in corpus.by_language.values() for g in ids})
 
     def plan(self, step: int) -> BatchPlan:
         raise NotImplementedError
 
+    def uses(self) -> set[str]:
+        """The batch kinds this sampler can produce."""
+        return {self.kind}
+
+    def drawable(self) -> tuple[set[int], set[str], set[str]]:
+        """The groups, query languages and passage languages this sampler can ever draw: the research
+        samples check that they are the same for every strategy."""
+        groups, queries, passages = set(), set(), set()
+        if "xx" in self.uses():
+            for lang in self._xx_langs:
+                groups.update(self.corpus.by_language[lang])
+            queries.update(self._xx_langs)
+            passages.update(self._xx_langs)
+        if "xy" in self.uses():
+            for q, p in self._xy_pairs:
+                groups.update(self.corpus.by_pair[(q, p)])
+                queries.add(q)
+                passages.add(p)
+        if "mixed" in self.uses():
+            groups.update(self._mixed)
+            queries.update(self.corpus.by_language)
+            passages.update(self.corpus.by_language)
+        return groups, queries, passages
+
+    def _fail(self, step: int, what: str) -> ValueError:
+        return ValueError(
+            f"step {step}: cannot fill a global batch of {self.batch_size} ({what}) with groups that share no "
+            "conflict key; lower optimization.globalBatchSize or add data"
+        )
+
     def _xx(self, rng: np.random.Generator, step: int) -> BatchPlan:
-        if not self._mono_p.sum():
-            raise ValueError(f"no language has {self.batch_size} pairs for an X-X batch")
-        lang = str(rng.choice(self._mono_langs, p=self._mono_p))
-        groups = _distinct(rng, self.corpus.by_language[lang], self.batch_size)
-        return BatchPlan(step, "xx", tuple(Item(g, lang, lang) for g in groups), language=lang)
+        lang = self._xx_langs[int(rng.choice(len(self._xx_langs), p=self._xx_p))]
+        batch, population, items = _Batch(self.corpus.keys), self.corpus.by_language[lang], []
+        for _ in range(self.batch_size):
+            g = _draw(rng, population, batch)
+            if g is None:
+                raise self._fail(step, f"X-X in {lang}")
+            items.append(Item(g, lang, lang))
+        return BatchPlan(step, "xx", tuple(items), language=lang)
 
     def _xy(self, rng: np.random.Generator, step: int) -> BatchPlan:
-        groups = _distinct(rng, self.corpus.parallel, self.batch_size)
-        items = []
-        for g in groups:
-            langs = sorted(self.corpus.groups[g])
-            q, p = rng.choice(len(langs), size=2, replace=False)
-            items.append(Item(g, langs[q], langs[p]))
+        batch, p, items = _Batch(self.corpus.keys), self._xy_p.copy(), []
+        while len(items) < self.batch_size:
+            if not p.sum():
+                raise self._fail(step, "X-Y")
+            i = int(rng.choice(len(p), p=p / p.sum()))
+            qlang, plang = self._xy_pairs[i]
+            g = _draw(rng, self.corpus.by_pair[(qlang, plang)], batch)
+            if g is None:
+                p[i] = 0.0  # this language pair has no group left that fits the batch
+                continue
+            items.append(Item(g, qlang, plang))
         return BatchPlan(step, "xy", tuple(items))
 
-    def _mixed(self, rng: np.random.Generator, step: int) -> BatchPlan:
-        groups = _distinct(rng, list(range(len(self.corpus))), self.batch_size)
-        items = []
-        for g in groups:
-            langs = sorted(self.corpus.groups[g])
+    def _mixed_batch(self, rng: np.random.Generator, step: int) -> BatchPlan:
+        batch, items = _Batch(self.corpus.keys), []
+        for _ in range(self.batch_size):
+            g = _draw(rng, self._mixed, batch)
+            if g is None:
+                raise self._fail(step, "mixed")
+            langs = xx_languages(self.corpus.groups[g])
             lang = langs[int(rng.integers(len(langs)))]
             items.append(Item(g, lang, lang))
         return BatchPlan(step, "mixed", tuple(items))
@@ -113,6 +193,8 @@ class BatchSampler:
 class XXSampler(BatchSampler):
     """X-X-mono: every batch is one language (drawn uniformly or by size)."""
 
+    kind = "xx"
+
     def plan(self, step: int) -> BatchPlan:
         return self._xx(_rng(self.spec.seed, step), step)
 
@@ -120,12 +202,19 @@ class XXSampler(BatchSampler):
 class XYSampler(BatchSampler):
     """X-Y: each pair's query and passage languages differ (pairs drawn independently)."""
 
+    kind = "xy"
+
     def plan(self, step: int) -> BatchPlan:
         return self._xy(_rng(self.spec.seed, step), step)
 
 
 class HybridSampler(BatchSampler):
     """Hybrid: X-X-mono with probability alpha, else X-Y; one decision per global batch."""
+
+    kind = "hybrid"
+
+    def uses(self) -> set[str]:
+        return {"xx"} if self.spec.alpha >= 1 else {"xy"} if self.spec.alpha <= 0 else {"xx", "xy"}
 
     def plan(self, step: int) -> BatchPlan:
         rng = _rng(self.spec.seed, step)
@@ -135,8 +224,10 @@ class HybridSampler(BatchSampler):
 class MixedSampler(BatchSampler):
     """LAReQA's X-X: same-language pairs, languages mixed inside the batch (a further baseline)."""
 
+    kind = "mixed"
+
     def plan(self, step: int) -> BatchPlan:
-        return self._mixed(_rng(self.spec.seed, step), step)
+        return self._mixed_batch(_rng(self.spec.seed, step), step)
 
 
 SAMPLERS: dict[str, type[BatchSampler]] = {
@@ -148,13 +239,22 @@ SAMPLERS: dict[str, type[BatchSampler]] = {
 
 
 def build_sampler(corpus: PairCorpus, batch_size: int, spec: SamplingSpec) -> BatchSampler:
+    """The spec's sampler; refused (before any worker starts) when the data cannot fill its batches."""
     sampler = SAMPLERS[spec.strategy](corpus, batch_size, spec)
-    needs_parallel = spec.strategy == "xy" or (spec.strategy == "hybrid" and spec.alpha < 1.0)
-    if needs_parallel and len(corpus.parallel) < batch_size:
+    uses = sampler.uses()
+    if "xx" in uses and not sampler._xx_langs:
         raise ValueError(
-            f"sampling.strategy: {spec.strategy!r} needs at least {batch_size} parallel groups "
-            f"(pairs with two or more languages); the data has {len(corpus.parallel)}"
+            f"sampling.strategy: {spec.strategy!r} needs a language with {batch_size} groups that have a query "
+            f"and a passage in it and share no conflict key (optimization.globalBatchSize); the data has "
+            f"{corpus.sizes() or 'none'}"
         )
+    if "xy" in uses and not _can_fill(corpus.xy_groups(), corpus.keys, batch_size):
+        raise ValueError(
+            f"sampling.strategy: {spec.strategy!r} needs at least {batch_size} parallel groups (a query and a "
+            f"passage in two languages, no shared conflict key); the data has {len(corpus.xy_groups())}"
+        )
+    if "mixed" in uses and not _can_fill(sampler._mixed, corpus.keys, batch_size):
+        raise ValueError(f"sampling.strategy: 'mixed' needs {batch_size} groups that share no conflict key")
     return sampler
 
 
@@ -164,19 +264,33 @@ class Composition:
 
     kinds: Counter[str] = field(default_factory=Counter)
     languages: Counter[str] = field(default_factory=Counter)
+    passages: Counter[str] = field(default_factory=Counter)
     pairs: Counter[str] = field(default_factory=Counter)
 
     def add(self, plan: BatchPlan) -> None:
         self.kinds[plan.kind] += 1
         for item in plan.items:
             self.languages[item.qlang] += 1
+            self.passages[item.plang] += 1
             self.pairs[f"{item.qlang}-{item.plang}"] += 1
 
     def metrics(self) -> dict[str, float]:
+        """Batch-kind fractions and the realised per-language query and passage shares."""
         total = max(1, sum(self.kinds.values()))
         out = {f"batches.{k}_fraction": v / total for k, v in self.kinds.items()}
         out["batches.total"] = float(total)
+        for name, counts in (("query_share", self.languages), ("passage_share", self.passages)):
+            n = max(1, sum(counts.values()))
+            out.update({f"batches.{name}.{lang}": c / n for lang, c in sorted(counts.items())})
         return out
 
+    @classmethod
+    def from_dict(cls, counts: dict[str, dict[str, int]]) -> Composition:
+        """The counts a checkpoint saved (:meth:`as_dict`), so a resumed run keeps counting where it was."""
+        return cls(
+            **{name: Counter(counts.get(name, {})) for name in ("kinds", "languages", "passages", "pairs")}
+        )
+
     def as_dict(self) -> dict[str, dict[str, int]]:
-        return {"kinds": dict(self.kinds), "languages": dict(self.languages), "pairs": dict(self.pairs)}
+        return {"kinds": dict(self.kinds), "languages": dict(self.languages), "passages": dict(self.passages),
+                "pairs": dict(self.pairs)}  # fmt: skip

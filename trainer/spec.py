@@ -74,15 +74,22 @@ class ModelSpec(Spec):
 class DataSource(Spec):
     """One training source. ``type`` picks the builder; ``path`` is a file, directory or hub name."""
 
-    type: Literal["pairs", "xnli", "ntrex", "squad", "tydiqa", "iapp", "hf"] = Field(
+    type: Literal["pairs", "xnli", "ntrex", "mlqa", "squad", "tydiqa", "iapp", "hf"] = Field(
         description="pairs: JSONL/Parquet/CSV rows in the normalised pair form; xnli/ntrex: the 11-way "
-        "parallel builders; squad/tydiqa/iapp: question -> answer sentence or passage; hf: a datasets name."
+        "parallel builders; mlqa: MLQA files grouped by question id (question and/or paragraph per language); "
+        "squad/tydiqa/iapp: question -> answer sentence or passage; hf: a datasets name."
     )
     path: str = Field(description="File, directory or Hugging Face dataset name. Relative to the spec file.")
     languages: list[Lang] | None = Field(default=None, description="Keep only these languages.")
     max_pairs_per_language: PositiveInt | None = None
-    split: str | None = Field(default=None, description="Split for hf sources, or dev/test for xnli.")
+    split: str | None = Field(default=None, description="Split for hf sources, or dev/test for xnli/mlqa.")
     language: Lang | None = Field(default=None, description="Language of a monolingual source (squad/iapp).")
+    pool: Literal["shared", "monolingual"] = Field(
+        default="shared",
+        description="shared: every sampling strategy draws the same groups; a group that cannot give both an "
+        "X-X item and an X-Y item is dropped. monolingual: the groups serve X-X and mixed batches only (a "
+        "monolingual QA set), so the strategies no longer train on the same data (see docs/research-protocol.md).",
+    )
 
 
 class DataSpec(Spec):
@@ -110,6 +117,11 @@ class SamplingSpec(Spec):
     )
     language_temperature: Annotated[float, Field(gt=0.0)] = Field(
         default=1.0, description="With size weighting, p(lang) is proportional to size**(1/T)."
+    )
+    pair_weighting: Literal["uniform", "size"] = Field(
+        default="uniform",
+        description="How each X-Y item's (query, passage) language pair is drawn: uniformly over the ordered "
+        "pairs the data can serve, or by their number of groups (with languageTemperature).",
     )
     seed: int = 0
 

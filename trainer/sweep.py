@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
-from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, init_ray, prepare, storage_path
+from xling.trainer.run import (
+    RunResult,
+    _finish_run,
+    _fit,
+    _local_env,
+    check_batches,
+    init_ray,
+    prepare,
+    storage_path,
+)
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
 from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
 
@@ -310,6 +319,11 @@ def run_sweep(
         exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
     corpus, report, model_path = prepare(exp, skip_bad_rows)
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
+    for point in plan.points:  # every point's batches, not only the base spec's
+        try:
+            check_batches(corpus, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0]))
+        except ValueError as err:
+            raise ValueError(f"sweep point {point.label}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
     experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
     storage = storage_path(exp.spec.output_dir)

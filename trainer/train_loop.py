@@ -19,33 +19,40 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xling.trainer.data.pairs import PairCorpus
+from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.plan import count_dense_params, peak_flops
-from xling.trainer.sampling import Composition, Item, build_sampler
+from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.spec import ExperimentSpec
 from xling.trainer.tracking import StepLogger
 
 log = logging.getLogger("xling.train")
 
 
-def batch_texts(corpus: PairCorpus, items: tuple[Item, ...], hard_negatives: int) -> tuple[list, list, list]:
-    """Queries, passages and hard negatives (passage language) for a slice of a batch plan."""
-    queries, passages, negatives = [], [], []
-    for it in items:
+def batch_texts(
+    corpus: PairCorpus, plan: BatchPlan, rank: int, world: int, hard_negatives: int
+) -> tuple[list[str], list[str], list[str], list[bool]]:
+    """Queries, passages and hard negatives (passage language) of this rank's slice of ``plan``, and which
+    negatives count. A hard negative that is the text of any group in the global batch (an in-batch
+    positive or a translation of one) is skipped for the next one; a pair with too few is padded with
+    empty texts that the loss masks out, never with its own positive."""
+    in_batch = {k for it in plan.items for k in corpus.keys[it.group]}
+    queries, passages, negatives, valid = [], [], [], []
+    for it in plan.shard(rank, world):
         group = corpus.groups[it.group]
         queries.append(group[it.qlang].query)
         target = group[it.plang]
         passages.append(target.passage)
         if hard_negatives:
-            negs = list(target.hard_negatives[:hard_negatives])
-            negs += [target.hard_negatives[-1] if target.hard_negatives else target.passage] * (hard_negatives - len(negs))
-            negatives.extend(negs)
-    return queries, passages, negatives
+            negs = [n for n in target.hard_negatives if corpus.key_ids.get(text_key(n)) not in in_batch]
+            negs = negs[:hard_negatives]
+            valid += [True] * len(negs) + [False] * (hard_negatives - len(negs))
+            negatives += negs + [""] * (hard_negatives - len(negs))
+    return queries, passages, negatives, valid
 
 
 def progress_line(step: int, total: int, loss: float, pairs_per_s: float, started: float) -> str:
@@ -104,8 +111,7 @@ class Trainer:
             self.engine.load(Path(d))
             state = load_trainer_state(Path(d), self.rank)
         self.start_step = state["step"]
-        for kind, n in state.get("composition", {}).get("kinds", {}).items():
-            self.composition.kinds[kind] = n
+        self.composition = Composition.from_dict(state.get("composition", {}))
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
         self.logger.log(self.start_step, {"train.resumed_at_step": self.start_step}, force=True)  # restarts show in MLflow
 
@@ -162,13 +168,16 @@ class Trainer:
         spec = self.spec
         plan = self.sampler.plan(step)
         self.composition.add(plan)
-        queries, passages, negatives = batch_texts(self.corpus, plan.shard(self.rank, self.world), spec.loss.hard_negatives)
+        queries, passages, negatives, valid = batch_texts(self.corpus, plan, self.rank, self.world, spec.loss.hard_negatives)
         q_in = {k: v.to(self.device) for k, v in self.tokenize(queries, "query").items()}
         p_in = {k: v.to(self.device) for k, v in self.tokenize(passages + negatives, "passage").items()}
         b = len(passages)
 
+        mask = torch.tensor(valid, device=self.device) if negatives else None
+
         def loss_fn(q: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
-            return info_nce(q, p_all[:b], p_all[b:] if negatives else None, spec.loss.temperature, spec.loss.symmetric)
+            negs = p_all[b:] if negatives else None
+            return info_nce(q, p_all[:b], negs, spec.loss.temperature, spec.loss.symmetric, mask)
 
         if spec.loss.grad_cache.enabled:  # activation memory of one chunk, the same gradients
             loss = cached_step(self.engine, [q_in, p_in], loss_fn, spec.loss.grad_cache.chunk_size)

@@ -9,17 +9,19 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Collection, Iterator
+from dataclasses import replace
 
 from xling.trainer.data.builders import (
     drop_overlapping,
     iapp_rows,
+    mlqa_rows,
     ntrex_rows,
     squad_rows,
     tydiqa_rows,
     xnli_rows,
 )
 from xling.trainer.data.loaders import Row, read_hf, read_pairs
-from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport
+from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport, serves_every_strategy
 from xling.trainer.spec import DataSource, DataSpec
 
 __all__ = [
@@ -48,6 +50,8 @@ def source_rows(source: DataSource, languages: Collection[str], report: RowRepor
             return xnli_rows(path, source.split or "dev", languages)
         case "ntrex":
             return ntrex_rows(path, languages)
+        case "mlqa":
+            return mlqa_rows(path, source.split, languages)
         case "tydiqa":
             return tydiqa_rows(path, source.split, languages)
         case "iapp":
@@ -80,8 +84,8 @@ def limit(corpus: PairCorpus, languages: Collection[str], max_per_language: int 
 def load_source(
     source: DataSource, languages: Collection[str], report: RowReport | None = None
 ) -> PairCorpus:
-    """One source, checked row by row, restricted to ``languages`` and capped."""
-    rows = source_rows(source, languages, report)
+    """One source, checked row by row, restricted to ``languages``, capped, its rows tagged with its pool."""
+    rows = ((replace(pair, pool=source.pool), where) for pair, where in source_rows(source, languages, report))
     return limit(PairCorpus.from_pairs(rows, report), languages, source.max_pairs_per_language)
 
 
@@ -123,9 +127,31 @@ def load_corpus(spec: DataSpec, report: RowReport | None = None) -> PairCorpus:
         if not len(corpus):
             log.warning("%s: no pairs in languages %s", name, sorted(languages))
         named.append((name, corpus))
-    corpus = _merge(named, report)
+    corpus = _shared_pool(named, _merge(named, report))
     if report is not None and report.total:
         log.warning("skipped %d bad rows: %s", report.total, dict(report.skipped))
     if not len(corpus):
         raise ValueError(f"data: no source has pairs in languages {sorted(spec.languages)}")
     return corpus
+
+
+def _shared_pool(named: list[tuple[str, PairCorpus]], corpus: PairCorpus) -> PairCorpus:
+    """Keep the groups of ``shared`` sources that every strategy can draw (an X-X language and an X-Y
+    language pair), so that the arms of a comparison train on one pool; ``monolingual`` groups stay.
+
+    A shared source left with no group is an error that names it: giving a monolingual QA set to the X-X
+    arm alone must be asked for (``pool: monolingual``), never happen silently."""
+    kept = [g for g in corpus.groups if any(p.pool == "monolingual" for p in g.values()) or serves_every_strategy(g)]
+    kept_ids = {next(iter(g.values())).pair_id for g in kept}
+    for name, source in named:
+        ids = {next(iter(g.values())).pair_id for g in source.groups if next(iter(g.values())).pool == "shared"}
+        dropped = len(ids - kept_ids)
+        if ids and dropped == len(ids):
+            raise ValueError(
+                f"{name}: none of its {len(ids)} groups can serve every sampling strategy (X-X needs a query and "
+                "a passage in one language, X-Y a query and a passage in two); set pool: monolingual to use it "
+                "for X-X and mixed batches only"
+            )
+        if dropped:
+            log.warning("%s: %d of %d groups left out of the shared pool (no X-X or no X-Y item)", name, dropped, len(ids))
+    return PairCorpus(kept)

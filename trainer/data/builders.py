@@ -3,7 +3,8 @@
 Each builder yields ``(Pair, where)`` rows for :meth:`PairCorpus.from_pairs`. ``pair_id``s are namespaced
 by source (``xnli:dev:12``, ``ntrex:7``, ``tydiqa:ar.dev:3``, ``squad:arcd:5``, ``iapp:train:9``), so two
 sources never share a group by accident. Parallel sources (XNLI, NTREX) give one group per aligned row with
-up to 11 languages; the QA sources are monolingual (one language per group).
+up to 11 languages; MLQA gives one group per question id, with a question and/or a paragraph per language;
+the other QA sources are monolingual (one language per group).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from xling.trainer.data.loaders import Row, open_text
-from xling.trainer.data.pairs import Pair, PairCorpus
+from xling.trainer.data.pairs import Pair, PairCorpus, normalise, text_key
 
 #: NTREX-128 file codes -> ISO 639-1. English is the US-English reference (``eng-US``), like the others a
 #: human translation of the WMT19 source, so all 11 languages come from the same process.
@@ -93,6 +94,26 @@ def _document_spans(doc_ids: list[str]) -> list[tuple[int, int]]:
     return spans
 
 
+def _contained(lines: list[str], language: str) -> dict[int, list[int]]:
+    """For each line, the other lines whose (normalised) sentence it contains: NTREX repeats a quote inside a
+    longer line of another document. Found through an index of sentence starts (3 words, or 6 characters in
+    scripts without spaces), then checked as substrings: O(total length), not O(lines²)."""
+    unspaced, n = language in _SCRIPT_OF, 6 if language in _SCRIPT_OF else 3
+    norm = [normalise(line) for line in lines]
+    tokens = [list(t) if unspaced else t.split() for t in norm]
+    starts: dict[tuple[str, ...], list[int]] = {}
+    for i, toks in enumerate(tokens):
+        if len(toks) >= n:
+            starts.setdefault(tuple(toks[:n]), []).append(i)
+    found: dict[int, list[int]] = {}
+    for k, toks in enumerate(tokens):
+        for pos in range(1, len(toks) - n + 1):  # a sentence starting at position 0 is the line itself
+            for i in starts.get(tuple(toks[pos : pos + n]), ()):
+                if i != k and norm[i] in norm[k]:
+                    found.setdefault(k, []).append(i)
+    return found
+
+
 def ntrex_rows(path: str | Path, languages: Collection[str] | None = None, window: int = 2) -> Iterator[Row]:
     """Sentence -> its document context: the up to ``window`` sentences before and after it in the same
     document (DOCUMENT_IDS.tsv), *without* the sentence itself, so the model must match a sentence to its
@@ -109,12 +130,19 @@ def ntrex_rows(path: str | Path, languages: Collection[str] | None = None, windo
         if len(lines) != len(doc_ids):
             raise ValueError(f"{file}: {len(lines)} lines, but DOCUMENT_IDS.tsv has {len(doc_ids)}")
         sep = "" if language == "zh" else " "  # Thai separates sentences with a space
+        within = _contained(lines, language)
         for i, sentence in enumerate(lines):
             start, end = spans[i]
-            context = sep.join(lines[max(start, i - window) : i] + lines[i + 1 : min(end, i + window + 1)])
+            lo, hi = max(start, i - window), min(end, i + window + 1)
+            context = sep.join(lines[lo:i] + lines[i + 1 : hi])
             if sentence.strip() and sentence.strip() in context:
                 continue  # a headline repeated by the next line, or a fragment such as ",": no real task
-            yield Pair(f"ntrex:{i + 1}", language, sentence, context), f"{file}:{i + 1}"
+            # Conflict keys: the sentences this pair touches, and those its lines quote. Two pairs whose windows
+            # share a sentence (the same line, the same sentence in another document, or a sentence quoted
+            # inside a longer line) never meet in a batch, so no in-batch passage holds another item's query.
+            touched = [k for j in range(lo, hi) for k in (j, *within.get(j, ()))]
+            keys = tuple(text_key(lines[k]) for k in touched if lines[k].strip())
+            yield Pair(f"ntrex:{i + 1}", language, sentence, context, keys=keys), f"{file}:{i + 1}"
 
 
 # --- extractive QA (SQuAD-style JSON, TyDi GoldP, iapp) ---------------------------------------------------
@@ -181,6 +209,7 @@ class Question(NamedTuple):
     answer: str
     answer_start: int | None
     where: str
+    upstream_id: str = ""
 
 
 def _as_int(value: Any) -> int | None:
@@ -234,6 +263,7 @@ def _squad_questions(file: Path, prefix: str, language: str) -> Iterator[Questio
             answer=answer.get("text", ""),
             answer_start=_as_int(answer.get("answer_start")),
             where=f"{file}:question {n} (id {qa.get('id')})",
+            upstream_id=str(qa.get("id", "")),
         )
 
 
@@ -299,6 +329,51 @@ def iapp_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
     yield from _qa_rows(questions())
 
 
+# --- MLQA (cross-lingual QA, grouped by question id) ------------------------------------------------------
+
+_MLQA_NAME = re.compile(r"^(?P<split>dev|test)-context-(?P<c>[a-z]{2})-question-(?P<q>[a-z]{2})\.json(\.gz)?$")
+
+
+def mlqa_rows(
+    path: str | Path, split: str | None = None, languages: Collection[str] | None = None
+) -> Iterator[Row]:
+    """MLQA files ``<split>-context-<C>-question-<Q>.json[.gz]``: questions in Q over paragraphs in C. A
+    question id is shared by its translations across files, so each id is one group
+    (``mlqa:<split>:<id>``) holding, per language, the question (where some file asks it in that language)
+    and/or the passage: the sentence with the answer, or the whole paragraph when the answer is blank (as in
+    the bundled copy). Where several files give a language's question or paragraph, the first is kept (the
+    bundled files agree on all of them).
+
+    Several questions often share one paragraph; their groups share its text key, so they never meet in a
+    batch (each one's positive would be the other's false negative)."""
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(root.glob("*-context-*-question-*.json*"))
+    if not files:
+        raise FileNotFoundError(f"{root}: no MLQA files <split>-context-<C>-question-<Q>.json[.gz]")
+    queries: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    passages: dict[tuple[str, str], dict[str, tuple[str, str]]] = {}
+    for file in files:
+        m = _MLQA_NAME.match(file.name)
+        if m is None:
+            raise ValueError(f"{file}: expected a name like test-context-de-question-ar.json[.gz]")
+        if split is not None and m["split"] != split:
+            continue
+        for q in _squad_questions(file, "", m["q"]):
+            key = (m["split"], q.upstream_id)
+            if _wanted(m["q"], languages):
+                queries.setdefault(key, {}).setdefault(m["q"], (q.question.strip(), q.where))
+            if _wanted(m["c"], languages):
+                passage = answer_passage(q.context, q.answer, q.answer_start, m["c"])
+                passages.setdefault(key, {}).setdefault(m["c"], (passage, q.where))
+    for key in sorted(queries.keys() | passages.keys()):
+        qs, ps = queries.get(key, {}), passages.get(key, {})
+        for lang in sorted(qs.keys() | ps.keys()):
+            query, passage = qs.get(lang), ps.get(lang)
+            where = query[1] if query else ps[lang][1]
+            texts = (query[0] if query else None, passage[0] if passage else None)
+            yield Pair(f"mlqa:{key[0]}:{key[1]}", lang, *texts), where
+
+
 # --- overlap guard ----------------------------------------------------------------------------------------
 
 #: Scripts without spaces between words -> (their characters, characters per word). Their overlap is measured
@@ -353,7 +428,7 @@ def drop_overlapping(corpus: PairCorpus, eval_texts: Iterable[str], n: int = 10)
 
     def overlaps(pair: Pair) -> bool:
         script = _SCRIPT_OF.get(pair.language)
-        for text in (pair.query, pair.passage):
+        for text in (t for t in (pair.query, pair.passage) if t is not None):
             tokens = _tokens(text)
             if script is None:
                 grams, index = _word_grams(tokens, n), words

@@ -74,6 +74,12 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def _side(value: Any) -> str | None:
+    """A query or passage cell: JSON null (or a Parquet null) means the group has no such side in this
+    language (a question without a paragraph, say); anything else is text, checked by check_pair."""
+    return None if value is None or (isinstance(value, float) and value != value) else str(value)
+
+
 def to_pair(record: Mapping[str, Any], where: str) -> Pair:
     """Build a Pair from one row; a missing key is a bad row (JSONL rows need not share keys)."""
     missing = [c for c in PAIR_COLUMNS if c not in record]
@@ -82,8 +88,8 @@ def to_pair(record: Mapping[str, Any], where: str) -> Pair:
     return Pair(
         pair_id=_text(record["pair_id"]),
         language=_text(record["language"]),
-        query=_text(record["query"]),
-        passage=_text(record["passage"]),
+        query=_side(record["query"]),
+        passage=_side(record["passage"]),
         hard_negatives=_negatives(record.get(HARD_NEGATIVES), where),
     )
 
