@@ -34,6 +34,8 @@ def test_every_strategy_draws_the_same_groups_and_languages(sample: str) -> None
     for other in drawn[1:]:
         assert other == drawn[0]
     assert queries == passages == set(exp.spec.data.languages)
+    # sides: both, so X-X and X-Y draw the very same texts (no question whose paragraph only X-Y could use)
+    assert all(p.query is not None and p.passage is not None for g in corpus.groups for p in g.values())
 
 
 def bundled_corpus() -> PairCorpus:

@@ -84,6 +84,11 @@ class DataSource(Spec):
     max_pairs_per_language: PositiveInt | None = None
     split: str | None = Field(default=None, description="Split for hf sources, or dev/test for xnli/mlqa.")
     language: Lang | None = Field(default=None, description="Language of a monolingual source (squad/iapp).")
+    sides: Literal["any", "both"] = Field(
+        default="any",
+        description="any: a language may give a group only a query or only a passage (MLQA); both: keep only "
+        "languages with a query and a passage, so X-X and X-Y batches draw the very same texts.",
+    )
     pool: Literal["shared", "monolingual"] = Field(
         default="shared",
         description="shared: every sampling strategy draws the same groups; a group that cannot give both an "

@@ -84,8 +84,11 @@ def limit(corpus: PairCorpus, languages: Collection[str], max_per_language: int 
 def load_source(
     source: DataSource, languages: Collection[str], report: RowReport | None = None
 ) -> PairCorpus:
-    """One source, checked row by row, restricted to ``languages``, capped, its rows tagged with its pool."""
+    """One source, checked row by row, restricted to ``languages`` (and to members with both sides when
+    ``sides: both``), capped, its rows tagged with its pool."""
     rows = ((replace(pair, pool=source.pool), where) for pair, where in source_rows(source, languages, report))
+    if source.sides == "both":
+        rows = ((pair, where) for pair, where in rows if pair.query is not None and pair.passage is not None)
     return limit(PairCorpus.from_pairs(rows, report), languages, source.max_pairs_per_language)
 
 
