@@ -41,6 +41,10 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert sorted(m.step for m in mapk) == [0, 8]  # zero-shot and final
     assert all(0.0 <= m.value <= 1.0 for m in mapk)
     assert "batches.xx_fraction" in run.data.metrics
+    for side in ("query", "passage"):  # the realised per-language shares of every run
+        shares = {k: v for k, v in run.data.metrics.items() if k.startswith(f"batches.{side}_share.")}
+        assert set(shares) == {f"batches.{side}_share.{lang}" for lang in ("ar", "de", "en", "es")}
+        assert sum(shares.values()) == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "batch_composition.json" in artifacts
     # the final checkpoint holds a loadable Hugging Face model
@@ -60,3 +64,14 @@ def test_bad_spec_fails_before_any_work(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "spec.sampling.alpha" in proc.stderr and "bad.yaml" in proc.stderr
     assert not (tmp_path / "mlflow.db").exists(), "nothing may start before the spec is valid"
+
+
+def test_batches_the_data_cannot_fill_are_refused_before_ray(tmp_path: Path) -> None:
+    text = (ROOT / "manifests/samples/smoke.yaml").read_text()
+    big = tmp_path / "big.yaml"
+    big.write_text(text.replace("globalBatchSize: 16", "globalBatchSize: 400").replace("../../data", f"{ROOT}/data"))
+    proc = subprocess.run([sys.executable, "-m", "xling.trainer.cli", "run", str(big)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "needs a language with 400 groups" in proc.stderr and "globalBatchSize" in proc.stderr
+    assert "ray" not in proc.stdout.lower() and not (tmp_path / "mlflow.db").exists()
