@@ -202,8 +202,9 @@ def hierarchical_bootstrap(
     Interval and p-value are ``diff ± t(df) * se`` and the two-sided t-test of ``diff / se``, with ``se``
     the replicates' standard deviation and ``df`` Satterthwaite's (:func:`_satterthwaite`), not the
     replicates' percentiles: with 2-5 seeds a resampled seed mean takes few distinct values, so the
-    percentiles' tails are too short (at 3 seeds and seed noise half the variance, 8.5 % false positives at
-    a nominal 5 %); the variance is right, and the df carry how little a few seeds tell about it.
+    percentiles' tails are too short (3 seeds, 1,000 simulated nulls at a nominal 5 %: 7.0 % false
+    positives with seed noise half the variance, 8.1 % at three quarters; with the t reference 4.6 % and
+    4.3 %). The variance is right; the df carry how little a few seeds tell about it.
     """
     names = sorted({name for pair in pairs for name in pair})
     arrays = {name: np.asarray(scores[name], dtype=np.float64) for name in names}
