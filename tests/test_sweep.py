@@ -358,6 +358,9 @@ def test_per_query_settings_from_the_evaluation_file() -> None:
     assert pq.ap["mono"].tolist() == [1.0, 0.5, 1.0]
     assert pq.ap["cross"][0] == 0.5 and math.isnan(pq.ap["cross"][1]) and pq.ap["cross"][2] == 0.25
     assert pq.ap["multi"].tolist() == [0.5, 0.25, 1.0]
+    assert pq.question_ids == ["1", "2", "1"], "ar:1 and de:1 are one question"
+    with pytest.raises(ValueError, match=r"per_query.json: query_ids: 'q7' is not <lang>:<question id>"):
+        _ = parse_per_query({**doc, "query_ids": ["ar:1", "q7", "de:1"]}).question_ids
 
 
 def test_metric_names() -> None:

@@ -174,6 +174,9 @@ class PerQuery:
     def question_ids(self) -> list[str]:
         """The evaluation names a query ``<lang>:<question id>``; the translations of a question share the
         question id, so the bootstrap resamples them together."""
+        bad = next((q for q in self.query_ids if ":" not in q), None)
+        if bad is not None:
+            raise ValueError(f"{PER_QUERY_FILE}: query_ids: {bad!r} is not <lang>:<question id>")
         return [q.split(":", 1)[1] for q in self.query_ids]
 
 
