@@ -215,6 +215,9 @@ def test_per_query_json_feeds_the_sweep_report(
     write_artifacts(res, tmp_path)
     parsed = report_sweep.parse_per_query(json.loads((tmp_path / "per_query.json").read_text()))
     assert parsed.query_ids[0] == f"ar:{real_run[0].data['ar'].query_ids[0]}"
+    by_language = [{q for q, lang in zip(parsed.question_ids, parsed.language, strict=True) if lang == i}
+                   for i in range(len(res.languages))]  # fmt: skip
+    assert all(ids == by_language[0] for ids in by_language), "translations share the question id"
     for i in range(len(res.languages)):
         mine = parsed.language == i
         assert parsed.ap["multi"][mine].mean() == pytest.approx(res.multi_map[i], abs=1e-12)

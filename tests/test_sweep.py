@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,10 +19,11 @@ from xling.trainer.report_sweep import (
     primary_parameter,
     publish,
     summarize,
+    to_json,
     write_report,
 )
 from xling.trainer.spec import SpecError, SweepSpec, load_experiment, parse_experiment
-from xling.trainer.stats import mean_ci
+from xling.trainer.stats import DiffCI, mean_ci
 from xling.trainer.sweep import Plan, TrialContext, _child_run, _parent_run, default_concurrency, plan_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,11 +173,15 @@ def test_baselines_sweep_the_strategy_as_a_category() -> None:
 # ----------------------------------------------------------------------------- report from MLflow
 
 
+#: Per-query difficulty of the fake test set (4 languages x 25 questions), the same in every trial.
+BASE_AP = np.random.default_rng(99).uniform(0.1, 0.8, (100, 4))
+
+
 def _per_query(shift: float, rng: np.random.Generator) -> dict:
-    """4 languages x 25 queries; ``shift`` raises every AP of a configuration."""
+    """4 languages x 25 questions; ``shift`` raises every AP of a configuration, ``rng`` adds run noise."""
     n = 25
     language = np.repeat(np.arange(4), n)
-    block = np.clip(rng.uniform(0.1, 0.8, (4 * n, 4)) + shift, 0, 1)
+    block = np.clip(BASE_AP + shift + rng.normal(0, 0.02, (4 * n, 4)), 0, 1)
     return {"languages": list(LANGS), "query_ids": [f"{LANGS[i]}:q{k}" for i in range(4) for k in range(n)],
             "language": language.tolist(), "multi_ap": np.clip(block.mean(axis=1), 0, 1).tolist(),
             "block_ap": block.tolist()}  # fmt: skip
@@ -243,7 +249,9 @@ def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, s
     assert {c.setting for c in s.comparisons} == {"multi", "mono", "cross"}
     multi = next(c for c in s.comparisons if c.setting == "multi")
     assert (multi.a, multi.b) == (0, 1) and multi.test.diff < 0 and multi.test.n == 100
-    assert multi.test.p_value == pytest.approx(1 / 501), "a clear per-query shift is significant"
+    assert multi.test.questions == 25, "the 4 translations of a question are resampled together"
+    assert multi.test.seeds == (3, 3) and multi.test.over_seeds.high < 0 and multi.test.low < multi.test.diff
+    assert multi.test.p_value < 1e-6, "a clear shift in every run is significant"
 
 
 def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path: Path) -> None:
@@ -262,9 +270,11 @@ def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path
     md = (tmp_path / "summary.md").read_text()
     assert "| 0 | alpha=0.25 | 3 | 0.3100 ± 0.0248 |" in md and "| best |" in md and "| - | zero-shot |" in md
     html = (tmp_path / "summary.html").read_text()
-    assert html.count("data:image/png;base64,") == 4 and "Paired bootstrap" in html
+    assert html.count("data:image/png;base64,") == 4 and "Paired bootstrap over questions and seeds" in html
+    assert "| multi | alpha=0.25 | alpha=0.75 | 3/3 | -0.0" in md
     data = json.loads((tmp_path / "summary.json").read_text())
     assert data["best"] == 0 and data["points"][1]["feasible"] is False
+    assert data["comparisons"][0]["questions"] == 25 and data["comparisons"][0]["over_seeds"]["df"] > 0
     publish(client, s)
     run = client.get_run(parent)
     assert run.data.metrics["best.xquad_r.multi.map"] == pytest.approx(0.31)
@@ -273,6 +283,21 @@ def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path
         "summary/summary.md",
         "summary/pareto.png",
     }
+
+
+def test_undefined_intervals_are_null_in_json_and_a_dash_in_tables(fake_sweep: tuple[str, str, Plan]) -> None:
+    from mlflow import MlflowClient
+
+    uri, parent, _ = fake_sweep
+    s = summarize(MlflowClient(uri), parent)
+    one_seed = DiffCI(0.01, math.nan, math.nan, math.nan)
+    s.comparisons[0].test = dataclasses.replace(s.comparisons[0].test, over_seeds=one_seed, df=math.inf)
+    text = json.dumps(to_json(s), allow_nan=False)  # strict JSON: no NaN, no Infinity
+    first = json.loads(text)["comparisons"][0]
+    assert first["df"] is None
+    assert first["over_seeds"] == {"diff": 0.01, "low": None, "high": None, "df": None}
+    row = next(line for line in markdown(s).splitlines() if line.startswith("| multi | alpha=0.25 |"))
+    assert row.endswith("| - |"), row
 
 
 def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, Plan]) -> None:
@@ -333,6 +358,9 @@ def test_per_query_settings_from_the_evaluation_file() -> None:
     assert pq.ap["mono"].tolist() == [1.0, 0.5, 1.0]
     assert pq.ap["cross"][0] == 0.5 and math.isnan(pq.ap["cross"][1]) and pq.ap["cross"][2] == 0.25
     assert pq.ap["multi"].tolist() == [0.5, 0.25, 1.0]
+    assert pq.question_ids == ["1", "2", "1"], "ar:1 and de:1 are one question"
+    with pytest.raises(ValueError, match=r"per_query.json: query_ids: 'q7' is not <lang>:<question id>"):
+        _ = parse_per_query({**doc, "query_ids": ["ar:1", "q7", "de:1"]}).question_ids
 
 
 def test_metric_names() -> None:

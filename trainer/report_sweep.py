@@ -18,7 +18,7 @@ import re
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xling.trainer.spec import SweepSpec
-from xling.trainer.stats import MeanCI, PairedTest, holm, mean_ci, paired_bootstrap_many
+from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 #: Artifact folder of the summary on the parent run.
 SUMMARY_DIR = "summary"
-#: Per-query scores the evaluation logs beside results.json (what the paired bootstrap needs).
+#: Per-query scores the evaluation logs beside results.json (what the bootstrap between points needs).
 PER_QUERY_FILE = "per_query.json"
 #: Settings whose per-query AP is bootstrapped, from the per_query.json arrays.
 SETTINGS = ("multi", "mono", "cross")
@@ -170,6 +170,15 @@ class PerQuery:
     language: np.ndarray
     ap: dict[str, np.ndarray]
 
+    @property
+    def question_ids(self) -> list[str]:
+        """The evaluation names a query ``<lang>:<question id>``; the translations of a question share the
+        question id, so the bootstrap resamples them together."""
+        bad = next((q for q in self.query_ids if ":" not in q), None)
+        if bad is not None:
+            raise ValueError(f"{PER_QUERY_FILE}: query_ids: {bad!r} is not <lang>:<question id>")
+        return [q.split(":", 1)[1] for q in self.query_ids]
+
 
 def parse_per_query(doc: dict[str, Any]) -> PerQuery:
     """The evaluation's per_query.json: ``multi_ap`` per query and ``block_ap`` (query x candidate
@@ -227,38 +236,43 @@ def _violations(point: PointSummary, sweep: SweepSpec, zero: dict[str, float], k
 def _comparisons(
     client: MlflowClient, points: list[PointSummary], suite: str, sweep: SweepSpec, notes: list[str]
 ) -> list[Comparison]:
-    """Paired bootstrap over queries between every two points, per setting, Holm-corrected per setting.
-
-    A point's per-query AP is its mean over seeds: the seeds' training noise is in the t-intervals; the
-    bootstrap measures how much the conclusion depends on which queries the test set happens to hold.
-    """
-    per_point: dict[int, PerQuery] = {}
+    """Hierarchical bootstrap (each point's seeds, then questions) between every two points, per setting,
+    Holm-corrected per setting. Every finished trial's per-query AP is a row: training noise (between
+    seeds) and test-set noise (between questions) both reach the intervals and p-values."""
+    per_point: dict[int, list[PerQuery]] = {}
     missing = 0
     for p in points:
         loaded = [q for t in p.trials if (q := load_per_query(client, t.run_id, suite)) is not None]
         missing += len(p.trials) - len(loaded)
-        if loaded and all(q.query_ids == loaded[0].query_ids for q in loaded):
-            mean_ap = {s: np.mean([q.ap[s] for q in loaded], axis=0) for s in SETTINGS}
-            per_point[p.index] = PerQuery(loaded[0].query_ids, loaded[0].language, mean_ap)
+        if loaded:
+            per_point[p.index] = loaded
     if missing:
         notes.append(
-            f"Paired bootstrap: {missing} trial(s) logged no per-query AP (eval/{suite}/step-N/{PER_QUERY_FILE})."
+            f"Bootstrap: {missing} trial(s) logged no per-query AP (eval/{suite}/step-N/{PER_QUERY_FILE})."
         )
     indices = sorted(per_point)
     if len(indices) < 2:
         return []
-    first = per_point[indices[0]]
-    if any(per_point[i].query_ids != first.query_ids for i in indices):
-        notes.append("Paired bootstrap skipped: the points were evaluated on different queries.")
+    first = per_point[indices[0]][0]
+    if any(q.query_ids != first.query_ids for i in indices for q in per_point[i]):
+        notes.append("Bootstrap skipped: the trials were evaluated on different queries.")
         return []
+    single = [points[i].label for i in indices if len(per_point[i]) == 1]
+    if single:
+        notes.append(f"One seed only ({', '.join(single)}): their comparisons leave training noise out.")
     pairs = [(str(a), str(b)) for a, b in combinations(indices, 2)]
     out = []
     for setting in SETTINGS:
-        scores = {str(i): per_point[i].ap[setting] for i in indices}
-        if not np.isfinite(np.column_stack(list(scores.values()))).all(axis=1).any():
+        scores = {str(i): np.vstack([q.ap[setting] for q in per_point[i]]) for i in indices}
+        if not np.isfinite(np.vstack(list(scores.values()))).all(axis=0).any():
             continue
-        tests = paired_bootstrap_many(
-            scores, pairs, first.language, resamples=sweep.bootstrap_samples, confidence=sweep.confidence
+        tests = hierarchical_bootstrap(
+            scores,
+            pairs,
+            first.question_ids,
+            first.language,
+            resamples=sweep.bootstrap_samples,
+            confidence=sweep.confidence,
         )
         adjusted = holm([tests[p].p_value for p in pairs])
         out += [
@@ -348,7 +362,7 @@ def _short(key: str, prefix: str) -> str:
 
 
 def tables(s: SweepSummary) -> list[Table]:
-    """Points (mean ± CI half-width over seeds), zero-shot, and the paired comparisons."""
+    """Points (mean ± CI half-width over seeds), zero-shot, and the comparisons between points."""
     metrics = s.main_metrics()
     pct = round(100 * s.sweep.confidence)
     rows = []
@@ -369,23 +383,40 @@ def tables(s: SweepSummary) -> list[Table]:
     if s.comparisons:
         out.append(
             Table(
-                f"Paired bootstrap over queries ({s.sweep.bootstrap_samples} resamples, macro over languages)",
-                ["setting", "A", "B", "mAP A - B", f"{pct}% CI", "p", "p (Holm)"],
+                f"Paired bootstrap over questions and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
+                "languages; t-interval over seeds beside it)",
+                [
+                    "setting",
+                    "A",
+                    "B",
+                    "seeds",
+                    "mAP A - B",
+                    f"{pct}% CI",
+                    "p",
+                    "p (Holm)",
+                    f"{pct}% CI over seeds",
+                ],
                 [
                     [
                         c.setting,
                         s.points[c.a].label,
                         s.points[c.b].label,
+                        "{}/{}".format(*c.test.seeds),
                         f"{c.test.diff:+.4f}",
-                        f"[{c.test.low:+.4f}, {c.test.high:+.4f}]",
+                        _interval(c.test.low, c.test.high),
                         f"{c.test.p_value:.4f}",
                         f"{c.p_holm:.4f}",
+                        _interval(c.test.over_seeds.low, c.test.over_seeds.high),
                     ]
                     for c in s.comparisons
                 ],
             )  # fmt: skip
         )
     return out
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:+.4f}, {high:+.4f}]" if math.isfinite(low) and math.isfinite(high) else "-"
 
 
 def _single(value: float | None) -> MeanCI | None:
@@ -596,10 +627,16 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- files and MLflow
 
 
-def to_json(s: SweepSummary) -> dict[str, Any]:
-    def ci(c: MeanCI) -> dict[str, float | int | None]:
-        return {k: (v if isinstance(v, int) or math.isfinite(v) else None) for k, v in vars(c).items()}
+def _finite_or_none(value: Any) -> Any:
+    """JSON has no NaN or infinity (an interval over one seed, infinite degrees of freedom): null."""
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
+
+def to_json(s: SweepSummary) -> dict[str, Any]:
     return {
         "name": s.name,
         "parent_run_id": s.parent_run_id,
@@ -613,11 +650,12 @@ def to_json(s: SweepSummary) -> dict[str, Any]:
         "points": [
             {"index": p.index, "label": p.label, "values": p.values, "feasible": p.feasible,
              "violations": p.violations, "seeds": [t.seed for t in p.trials], "runs": [t.run_id for t in p.trials],
-             "metrics": {k: ci(c) for k, c in p.stats.items()}}
+             "metrics": {k: _finite_or_none(vars(c)) for k, c in p.stats.items()}}
             for p in s.points
         ],
         "comparisons": [
-            {"setting": c.setting, "a": c.a, "b": c.b, **vars(c.test), "p_holm": c.p_holm} for c in s.comparisons
+            {"setting": c.setting, "a": c.a, "b": c.b, **_finite_or_none(asdict(c.test)), "p_holm": c.p_holm}
+            for c in s.comparisons
         ],
         "notes": s.notes,
     }  # fmt: skip
@@ -735,7 +773,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``xling results SWEEP``: the sweep's summary, rebuilt from MLflow (works mid-sweep too)."""
     p = subparsers.add_parser(
         "results",
-        help="print a sweep's summary (mean and CI per point, paired bootstrap) from MLflow",
+        help="print a sweep's summary (mean and CI per point, bootstrap between points) from MLflow",
         description="Rebuild a sweep's summary from its MLflow runs and print it.",
     )
     p.add_argument("sweep", help="the sweep's YAML file, its metadata.name, or its parent run id")

@@ -405,7 +405,7 @@ class SweepSpec(Spec):
     asha: AshaSpec | None = Field(default=None, description="Unset: every trial runs to the end.")
     constraints: list[SweepConstraint] = Field(default_factory=list)
     bootstrap_samples: Annotated[int, Field(ge=100)] = Field(
-        default=10_000, description="Resamples of the paired bootstrap over queries."
+        default=10_000, description="Resamples of the bootstrap between points (seeds, then questions)."
     )
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
 
