@@ -155,7 +155,7 @@ def test_default_concurrency_from_gpus_or_cpus() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("sweep-alpha", 5, 15), ("baselines", 3, 9)]
+    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("sweep-alpha", 5, 15), ("baselines", 4, 12)]
 )
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     plan = plan_sweep(load_experiment(SAMPLES / f"{name}.yaml"))
@@ -165,7 +165,7 @@ def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
 def test_baselines_sweep_the_strategy_as_a_category() -> None:
     exp = load_experiment(SAMPLES / "baselines.yaml")
     plan = plan_sweep(exp)
-    assert [p.values["sampling.strategy"] for p in plan.points] == ["xx", "xy", "hybrid"]
+    assert [p.values["sampling.strategy"] for p in plan.points] == ["xx", "xy", "hybrid", "mixed"]
     specs = [exp.spec.sweep.trial_spec(exp.spec, p.values, 0) for p in plan.points]
     assert {s.model.name for s in specs} == {"xling/multilingual-e5-small"}
 
