@@ -35,7 +35,6 @@ class SmokeSweep:
     first: str  # output of the interrupted run
     second: str  # output of the run that continued
     finished_before: dict[str, int]  # child run id -> end time, for trials finished before the interrupt
-    seconds: float
 
 
 def _xling(*args: str, cwd: Path, **kw) -> subprocess.Popen:
@@ -77,8 +76,7 @@ def run_smoke_sweep(directory: Path) -> SmokeSweep:
     second = _xling("run", str(SPEC), "--tracking-uri", uri, cwd=directory)
     second_out = second.communicate(timeout=480)[0]
     assert second.returncode == 0, second_out[-6000:]
-    result = {"uri": uri, "first": first_out, "second": second_out, "finished_before": finished,
-              "seconds": time.time() - started}  # fmt: skip
+    result = {"uri": uri, "first": first_out, "second": second_out, "finished_before": finished}
     done.write_text(json.dumps(result))
     return SmokeSweep(**result, directory=directory)
 
@@ -101,7 +99,6 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(smoke_swe
         assert run.info.end_time == end_time, f"trial {run.data.tags['xling.trial']} was run again"
         steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
         assert sorted(steps) == list(range(1, 7)), "each step logged once"
-    assert smoke_sweep.seconds < 300, f"sweep-smoke took {smoke_sweep.seconds:.0f}s (interrupt + continue)"
 
 
 def test_one_parent_four_nested_children_with_tags_and_system_metrics(smoke_sweep: SmokeSweep) -> None:
