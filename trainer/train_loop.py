@@ -58,13 +58,16 @@ def progress_line(step: int, total: int, loss: float, pairs_per_s: float, starte
 class Trainer:
     """State for one rank: spec, data, model, engine, sampler, logger."""
 
-    def __init__(self, config: dict[str, Any]):
-        import ray.train
-
+    def __init__(self, config: dict[str, Any], rank: int | None = None, world: int | None = None):
+        """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.spec = ExperimentSpec.model_validate(config["spec"])
         self.config = config
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if rank is None or world is None:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = rank, world
         self.corpus: PairCorpus = config["corpus"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(self.spec.sampling.seed)
@@ -98,11 +101,14 @@ class Trainer:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        with ckpt.as_directory() as d:
-            self.engine.load(Path(d))
-            state = load_trainer_state(Path(d), self.rank)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.resume_from(Path(d))
+
+    def resume_from(self, directory: Path) -> None:
+        """Engine, step, RNG state and batch counts from a checkpoint directory."""
+        self.engine.load(directory)
+        state = load_trainer_state(directory, self.rank)
         self.start_step = state["step"]
         for kind, n in state.get("composition", {}).get("kinds", {}).items():
             self.composition.kinds[kind] = n
