@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from xling.trainer.data.pairs import PairCorpus
 from xling.trainer.e5s1 import default_cache_dir
-from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
+from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
@@ -70,7 +70,7 @@ class Trainer:
         self.rank, self.world = rank, world
         self.corpus: PairCorpus = config["corpus"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        torch.manual_seed(self.spec.sampling.seed)
+        torch.manual_seed(self.spec.sampling.seed)  # a weight built at random is the same on every replica
         spec = self.spec
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
             torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
@@ -90,6 +90,7 @@ class Trainer:
         else:
             self.engine = TorchEngine(build_model().to(self.device), spec)
         self.model = self.engine.module
+        torch.manual_seed(rank_seed(spec.sampling.seed, self.rank))  # each rank its own dropout masks
         self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
         self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
         self.composition = Composition()
