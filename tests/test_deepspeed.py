@@ -190,7 +190,8 @@ def _equivalence(
 
 def _resume_and_export(rank: int, world: int, model_dir: Path, ckpt: Path) -> tuple[list, list]:
     """Train 2 steps, checkpoint, train 2 more. A fresh engine restored from the checkpoint must repeat
-    the last two steps exactly (weights, AdamW moments, warmup schedule, dropout RNG). Both export."""
+    the last two steps exactly (weights, AdamW moments, warmup schedule, dropout RNG). Both export.
+    The engine trains with dropout on (checked first), so a stream not restored would change the losses."""
     from xling.trainer.deepspeed_engine import DeepSpeedEngine
     from xling.trainer.engine import load_trainer_state, save_trainer_state
 
@@ -206,8 +207,11 @@ def _resume_and_export(rank: int, world: int, model_dir: Path, ckpt: Path) -> tu
 
     torch.manual_seed(rank)
     first = DeepSpeedEngine(build(model_dir), spec)
+    queries = shard(batch()[0], rank, world)
+    with torch.no_grad():
+        assert not torch.equal(first(**queries), first(**queries)), "dropout must be active"
     with torch.inference_mode():  # evaluation before training (at_start) must not poison ZeRO-3's buffers
-        first.module(**shard(batch()[0], rank, world))
+        first.module(**queries)
     train(first, range(2))
     first.save(ckpt, rank)
     save_trainer_state(ckpt, 2, {}, rank)

@@ -74,16 +74,22 @@ def test_cached_equals_plain_without_dropout(tmp_path: Path, chunk_size: int) ->
 
 def test_cached_replays_dropout_of_the_first_pass(tmp_path: Path) -> None:
     """With dropout on, GradCache must equal a plain step that encodes the same chunks in the same order
-    from the same RNG state: pass 2 replays exactly the masks that produced the cached embeddings."""
+    from the same RNG state: pass 2 replays exactly the masks that produced the cached embeddings.
+    (``from_pretrained`` returns eval mode: both models are switched to train, as the engines do.)"""
     model_dir = tiny_model_dir(tmp_path / "m", dropout=0.3)
     chunk = 3
-    plain = build(model_dir)()
-    torch.manual_seed(7)
-    q, p = (torch.cat([plain(**c) for c in chunked(x, chunk)]) for x in batch())
-    want_loss = loss_fn(q, p)
+
+    def plain_loss(model: torch.nn.Module, seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return loss_fn(*(torch.cat([model(**c) for c in chunked(x, chunk)]) for x in batch()))
+
+    plain = build(model_dir)().train()
+    with torch.no_grad():
+        assert plain_loss(plain, 8) != plain_loss(plain, 7), "dropout must be active, or any RNG would do"
+    want_loss = plain_loss(plain, 7)
     want_loss.backward()
 
-    cached = build(model_dir)()
+    cached = build(model_dir)().train()
     torch.manual_seed(7)
     loss = cached_step(PlainEngine(cached), batch(), loss_fn, chunk)
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-6)

@@ -106,7 +106,7 @@ class DeepSpeedEngine:
             self._hf_config = HfDeepSpeedConfig(
                 self.config
             )  # keep alive: from_pretrained partitions while it lives
-        model = build_model()
+        model = build_model().train()  # from_pretrained returns eval mode: no dropout
         optimizer = _optimizer(model, spec)
         self.ds, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler(optimizer, spec), config=self.config

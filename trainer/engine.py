@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -43,7 +44,7 @@ class TorchEngine:
     """Plain PyTorch. With several workers, gradients are averaged by all-reduce before each step."""
 
     def __init__(self, model: nn.Module, spec: ExperimentSpec):
-        self.module = model
+        self.module = model.train()  # from_pretrained returns eval mode: no dropout
         self.spec = spec
         self.optimizer = make_optimizer(model, spec)
         self.scheduler = make_scheduler(self.optimizer, spec)
@@ -91,6 +92,12 @@ class TorchEngine:
         """A standard Hugging Face model dir of the backbone (rank 0 writes)."""
         if rank == 0:
             self.module.backbone.save_pretrained(directory)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The torch seed of one rank's dropout stream: distinct per (seed, rank), unlike ``seed + rank``
+    (seed 1 rank 0 would replay seed 0 rank 1)."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def save_trainer_state(directory: Path, step: int, extra: dict[str, Any], rank: int = 0) -> None:

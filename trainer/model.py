@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -186,6 +187,19 @@ def weights_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block; after it, every submodule's own mode back. Restoring only the top
+    module's flag would switch a whole tree to train (dropout on) when its parts were in eval."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class HFTextEncoder:
     """Implements the evaluation TextEncoder protocol on a BiEncoder.
 
@@ -213,9 +227,8 @@ class HFTextEncoder:
         use_bf16 = device.type == "cuda"
         dim: int | None = None
         mine: list[torch.Tensor] = []
-        was_training = self.model.training
-        self.model.eval()
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        with eval_mode(self.model), torch.inference_mode(), autocast:
             for r in range(rounds):
                 b = r * world + rank
                 idx = batches[b] if b < len(batches) else batches[0]  # dummy batch keeps ranks in step
@@ -223,7 +236,6 @@ class HFTextEncoder:
                 emb = self.model(**inputs).float()
                 dim = emb.shape[1]
                 mine.append(emb if b < len(batches) else emb[:0])
-        self.model.train(was_training)
         out = np.zeros((len(texts), dim or 0), dtype=np.float32)
         if world == 1:
             for b, emb in zip(batches, mine, strict=False):

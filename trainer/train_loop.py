@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.e5s1 import default_cache_dir
-from xling.trainer.engine import TorchEngine, load_trainer_state, save_trainer_state
+from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
@@ -65,16 +65,19 @@ def progress_line(step: int, total: int, loss: float, pairs_per_s: float, starte
 class Trainer:
     """State for one rank: spec, data, model, engine, sampler, logger."""
 
-    def __init__(self, config: dict[str, Any]):
-        import ray.train
-
+    def __init__(self, config: dict[str, Any], rank: int | None = None, world: int | None = None):
+        """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.spec = ExperimentSpec.model_validate(config["spec"])
         self.config = config
-        ctx = ray.train.get_context()
-        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if rank is None or world is None:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        self.rank, self.world = rank, world
         self.corpus: PairCorpus = config["corpus"]
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        torch.manual_seed(self.spec.sampling.seed)
+        torch.manual_seed(self.spec.sampling.seed)  # a weight built at random is the same on every replica
         spec = self.spec
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
             torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
@@ -94,6 +97,7 @@ class Trainer:
         else:
             self.engine = TorchEngine(build_model().to(self.device), spec)
         self.model = self.engine.module
+        torch.manual_seed(rank_seed(spec.sampling.seed, self.rank))  # each rank its own dropout masks
         self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
         self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
         self.composition = Composition()
@@ -105,11 +109,14 @@ class Trainer:
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return
-        with ckpt.as_directory() as d:
-            self.engine.load(Path(d))
-            state = load_trainer_state(Path(d), self.rank)
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.resume_from(Path(d))
+
+    def resume_from(self, directory: Path) -> None:
+        """Engine, step, RNG state and batch counts from a checkpoint directory."""
+        self.engine.load(directory)
+        state = load_trainer_state(directory, self.rank)
         self.start_step = state["step"]
         self.composition = Composition.from_dict(state.get("composition", {}))
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
