@@ -4,6 +4,7 @@ and a run that cannot fit refused before anything starts."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +100,47 @@ def test_run_that_cannot_fit_is_refused_before_anything_starts(
     err = capsys.readouterr().err
     assert "refused before starting any worker" in err and "DOES NOT FIT" in err
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()
+
+
+def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The train loop's MFU for real steps (forward, InfoNCE, backward, AdamW) of an encoder whose FLOPs are
+    mostly GEMMs, on one CPU thread: a guessed per-core peak (0.07 TFLOP/s) gave 1.1 on this box."""
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    from xling.trainer.engine import TorchEngine
+    from xling.trainer.losses import info_nce
+    from xling.trainer.model import BiEncoder
+    from xling.trainer.plan import cpu_peak_flops, model_flops_utilization, peak_flops
+
+    monkeypatch.delenv("XLING_PEAK_TFLOPS", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        config = AutoConfig.for_model("bert", vocab_size=1000, hidden_size=512, num_hidden_layers=2,
+                                      num_attention_heads=8, intermediate_size=2048)  # fmt: skip
+        model = BiEncoder(AutoModel.from_config(config)).train()
+        engine = TorchEngine(model, parse_experiment(experiment(optimization={"maxSteps": 10})).spec)
+
+        def inputs(length: int) -> dict[str, torch.Tensor]:
+            ids = torch.randint(5, 1000, (32, length))
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+        def train_step() -> int:  # as Trainer.train_step: returns the real tokens of the step
+            q_in, p_in = inputs(32), inputs(64)
+            engine.backward(info_nce(engine(**q_in), engine(**p_in)))
+            engine.step()
+            return int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
+
+        train_step()  # warm-up, as the loop's first window also pays for it
+        start, tokens = time.perf_counter(), sum(train_step() for _ in range(3))
+        elapsed = time.perf_counter() - start
+        peak = peak_flops()
+        assert peak == cpu_peak_flops(1) and torch.get_num_threads() == 1, "cached, threads restored"
+        mfu = model_flops_utilization(count_dense_params(model), tokens, elapsed, peak)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < mfu <= 1, f"MFU {mfu:.3f} (peak {peak / 1e9:.1f} GFLOP/s)"
