@@ -16,6 +16,7 @@ from xling.trainer.plan import count_dense_params, flops_per_token, make_plan, m
 from xling.trainer.spec import parse_experiment
 
 GiB = 2**30
+SAMPLES = Path(__file__).resolve().parents[1] / "manifests" / "samples"
 
 
 def experiment(model: str = "xling/xlm-roberta-30b", **spec: Any) -> dict[str, Any]:
@@ -144,3 +145,25 @@ def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     finally:
         torch.set_num_threads(threads)
     assert 0 < mfu <= 1, f"MFU {mfu:.3f} (peak {peak / 1e9:.1f} GFLOP/s)"
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sample_plans_and_renders(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``xling plan`` and ``xling render`` on the files as shipped (plan: on their own GPU count, 80 GiB)."""
+    assert main(["plan", str(sample), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["fits"] and plan["flops_per_step"] > 0
+    assert main(["render", str(sample)]) == 0
+    assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["ConfigMap", "RayJob"]
+
+
+def test_the_30b_sample_is_the_documented_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/distributed.md's 30B encoder: fits on its 16 GPUs, not on 8 (exit status 1, with the advice)."""
+    sample = str(SAMPLES / "xlmr-30b.yaml")
+    assert main(["plan", sample, "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == "xling/xlm-roberta-30b" and plan["gpus"] == 16 and plan["zero_stage"] == 3
+    assert plan["memory_per_gpu_gb"] == pytest.approx(49.80, abs=0.01)
+    assert plan["flops_per_token"] == 10 * plan["dense_params"]  # GradCache + checkpointing
+    assert main(["plan", sample, "--gpus", "8"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
