@@ -136,6 +136,22 @@ def flops_per_token(dense_params: int, grad_cache: bool, checkpointing: bool) ->
     return (6 + 2 * grad_cache + 2 * checkpointing) * dense_params
 
 
+def _linear_step_flops(tokens: int, n_in: int, n_out: int, gen: Any) -> float:
+    """Best FLOP/s over the timed repeats of one fp32 linear layer's forward and backward."""
+    import torch
+
+    x = torch.randn(tokens, n_in, generator=gen, requires_grad=True)
+    w = torch.randn(n_out, n_in, generator=gen, requires_grad=True)
+    grad = torch.randn(tokens, n_out, generator=gen)
+    best = 0.0
+    for rep in range(CPU_PROBE_REPEATS + 1):  # the first is a warm-up (allocation, kernel choice)
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(x, w).backward(grad)
+        if rep:
+            best = max(best, 6 * tokens * n_in * n_out / (time.perf_counter() - t0))
+    return best
+
+
 @functools.cache
 def cpu_peak_flops(threads: int) -> float:
     """The best FLOP/s of a training step of an fp32 linear layer (forward and both backward GEMMs,
@@ -149,20 +165,11 @@ def cpu_peak_flops(threads: int) -> float:
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
-    best = 0.0
     try:
-        for tokens, n_in, n_out in CPU_PROBE_SHAPES:
-            x = torch.randn(tokens, n_in, generator=gen, requires_grad=True)
-            w = torch.randn(n_out, n_in, generator=gen, requires_grad=True)
-            grad = torch.randn(tokens, n_out, generator=gen)
-            for rep in range(CPU_PROBE_REPEATS + 1):  # the first is a warm-up (allocation, kernel choice)
-                t0 = time.perf_counter()
-                torch.nn.functional.linear(x, w).backward(grad)
-                if rep:
-                    best = max(best, 6 * tokens * n_in * n_out / (time.perf_counter() - t0))
+        with torch.inference_mode(False), torch.enable_grad():  # whatever mode the caller is in
+            return max(_linear_step_flops(*shape, gen) for shape in CPU_PROBE_SHAPES)
     finally:
         torch.set_num_threads(previous)
-    return best
 
 
 def model_flops_utilization(dense_params: int, tokens: float, seconds: float, peak: float) -> float:

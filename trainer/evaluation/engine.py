@@ -176,8 +176,8 @@ def evaluate_lareqa(
         pooled = build_index(pool, index, k)
         blocks = [build_index(c, index, k) for c in cands]
     rows = []
-    for i in range(len(suite.languages)):
-        relevant = suite.relevant(suite.languages[i])
+    for i, lang in enumerate(suite.languages):
+        relevant = suite.relevant(lang)
         if exact:
             pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k)
         else:
