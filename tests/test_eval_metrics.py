@@ -7,7 +7,7 @@ import pytest
 
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.protocol import checked_embeddings
-from xling.trainer.evaluation.ranking import exact_ranks, ranks_from_lists
+from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
 
 nan, inf = np.nan, np.inf
 
@@ -38,13 +38,17 @@ def test_exact_ranks_count_every_candidate_at_least_as_good() -> None:
 
 def test_ranks_from_complete_lists_equal_exact_ranks_and_truncation_gives_inf() -> None:
     queries, pool, relevant, bounds = random_case(1)
-    language = np.repeat(np.arange(3), np.diff(bounds))
-    ids = np.argsort(-(queries @ pool.T), axis=1)
-    exact = exact_ranks(queries, pool, relevant, bounds)[:2]
-    np.testing.assert_array_equal(ranks_from_lists(ids, relevant, language), exact)
-    short_pool, _ = ranks_from_lists(ids[:, :3], relevant, language)
-    expected = np.where(exact[0] <= 3, exact[0], inf)
-    np.testing.assert_array_equal(short_pool, np.where(np.isnan(exact[0]), nan, expected))
+    scores = queries @ pool.T
+    pool_exact, block_exact = exact_ranks(queries, pool, relevant, bounds)[:2]
+    ids = np.argsort(-scores, axis=1)
+    np.testing.assert_array_equal(list_ranks(ids, relevant), pool_exact)
+    expected = np.where(pool_exact <= 3, pool_exact, inf)
+    np.testing.assert_array_equal(
+        list_ranks(ids[:, :3], relevant), np.where(np.isnan(pool_exact), nan, expected)
+    )
+    for j, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):  # one language's own list
+        own = lo + np.argsort(-scores[:, lo:hi], axis=1)
+        np.testing.assert_array_equal(list_ranks(own, relevant[:, j : j + 1])[:, 0], block_exact[:, j])
 
 
 def test_average_precision_recall_and_bias_views() -> None:

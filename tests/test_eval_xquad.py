@@ -20,7 +20,7 @@ from xling.trainer.evaluation.engine import evaluate_lareqa
 from xling.trainer.evaluation.hashing import HashingEncoder
 from xling.trainer.evaluation.lareqa import LareqaSuite, find_file, load_lareqa
 from xling.trainer.evaluation.report import format_table, log_to_mlflow, write_artifacts
-from xling.trainer.evaluation.results import LareqaResults
+from xling.trainer.evaluation.results import EXACT_BIAS_METRICS, LareqaResults
 from xling.trainer.evaluation.trec import mean_scores, read_qrels, read_run, score_run, write_qrels, write_run
 from xling.trainer.spec import XQUAD_R_LANGUAGES
 
@@ -287,3 +287,34 @@ def test_approximate_indexes_score_from_top_k_lists(xquad_dir: Path, index: str)
     approx = evaluate_lareqa(suite, enc, index=index, depth=suite.pool_size)
     assert not approx.exact and approx.index == index
     assert approx.summary()["multi.map"] == pytest.approx(exact["multi.map"], abs=0.01)
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_mono_and_cross_search_each_language_and_bias_is_not_guessed(
+    xquad_dir: Path, index: str, tmp_path: Path
+) -> None:
+    """Depth covers each language but not the pool. Each language's index is small enough to be searched
+    exhaustively, so mono/cross must equal the exact ones; a pooled top-depth list misses positives that
+    are first in their own language. Rank-based bias is reported as not available, not read off a subset."""
+    suite = load_lareqa("xquad-r", xquad_dir, languages=["de", "en", "zh"], max_paragraphs=30)
+    enc = HashingEncoder()
+    exact = evaluate_lareqa(suite, enc)
+    depth = max(len(d.candidate_ids) for d in suite.data.values())
+    assert depth < suite.pool_size / 2
+    approx = evaluate_lareqa(suite, enc, index=index, depth=depth)
+    # FAISS sums inner products in another order: a near-tie may flip, nothing more
+    np.testing.assert_allclose(approx.map_matrix, exact.map_matrix, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(approx.r1_matrix, exact.r1_matrix, rtol=0, atol=1e-2)
+    assert approx.summary()["multi.map"] <= exact.summary()["multi.map"] + 1e-12  # AP@depth of the pool
+    unavailable = [f"bias.{m}" for m in EXACT_BIAS_METRICS]
+    assert approx.unavailable == unavailable and exact.unavailable == []
+    assert all(np.isnan(approx.bias[lang][m]) for lang in suite.languages for m in EXACT_BIAS_METRICS)
+    assert not any(".rank_distance" in k or ".own_first" in k for k in approx.flat_metrics())
+    assert approx.bias["en"]["top10_own_share"] == pytest.approx(
+        exact.bias["en"]["top10_own_share"], abs=0.05
+    )
+    assert "not available: bias.rank_distance" in format_table(approx)
+    write_artifacts(approx, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["unavailable"]["metrics"] == unavailable and "index flat" in saved["unavailable"]["reason"]
+    assert saved["summary"]["bias.rank_distance"] is None and saved["exact"] is False

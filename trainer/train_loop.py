@@ -25,7 +25,7 @@ from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, sav
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
-from xling.trainer.plan import count_dense_params, peak_flops
+from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.spec import ExperimentSpec
 from xling.trainer.tracking import StepLogger
@@ -215,7 +215,7 @@ class Trainer:
                 metrics = {"train.loss": loss, "train.lr": self.engine.lr, "train.pairs_per_s": window_pairs / elapsed,
                            "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics(),
                            # model FLOPs (6N per real token) over the peak of all ranks' devices
-                           "train.mfu": 6 * self.dense_params * window_tokens / elapsed / (self.peak_flops * self.world)}  # fmt: skip
+                           "train.mfu": model_flops_utilization(self.dense_params, window_tokens, elapsed, self.peak_flops * self.world)}  # fmt: skip
                 if self.device.type == "cuda":
                     metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self.logger.log(done, metrics)

@@ -2,9 +2,12 @@
 
 One pass per query language scores it against the whole pool. With the flat index the ranks of all
 relevant items are exact over the full pool and the top-k lists (run files, top-k language share)
-come from the same scores (``ranking.exact_ranks``). With IVF/HNSW a FAISS index returns the
-top-``depth`` lists and every metric is read off them, so AP is AP@depth and rank-based bias views
-skip queries with an unretrieved positive.
+come from the same scores (``ranking.exact_ranks``). With IVF/HNSW every setting searches its own
+index: multi the pooled one, mono and cross each candidate language's own (its top-``depth`` is that
+language's ranking, which a pooled top-``depth`` list cuts short), so AP is AP@depth of each setting.
+The bias views that need every positive's pooled rank (``results.EXACT_BIAS_METRICS``) are then not
+computed: reading them off truncated lists would keep only the queries whose positives all made the
+cut, the least biased ones.
 """
 
 from __future__ import annotations
@@ -13,14 +16,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.lareqa import LareqaSuite
 from xling.trainer.evaluation.protocol import TextEncoder
-from xling.trainer.evaluation.ranking import exact_ranks, ranks_from_lists
-from xling.trainer.evaluation.results import LareqaResults, mean
+from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
+from xling.trainer.evaluation.results import BIAS_METRICS, LareqaResults, mean
 from xling.trainer.evaluation.search import IndexKind, build_index, search
 from xling.trainer.evaluation.trec import RankedLists
 
@@ -35,22 +39,28 @@ def _bias(
     own: int,
     own_rank: np.ndarray,
     best_other: np.ndarray,
+    exact: bool,
 ) -> dict[str, float]:
-    """The language-bias views of one query language (see docs/evaluation.md)."""
+    """The language-bias views of one query language (see docs/evaluation.md); without exact ranks
+    only those read off the top-k list, the others NaN (not available)."""
     lang = suite.languages[own]
-    both = ~np.isnan(own_rank) & ~np.isnan(best_other)
-    n_rel = np.sum(~np.isnan(ranks), axis=1)
-    return {
-        "rank_distance": mean(metrics.rank_distance(ranks)),
+    values = {
         "top10_own_share": mean(metrics.top_k_language_share(ids, suite.candidate_language, own, TOP_K)),
         "pool_own_share": len(suite.data[lang].candidate_ids) / suite.pool_size,
-        "own_first": mean(np.where(both, own_rank < best_other, np.nan)),
-        "own_first_chance": mean(np.where(both, 1.0 / np.maximum(n_rel, 1), np.nan)),
-        "same_lang_gap": mean(metrics.same_language_gap(ranks, own)),
-        "strong_alignment": mean(metrics.strong_alignment(ranks)),
-        "own_rank_median": float(np.median(own_rank[both])) if both.any() else np.nan,
-        "best_other_rank_median": float(np.median(best_other[both])) if both.any() else np.nan,
     }
+    if exact:
+        both = ~np.isnan(own_rank) & ~np.isnan(best_other)
+        n_rel = np.sum(~np.isnan(ranks), axis=1)
+        values |= {
+            "rank_distance": mean(metrics.rank_distance(ranks)),
+            "own_first": mean(np.where(both, own_rank < best_other, np.nan)),
+            "own_first_chance": mean(np.where(both, 1.0 / np.maximum(n_rel, 1), np.nan)),
+            "same_lang_gap": mean(metrics.same_language_gap(ranks, own)),
+            "strong_alignment": mean(metrics.strong_alignment(ranks)),
+            "own_rank_median": float(np.median(own_rank[both])) if both.any() else np.nan,
+            "best_other_rank_median": float(np.median(best_other[both])) if both.any() else np.nan,
+        }
+    return {name: values.get(name, np.nan) for name in BIAS_METRICS}
 
 
 def _block_means(block_ap: np.ndarray, block_rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,6 +89,7 @@ def _language_row(
     ranks: tuple[np.ndarray, np.ndarray],
     top: tuple[np.ndarray, np.ndarray],
     depth: int,
+    exact: bool,
 ) -> _LanguageRow:
     lang = suite.languages[i]
     pool_rank, block_rank = ranks
@@ -88,6 +99,8 @@ def _language_row(
     map_row, r1_row = _block_means(block_ap, block_rank)
     multi_ap = metrics.average_precision(pool_rank)
     own_rank, best_other = metrics.own_and_best_other(pool_rank, i)
+    if not exact:  # positions in a truncated list, not ranks: nothing per query to compare
+        own_rank, best_other = np.full_like(own_rank, np.nan), np.full_like(best_other, np.nan)
     doc_ids = suite.pool_ids
     qids = [f"{lang}:{q}" for q in suite.data[lang].query_ids]
     return _LanguageRow(
@@ -95,7 +108,7 @@ def _language_row(
         r1_row=r1_row,
         multi_map=mean(multi_ap),
         multi_r10=mean(metrics.recall_at(pool_rank, TOP_K)),
-        bias=_bias(pool_rank, ids, suite, i, own_rank, best_other),
+        bias=_bias(pool_rank, ids, suite, i, own_rank, best_other, exact),
         per_query={
             "language": np.full(len(qids), i),
             "multi_ap": multi_ap,
@@ -111,6 +124,19 @@ def _language_row(
             qrels={q: {doc_ids[r]: 1 for r in row if r >= 0} for q, row in zip(qids, relevant, strict=True)},
         ),
     )
+
+
+def _block_list_ranks(
+    blocks: list[faiss.Index], bounds: np.ndarray, queries: np.ndarray, relevant: np.ndarray, k: int
+) -> np.ndarray:
+    """Mono/cross ranks with an approximate index: each relevant item's position in the top-``k`` of
+    its own language's index (``blocks``, local ids; ``bounds``: where each language starts in the pool)."""
+    ranks = np.empty(relevant.shape)
+    for j, block in enumerate(blocks):
+        _, local = search(block, queries, k)
+        ids = np.where(local >= 0, local + bounds[j], -1)
+        ranks[:, j] = list_ranks(ids, relevant[:, j : j + 1])[:, 0]
+    return ranks
 
 
 def encode_suite(
@@ -145,16 +171,20 @@ def evaluate_lareqa(
     pool = np.vstack(cands)
     bounds = np.cumsum([0] + [len(c) for c in cands])
     k = max(depth, TOP_K)
-    faiss_index = None if index == "flat" else build_index(pool, index, k)
+    exact = index == "flat"
+    if not exact:
+        pooled = build_index(pool, index, k)
+        blocks = [build_index(c, index, k) for c in cands]
     rows = []
     for i, lang in enumerate(suite.languages):
         relevant = suite.relevant(lang)
-        if faiss_index is None:
+        if exact:
             pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k)
         else:
-            scores, ids = search(faiss_index, queries[i], k)
-            pool_rank, block_rank = ranks_from_lists(ids, relevant, suite.candidate_language)
-        rows.append(_language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth))
+            scores, ids = search(pooled, queries[i], k)
+            pool_rank = list_ranks(ids, relevant)
+            block_rank = _block_list_ranks(blocks, bounds, queries[i], relevant, k)
+        rows.append(_language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth, exact))
     t2 = time.perf_counter()
     langs = list(suite.languages)
     return LareqaResults(
@@ -162,7 +192,7 @@ def evaluate_lareqa(
         languages=langs,
         candidate_context=suite.candidate_context,
         index=index,
-        exact=index == "flat",
+        exact=exact,
         depth=depth,
         n_queries={lang: len(suite.data[lang].query_ids) for lang in langs},
         n_candidates={lang: len(suite.data[lang].candidate_ids) for lang in langs},

@@ -10,8 +10,10 @@ NaN where there is no relevant candidate:
 Exact ranks count, over the full pool, the candidates scoring at least as high as the relevant one.
 Ties therefore rank pessimistically, as scikit-learn's ``average_precision_score`` treats them, so AP
 matches it exactly. One GEMM per query chunk serves the counts and the top-k lists alike, which is why
-the flat setting needs no FAISS index. Ranks from a top-k list (approximate indexes) are +inf when
-not retrieved.
+the flat setting needs no FAISS index. Approximate indexes (``list_ranks``) give positions in a top-k
+list instead: +inf when not retrieved. The engine asks each language's own index for the ``block``
+ranks, because a position among one language's items in a pooled top-k list is not that language's
+ranking: its items beyond the pooled cut-off are missing.
 """
 
 from __future__ import annotations
@@ -53,20 +55,10 @@ def exact_ranks(
     return pool_rank, block_rank, top_scores, top_ids
 
 
-def ranks_from_lists(
-    ids: np.ndarray, relevant: np.ndarray, candidate_language: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """(pool, block) ranks read off pooled top-k lists (``ids``: queries x k, -1 = empty slot)."""
-    n, n_lang = relevant.shape
+def list_ranks(ids: np.ndarray, relevant: np.ndarray) -> np.ndarray:
+    """1-based position of each relevant item in its query's top-k list (``ids``: queries x k, -1 = empty
+    slot; ``relevant``: queries x L, -1 = none): +inf when not retrieved, NaN where there is none."""
     hit = ids[:, None, :] == relevant[:, :, None]  # (n, L, k)
-    found = hit.any(axis=2)
-    pos = hit.argmax(axis=2)
-    list_lang = np.where(ids >= 0, candidate_language[np.maximum(ids, 0)], -1)
-    same = np.cumsum(list_lang[:, None, :] == np.arange(n_lang)[None, :, None], axis=2)
-    block = np.take_along_axis(same, pos[:, :, None], axis=2)[:, :, 0]
-    pool_rank = np.where(found, pos + 1.0, np.inf)
-    block_rank = np.where(found, block.astype(np.float64), np.inf)
-    missing = relevant < 0
-    pool_rank[missing] = np.nan
-    block_rank[missing] = np.nan
-    return pool_rank, block_rank
+    ranks = np.where(hit.any(axis=2), hit.argmax(axis=2) + 1.0, np.inf)
+    ranks[relevant < 0] = np.nan
+    return ranks

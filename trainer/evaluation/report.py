@@ -51,11 +51,15 @@ def _lareqa_table(r: LareqaResults) -> str:
     summary = r.summary()
     rows = [(lang, [per_lang[lang][k] for k in keys]) for lang in r.languages]
     rows.append(("mean", [summary[k] for k in keys]))
-    mode = "exact over the full pool" if r.exact else f"top-{r.depth} lists"
+    mode = "exact over the full pool" if r.exact else f"top-{r.depth} of the pool and of each language"
     lines = [
         f"{r.suite}: {len(r.languages)} languages, {sum(r.n_queries.values()):,} queries, pool of "
         f"{sum(r.n_candidates.values()):,} {r.candidate_context} candidates; index {r.index} ({mode})",
         *_grid([h for _, h in _LAREQA_COLUMNS], rows),
+    ]
+    if r.unavailable:
+        lines.append(f"not available: {', '.join(r.unavailable)} ({r.unavailable_reason})")
+    lines += [
         "",
         "mAP matrix (rows: query language, columns: candidate language)",
         *_grid(r.languages, [(x, list(r.map_matrix[i])) for i, x in enumerate(r.languages)], width=6),
@@ -137,7 +141,9 @@ def _bias_bars(results: LareqaResults, plt: Any) -> Any:
     left.set_title("same-language hits")
     right.bar(x, [bias[lang]["rank_distance"] for lang in langs])
     right.set_xticks(x, langs)
-    right.set_title("mean max rank distance (lower = less bias)")
+    right.set_title(
+        "mean max rank distance (lower = less bias)" if results.exact else "rank distance: needs index flat"
+    )
     fig.tight_layout()
     return fig
 
@@ -165,11 +171,10 @@ def save_plots(results: LareqaResults, directory: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, draw in (
-        ("map_matrix", _heatmap),
-        ("bias_by_language", _bias_bars),
-        ("bias_own_vs_other", _own_vs_other),
-    ):
+    plots = [("map_matrix", _heatmap), ("bias_by_language", _bias_bars)]
+    if results.exact:  # the per-query ranks it shows exist only with exact ranks
+        plots.append(("bias_own_vs_other", _own_vs_other))
+    for name, draw in plots:
         fig = draw(results, plt)
         paths.append(directory / f"{name}.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")

@@ -26,6 +26,10 @@ BIAS_METRICS = (
     "own_rank_median",
     "best_other_rank_median",
 )
+#: The bias views that need the pooled rank of every positive, so exact ranks (the flat index). Read off
+#: an approximate top-k list they would skip the queries with a positive beyond the cut-off, the most
+#: biased ones, so with IVF/HNSW they are reported as not available instead.
+EXACT_BIAS_METRICS = tuple(m for m in BIAS_METRICS if m not in ("top10_own_share", "pool_own_share"))
 
 
 def mean(values: Any) -> float:
@@ -67,6 +71,19 @@ class LareqaResults:
     #: pooled ranks of the same-language and of the best other-language positive.
     per_query: dict[str, np.ndarray] = field(repr=False)
     ranked: list[RankedLists] = field(repr=False)
+
+    @property
+    def unavailable(self) -> list[str]:
+        """Metrics this evaluation could not compute (NaN in every view, absent from the flat names)."""
+        return [] if self.exact else [f"bias.{m}" for m in EXACT_BIAS_METRICS]
+
+    @property
+    def unavailable_reason(self) -> str | None:
+        if self.exact:
+            return None
+        return (
+            f"they need exact ranks over the full pool (index flat), not {self.index} top-{self.depth} lists"
+        )
 
     def summary(self) -> dict[str, float]:
         """Macro averages over query languages (cross: over ordered pairs)."""
@@ -131,6 +148,7 @@ class LareqaResults:
             "index": self.index,
             "exact": self.exact,
             "depth": self.depth,
+            "unavailable": {"metrics": self.unavailable, "reason": self.unavailable_reason},
             "n_queries": self.n_queries,
             "n_candidates": self.n_candidates,
             "pool_size": sum(self.n_candidates.values()),
