@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -163,3 +164,111 @@ def test_model_card_front_matter_and_numbers(tmp_path: Path) -> None:
     assert "alpha = 0.25" in body and "| xy | 9 | 0.750 |" in body
     assert "mean 0.6123" in body, "the results table the run printed"
     assert "strategy: hybrid" in body, "the training spec"
+
+
+def _eval_args(*argv: str) -> object:
+    import argparse
+
+    from xling.trainer.evaluation.cli import add_cli
+
+    parser = argparse.ArgumentParser(prog="xling")
+    add_cli(parser.add_subparsers())
+    return parser.parse_args(["eval", "--suite", "xquad-r", *argv])
+
+
+def test_eval_takes_pooling_prompts_and_lengths_from_the_exported_dir(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xling.trainer.evaluation.cli import _encoder
+
+    backbone = twin(tmp_path / "backbone", "qwen2")
+    spec = ModelSpec(name="qwen2", pooling="last_token", normalize=False, query_prefix="q: ", passage_prefix="p: ",
+                     max_query_length=16, max_passage_length=24)  # fmt: skip
+    want = export(backbone, load_tokenizer(str(backbone)), spec, tmp_path / "export")
+    got = _encoder(_eval_args("--model", str(tmp_path / "export"), "--pooling", "mean", "--max-length", "8"))
+    assert "ignoring --pooling, --max-length" in capsys.readouterr().err
+    assert got.tokenize.spec.model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    texts = SHORT + LONG
+    for kind in ("query", "passage"):
+        np.testing.assert_allclose(got.encode(texts, kind), want.encode(texts, kind), atol=1e-6, rtol=0)
+
+
+def test_eval_reads_a_directory_saved_by_sentence_transformers_itself(tmp_path: Path) -> None:
+    """Not only xling's exports: a model sentence-transformers saved (CLS pooling, no Normalize)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    from xling.trainer.evaluation.cli import _encoder
+
+    backbone = twin(tmp_path / "backbone", "xlmr")
+    module = Transformer(str(backbone), max_seq_length=40, query_length=20)
+    model = SentenceTransformer(
+        modules=[module, Pooling(16, "cls")], prompts={"query": "q: ", "document": "d: "}
+    )
+    model.save(str(tmp_path / "st"))
+    encoder = _encoder(_eval_args("--model", str(tmp_path / "st")))
+    got = encoder.tokenize.spec
+    assert (got.pooling, got.normalize, got.query_prefix, got.passage_prefix) == ("cls", False, "q: ", "d: ")
+    assert (got.max_query_length, got.max_passage_length) == (20, 40)
+    reloaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    np.testing.assert_allclose(
+        encoder.encode(SHORT, "query"), reloaded.encode_query(SHORT), atol=1e-5, rtol=0
+    )
+
+
+def test_eval_refuses_modules_it_cannot_run(tmp_path: Path) -> None:
+    from xling.trainer.export import read_sentence_transformers
+
+    backbone = twin(tmp_path / "m", "bert")
+    write_sentence_transformers(backbone, ModelSpec(name="b"), load_tokenizer(str(backbone)), False)
+    (backbone / "1_Pooling" / "config.json").write_text('{"embedding_dimension": 16, "pooling_mode": "max"}')
+    with pytest.raises(ValueError, match=r"1_Pooling/config.json: pooling mode 'max'"):
+        read_sentence_transformers(backbone)
+
+
+def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The MLflow side, without Ray: a pyfunc model on the run, a registry version with the run's metrics."""
+    import mlflow
+    from sentence_transformers import SentenceTransformer
+
+    from xling.trainer.export import log_model
+    from xling.trainer.tracking import start_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = start_run(uri, "export", "r", {}, {})
+    spec = ExperimentSpec.model_validate({
+        "model": {"name": "twin", "maxQueryLength": 32, "maxPassageLength": 48},
+        "data": {"languages": ["en"], "sources": [{"type": "pairs", "path": "p.jsonl"}]},
+        "sampling": {"strategy": "xx"},
+        "evaluation": {"suites": [{"name": "xquad-r", "path": "x"}]},
+        "tracking": {"registeredModelName": "retriever"},
+    })  # fmt: skip
+    backbone = twin(tmp_path / "backbone", "bert")
+    export(backbone, load_tokenizer(str(backbone)), spec.model, tmp_path / "export")
+    metrics = {"xquad_r.multi.map": 0.25, "xquad_r.mono.en.map": 0.5, "train.loss": 2.0}
+    info = log_model(tmp_path / "export", spec, tracking_uri=uri, run_id=run_id, metrics=metrics)
+
+    client = mlflow.MlflowClient(uri)
+    [logged] = client.search_logged_models([client.get_run(run_id).info.experiment_id])
+    assert logged.source_run_id == run_id and logged.model_id == info.model_id
+    [version] = client.search_model_versions("name = 'retriever'")
+    assert version.run_id == run_id and version.tags == {
+        "xling.run_id": run_id,
+        "xquad_r.multi.map": "0.2500",
+    }
+    served = mlflow.pyfunc.load_model("models:/retriever/1")
+    assert served.metadata.signature.params.to_dict()[0]["name"] == "kind"
+    st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
+    texts = SHORT + LONG
+    np.testing.assert_allclose(
+        served.predict(pd.DataFrame({"text": texts})), st.encode_query(texts), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        served.predict(pd.DataFrame({"text": texts}), params={"kind": "passage"}),
+        st.encode_document(texts),
+        atol=1e-6,
+    )

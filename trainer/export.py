@@ -114,6 +114,74 @@ def is_sentence_transformers_dir(path: str | Path) -> bool:
     return (Path(path) / "modules.json").is_file()
 
 
+def sentence_transformers_dir(name_or_path: str) -> Path | None:
+    """The local directory of a sentence-transformers model: ``name_or_path`` itself, or the hub snapshot of
+    a hub name whose repository has a ``modules.json``; None for anything else (a plain HF model)."""
+    if is_sentence_transformers_dir(name_or_path):
+        return Path(name_or_path)
+    if Path(name_or_path).exists() or name_or_path.startswith("xling/") or name_or_path.count("/") != 1:
+        return None
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        hf_hub_download(name_or_path, "modules.json")
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+        return None
+    return Path(snapshot_download(name_or_path))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _pooling_mode(config: dict[str, Any]) -> str:
+    """``pooling_mode`` (sentence-transformers >= 6) or the older ``pooling_mode_*`` booleans."""
+    if mode := config.get("pooling_mode"):
+        return mode if isinstance(mode, str) else "+".join(mode)
+    legacy = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "lasttoken",
+              "pooling_mode_max_tokens": "max", "pooling_mode_weightedmean_tokens": "weightedmean",
+              "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens"}  # fmt: skip
+    return "+".join(mode for key, mode in legacy.items() if config.get(key)) or "mean"
+
+
+def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
+    """The backbone directory and the encoding settings (pooling, normalisation, prompts, lengths) that a
+    sentence-transformers model directory declares, for xling's own encoder. Modules xling cannot run
+    (Dense, a pooling mode other than cls / mean / last token) are refused by name."""
+    root = Path(path)
+    modules = json.loads((root / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or set(kinds[2:]) - {"Normalize"}:
+        raise ValueError(
+            f"{root / 'modules.json'}: modules {kinds}; xling evaluates Transformer, Pooling[, Normalize]"
+        )
+    backbone, pooling_dir = (root / modules[i]["path"] for i in (0, 1))
+    mode = _pooling_mode(_read(pooling_dir / "config.json"))
+    pooling = {v: k for k, v in POOLING_MODES.items()}.get(mode)
+    if pooling is None:
+        raise ValueError(
+            f"{pooling_dir / 'config.json'}: pooling mode {mode!r}; xling supports {sorted(POOLING_MODES.values())}"
+        )
+    st = _read(root / "config_sentence_transformers.json")
+    prompts = st.get("prompts") or {}
+    module = _read(backbone / "sentence_bert_config.json")
+    longest = (
+        module.get("max_seq_length")
+        or _read(backbone / "tokenizer_config.json").get("model_max_length")
+        or 512
+    )
+    longest = min(int(longest), 8192)
+    spec = ModelSpec(
+        name=str(root), pooling=pooling, normalize="Normalize" in kinds,
+        query_prefix=prompts.get("query", ""),
+        passage_prefix=next((prompts[k] for k in ("passage", "document", "corpus") if k in prompts), ""),
+        max_query_length=module.get("query_length") or longest,
+        max_passage_length=module.get("document_length") or longest,
+    )  # fmt: skip
+    return str(backbone), spec
+
+
 # --------------------------------------------------------------------------------------- model card
 
 
@@ -271,3 +339,204 @@ def write_model_card(
     path = Path(directory) / "README.md"
     path.write_text(f"---\n{meta}---\n\n" + "\n".join(body))
     return path
+
+
+# --------------------------------------------------------------------------------------- MLflow
+
+#: The pyfunc wrapper MLflow copies into the logged model (imports nothing from xling).
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+
+
+def headline_metrics(spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, float]:
+    """The suites' summary metrics under their flat names (``xquad_r.multi.map``)."""
+    return {f"{suite.name.replace('-', '_')}.{k}": v for suite in spec.evaluation.suites
+            for k, v in _suite_metrics(metrics, suite.name).items()}  # fmt: skip
+
+
+def model_signature(directory: Path) -> Any:
+    """Texts in, one float32 vector each out; ``kind`` (query/passage) picks prompt and length."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    dim = json.loads((Path(directory) / "1_Pooling" / "config.json").read_text())["embedding_dimension"]
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]),
+        params=ParamSchema([ParamSpec("kind", "string", "query")]),
+    )
+
+
+def log_model(
+    directory: Path, spec: ExperimentSpec, *, tracking_uri: str, run_id: str, metrics: Mapping[str, float]
+) -> Any:
+    """Log the exported directory to the run as an MLflow (pyfunc) model; with
+    ``tracking.registeredModelName``, register it as a new version tagged with the headline metrics."""
+    import mlflow
+    import torch
+    import transformers
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(tracking_uri)  # Model.log reads the global URI and experiment
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
+    name = spec.tracking.registered_model_name
+    m = spec.model
+    info = Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"sentence_transformer": str(directory)},
+        signature=model_signature(directory),
+        pip_requirements=[
+            "sentence-transformers>=6",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+        ],  # fmt: skip
+        metadata={
+            "base_model": m.name,
+            "pooling": m.pooling,
+            "normalize": m.normalize,
+            "query_prefix": m.query_prefix,
+            "passage_prefix": m.passage_prefix,
+            "max_query_length": m.max_query_length,
+            "max_passage_length": m.max_passage_length,
+        },  # fmt: skip
+        registered_model_name=name,
+    )
+    if name:
+        tag_version(
+            tracking_uri, name, str(info.registered_model_version), run_id, headline_metrics(spec, metrics)
+        )
+    return info
+
+
+def tag_version(
+    tracking_uri: str, name: str, version: str, run_id: str, metrics: Mapping[str, float]
+) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    client.set_model_version_tag(name, version, "xling.run_id", run_id)
+    for key, value in metrics.items():
+        client.set_model_version_tag(name, version, key, f"{value:.4f}")
+
+
+# --------------------------------------------------------------------------------------- xling export
+
+#: Written into every checkpoint: what ``xling export`` needs besides the weights.
+CHECKPOINT_META = "xling.json"
+
+
+def write_checkpoint_meta(directory: Path, config: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+    meta = {key: config.get(key) for key in ("spec", "model_path", "name", "run_id")}
+    _json(Path(directory) / CHECKPOINT_META, {**meta, "metrics": {k: v for k, v in metrics.items()
+                                                                   if isinstance(v, int | float)}})  # fmt: skip
+
+
+def _checkpoint_meta(checkpoint: Path, spec_file: str | None) -> dict[str, Any]:
+    """The checkpoint's own record, or (checkpoints from before it existed) the experiment file."""
+    if spec_file is None:
+        path = checkpoint / CHECKPOINT_META
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: not found (a checkpoint from before xling wrote it): pass --spec FILE"
+            )
+        return json.loads(path.read_text())
+    from xling.trainer.model import resolve_model_path
+    from xling.trainer.spec import load_experiment
+
+    exp = load_experiment(spec_file)
+    if (checkpoint / "model" / "config.json").is_file():
+        model_path = str(checkpoint / "model")
+    else:  # config and tokenizer of the model trained from
+        model_path = resolve_model_path(exp.spec.model.name)
+    return {"spec": exp.spec.model_dump(mode="json"), "model_path": model_path, "name": exp.metadata.name}
+
+
+def consolidate_zero(ds_dir: Path, out: Path, dtype: Any, max_shard_size: str = "5GB") -> None:
+    """A ZeRO (1-3) checkpoint's fp32 master weights as the backbone's sharded safetensors, one shard in
+    memory at a time (the optimizer files are memory-mapped; DeepSpeed's lazy gather, renamed keys)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    from xling.trainer.deepspeed_engine import CKPT_TAG
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=CKPT_TAG, lazy_mode=True)
+    lazy = {k.removeprefix("backbone."): v for k, v in lazy.items() if k.startswith("backbone.")}
+    split = split_torch_state_dict_into_shards(
+        to_torch_tensor(lazy, return_empty_tensor=True, dtype=dtype), max_shard_size=max_shard_size,
+        filename_pattern="model{suffix}.safetensors",
+    )  # fmt: skip
+    for filename, names in split.filename_to_tensors.items():
+        shard = to_torch_tensor({name: lazy[name] for name in names}, dtype=dtype)
+        save_file(shard, str(out / filename), metadata={"format": "pt"})
+        del shard
+    if split.is_sharded:
+        _json(
+            out / "model.safetensors.index.json",
+            {"metadata": split.metadata, "weight_map": split.tensor_to_filename},
+        )
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, spec_file: str | None = None) -> Path:
+    """``xling export``: any xling checkpoint (final or not; plain PyTorch or DeepSpeed ZeRO 1-3) as a
+    sentence-transformers directory with a model card."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig
+
+    from xling.trainer.deepspeed_engine import CKPT_DIR
+    from xling.trainer.model import Tokenize, load_tokenizer
+
+    checkpoint, out = Path(checkpoint), Path(out)
+    meta = _checkpoint_meta(checkpoint, spec_file)
+    spec = ExperimentSpec.model_validate(meta["spec"])
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(meta["model_path"])  # config and tokenizer
+    if (checkpoint / "model" / "config.json").is_file():  # a final checkpoint: the backbone is there
+        source = checkpoint / "model"
+        shutil.copytree(source, out, dirs_exist_ok=True)
+    elif (checkpoint / CKPT_DIR).is_dir():
+        dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
+        consolidate_zero(checkpoint / CKPT_DIR, out, dtype)
+    elif (checkpoint / "engine.pt").is_file():
+        from safetensors.torch import save_file
+
+        state = torch.load(checkpoint / "engine.pt", map_location="cpu", mmap=True, weights_only=False)[
+            "model"
+        ]
+        save_file({k.removeprefix("backbone."): v.contiguous() for k, v in state.items() if k.startswith("backbone.")},
+                  str(out / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+    else:
+        raise FileNotFoundError(f"{checkpoint}: no model/, {CKPT_DIR}/ or engine.pt: not an xling checkpoint")
+    if source != checkpoint / "model":
+        AutoConfig.from_pretrained(source, trust_remote_code=spec.model.trust_remote_code).save_pretrained(
+            out
+        )
+    tokenize = Tokenize(load_tokenizer(str(source), spec.model), spec.model)
+    write_sentence_transformers(out, spec.model, tokenize.tok, tokenize.append_eos)
+    state = _read(checkpoint / "trainer_state.json")
+    report = (checkpoint / "results.txt").read_text() if (checkpoint / "results.txt").is_file() else ""
+    write_model_card(out, spec, name=meta.get("name") or "xling-retriever", metrics=meta.get("metrics", {}),
+                     composition=state.get("composition", {}), report=report, run_id=meta.get("run_id"))  # fmt: skip
+    return out
+
+
+def add_cli(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="a checkpoint as a sentence-transformers model directory with a model card",
+        description="Turn any xling checkpoint (a Ray Train checkpoint_* directory: final or intermediate, plain "
+        "PyTorch or DeepSpeed ZeRO 1-3, consolidated shard by shard) into the directory the final checkpoint "
+        "holds under model/: loads with SentenceTransformer(DIR) and AutoModel.",
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--spec", metavar="FILE", help="the experiment YAML (checkpoints written before xling.json)"
+    )
+    p.set_defaults(func=lambda args: print(export_checkpoint(args.checkpoint, args.out, args.spec)) or 0)

@@ -277,6 +277,10 @@ class TrackingSpec(Spec):
     tracking_uri: str | None = Field(default=None, description="Default: sqlite:///mlflow.db in the CWD.")
     experiment_name: str | None = Field(default=None, description="Default: metadata.name.")
     run_name: str | None = None
+    registered_model_name: str | None = Field(
+        default=None,
+        description="Register the final model in MLflow's model registry under this name (a new version per run).",
+    )
     credentials: SecretRef | None = Field(
         default=None,
         description="Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD (never in the URI).",

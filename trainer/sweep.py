@@ -30,7 +30,7 @@ from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
 from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, init_ray, prepare, storage_path
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
-from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
+from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, source_tags, start_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -315,7 +315,7 @@ def run_sweep(
     storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
-            "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
+            "xling.bad_rows_skipped": str(report.total), **source_tags()}  # fmt: skip
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
