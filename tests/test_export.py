@@ -272,3 +272,58 @@ def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
         st.encode_document(texts),
         atol=1e-6,
     )
+
+
+# --------------------------------------------------------------------------------------- xling export
+
+
+def _experiment(model: Path, **model_fields: object) -> ExperimentSpec:
+    return ExperimentSpec.model_validate({
+        "model": {"name": str(model), "maxQueryLength": 32, "maxPassageLength": 48, **model_fields},
+        "data": {"languages": ["en"], "sources": [{"type": "pairs", "path": "p.jsonl"}]},
+        "sampling": {"strategy": "xx"},
+        "optimization": {"maxSteps": 4},
+    })  # fmt: skip
+
+
+def test_export_an_intermediate_plain_pytorch_checkpoint(tmp_path: Path) -> None:
+    """``engine.pt`` (no model/ yet) + the checkpoint's xling.json -> the same embeddings in sentence-transformers."""
+    from xling.trainer.cli import main
+    from xling.trainer.engine import TorchEngine, save_trainer_state
+    from xling.trainer.export import write_checkpoint_meta
+
+    backbone = twin(tmp_path / "backbone", "qwen2")
+    spec = _experiment(backbone, pooling="last_token")
+    tokenize = Tokenize(load_tokenizer(str(backbone)), spec.model)
+    model = BiEncoder(load_backbone(str(backbone), spec.model), "last_token")
+    with torch.no_grad():  # "training": weights that differ from the backbone's
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    ckpt = tmp_path / "checkpoint_000000"
+    ckpt.mkdir()
+    TorchEngine(model, spec).save(ckpt, 0)
+    save_trainer_state(ckpt, 2, {"composition": {"kinds": {"xx": 2}}})
+    write_checkpoint_meta(ckpt, {"spec": spec.model_dump(mode="json"), "model_path": str(backbone), "name": "mid"}, {})
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "out")]) == 0
+    assert_same_embeddings(HFTextEncoder(model.eval(), tokenize), tmp_path / "out", SHORT, LONG)
+    assert "| xx | 2 | 1.000 |" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path: Path) -> None:
+    """An old final checkpoint: model/ is a bare backbone + tokenizer, no xling.json; --spec supplies the rest."""
+    from xling.trainer.cli import main
+
+    ckpt = tmp_path / "checkpoint_000001"
+    backbone = twin(ckpt / "model", "bert")
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "xling.io/v1alpha1", "kind": "RetrievalExperiment", "metadata": {"name": "old"},
+        "spec": _experiment(Path("unused"), pooling="cls", normalize=False).model_dump(mode="json", by_alias=True),
+    }))  # fmt: skip
+    (ckpt / "results.txt").write_text("xquad-r: the table the run printed")
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "out")]) == 2, "no xling.json and no --spec"
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--spec", str(tmp_path / "exp.yaml")]) == 0
+    spec = _experiment(backbone, pooling="cls", normalize=False).model
+    model = BiEncoder(load_backbone(str(backbone), spec), "cls", normalize=False)
+    encoder = HFTextEncoder(model.eval(), Tokenize(load_tokenizer(str(backbone)), spec))
+    assert_same_embeddings(encoder, tmp_path / "out", SHORT, LONG)
+    assert "the table the run printed" in (tmp_path / "out" / "README.md").read_text()

@@ -464,6 +464,7 @@ def consolidate_zero(ds_dir: Path, out: Path, dtype: Any, max_shard_size: str = 
 
     from xling.trainer.deepspeed_engine import CKPT_TAG
 
+    out.mkdir(parents=True, exist_ok=True)
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(ds_dir), tag=CKPT_TAG, lazy_mode=True)
     lazy = {k.removeprefix("backbone."): v for k, v in lazy.items() if k.startswith("backbone.")}
     split = split_torch_state_dict_into_shards(
