@@ -295,7 +295,10 @@ def test_zero3_checkpoint_consolidates_shard_by_shard_into_a_sentence_transforme
     for out in (tmp_path / "out", tmp_path / "sharded"):
         if out.name == "sharded":  # several shards and an index, as a large model gets
             consolidate_zero(ckpt / "deepspeed", out.parent / "sharded", torch.float32, max_shard_size=4000)
-            assert len(list(out.glob("model-*.safetensors"))) > 3 and (out / "model.safetensors.index.json").exists()
+            assert (
+                len(list(out.glob("model-*.safetensors"))) > 3
+                and (out / "model.safetensors.index.json").exists()
+            )
             shutil.copy(base / "config.json", out)
         got = AutoModel.from_pretrained(out, add_pooling_layer=False).state_dict()
         assert got.keys() == want.keys()

@@ -303,7 +303,9 @@ def test_export_an_intermediate_plain_pytorch_checkpoint(tmp_path: Path) -> None
     ckpt.mkdir()
     TorchEngine(model, spec).save(ckpt, 0)
     save_trainer_state(ckpt, 2, {"composition": {"kinds": {"xx": 2}}})
-    write_checkpoint_meta(ckpt, {"spec": spec.model_dump(mode="json"), "model_path": str(backbone), "name": "mid"}, {})
+    write_checkpoint_meta(
+        ckpt, {"spec": spec.model_dump(mode="json"), "model_path": str(backbone), "name": "mid"}, {}
+    )
     assert main(["export", str(ckpt), "--out", str(tmp_path / "out")]) == 0
     assert_same_embeddings(HFTextEncoder(model.eval(), tokenize), tmp_path / "out", SHORT, LONG)
     assert "| xx | 2 | 1.000 |" in (tmp_path / "out" / "README.md").read_text()
@@ -321,7 +323,9 @@ def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path
     }))  # fmt: skip
     (ckpt / "results.txt").write_text("xquad-r: the table the run printed")
     assert main(["export", str(ckpt), "--out", str(tmp_path / "out")]) == 2, "no xling.json and no --spec"
-    assert main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--spec", str(tmp_path / "exp.yaml")]) == 0
+    assert (
+        main(["export", str(ckpt), "--out", str(tmp_path / "out"), "--spec", str(tmp_path / "exp.yaml")]) == 0
+    )
     spec = _experiment(backbone, pooling="cls", normalize=False).model
     model = BiEncoder(load_backbone(str(backbone), spec), "cls", normalize=False)
     encoder = HFTextEncoder(model.eval(), Tokenize(load_tokenizer(str(backbone)), spec))

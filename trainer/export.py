@@ -407,20 +407,37 @@ def log_model(
     )
     if name:
         tag_version(
-            tracking_uri, name, str(info.registered_model_version), run_id, headline_metrics(spec, metrics)
+            tracking_uri, name, str(info.registered_model_version), version_tags(run_id, spec, metrics)
         )
     return info
 
 
-def tag_version(
-    tracking_uri: str, name: str, version: str, run_id: str, metrics: Mapping[str, float]
-) -> None:
+def version_tags(run_id: str, spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, str]:
+    """A registry version's tags: the run it came from and its headline metrics."""
+    return {"xling.run_id": run_id, **{k: f"{v:.4f}" for k, v in headline_metrics(spec, metrics).items()}}
+
+
+def register_run_model(tracking_uri: str, name: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register the model logged by ``run_id`` as a new version of ``name``; returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    experiment = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+    if not found:
+        raise ValueError(f"run {run_id} logged no model to register")
+    mlflow.set_tracking_uri(tracking_uri)
+    version = str(mlflow.register_model(f"models:/{found[0].model_id}", name).version)
+    tag_version(tracking_uri, name, version, tags)
+    return version
+
+
+def tag_version(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    client.set_model_version_tag(name, version, "xling.run_id", run_id)
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, version, key, f"{value:.4f}")
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
 
 
 # --------------------------------------------------------------------------------------- xling export

@@ -124,7 +124,7 @@ def run_experiment(
             "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total), **source_tags()}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
-    log_training_data(uri, run_id, spec, corpus)
+    log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"])
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     result = _fit(exp, corpus, model_path, uri, run_id, env)
@@ -138,11 +138,12 @@ def run_experiment(
     return RunResult(run_id, metrics, ckpt, seconds)
 
 
-def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, corpus: PairCorpus) -> None:
+def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str) -> None:
+    """The training pairs as the run's MLflow dataset: digest = the corpus fingerprint, source = the sources."""
     from mlflow import MlflowClient
 
     sources = [s.path for s in spec.data.sources]
-    log_dataset(MlflowClient(uri), run_id, "training-pairs", corpus.fingerprint(), sources, "training")
+    log_dataset(MlflowClient(uri), run_id, "training-pairs", fingerprint, sources, "training")
 
 
 def _fit(

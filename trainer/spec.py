@@ -390,6 +390,10 @@ class SweepSpec(Spec):
         default=None, description="Default: available GPUs / GPUs per trial (on CPU: CPUs / CPUs per trial)."
     )
     asha: AshaSpec | None = Field(default=None, description="Unset: every trial runs to the end.")
+    register_best: bool = Field(
+        default=False,
+        description="Register the best point's best trial model under tracking.registeredModelName (trials never register).",
+    )
     constraints: list[SweepConstraint] = Field(default_factory=list)
     bootstrap_samples: Annotated[int, Field(ge=100)] = Field(
         default=10_000, description="Resamples of the paired bootstrap over queries."

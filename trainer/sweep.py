@@ -28,7 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
-from xling.trainer.run import RunResult, _finish_run, _fit, _local_env, init_ray, prepare, storage_path
+from xling.trainer.run import (
+    RunResult,
+    _finish_run,
+    _fit,
+    _local_env,
+    init_ray,
+    log_training_data,
+    prepare,
+    storage_path,
+)
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
 from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, source_tags, start_run
 
@@ -144,7 +153,9 @@ class TrialContext:
     tags: dict[str, str]
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
-        return self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
+        spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
+        spec.tracking.registered_model_name = None  # trials log their model; only the best is registered
+        return spec
 
     def experiment(self, trial: Trial) -> RetrievalExperiment:
         return self.exp.model_copy(update={"spec": self.spec(trial.point, trial.seed)})
@@ -180,6 +191,7 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     run_id = start_run(
         ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
     )
+    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags["xling.data_fingerprint"])
     return run_id, None
 
 
@@ -303,6 +315,8 @@ def run_sweep(
 
     started = time.time()
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
+    if exp.spec.sweep.register_best and not exp.spec.tracking.registered_model_name:
+        raise ValueError("spec.sweep.registerBest: needs spec.tracking.registeredModelName")
     # Trials run in Tune's trial directories: pin the cache (models, zero-shot embeddings) for all of them.
     env = {**_local_env(), "XLING_CACHE": str(default_cache_dir().resolve())}
     exp = exp.model_copy(deep=True)
@@ -327,6 +341,7 @@ def run_sweep(
     _settle_children(client, ctx, grid)
     summary = summarize(client, parent)
     publish(client, summary)
+    register_best(uri, summary, exp.spec)
     print("\n" + markdown(summary), flush=True)
     errors = [r.error for r in grid if r.error is not None]
     if exp.spec.sweep.asha is None:  # every trial must finish; MLflow's finished children are the record
@@ -350,6 +365,23 @@ def run_sweep(
     best = summary.points[summary.best] if summary.best is not None else None
     metrics = {k: c.mean for k, c in best.stats.items()} if best else {}
     return RunResult(parent, metrics, None, seconds)
+
+
+def register_best(uri: str, summary: Any, spec: ExperimentSpec) -> str | None:
+    """With ``sweep.registerBest``: the best point's best seed's model as a new registry version, tagged with
+    that trial's summary metrics and the sweep it won."""
+    from xling.trainer.export import register_run_model, version_tags
+
+    name = spec.tracking.registered_model_name
+    if not (spec.sweep.register_best and name) or summary.best is None:
+        return None
+    point, sign = summary.points[summary.best], 1 if spec.sweep.mode == "max" else -1
+    trial = max(point.trials, key=lambda t: sign * t.metrics.get(spec.sweep.metric, -sign * math.inf))
+    tags = {**version_tags(trial.run_id, spec, trial.metrics), "xling.sweep_run_id": summary.parent_run_id,
+            "xling.point_label": point.label}  # fmt: skip
+    version = register_run_model(uri, name, trial.run_id, tags)
+    print(f"registered {name} version {version}: best point {point.label}, seed {trial.seed}", flush=True)
+    return version
 
 
 def _tune(ctx: TrialContext, corpus: PairCorpus, storage: str, stored: str | None) -> Any:
