@@ -331,3 +331,15 @@ def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path
     encoder = HFTextEncoder(model.eval(), Tokenize(load_tokenizer(str(backbone)), spec))
     assert_same_embeddings(encoder, tmp_path / "out", SHORT, LONG)
     assert "the table the run printed" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_register_best_without_a_registered_model_name_fails_before_any_work(tmp_path: Path) -> None:
+    from xling.trainer.spec import load_experiment
+    from xling.trainer.sweep import run_sweep
+
+    exp = load_experiment(ROOT / "manifests/samples/sweep-smoke.yaml")
+    exp.spec.tracking.registered_model_name = None
+    exp.spec.output_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=r"spec.sweep.registerBest: needs spec.tracking.registeredModelName"):
+        run_sweep(exp, f"sqlite:///{tmp_path}/mlflow.db")
+    assert not (tmp_path / "mlflow.db").exists()

@@ -212,6 +212,11 @@ def model_index(name: str, spec: ExperimentSpec, metrics: Mapping[str, float]) -
     return [{"name": name, "results": results}] if results else []
 
 
+def _dataset_name(kind: str, path: str) -> str:
+    """Hub names as they are; local files by their name only (a card must not carry this machine's paths)."""
+    return path if kind == "hf" else Path(path).name
+
+
 def front_matter(name: str, spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "language": list(spec.data.languages),
@@ -219,7 +224,7 @@ def front_matter(name: str, spec: ExperimentSpec, metrics: Mapping[str, float]) 
         "pipeline_tag": "sentence-similarity",
         "tags": ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense-retrieval",
                  "multilingual", "xling", f"sampling-{spec.sampling.strategy}"],
-        "datasets": sorted({source.path for source in spec.data.sources}),
+        "datasets": sorted({_dataset_name(source.type, source.path) for source in spec.data.sources}),
     }  # fmt: skip
     base = BASE_MODELS.get(spec.model.name, spec.model.name)
     if spec.model.name != TINY_MODEL:
@@ -260,7 +265,7 @@ def _sampling(spec: ExperimentSpec) -> str:
     text = {
         "xx": "every global batch is monolingual (X-X-mono): one language for queries and passages",
         "xy": "every global batch is cross-lingual (X-Y): query and passage languages differ",
-        "hybrid": f"hybrid: each global batch is X-X-mono with probability alpha = {s.alpha}, else X-Y",
+        "hybrid": f"each global batch is X-X-mono with probability alpha = {s.alpha}, else X-Y",
         "mixed": "mixed: same-language pairs, languages mixed within a batch (LAReQA X-X)",
     }[s.strategy]
     weighting = s.language_weighting + (
@@ -294,7 +299,7 @@ def write_model_card(
     body = [
         f"# {name}",
         "",
-        f"A multilingual dense retriever fine-tuned with [xling](https://github.com/) from `{m.name}`"
+        f"A multilingual dense retriever fine-tuned with xling from `{m.name}`"
         + (f" (MLflow run `{run_id}`)." if run_id else "."),
         "",
         "## Usage",
@@ -322,13 +327,16 @@ def write_model_card(
         *_composition(composition),
         "### Training data",
         "",
-        *[f"- `{s.type}`: `{s.path}`" + (f" ({', '.join(s.languages)})" if s.languages else "") for s in spec.data.sources],
+        *[f"- `{s.type}`: `{_dataset_name(s.type, s.path)}`" + (f" ({', '.join(s.languages)})" if s.languages else "")
+          for s in spec.data.sources],
         "",
         "## Results",
         "",
         *_results_table(spec, metrics),
         *(["```", report.strip(), "```", ""] if report.strip() else []),
         "## Training spec",
+        "",
+        "The fields that differ from xling's defaults:",
         "",
         "```yaml",
         yaml.safe_dump(spec.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False).strip(),
