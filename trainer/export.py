@@ -9,6 +9,10 @@ last-token pooling, so ``SentenceTransformer(dir)`` embeds exactly as xling eval
 
 ``write_model_card`` adds ``README.md``: YAML front matter (languages, base model, datasets, a
 ``model-index`` of the run's results), the spec, the realised batch composition and the results tables.
+
+Also here: reading any sentence-transformers directory back for ``xling eval``; logging the directory to
+MLflow (a pyfunc model, registered under ``tracking.registeredModelName``); ``xling export`` for
+checkpoints that are not final or predate this layout (ZeRO shards consolidated one shard at a time).
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ CARD_METRICS = {
     "ndcg10": ("ndcg_at_10", "nDCG@10"),
     "recall100": ("recall_at_100", "Recall@100"),
 }
-ST_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json")
 
 
 def _json(path: Path, data: Any) -> None:
