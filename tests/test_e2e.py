@@ -47,8 +47,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert "batch_composition.json" in artifacts
     # MLflow's own fields: source, datasets (digest = the data fingerprint), the logged and registered model
     assert (
-        run.data.tags["mlflow.source.name"].startswith("xling run ")
-        and run.data.tags["mlflow.source.git.commit"]
+        run.data.tags["mlflow.source.name"] == "xling run smoke" and run.data.tags["mlflow.source.git.commit"]
     )
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert inputs["training-pairs"].dataset.digest == run.data.tags["xling.data_fingerprint"]

@@ -429,10 +429,13 @@ def version_tags(run_id: str, spec: ExperimentSpec, metrics: Mapping[str, float]
 
 
 def register_run_model(tracking_uri: str, name: str, run_id: str, tags: Mapping[str, str]) -> str:
-    """Register the model logged by ``run_id`` as a new version of ``name``; returns the version."""
+    """Register the model logged by ``run_id`` as a new version of ``name`` (once: a rerun finds the version
+    it registered before); returns the version."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri)
+    if done := client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return str(done[0].version)
     experiment = client.get_run(run_id).info.experiment_id
     found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
     if not found:

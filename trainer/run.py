@@ -121,7 +121,7 @@ def run_experiment(
     experiment_name = spec.tracking.experiment_name or exp.metadata.name
     tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
             "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
-            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total), **source_tags()}  # fmt: skip
+            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
     log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"])

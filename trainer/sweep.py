@@ -329,7 +329,7 @@ def run_sweep(
     storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
-            "xling.bad_rows_skipped": str(report.total), **source_tags()}  # fmt: skip
+            "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
@@ -341,7 +341,6 @@ def run_sweep(
     _settle_children(client, ctx, grid)
     summary = summarize(client, parent)
     publish(client, summary)
-    register_best(uri, summary, exp.spec)
     print("\n" + markdown(summary), flush=True)
     errors = [r.error for r in grid if r.error is not None]
     if exp.spec.sweep.asha is None:  # every trial must finish; MLflow's finished children are the record
@@ -349,6 +348,8 @@ def run_sweep(
     else:  # ASHA's stops are terminations, not interruptions
         interrupted = grid.num_terminated + grid.num_errors < len(plan.trials)
     status = "FAILED" if errors else ("KILLED" if interrupted else "FINISHED")
+    if status == "FINISHED":  # an interrupted sweep's best is provisional
+        register_best(uri, summary, exp.spec)
     _finish_run(uri, parent, status)
     seconds = time.time() - started
     print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)

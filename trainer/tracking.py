@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,9 +47,10 @@ def git_commit(short: bool = True) -> str:
         return "unknown"
 
 
-def source_tags() -> dict[str, str]:
-    """MLflow's own fields for the run page's Source and Git commit, beside the xling tags."""
-    tags = {"mlflow.source.name": " ".join(["xling", *sys.argv[1:]])[:500],
+def source_tags(experiment: str) -> dict[str, str]:
+    """MLflow's own fields for the run page's Source and Git commit, beside the xling tags. (The UI shows a
+    source name's last path segment: no paths in it.)"""
+    tags = {"mlflow.source.name": f"xling run {experiment}",
             "mlflow.source.type": "JOB" if os.environ.get("XLING_EXPERIMENT_UID") else "LOCAL"}  # fmt: skip
     if (commit := git_commit(short=False)) != "unknown":
         tags["mlflow.source.git.commit"] = commit
