@@ -521,7 +521,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, spec_file: str | 
     import torch
     from transformers import AutoConfig
 
-    from xling.trainer.deepspeed_engine import CKPT_DIR
+    from xling.trainer.deepspeed_engine import CKPT_DIR, CKPT_TAG
     from xling.trainer.model import Tokenize, load_tokenizer
 
     checkpoint, out = Path(checkpoint), Path(out)
@@ -533,6 +533,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, spec_file: str | 
         source = checkpoint / "model"
         shutil.copytree(source, out, dirs_exist_ok=True)
     elif (checkpoint / CKPT_DIR).is_dir():
+        if not any((checkpoint / CKPT_DIR / CKPT_TAG).glob("*zero_pp_rank_*")):
+            raise ValueError(f"{checkpoint / CKPT_DIR}: a ZeRO stage 0 checkpoint has no shards to consolidate; "
+                             "export the run's final checkpoint instead")  # fmt: skip
         dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
         consolidate_zero(checkpoint / CKPT_DIR, out, dtype)
     elif (checkpoint / "engine.pt").is_file():
