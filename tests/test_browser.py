@@ -266,3 +266,21 @@ def test_trial_run_page_shows_metrics_params_and_system_metrics(
     ready = shows("xquad_r.multi.map", "sampling.alpha", "cpu_utilization_percentage", parent.info.run_name)
     browser.goto(f"{server}/#/experiments/{exp_id}/runs/{child.info.run_id}", ready)
     browser.screenshot(OUTPUTS / "trial-run.png")
+
+
+def test_best_trial_run_page_shows_its_model_datasets_and_source(
+    server: str, browser: Chromium, sweep: SmokeSweep
+) -> None:
+    """MLflow's own fields, filled: the logged (and, for the best trial, registered) model, the training and
+    evaluation datasets, the source."""
+    from mlflow import MlflowClient
+
+    exp_id, _, children = _runs(sweep)
+    [version] = MlflowClient(sweep.uri).search_model_versions("name = 'sweep-smoke'")
+    best = next(c for c in children if c.info.run_id == version.run_id)
+    fingerprint = best.data.tags["xling.data_fingerprint"]
+    ready = shows(
+        "Logged models (1)", "sweep-smoke\nv1", f"training-pairs ({fingerprint})", "xling run sweep-smoke"
+    )
+    browser.goto(f"{server}/#/experiments/{exp_id}/runs/{best.info.run_id}", ready)
+    browser.screenshot(OUTPUTS / "best-trial-run.png")

@@ -215,6 +215,7 @@ def _resume_and_export(rank: int, world: int, model_dir: Path, ckpt: Path) -> tu
     train(first, range(2))
     first.save(ckpt, rank)
     save_trainer_state(ckpt, 2, {}, rank)
+    first.export(ckpt / "at-save", rank)  # what `xling export` must rebuild from the shards
     torch.distributed.barrier()
     uninterrupted = train(first, range(2, 4))
     first.export(ckpt / "uninterrupted", rank)
@@ -273,3 +274,38 @@ def test_zero3_export_is_a_consolidated_hf_model(zero3: dict[str, Any]) -> None:
         assert value.shape == initial[name].shape, name  # whole tensors, not rank-0 partitions
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
     assert any(not torch.equal(uninterrupted[k], initial[k]) for k in initial), "training changed the weights"
+
+
+def test_zero3_checkpoint_consolidates_shard_by_shard_into_a_sentence_transformers_dir(
+    zero3: dict[str, Any], tmp_path: Path
+) -> None:
+    """`xling export` on the ZeRO-3 shards: the fp32 master weights, written one safetensors shard at a time,
+    equal the live engine's consolidated export at the same step."""
+    import shutil
+
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    from xling.trainer.export import consolidate_zero, export_checkpoint, write_checkpoint_meta
+    from xling.trainer.model import train_tiny_tokenizer
+
+    ckpt, base = zero3["root"] / "ckpt", tmp_path / "base"
+    shutil.copytree(zero3["root"] / "dropout", base)  # the model trained from: config + a tokenizer
+    train_tiny_tokenizer(["the cat sat on a mat"] * 20, vocab_size=40).save_pretrained(base)
+    spec = experiment_spec(3, **{"optimization.warmupSteps": 3, "model.name": str(base)})
+    write_checkpoint_meta(ckpt, {"spec": spec.model_dump(mode="json"), "model_path": str(base)}, {})
+    export_checkpoint(ckpt, tmp_path / "out")
+    want = AutoModel.from_pretrained(ckpt / "at-save", add_pooling_layer=False).state_dict()
+    for out in (tmp_path / "out", tmp_path / "sharded"):
+        if out.name == "sharded":  # several shards and an index, as a large model gets
+            consolidate_zero(ckpt / "deepspeed", out.parent / "sharded", torch.float32, max_shard_size=4000)
+            assert (
+                len(list(out.glob("model-*.safetensors"))) > 3
+                and (out / "model.safetensors.index.json").exists()
+            )
+            shutil.copy(base / "config.json", out)
+        got = AutoModel.from_pretrained(out, add_pooling_layer=False).state_dict()
+        assert got.keys() == want.keys()
+        for name, value in want.items():
+            torch.testing.assert_close(got[name], value, rtol=0, atol=0)
+    assert SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(["the cat"]).shape == (1, 16)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     exp = client.get_experiment_by_name("smoke")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
-    run = runs[0]
+    run = client.get_run(runs[0].info.run_id)  # with its dataset inputs
     assert run.info.status == "FINISHED"
     assert run.data.params["sampling.strategy"] == "hybrid" and run.data.params["sampling.alpha"] == "0.5"
     assert run.data.tags["xling.sampling"] == "hybrid"
@@ -47,12 +49,43 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert sum(shares.values()) == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "batch_composition.json" in artifacts
-    # the final checkpoint holds a loadable Hugging Face model
+    # MLflow's own fields: source, datasets (digest = the data fingerprint), the logged and registered model
+    assert (
+        run.data.tags["mlflow.source.name"] == "xling run smoke" and run.data.tags["mlflow.source.git.commit"]
+    )
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert inputs["training-pairs"].dataset.digest == run.data.tags["xling.data_fingerprint"]
+    assert "ntrex-128" in inputs["training-pairs"].dataset.source
+    assert inputs["xquad-r"].tags[0].value == "evaluation"
+    [logged] = client.search_logged_models([exp.experiment_id])
+    assert logged.source_run_id == run.info.run_id
+    [version] = client.search_model_versions("name = 'xling-smoke'")
+    assert version.run_id == run.info.run_id
+    assert float(version.tags["xquad_r.multi.map"]) == pytest.approx(
+        run.data.metrics["xquad_r.multi.map"], abs=1e-4
+    )
+    # the final checkpoint holds a sentence-transformers model whose card has the run's numbers
     ckpt = Path(out.split("checkpoint: ")[1].split()[0])
+    from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(ckpt / "model") is not None
+    st = SentenceTransformer(str(ckpt / "model"), device="cpu")
+    assert st.prompts["query"] == "query: " and st.get_embedding_dimension() == 32
+    card = (ckpt / "model" / "README.md").read_text()
+    assert (
+        f"{run.data.metrics['xquad_r.multi.map']:.4f}" in card
+        and (ckpt / "results.txt").read_text().strip() in card
+    )
     assert (ckpt / "trainer_state.json").exists()
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(uri)
+    served = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    texts = ["Wie viele Menschen leben in Berlin?", "How many people live in Berlin?"]
+    np.testing.assert_allclose(
+        served.predict(pd.DataFrame({"text": texts})), st.encode_query(texts), atol=1e-6
+    )
 
 
 def test_bad_spec_fails_before_any_work(tmp_path: Path) -> None:

@@ -131,6 +131,37 @@ def test_one_parent_four_nested_children_with_tags_and_system_metrics(smoke_swee
     assert parent.data.tags["xling.best_point"] in {"alpha=0.25", "alpha=0.75"}
 
 
+def test_every_trial_logs_its_model_and_the_best_one_is_registered(smoke_sweep: SmokeSweep) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(smoke_sweep.uri)
+    exp = client.get_experiment_by_name("sweep-smoke")
+    runs = client.search_runs([exp.experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("xling.role") == "sweep")
+    children = {r.info.run_id: r for r in runs if r is not parent}
+    assert sorted(m.source_run_id for m in client.search_logged_models([exp.experiment_id])) == sorted(
+        children
+    )
+    [version] = client.search_model_versions("name = 'sweep-smoke'")  # trials do not register themselves
+    best = children[version.run_id]
+    assert best.data.tags["xling.point_label"] == parent.data.tags["xling.best_point"]
+    rivals = [
+        r
+        for r in children.values()
+        if r.data.tags["xling.point_label"] == best.data.tags["xling.point_label"]
+    ]
+    metric = "xquad_r.multi.map"
+    assert best.data.metrics[metric] == max(r.data.metrics[metric] for r in rivals), (
+        "the best seed of the point"
+    )
+    assert version.tags["xling.sweep_run_id"] == parent.info.run_id
+    assert float(version.tags[metric]) == pytest.approx(best.data.metrics[metric], abs=1e-4)
+    assert {d.dataset.name for d in client.get_run(best.info.run_id).inputs.dataset_inputs} == {
+        "training-pairs",
+        "xquad-r",
+    }
+
+
 def test_summary_statistics_match_a_reference_computation(smoke_sweep: SmokeSweep) -> None:
     from mlflow import MlflowClient
 

@@ -1,4 +1,4 @@
-"""The ``xling`` command: run, eval, render, plan. Subcommands import their heavy parts lazily."""
+"""The ``xling`` command: run, eval, render, plan, export. Subcommands import their heavy parts lazily."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="only validate the file")
     run.set_defaults(func=_run)
     for module in ("xling.trainer.evaluation", "xling.operator.render", "xling.trainer.report_sweep",
-                   "xling.trainer.plan"):
+                   "xling.trainer.plan", "xling.trainer.export"):
         try:
             __import__(module, fromlist=["add_cli"]).add_cli(sub)
         except ModuleNotFoundError as err:  # a dependency this image lacks (e.g. no kopf in a trainer image)

@@ -264,7 +264,11 @@ def load_text_encoder(
         name=name_or_path, pooling=pooling, query_prefix=query_prefix, passage_prefix=passage_prefix,
         max_query_length=max_length, max_passage_length=max_length,
     )  # fmt: skip
-    path = resolve_model_path(name_or_path)
+    return encoder_for(resolve_model_path(name_or_path), spec, batch_size)
+
+
+def encoder_for(path: str, spec: ModelSpec, batch_size: int = 64) -> HFTextEncoder:
+    """The TextEncoder of the backbone at ``path``, encoding as ``spec`` says."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = BiEncoder(load_backbone(path, spec), pooling).to(device).eval()
+    model = BiEncoder(load_backbone(path, spec), spec.pooling, spec.normalize).to(device).eval()
     return HFTextEncoder(model, Tokenize(load_tokenizer(path, spec), spec), batch_size)

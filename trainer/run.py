@@ -15,7 +15,14 @@ from typing import Any
 from xling.trainer.data import load_corpus
 from xling.trainer.data.pairs import PairCorpus, RowReport
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
-from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
+from xling.trainer.tracking import (
+    flatten,
+    git_commit,
+    log_dataset,
+    resolve_tracking_uri,
+    source_tags,
+    start_run,
+)
 
 #: Environment every local run needs on a CPU box (see docs/platform notes); kept if already set.
 LOCAL_ENV = {
@@ -123,9 +130,10 @@ def run_experiment(
     experiment_name = spec.tracking.experiment_name or exp.metadata.name
     tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
             "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
-            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
+            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
+    log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"])
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     result = _fit(exp, corpus, model_path, uri, run_id, env)
@@ -137,6 +145,14 @@ def run_experiment(
     seconds = time.time() - started
     print(f"\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\ntook {seconds:.0f}s", flush=True)
     return RunResult(run_id, metrics, ckpt, seconds)
+
+
+def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str) -> None:
+    """The training pairs as the run's MLflow dataset: digest = the corpus fingerprint, source = the sources."""
+    from mlflow import MlflowClient
+
+    sources = [s.path for s in spec.data.sources]
+    log_dataset(MlflowClient(uri), run_id, "training-pairs", fingerprint, sources, "training")
 
 
 def _fit(
@@ -157,7 +173,8 @@ def _fit(
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
     config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,
-              "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path)}  # fmt: skip
+              "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path),
+              "name": exp.metadata.name}  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

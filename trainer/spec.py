@@ -294,6 +294,10 @@ class TrackingSpec(Spec):
     tracking_uri: str | None = Field(default=None, description="Default: sqlite:///mlflow.db in the CWD.")
     experiment_name: str | None = Field(default=None, description="Default: metadata.name.")
     run_name: str | None = None
+    registered_model_name: str | None = Field(
+        default=None,
+        description="Register the final model in MLflow's model registry under this name (a new version per run).",
+    )
     credentials: SecretRef | None = Field(
         default=None,
         description="Secret with MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD (never in the URI).",
@@ -403,6 +407,10 @@ class SweepSpec(Spec):
         default=None, description="Default: available GPUs / GPUs per trial (on CPU: CPUs / CPUs per trial)."
     )
     asha: AshaSpec | None = Field(default=None, description="Unset: every trial runs to the end.")
+    register_best: bool = Field(
+        default=False,
+        description="Register the best point's best trial model under tracking.registeredModelName (trials never register).",
+    )
     constraints: list[SweepConstraint] = Field(default_factory=list)
     bootstrap_samples: Annotated[int, Field(ge=100)] = Field(
         default=10_000, description="Resamples of the bootstrap between points (seeds, then questions)."

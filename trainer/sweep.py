@@ -35,11 +35,12 @@ from xling.trainer.run import (
     _local_env,
     check_batches,
     init_ray,
+    log_training_data,
     prepare,
     storage_path,
 )
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
-from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, start_run
+from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, source_tags, start_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -153,7 +154,9 @@ class TrialContext:
     tags: dict[str, str]
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
-        return self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
+        spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
+        spec.tracking.registered_model_name = None  # trials log their model; only the best is registered
+        return spec
 
     def experiment(self, trial: Trial) -> RetrievalExperiment:
         return self.exp.model_copy(update={"spec": self.spec(trial.point, trial.seed)})
@@ -189,6 +192,7 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     run_id = start_run(
         ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
     )
+    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags["xling.data_fingerprint"])
     return run_id, None
 
 
@@ -312,6 +316,8 @@ def run_sweep(
 
     started = time.time()
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
+    if exp.spec.sweep.register_best and not exp.spec.tracking.registered_model_name:
+        raise ValueError("spec.sweep.registerBest: needs spec.tracking.registeredModelName")
     # Trials run in Tune's trial directories: pin the cache (models, zero-shot embeddings) for all of them.
     env = {**_local_env(), "XLING_CACHE": str(default_cache_dir().resolve())}
     exp = exp.model_copy(deep=True)
@@ -329,7 +335,7 @@ def run_sweep(
     storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
-            "xling.bad_rows_skipped": str(report.total)}  # fmt: skip
+            "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
@@ -348,6 +354,8 @@ def run_sweep(
     else:  # ASHA's stops are terminations, not interruptions
         interrupted = grid.num_terminated + grid.num_errors < len(plan.trials)
     status = "FAILED" if errors else ("KILLED" if interrupted else "FINISHED")
+    if status == "FINISHED":  # an interrupted sweep's best is provisional
+        register_best(uri, summary, exp.spec)
     _finish_run(uri, parent, status)
     seconds = time.time() - started
     print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)
@@ -364,6 +372,23 @@ def run_sweep(
     best = summary.points[summary.best] if summary.best is not None else None
     metrics = {k: c.mean for k, c in best.stats.items()} if best else {}
     return RunResult(parent, metrics, None, seconds)
+
+
+def register_best(uri: str, summary: Any, spec: ExperimentSpec) -> str | None:
+    """With ``sweep.registerBest``: the best point's best seed's model as a new registry version, tagged with
+    that trial's summary metrics and the sweep it won."""
+    from xling.trainer.export import register_run_model, version_tags
+
+    name = spec.tracking.registered_model_name
+    if not (spec.sweep.register_best and name) or summary.best is None:
+        return None
+    point, sign = summary.points[summary.best], 1 if spec.sweep.mode == "max" else -1
+    trial = max(point.trials, key=lambda t: sign * t.metrics.get(spec.sweep.metric, -sign * math.inf))
+    tags = {**version_tags(trial.run_id, spec, trial.metrics), "xling.sweep_run_id": summary.parent_run_id,
+            "xling.point_label": point.label}  # fmt: skip
+    version = register_run_model(uri, name, trial.run_id, tags)
+    print(f"registered {name} version {version}: best point {point.label}, seed {trial.seed}", flush=True)
+    return version
 
 
 def _tune(ctx: TrialContext, corpus: PairCorpus, storage: str, stored: str | None) -> Any:

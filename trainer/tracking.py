@@ -37,14 +37,37 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
+def git_commit(short: bool = True) -> str:
     try:
+        args = ["git", "rev-parse", *(["--short"] if short else []), "HEAD"]
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, check=True,
-            cwd=Path(__file__).resolve().parent,
+            args, capture_output=True, text=True, timeout=5, check=True, cwd=Path(__file__).resolve().parent
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags(experiment: str) -> dict[str, str]:
+    """MLflow's own fields for the run page's Source and Git commit, beside the xling tags. (The UI shows a
+    source name's last path segment: no paths in it.)"""
+    tags = {"mlflow.source.name": f"xling run {experiment}",
+            "mlflow.source.type": "JOB" if os.environ.get("XLING_EXPERIMENT_UID") else "LOCAL"}  # fmt: skip
+    if (commit := git_commit(short=False)) != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def log_dataset(client: Any, run_id: str, name: str, digest: str, sources: list[str], context: str) -> None:
+    """One MLflow dataset input of the run (the run page's Datasets): ``digest`` is xling's data fingerprint,
+    the source its paths or hub names."""
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    source = json.dumps({"uri": ", ".join(sources)})
+    dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
+    tags = [InputTag("mlflow.data.context", context)]
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
 
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:

@@ -22,13 +22,14 @@ import torch.distributed as dist
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
+from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.spec import ExperimentSpec
-from xling.trainer.tracking import StepLogger
+from xling.trainer.tracking import StepLogger, log_dataset
 
 log = logging.getLogger("xling.train")
 
@@ -135,14 +136,26 @@ class Trainer:
                 self.engine.export(d / "model", self.rank)  # collective under ZeRO-3; rank 0 writes
             if self.rank == 0:
                 (d / "results.txt").write_text(report)
+                write_checkpoint_meta(d, self.config, metrics)  # what `xling export` needs
                 if final:
-                    self.tokenize.tok.save_pretrained(d / "model")
+                    self.publish(d / "model", metrics, report)
             if dist.is_initialized():
                 dist.barrier()
             # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
             ckpt = ray.train.Checkpoint.from_directory(tmp)
             headline = {k: v for k, v in metrics.items() if k.count(".") <= 2}  # not xquad_r.mono.ar.map
             ray.train.report({**headline, "step": step}, checkpoint=ckpt)
+
+    def publish(self, directory: Path, metrics: dict[str, Any], report: str) -> None:
+        """Rank 0: the exported backbone becomes a sentence-transformers dir with a model card, logged to MLflow."""
+        from xling.trainer.export import log_model, write_model_card, write_sentence_transformers
+
+        write_sentence_transformers(directory, self.spec.model, self.tokenize.tok, self.tokenize.append_eos)
+        write_model_card(directory, self.spec, name=self.config.get("name", "xling-retriever"), metrics=metrics,
+                         composition=self.composition.as_dict(), report=report, run_id=self.config.get("run_id"))  # fmt: skip
+        if self.logger.active:
+            log_model(directory, self.spec, tracking_uri=self.config["tracking_uri"], run_id=self.logger.run_id,
+                      metrics=metrics)  # fmt: skip
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> tuple[dict[str, float], str]:
@@ -162,6 +175,8 @@ class Trainer:
                 prefix = suite_spec.name.replace("-", "_")
                 if self.logger.active:
                     log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
+                    log_dataset(self.logger.client, self.logger.run_id, suite_spec.name, suite.fingerprint,
+                                [suite_spec.path], "evaluation")  # fmt: skip
                 out.update(results.flat_metrics(prefix))
                 tables.append(format_table(results))
         return out, "\n\n".join(tables)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.evaluation.results import SuiteResults
 
 SUITES = ("xquad-r", "mlqa-r", "miracl")
@@ -31,7 +32,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
         "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
     )
-    p.add_argument("--model", required=True, metavar="PATH_OR_NAME", help="checkpoint path or model name")
+    p.add_argument("--model", required=True, metavar="PATH_OR_NAME",
+                   help="a sentence-transformers directory (xling's exported model/, or any, local or hub "
+                   "name), a Hugging Face model path or name, or a built-in name")  # fmt: skip
+    enc = p.add_argument_group(
+        "encoding (plain Hugging Face models)",
+        "A sentence-transformers model brings its own pooling, normalisation, prompts and lengths, and they win "
+        "over these flags (which are then ignored, with a note). For any other model they apply, with the "
+        "defaults shown.",
+    )
+    enc.add_argument("--pooling", choices=("mean", "cls", "last_token"), help="default: mean")
+    enc.add_argument("--query-prefix", help="default: 'query: '")
+    enc.add_argument("--passage-prefix", help="default: 'passage: '")
+    enc.add_argument(
+        "--max-length", type=int, metavar="N", help="tokens, queries and passages (default: 128)"
+    )
     p.add_argument("--suite", required=True, choices=SUITES)
     p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
     p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
@@ -76,6 +91,39 @@ def _log_mlflow(args: argparse.Namespace, results: SuiteResults) -> str:
     return run.info.run_id
 
 
+#: Encoding flags and their defaults for plain Hugging Face models.
+ENCODING_FLAGS = {
+    "pooling": "mean",
+    "query_prefix": "query: ",
+    "passage_prefix": "passage: ",
+    "max_length": 128,
+}
+
+
+def _encoder(args: argparse.Namespace) -> TextEncoder:
+    """A sentence-transformers model encodes as its directory says; any other as the flags say."""
+    from xling.trainer.export import read_sentence_transformers, sentence_transformers_dir
+
+    directory = sentence_transformers_dir(args.model)
+    if directory is None:
+        from xling.trainer.model import load_text_encoder
+
+        flags = {
+            k: default if getattr(args, k) is None else getattr(args, k)
+            for k, default in ENCODING_FLAGS.items()
+        }
+        return load_text_encoder(args.model, **flags)
+    backbone, spec = read_sentence_transformers(directory)
+    if ignored := [f"--{k.replace('_', '-')}" for k in ENCODING_FLAGS if getattr(args, k) is not None]:
+        print(f"xling eval: ignoring {', '.join(ignored)}: {args.model} is a sentence-transformers model and "
+              "its own settings win", file=sys.stderr)  # fmt: skip
+    print(f"sentence-transformers model: pooling {spec.pooling}, normalize {spec.normalize}, prompts "
+          f"{spec.query_prefix!r} / {spec.passage_prefix!r}, max length {spec.max_query_length} / {spec.max_passage_length}")  # fmt: skip
+    from xling.trainer.model import encoder_for
+
+    return encoder_for(backbone, spec)
+
+
 def run_eval(args: argparse.Namespace) -> int:
     """Load the suite (fail fast on bad data), then the model; evaluate, print, write what was asked."""
     from pydantic import ValidationError
@@ -103,11 +151,11 @@ def run_eval(args: argparse.Namespace) -> int:
     except (ValidationError, EvalDataError) as err:
         print(f"xling eval: {err}", file=sys.stderr)
         return 2
-    from xling.trainer.model import load_text_encoder
-
-    encoder = load_text_encoder(
-        args.model, pooling="mean", query_prefix="query: ", passage_prefix="passage: ", max_length=128
-    )
+    try:
+        encoder = _encoder(args)
+    except ValueError as err:
+        print(f"xling eval: {err}", file=sys.stderr)
+        return 2
     results = evaluate_suite(
         suite, encoder, index=args.index, cache_dir=args.cache_dir or None, depth=args.depth
     )
