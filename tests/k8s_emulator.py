@@ -243,6 +243,7 @@ BASE_SPEC: dict[str, Any] = {
     "model": {"name": "xling/tiny-random"},
     "data": {"languages": ["de", "en", "sw"], "sources": [{"type": "pairs", "path": "data/pairs.jsonl"}]},
     "sampling": {"strategy": "hybrid", "alpha": 0.25},
+    "storage": {"checkpointUri": "s3://ckpt/xling"},  # a cluster run needs shared storage
 }
 
 
