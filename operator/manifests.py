@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from xling.operator.crd import GROUP, VERSION
+from xling.operator.crd import GROUP, MUTABLE_SPEC_FIELDS, VERSION
 from xling.trainer.spec import (
     API_VERSION,
     DEFAULT_IMAGE,
@@ -37,8 +37,6 @@ ENTRYPOINT = f"xling run {SPEC_DIR}/{SPEC_KEY}"
 RAYJOB_API_VERSION = "ray.io/v1"
 #: KubeRay rejects longer RayJob names: it derives cluster, pod and service names from them.
 MAX_RAYJOB_NAME = 47
-#: What may change after creation; everything else is fixed by the running RayJob.
-MUTABLE_SPEC_FIELDS = ("suspend", "deadlines")
 #: On the RayJob: the mutable fields as last applied, so a field is patched only when the user changed it
 #: (Kueue suspends and resumes RayJobs itself; re-applying spec.suspend on every reconcile would fight it).
 APPLIED_ANNOTATION = f"{GROUP}/applied"
@@ -210,10 +208,11 @@ def describe_pods(spec: ExperimentSpec) -> list[str]:
     """How the spec maps to pods, for ``xling render`` and the docs."""
     head = spec.cluster.head
     lines = [f"head: 1 pod, {head.cpu} CPU, {head.memory}, no GPUs, no Ray CPUs (driver and dashboard only)"]
+    dist = spec.distributed
     for g in worker_groups(spec):
         gpus = f", {g.gpus} {g.gpu_resource}" if g.gpus else ""
-        lines.append(f"group {g.name}: {g.replicas} pod(s) x ({g.cpu} CPU, {g.memory}{gpus})")
-    dist = spec.distributed
+        ranks = f", {g.gpus // dist.gpus_per_worker} rank(s) each" if g.gpus and dist.gpus_per_worker else ""
+        lines.append(f"group {g.name}: {g.replicas} pod(s) x ({g.cpu} CPU, {g.memory}{gpus}){ranks}")
     lines.append(
         f"training: {dist.num_workers} rank(s) per trial, {dist.gpus_per_worker} GPU(s) and "
         f"{dist.cpus_per_worker:g} CPU(s) each"

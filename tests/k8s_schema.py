@@ -7,7 +7,13 @@ from typing import Any
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """RBAC rules as (apiGroup, resource[/subresource], verb) triples."""
-    return {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return {
+        (g, r, v)
+        for rule in rules
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
 
 
 def to_json_schema(node: Any) -> Any:
@@ -41,3 +47,31 @@ def to_json_schema(node: Any) -> Any:
         if "enum" in out:
             out["enum"] = [*out["enum"], None]
     return out
+
+
+def cel_failures(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]:
+    """Messages of the x-kubernetes-validations rules that fail, evaluated where they are attached, as the API
+    server does: rules using oldSelf (transition rules) only on update, where the old value exists too."""
+    import celpy
+
+    env = celpy.Environment()
+    messages: list[str] = []
+
+    def visit(node: dict[str, Any], value: Any, before: Any) -> None:
+        if value is None:
+            return
+        for rule in node.get("x-kubernetes-validations", []):
+            transition = "oldSelf" in rule["rule"]
+            if transition and before is None:
+                continue
+            context = {"self": celpy.json_to_cel(value)}
+            if transition:
+                context["oldSelf"] = celpy.json_to_cel(before)
+            if not env.program(env.compile(rule["rule"])).evaluate(context):
+                messages.append(rule["message"])
+        for key, child in (node.get("properties") or {}).items():
+            if isinstance(value, dict) and key in value:
+                visit(child, value[key], before.get(key) if isinstance(before, dict) else None)
+
+    visit(schema, new, old)
+    return messages
