@@ -27,19 +27,25 @@ from xling.operator.manifests import validate
 from xling.trainer.spec import RetrievalExperiment, SpecError
 
 ENV = "XLING_PLATFORM_DEFAULTS"
-#: Spec sections a platform may default (the research settings are the user's).
-DEFAULTABLE = ("cluster", "storage", "tracking", "deadlines", "ttlSecondsAfterFinished")
+#: Spec sections a platform may default (the research settings are the user's). A default only takes
+#: effect where the CRD has none (the API server fills those in first): cluster.image, cluster.pod.*,
+#: cluster.env/envFrom, cluster.serviceAccountName, storage, tracking.trackingUri/credentials.
+DEFAULTABLE = ("cluster", "storage", "tracking")
 #: Blocks that carry credentials: taken whole from the platform only when the user sets none of their
 #: location, so the platform's Secret never travels to a URI the user picked.
 _LOCATION = {"storage": "checkpointUri", "tracking": "trackingUri"}
 
 
 def merge(base: Any, over: Any) -> Any:
-    """``over`` on top of ``base``: mappings merge recursively, everything else is replaced."""
+    """``over`` on top of ``base``: mappings merge recursively, everything else is replaced, except that an
+    empty value in ``over`` (None, [], {}) keeps ``base``'s: the API server fills the CRD's empty defaults
+    into every spec, and those must not erase a platform's lists (e.g. imagePullSecrets)."""
     if isinstance(base, Mapping) and isinstance(over, Mapping):
         out = dict(copy.deepcopy(base))
         for key, value in over.items():
-            out[key] = merge(out.get(key), value) if key in out else copy.deepcopy(value)
+            if key in out and value in (None, [], {}):
+                continue
+            out[key] = merge(out[key], value) if key in out else copy.deepcopy(value)
         return out
     return copy.deepcopy(over)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 
@@ -75,3 +76,39 @@ def cel_failures(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]
 
     visit(schema, new, old)
     return messages
+
+
+def default_and_prune(node: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting and pruning, as the API server does on write: unknown fields of objects with
+    declared properties are dropped (unless preserved), nulls of non-nullable fields are dropped, missing fields
+    with a default get it (and the default's own nested defaults)."""
+    if isinstance(value, dict) and node.get("type") == "object":
+        props = node.get("properties")
+        if props is not None:
+            out = {}
+            for key, child in value.items():
+                if key in props:
+                    if child is None and not props[key].get("nullable"):
+                        continue
+                    out[key] = default_and_prune(props[key], child)
+                elif node.get("x-kubernetes-preserve-unknown-fields"):
+                    out[key] = child
+            for key, prop in props.items():
+                if key not in out and "default" in prop:
+                    out[key] = default_and_prune(prop, copy.deepcopy(prop["default"]))
+            return out
+        if isinstance(node.get("additionalProperties"), dict):
+            return {k: default_and_prune(node["additionalProperties"], v) for k, v in value.items()}
+        return value
+    if isinstance(value, list) and isinstance(node.get("items"), dict):
+        return [default_and_prune(node["items"], v) for v in value]
+    return value
+
+
+def admission_errors(schema: dict[str, Any], obj: Any, old: Any = None) -> list[str]:
+    """Schema and CEL errors of an already defaulted and pruned object (``old``: the stored one, on update)."""
+    import jsonschema
+
+    validator = jsonschema.Draft4Validator(to_json_schema(schema))
+    errors = [f"{'.'.join(map(str, e.path)) or '<root>'}: {e.message}" for e in validator.iter_errors(obj)]
+    return errors + cel_failures(schema, obj, old)
