@@ -122,6 +122,8 @@ class Emulator(kmock.KubernetesEmulator):
     #: The newest resourceVersion handed out; watches from versions below ``_compacted`` get 410 Gone.
     _rv: int = attrs.field(default=0, init=False)
     _compacted: int = attrs.field(default=0, init=False)
+    #: Set to end every open watch stream (as an API server restart or a load balancer does).
+    _drop: asyncio.Event = attrs.field(factory=asyncio.Event, init=False)
     #: (verb, group, resource[/subresource], user agent) of every Kubernetes API request, as RBAC names them.
     log: list[tuple[str, str, str, str]] = attrs.field(factory=list, init=False)
 
@@ -133,10 +135,16 @@ class Emulator(kmock.KubernetesEmulator):
 
     def install_kuberay(self) -> None:
         declare_kuberay(self)
+        self.kuberay = True
 
     def compact(self) -> None:
         """Forget history, as etcd compaction does: watches resuming from an older version get 410 Gone."""
         self._compacted = self._rv + 1
+
+    def drop_watches(self) -> None:
+        """End every open watch stream now; clients reconnect from the last resourceVersion they saw."""
+        self._drop.set()
+        self._drop = asyncio.Event()
 
     def _next_rv(self) -> str:
         self._rv = next(self._counter)
@@ -144,7 +152,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def _get_resources(self) -> list[Any]:
         """Declared resources only: KMock also scans every stored object here, on every request (O(n) each)."""
-        return list(self.resources)
+        return [r for r in self.resources if self.kuberay or r.group != "ray.io"]  # KMock autovivifies keys
 
     def _has_status(self, res: Any) -> bool:
         return res in self.resources and "status" in self.resources[res].subresources
@@ -232,6 +240,10 @@ class Emulator(kmock.KubernetesEmulator):
             self._requests.remove(request)
 
     async def _handle_k8s(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.resource.group == "ray.io" and not self.kuberay:
+            raise kmock.KubernetesError(
+                status=404, reason="NotFound", message="the server could not find the requested resource"
+            )
         if request.resource is None or request.action not in (
             kmock.action.CREATE,
             kmock.action.UPDATE,
@@ -283,14 +295,12 @@ class Emulator(kmock.KubernetesEmulator):
 
     async def _serve_watch(self, request: kmock.Request) -> Any:
         """A watch from ``resourceVersion`` N: 410 Gone below the compaction point (kopf then lists again);
-        otherwise objects changed after N, then live events (objects unchanged since N are not re-sent)."""
+        otherwise objects changed after N, then live events (objects unchanged since N are not re-sent).
+        Every stream ends on :meth:`drop_watches`."""
         since = request.params.get("resourceVersion")
-        if since is None or not since.isdigit():
-            async for event in super()._serve_watch(request):
-                yield event
-            return
-        yield b""
-        if int(since) < self._compacted:
+        since = int(since) if since and since.isdigit() else None
+        if since is not None and since < self._compacted:
+            yield b""
             gone = {
                 "kind": "Status",
                 "apiVersion": "v1",
@@ -300,12 +310,25 @@ class Emulator(kmock.KubernetesEmulator):
             }
             yield {"type": "ERROR", "object": {**gone, "message": f"too old resource version: {since}"}}
             return
-        async for event in super()._serve_watch(request):
-            if isinstance(event, dict) and event.get("type") == "ADDED":
-                version = (event["object"].get("metadata") or {}).get("resourceVersion") or "0"
-                if version.isdigit() and int(version) <= int(since):
-                    continue  # unchanged since the client's version: it has it already
-            yield event
+        dropped = asyncio.ensure_future(self._drop.wait())
+        events = aiter(super()._serve_watch(request))
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(events))
+                await asyncio.wait({nxt, dropped}, return_when=asyncio.FIRST_COMPLETED)
+                if not nxt.done():
+                    nxt.cancel()
+                    return
+                event = nxt.result()
+                if since is not None and isinstance(event, dict) and event.get("type") == "ADDED":
+                    version = (event["object"].get("metadata") or {}).get("resourceVersion") or "0"
+                    if version.isdigit() and int(version) <= since:
+                        continue  # unchanged since the client's version: it has it already
+                yield event
+        except StopAsyncIteration:
+            return
+        finally:
+            dropped.cancel()
 
     async def _serve_list(self, request: kmock.Request) -> Any:
         payload = await super()._serve_list(request)

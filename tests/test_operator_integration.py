@@ -109,8 +109,11 @@ async def until(check: Callable[[], Any], timeout: float = 10.0, what: str = "")
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
-    async with Emulator() as k8s, kmock.Server(k8s, host="127.0.0.1") as srv:
+async def cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> AsyncIterator[Cluster]:
+    kuberay = getattr(request, "param", True)  # parametrize indirectly with False: a cluster without KubeRay
+    async with Emulator(kuberay=kuberay) as k8s, kmock.Server(k8s, host="127.0.0.1") as srv:
         c = Cluster(k8s, str(srv.url).rstrip("/"))
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig(c.url, tmp_path / "kubeconfig")))
         yield c
@@ -126,7 +129,7 @@ async def operator(
     task = asyncio.create_task(
         kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo)
     )
-    watching = {("watch", GROUP, PLURAL), ("watch", "ray.io", "rayjobs")}
+    watching = {("watch", GROUP, PLURAL)} | ({("watch", "ray.io", "rayjobs")} if c.k8s.kuberay else set())
     before = len(c.k8s.log)
     await until(lambda: watching <= c.k8s.requests_made(since=before), 20, "the operator to watch")
     try:
@@ -351,3 +354,55 @@ async def test_kubectl_apply_samples_makes_rayjobs(cluster: Cluster, tmp_path: P
             name = yaml.safe_load(sample.read_text())["metadata"]["name"]
             await until(lambda name=name: c.get(RAYJOBS, name), what=f"the RayJob of {sample.name}")
             await until(lambda name=name: c.cond(name, "Validated").get("status") == "True")
+
+
+# --- the API server semantics the operator depends on ------------------------------------------------------
+
+
+async def test_api_server_admits_custom_resources_like_a_real_one(cluster: Cluster) -> None:
+    c = cluster
+    body = experiment("adm")
+    body["spec"]["model"]["typo"] = "dropped"  # unknown fields are pruned, defaults filled in
+    await c.create(body)
+    stored = c.get(REXP, "adm")
+    assert "typo" not in stored["spec"]["model"] and stored["spec"]["loss"]["temperature"] == 0.05
+    path = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}/adm"
+    assert await c.request("PATCH", path + "/status", {"status": {"phase": "Bogus"}}, MERGE) == 422
+    stale = [
+        {"op": "test", "path": "/metadata/resourceVersion", "value": "0"},  # someone wrote since
+        {"op": "add", "path": "/metadata/labels", "value": {"a": "b"}},
+    ]
+    json_patch = {"Content-Type": "application/json-patch+json"}
+    assert await c.request("PATCH", path, stale, json_patch) == 422  # kopf retries on 422, crashes on 409
+
+
+async def test_watches_resume_from_their_version_and_relist_after_410(cluster: Cluster) -> None:
+    c = cluster
+    async with operator(c):
+        await c.create(experiment("before"))
+        await until(lambda: c.get(RAYJOBS, "before"))
+        since = len(c.k8s.log)
+        c.k8s.compact()  # history is gone: kopf's reconnect from its last version gets 410 Gone ...
+        c.k8s.drop_watches()
+        await until(
+            lambda: ("list", GROUP, PLURAL) in c.k8s.requests_made(OPERATOR_AGENTS, since), what="re-list"
+        )
+        await c.create(experiment("after"))  # ... and it lists again and keeps reconciling
+        await until(lambda: c.get(RAYJOBS, "after"), what="the RayJob after the re-list")
+    assert len(c.all(RAYJOBS)) == 2
+
+
+@pytest.mark.parametrize("cluster", [False], indirect=True)
+async def test_missing_kuberay_is_reported_then_picked_up_once_installed(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    c = cluster
+    monkeypatch.setattr(rc, "KUBERAY_RETRY_SECONDS", 0.5)  # kopf retries the handler after this
+    async with operator(c):
+        await c.create(experiment("early"))
+        await until(lambda: c.cond("early", "ClusterReady").get("reason") == "KubeRayNotInstalled")
+        await until(lambda: ("Warning", "KubeRayNotInstalled") in c.events("early"))
+        assert c.status("early")["phase"] == "Pending"
+        c.k8s.install_kuberay()
+        await until(lambda: c.get(RAYJOBS, "early"), what="the RayJob once KubeRay is there")
+        await until(lambda: c.cond("early", "ClusterReady").get("reason") == "Pending")
