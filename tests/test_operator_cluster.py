@@ -407,3 +407,42 @@ def test_no_progress_watchdog_is_off_when_set_to_null():
     body = kube.read_experiment("default", "exp")
     update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(Report("7", "r", 1, {})))
     assert not [c for c in update.conditions if c.type == "Progressing"]
+
+
+# platform controls --------------------------------------------------------------------------------------
+
+
+def test_platform_defaults_file_is_checked_and_empty_defaults_keep_platform_lists(tmp_path):
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump({"spec": {"sampling": {"alpha": 1.0}}}))
+    with pytest.raises(SpecError, match="spec.sampling: not a platform default"):
+        Platform.load(path)
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "spec": {"cluster": {"pod": {"imagePullSecrets": ["regcred"], "priorityClassName": "batch"}}},
+                "allowedSecrets": ["mlflow"],
+            }
+        )
+    )
+    platform = Platform.load(path)
+    # the API server fills the CRD's empty defaults into every spec; they must not erase the platform's list
+    body = experiment(cluster={"pod": {"imagePullSecrets": [], "annotations": {"team": "a"}}})
+    pod = platform.experiment(body).spec.cluster.pod
+    assert pod.image_pull_secrets == ["regcred"] and pod.priority_class_name == "batch"
+    assert pod.annotations == {"team": "a"} and platform.allowed_secrets == {"mlflow"}
+
+
+def test_metrics_count_phases_and_time_to_running():
+    from xling.operator.metrics import Metrics
+
+    m = Metrics()
+    body = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Pending"}}
+    m.observe("ns", "a", {"metadata": body["metadata"]}, {"phase": "Pending"})
+    m.observe("ns", "a", body, {"phase": "Running"})
+    value = m.registry.get_sample_value
+    assert value("xling_experiments", {"namespace": "ns", "phase": "Running"}) == 1
+    assert value("xling_experiments", {"namespace": "ns", "phase": "Pending"}) == 0
+    assert value("xling_time_to_running_seconds_count") == 1
+    m.forget("ns", "a")
+    assert value("xling_experiments", {"namespace": "ns", "phase": "Running"}) == 0

@@ -77,3 +77,19 @@ def test_an_experiment_that_runs_again_resumes_from_its_checkpoint(tmp_path: Pat
     assert (last_checkpoint, float(last_checkpoint)) in steps["train.resumed_at_step"], "not from step 0"
     assert [s for s, _ in steps["train.loss"]] == list(range(1, STEPS + 1)), "each step exactly once"
     assert MlflowClient(store(tmp_path)).get_run(result.run_id).info.status == "FINISHED"
+
+
+def test_only_runs_of_built_in_names_go_offline(monkeypatch) -> None:
+    from xling.trainer.run import _local_env, hub_free
+    from xling.trainer.spec import ExperimentSpec
+
+    base = {
+        "data": {"languages": ["en"], "sources": [{"type": "pairs", "path": "p"}]},
+        "sampling": {"strategy": "xx"},
+    }
+    built_in = ExperimentSpec.model_validate({**base, "model": {"name": "xling/tiny-random"}})
+    hub = ExperimentSpec.model_validate({**base, "model": {"name": "intfloat/multilingual-e5-large"}})
+    assert hub_free(built_in) and not hub_free(hub)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert "HF_HUB_OFFLINE" not in _local_env(hub)  # neither set here nor shipped to the workers
+    assert _local_env(built_in)["HF_HUB_OFFLINE"] == "1"
