@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 
@@ -50,12 +51,20 @@ def to_json_schema(node: Any) -> Any:
     return out
 
 
+@functools.cache
+def _cel_program(rule: str) -> Any:
+    """Compiled once per rule: cel-python's parser is slow, and the emulator evaluates rules on every write."""
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
 def cel_failures(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]:
     """Messages of the x-kubernetes-validations rules that fail, evaluated where they are attached, as the API
     server does: rules using oldSelf (transition rules) only on update, where the old value exists too."""
     import celpy
 
-    env = celpy.Environment()
     messages: list[str] = []
 
     def visit(node: dict[str, Any], value: Any, before: Any) -> None:
@@ -68,7 +77,7 @@ def cel_failures(schema: dict[str, Any], new: Any, old: Any = None) -> list[str]
             context = {"self": celpy.json_to_cel(value)}
             if transition:
                 context["oldSelf"] = celpy.json_to_cel(before)
-            if not env.program(env.compile(rule["rule"])).evaluate(context):
+            if not _cel_program(rule["rule"]).evaluate(context):
                 messages.append(rule["message"])
         for key, child in (node.get("properties") or {}).items():
             if isinstance(value, dict) and key in value:
