@@ -19,6 +19,7 @@ Problem = tuple[str, str]
 class PreflightKube(Protocol):
     def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def node_resources(self) -> set[str] | None: ...
 
 
 def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Problem]:
@@ -65,12 +66,27 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
 
 
 def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> list[Problem]:
-    """Referenced Secrets exist; a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it)."""
+    """Referenced Secrets exist; a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it); some
+    node offers each GPU resource the pods request (skipped when the operator may not list nodes)."""
     problems: list[Problem] = [
         ("SecretNotFound", f"spec: Secret {name!r} (referenced by the spec) does not exist in {namespace}")
         for name in mf.secret_names(exp.spec)
         if kube.read_secret(namespace, name) is None
     ]
+    wanted = {g.gpu_resource for g in mf.worker_groups(exp.spec) if g.gpus}
+    offered = kube.node_resources() if wanted else None
+    if offered is not None and (missing := sorted(wanted - offered)):
+        field = (
+            "spec.cluster.workerGroups"
+            if exp.spec.cluster.worker_groups
+            else "spec.distributed.gpusPerWorker"
+        )
+        problems.append(
+            (
+                "GpuResourceNotFound",
+                f"{field}: no node offers {', '.join(missing)} (is the device plugin installed?)",
+            )
+        )
     claim = mf.pvc_claim(exp.spec)
     if claim:
         pvc = kube.read_pvc(namespace, claim)

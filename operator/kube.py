@@ -106,6 +106,19 @@ class Kube:
         data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
         return (secret.get("metadata") or {}).get("labels") or {}, data
 
+    # --- Nodes (v1): the preflight checks that some node offers the GPUs' resource name ---
+    def node_resources(self) -> set[str] | None:
+        """Every resource name some node can allocate (e.g. nvidia.com/gpu); None when not allowed to list."""
+        try:
+            nodes = self._json(self.core.list_node) or {}
+        except ApiException as err:
+            if err.status == 403:
+                return None
+            raise
+        return {
+            r for n in nodes.get("items") or [] for r in ((n.get("status") or {}).get("allocatable") or {})
+        }
+
     # --- PersistentVolumeClaims (v1): the preflight checks a pvc:// claim's access modes ---
     def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._json(self.core.read_namespaced_persistent_volume_claim, name, namespace)

@@ -37,6 +37,7 @@ def declare(k8s: kmock.KubernetesEmulator) -> None:
     res = k8s.resources
     ro = {"get", "list", "watch"}
     res["v1/namespaces"] = kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs=ro | {"create"})
+    res["v1/nodes"] = kmock.ResourceInfo(kind="Node", namespaced=False, verbs=ro | {"create"})
     res["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
         kind="CustomResourceDefinition", namespaced=False, verbs=ro
     )

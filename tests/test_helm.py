@@ -232,11 +232,12 @@ def test_namespaced_rbac_is_one_role_per_watched_namespace(rendered: dict) -> No
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": f"{RELEASE}-xling-operator", "namespace": NAMESPACE}
         ]
-    # Cluster-wide, only kopf's read-only discovery of CRDs and namespaces.
+    # Cluster-wide, only kopf's read-only discovery of CRDs and namespaces, and the GPU preflight's node list.
     (role,) = by_kind(docs, "ClusterRole")
     assert grants(role["rules"]) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "nodes", "list"),
         *NAMESPACE_DISCOVERY,
     }
     assert operator_grants(docs, "team-a") == operator_grants(docs, "team-b")

@@ -361,6 +361,18 @@ def test_preflight_reports_a_missing_secret_before_any_pod():
     assert ("rayjob", "default", "exp") in kube.objects
 
 
+def test_preflight_refuses_a_gpu_run_no_node_can_take():
+    kube = FakeKube()
+    kube.nodes = {"cpu", "memory"}
+    kube.add_experiment(experiment(distributed={"numWorkers": 8, "gpusPerWorker": 1}))
+    _reconcile(kube)
+    cond = _cond(kube, "Validated")
+    assert cond["reason"] == "GpuResourceNotFound" and "nvidia.com/gpu" in cond["message"]
+    kube.nodes |= {"nvidia.com/gpu"}
+    _reconcile(kube)
+    assert ("rayjob", "default", "exp") in kube.objects
+
+
 # 13 -------------------------------------------------------------------------------------------------------
 
 

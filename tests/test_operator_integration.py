@@ -199,6 +199,11 @@ async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster
                 "RetrievalExperiment",
                 True,
             )
+        # a GPU run on a cluster whose nodes offer no GPUs is refused before anything is created
+        gpu = experiment("gpu", distributed={"numWorkers": 8, "gpusPerWorker": 1})
+        await c.create(gpu)
+        await until(lambda: c.cond("gpu", "Validated").get("reason") == "GpuResourceNotFound")
+        assert c.get(RAYJOBS, "gpu") is None
         await until(lambda: c.status("life").get("phase") == "Pending")
         await until(lambda: c.cond("life", "Validated").get("status") == "True")
 
@@ -334,6 +339,8 @@ async def test_kubectl_apply_samples_makes_rayjobs(cluster: Cluster, tmp_path: P
     for name in ("xling-s3", "hf-token"):  # what the multi-node sample references (the preflight checks)
         secret = {"metadata": {"name": name, "namespace": "default"}, "data": {}}
         assert await c.request("POST", "/api/v1/namespaces/default/secrets", secret) == 201
+    node = {"metadata": {"name": "gpu-0"}, "status": {"allocatable": {"cpu": "96", "nvidia.com/gpu": "8"}}}
+    assert await c.request("POST", "/api/v1/nodes", node) == 201
     platform = Platform(
         spec={"storage": {"checkpointUri": "s3://platform-ckpt/xling"}}
     )  # Helm's trainer.storage

@@ -29,6 +29,7 @@ class FakeKube:
         self.calls: list[str] = []
         self._rv = itertools.count(1)
         self.kuberay_missing = False
+        self.nodes: set[str] | None = None  # allocatable resource names of all nodes; None = may not list
 
     def _create(self, kind: str, body: dict[str, Any]) -> dict[str, Any]:
         key = (kind, body["metadata"]["namespace"], body["metadata"]["name"])
@@ -92,6 +93,9 @@ class FakeKube:
 
     def read_pvc(self, ns, name):
         return self._read("pvc", ns, name)
+
+    def node_resources(self):
+        return self.nodes
 
     def create_rayjob(self, body):
         if self.kuberay_missing:

@@ -49,6 +49,10 @@ checks that these rules and that list agree). No wildcards.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+# Preflight of GPU runs: some node offers the requested GPU resource (e.g. nvidia.com/gpu).
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [list]
 {{- if not .Values.operator.clusterWide }}
 # Namespaces: with a list of namespaces to watch, kopf follows which of them exist.
 - apiGroups: [""]
