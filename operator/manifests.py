@@ -179,11 +179,9 @@ def worker_groups(spec: ExperimentSpec) -> list[WorkerGroupSpec]:
         return spec.cluster.worker_groups
     dist, trials = spec.distributed, concurrent_trials(spec)
     if not dist.gpus_per_worker:
-        return [
-            WorkerGroupSpec(
-                name="workers", replicas=dist.num_workers * trials, cpu=_cpu(dist.cpus_per_worker)
-            )
-        ]
+        # A sweep's trial drivers need CPU too (Tune trainables; the head advertises none): one more per pod.
+        cpu = dist.cpus_per_worker + (1 if spec.sweep is not None else 0)
+        return [WorkerGroupSpec(name="workers", replicas=dist.num_workers * trials, cpu=_cpu(cpu))]
     node, per_pod = spec.cluster.gpu_node, gpus_per_pod(spec)
     ranks = per_pod // dist.gpus_per_worker
     pods = math.ceil(dist.num_workers / ranks)

@@ -395,6 +395,9 @@ def test_a_sweep_gets_a_cluster_for_its_concurrent_trials(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(experiment(**spec)))
     assert "#   sweep: 8 trial(s), 4 at once (32 GPUs at once), 2 round(s)" in render(path)
+    cpu = mf.validate(experiment(sweep=sweep, distributed={"numWorkers": 2, "cpusPerWorker": 2}))
+    (group,) = mf.worker_groups(cpu.spec)
+    assert (group.replicas, group.cpu) == (8, "3")  # 4 trials x 2 ranks; +1 CPU for the trial drivers
 
 
 # 14 -------------------------------------------------------------------------------------------------------
