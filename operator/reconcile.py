@@ -153,12 +153,12 @@ def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None
         exp = platform.experiment(body)
     except SpecError as err:
         return invalid(err)
-    if problems := cluster_problems(exp, platform):
-        return refused(problems)
     names = {"rayJobName": mf.rayjob_name(owner.name), "configMapName": mf.configmap_name(owner.name)}
     current_rj = kube.read_rayjob(owner.namespace, names["rayJobName"])
+    # Checked before anything (and any GPU) is allocated; a running job is not refused later because the
+    # platform's defaults or the objects it references changed.
     fresh = current_rj is None and not status.get("rayJobName")
-    if fresh and (problems := preflight(kube, exp, owner.namespace)):  # before any GPU is allocated
+    if fresh and (problems := cluster_problems(exp, platform) or preflight(kube, exp, owner.namespace)):
         return refused(problems)
     user_spec = body.get("spec") or {}
     wanted_cm = mf.configmap(exp, owner, user_spec)
