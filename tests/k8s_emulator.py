@@ -317,7 +317,7 @@ class Emulator(kmock.KubernetesEmulator):
             while True:
                 nxt = asyncio.ensure_future(anext(events))
                 await asyncio.wait({nxt, dropped}, return_when=asyncio.FIRST_COMPLETED)
-                if not nxt.done():
+                if dropped.done():  # the connection is gone, even if an event was ready: it is not sent
                     nxt.cancel()
                     return
                 event = nxt.result()

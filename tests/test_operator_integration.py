@@ -389,11 +389,14 @@ async def test_watches_resume_from_their_version_and_relist_after_410(cluster: C
         await c.create(experiment("before"))
         await until(lambda: c.get(RAYJOBS, "before"))
         since = len(c.k8s.log)
-        c.k8s.compact()  # history is gone: kopf's reconnect from its last version gets 410 Gone ...
-        c.k8s.drop_watches()
+        c.k8s.drop_watches()  # connections drop, and (in the same instant) history is compacted:
+        c.k8s.compact()  # kopf's reconnect from the last version it saw gets 410 Gone ...
         await until(
             lambda: ("list", GROUP, PLURAL) in c.k8s.requests_made(OPERATOR_AGENTS, since), what="re-list"
         )
+        relisted = max(i for i, e in enumerate(c.k8s.log) if e[:3] == ("list", GROUP, PLURAL))
+        await until(lambda: ("watch", GROUP, PLURAL) in c.k8s.requests_made(OPERATOR_AGENTS, relisted))
+        await asyncio.sleep(0.3)  # KMock subscribes a watch to live events only after its snapshot
         await c.create(experiment("after"))  # ... and it lists again and keeps reconciling
         await until(lambda: c.get(RAYJOBS, "after"), what="the RayJob after the re-list")
     assert len(c.all(RAYJOBS)) == 2
