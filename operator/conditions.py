@@ -82,11 +82,15 @@ class Cond:
     status: Literal["True", "False", "Unknown"]
     reason: str
     message: str = ""
+    #: Bad news whatever the type: posted as a Warning event, also when only the reason changes.
+    warn: bool = False
 
     @property
     def warning(self) -> bool:
-        return (self.status == "True" and self.type in _WARNING_WHEN_TRUE) or (
-            self.status == "False" and self.type in _WARNING_WHEN_FALSE
+        return (
+            self.warn
+            or (self.status == "True" and self.type in _WARNING_WHEN_TRUE)
+            or (self.status == "False" and self.type in _WARNING_WHEN_FALSE)
         )
 
 
@@ -115,7 +119,7 @@ def merge_conditions(
     for cond in updates:
         old = by_type.get(cond.type)
         flipped = old is None or old.get("status") != cond.status
-        if flipped:
+        if flipped or (cond.warn and old.get("reason") != cond.reason):
             changed.append(cond)
         new = {
             "type": cond.type,
@@ -133,6 +137,10 @@ def merge_conditions(
 
 def condition_status(conditions: Iterable[Mapping[str, Any]], type_: str) -> str | None:
     return next((c.get("status") for c in conditions if c.get("type") == type_), None)
+
+
+def condition_reason(conditions: Iterable[Mapping[str, Any]], type_: str) -> str | None:
+    return next((c.get("reason") for c in conditions if c.get("type") == type_), None)
 
 
 def phase_of(conditions: Iterable[Mapping[str, Any]], job_deployment_status: str | None) -> Phase:
@@ -170,16 +178,29 @@ def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
 
     if deploy in ("New", "Initializing", "Waiting", "Retrying"):
         why = {"Retrying": "RayJob is retrying with a new cluster"}.get(deploy, f"{cluster} is starting")
+        blocker = cluster_blocker(status.get("rayClusterStatus"))
         return [
-            c("ClusterReady", deploy == "Waiting", f"Cluster{deploy}", message or why),
+            Cond(
+                "ClusterReady",
+                "True" if deploy == "Waiting" else "False",
+                f"Cluster{deploy}",
+                "; ".join(m for m in (message, blocker) if m) or why,
+                warn=any(word in blocker for word in _TROUBLE_WORDS),
+            ),
             c("Running", False, f"Cluster{deploy}", why),
             c("Suspended", False, "NotSuspended"),
         ]
     if deploy == "Running":
-        running = job in ("RUNNING", "")
+        # The job stays Running until KubeRay reports Complete/Failed, also once the Ray job itself ended.
+        running = job != "PENDING"
         return [
             c("ClusterReady", True, "ClusterReady", f"{cluster} is ready"),
-            c("Running", running, "JobRunning" if running else f"Job{job.capitalize()}", message),
+            c(
+                "Running",
+                running,
+                "JobRunning" if job in ("RUNNING", "") else f"Job{job.capitalize()}",
+                message,
+            ),
             c("Suspended", False, "NotSuspended"),
         ]
     if deploy in ("Suspending", "Suspended"):
@@ -204,6 +225,36 @@ def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
             c("Failed", True, why, message or f"RayJob ended: {deploy}/{job or 'no job status'}"),
         ]
     return [c("Running", False, "UnknownRayJobState", f"jobDeploymentStatus={deploy!r}")]
+
+
+#: Words in a RayCluster reason that mean the wait will not end by itself (posted as a Warning).
+_TROUBLE_WORDS = (
+    "ReplicaFailure",
+    "Unschedulable",
+    "ImagePull",
+    "ErrImage",
+    "CrashLoop",
+    "quota",
+    "Forbidden",
+)
+#: RayCluster conditions that explain a wait, and the status that means trouble.
+_CLUSTER_TROUBLE = {"HeadPodReady": "False", "RayClusterProvisioned": "False", "ReplicaFailure": "True"}
+
+
+def cluster_blocker(cluster_status: Mapping[str, Any] | None) -> str:
+    """Why the Ray cluster is not up yet (image pull, unschedulable, quota), from the RayCluster status KubeRay
+    copies into the RayJob; empty when nothing is wrong or nothing is known yet."""
+    cluster_status = cluster_status or {}
+    found = [
+        f"{c.get('type')}: {c.get('reason') or c.get('status')}"
+        + (f" ({c['message']})" if c.get("message") else "")
+        for c in cluster_status.get("conditions") or []
+        if _CLUSTER_TROUBLE.get(c.get("type") or "") == c.get("status")
+        and (c.get("reason") or c.get("message"))
+    ]
+    if cluster_status.get("reason"):
+        found.append(f"RayCluster: {cluster_status['reason']}")
+    return "; ".join(found)
 
 
 def rayjob_deleted() -> list[Cond]:

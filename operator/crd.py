@@ -63,8 +63,40 @@ ROOT_RULES = [
     {
         "rule": "size(self.metadata.name) <= 63",
         "message": "metadata.name must be at most 63 characters (it names Ray services and DNS labels)",
-    }
+    },
+    {
+        "rule": "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+        "message": "metadata.name must be a DNS-1035 label: lower-case letters, digits and '-', starting with a "
+        "letter (it names the RayJob and its Services)",
+    },
 ]
+#: Spec fields that may change after creation; the API server refuses edits of all others (CEL transition
+#: rules), so only suspend and the deadlines ever reach the operator as changes.
+MUTABLE_SPEC_FIELDS = ("suspend", "deadlines")
+
+
+def immutability_rules(fields: list[str], optional: list[str]) -> list[dict[str, str]]:
+    """``self == oldSelf`` for each immutable field, as one spec-level transition rule per field: present in
+    both, equal; an optional field may not be added or removed either."""
+    rules = []
+    for name in fields:
+        same = f"self.{name} == oldSelf.{name}"
+        rule = (
+            f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || {same})"
+            if name in optional
+            else same
+        )
+        rules.append(
+            {
+                "rule": rule,
+                "message": f"spec.{name} is immutable: only spec.suspend and spec.deadlines may change; delete "
+                "and re-create the experiment to change it",
+                "fieldPath": f".{name}",
+                "reason": "FieldValueForbidden",
+            }
+        )
+    return rules
+
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
@@ -180,7 +212,11 @@ def _schema_of(model: type[BaseModel], rules: dict[str, list[dict[str, str]]]) -
 def openapi_schema() -> dict[str, Any]:
     """The version's ``openAPIV3Schema``."""
     spec = _schema_of(ExperimentSpec, NESTED_RULES)
-    spec["x-kubernetes-validations"] = SPEC_RULES
+    fields = [k for k in spec["properties"] if k not in MUTABLE_SPEC_FIELDS]
+    optional = [
+        k for k in fields if k not in spec.get("required", []) and "default" not in spec["properties"][k]
+    ]
+    spec["x-kubernetes-validations"] = SPEC_RULES + immutability_rules(fields, optional)
     status = _schema_of(ExperimentStatus, {})
     status["x-kubernetes-preserve-unknown-fields"] = True
     return {

@@ -17,8 +17,10 @@ import kopf
 
 from xling.operator import reconcile as rc
 from xling.operator.crd import GROUP, PLURAL, VERSION
+from xling.operator.defaults import Platform
 from xling.operator.kube import Kube
 from xling.operator.manifests import MANAGED_BY
+from xling.operator.metrics import Metrics
 from xling.trainer.spec import API_VERSION, KIND
 
 FINALIZER = f"{GROUP}/finalizer"
@@ -46,6 +48,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # the handlers re-read what they need and are idempotent, so a short wait is safe (measured: bench/).
     settings.persistence.consistency_timeout = float(os.environ.get("XLING_CONSISTENCY_TIMEOUT", "1"))
     memo.setdefault("watchdog_interval", float(os.environ.get("XLING_WATCHDOG_INTERVAL", "60")))
+    if memo.get("platform") is None:
+        memo.platform = Platform.load()  # a broken defaults file stops the operator here, with its path
+    if memo.get("metrics") is None:
+        memo.metrics = Metrics()
+        if port := os.environ.get("XLING_METRICS_PORT"):
+            memo.metrics.serve(int(port))
     if memo.get("kube") is None:
         memo.kube = Kube.from_environment()
 
@@ -76,10 +84,14 @@ def _ref(namespace: str, name: str, uid: str | None) -> dict[str, Any]:
     }
 
 
-def _write(kube: Kube, namespace: str, name: str, uid: str | None, update: Any) -> None:
+def _write(memo: kopf.Memo, namespace: str, name: str, uid: str | None, update: Any) -> None:
     """Status through the single writer, then one event per transition."""
+
+    def written(old: Mapping[str, Any], patch: dict[str, Any]) -> None:
+        memo.metrics.observe(namespace, name, old, patch)
+
     try:
-        events = rc.write_status(kube, namespace, name, update)
+        events = rc.write_status(memo.kube, namespace, name, update, written=written)
     except rc.StatusConflict as err:
         raise kopf.TemporaryError(str(err), delay=1) from err
     for ev in events:
@@ -92,17 +104,21 @@ def _write(kube: Kube, namespace: str, name: str, uid: str | None, update: Any) 
 def spec_changed(body: kopf.Body, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Create the children, or apply what may change (suspend, deadlines); refuse the rest via Validated."""
     try:
-        update = rc.reconcile(memo.kube, body)
+        update = rc.reconcile(memo.kube, body, memo.platform)
     except rc.ForeignChild as err:
+        memo.metrics.errors.labels("spec").inc()
         raise kopf.TemporaryError(str(err), delay=30) from err
-    _write(memo.kube, namespace, name, body.metadata.uid, update)
+    _write(memo, namespace, name, body.metadata.uid, update)
+    if update.retry_after is not None:  # e.g. KubeRay not installed yet: try again until it is
+        raise kopf.TemporaryError("waiting for the cluster (see status.conditions)", delay=update.retry_after)
 
 
 @kopf.on.delete(*RESOURCE, retries=3, backoff=5)
 def deleted(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     """Children go by ownerReference GC; only an unfinished MLflow run needs closing (hence the finalizer)."""
+    memo.metrics.forget(body.metadata.namespace, body.metadata.name)
     try:
-        if rc.close_mlflow_run(memo.kube, body, datetime.datetime.now(datetime.UTC)):
+        if rc.close_mlflow_run(memo.kube, body, datetime.datetime.now(datetime.UTC), memo.platform):
             logger.info("marked the MLflow run KILLED")
     except OSError as err:  # an unreachable MLflow must not block deletion forever
         logger.warning(f"could not close the MLflow run: {err}")
@@ -113,7 +129,7 @@ def rayjob_event(type: str | None, body: kopf.Body, memo: kopf.Memo, **_: Any) -
     """Mirror the RayJob's jobDeploymentStatus/jobStatus into its owner's conditions."""
     owner = rc.owner_of(body)
     if owner is not None:
-        _write(memo.kube, *owner, rc.mirror_rayjob(body, deleted=type == "DELETED"))
+        _write(memo, *owner, rc.mirror_rayjob(body, deleted=type == "DELETED"))
 
 
 @kopf.daemon(*RESOURCE, cancellation_timeout=1)
@@ -126,21 +142,29 @@ async def watchdog(
     logger: Any,
     **_: Any,
 ) -> None:
-    """No-progress watchdog plus MLflow links and final results, every memo.watchdog_interval seconds.
+    """Level-based RayJob mirror, no-progress watchdog, MLflow links and final results, every
+    memo.watchdog_interval seconds.
 
     A daemon rather than a timer so the interval is read at run time (settings, tests); ``body`` is live.
     It ends when ``stopped`` is set (deletion, operator exit); kopf cancels it a second later otherwise.
     """
     while not stopped:
         await stopped.wait(memo.watchdog_interval)
-        if stopped or not rc.needs_watch(body.get("status") or {}):
+        if stopped:
             continue
         now = datetime.datetime.now(datetime.UTC)
 
         def update(fresh: Mapping[str, Any], now: datetime.datetime = now) -> rc.StatusUpdate:
-            return rc.watch_progress(memo.kube, fresh, now)
+            return rc.watch_progress(memo.kube, fresh, now, platform=memo.platform)
+
+        def look() -> None:
+            if (mirror := rc.resync(memo.kube, body)) is not None:  # a lost RayJob event is caught here
+                _write(memo, namespace, name, body.metadata.uid, mirror)
+            if rc.needs_watch(body.get("status") or {}):
+                _write(memo, namespace, name, body.metadata.uid, update)
 
         try:
-            await asyncio.to_thread(_write, memo.kube, namespace, name, body.metadata.uid, update)
+            await asyncio.to_thread(look)
         except (OSError, kopf.TemporaryError) as err:  # MLflow down or a busy object: try next round
+            memo.metrics.errors.labels("watchdog").inc()
             logger.warning(f"watchdog: {err}")

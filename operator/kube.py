@@ -28,6 +28,10 @@ class Conflict(Exception):
     """409: the object exists already (create) or changed since it was read (patch with resourceVersion)."""
 
 
+class NotInstalled(Exception):
+    """404 on a create: the API (e.g. KubeRay's ray.io/v1 RayJob) is not served by this cluster."""
+
+
 class Kube:
     def __init__(self, api_client: kubernetes.client.ApiClient) -> None:
         self.api_client = api_client
@@ -90,20 +94,48 @@ class Kube:
             self.core.patch_namespaced_config_map, name, namespace, patch, _content_type=MERGE_PATCH
         )
 
-    # --- Secrets (v1): read only the one a spec names, for the MLflow credentials ---
-    def read_secret_data(self, namespace: str, name: str) -> dict[str, str]:
+    # --- Secrets (v1): existence for the preflight; data only of the MLflow credentials a spec names ---
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Secret's metadata only (its data is dropped at once), or None."""
+        secret = self._json(self.core.read_namespaced_secret, name, namespace)
+        return None if secret is None else {"metadata": secret.get("metadata") or {}}
+
+    def read_secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(labels, decoded data); the caller decides whether the Secret opted in before using the data."""
         secret = self._json(self.core.read_namespaced_secret, name, namespace) or {}
-        return {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        data = {k: base64.b64decode(v).decode() for k, v in (secret.get("data") or {}).items()}
+        return (secret.get("metadata") or {}).get("labels") or {}, data
+
+    # --- Nodes (v1): the preflight checks that some node offers the GPUs' resource name ---
+    def node_resources(self) -> set[str] | None:
+        """Every resource name some node can allocate (e.g. nvidia.com/gpu); None when not allowed to list."""
+        try:
+            nodes = self._json(self.core.list_node) or {}
+        except ApiException as err:
+            if err.status == 403:
+                return None
+            raise
+        return {
+            r for n in nodes.get("items") or [] for r in ((n.get("status") or {}).get("allocatable") or {})
+        }
+
+    # --- PersistentVolumeClaims (v1): the preflight checks a pvc:// claim's access modes ---
+    def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self._json(self.core.read_namespaced_persistent_volume_claim, name, namespace)
 
     # --- RayJobs (ray.io/v1) ---
-    def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        return self._json(
+    def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Raises NotInstalled when the cluster serves no RayJob API (a 404 on create means that)."""
+        created = self._json(
             self.custom.create_namespaced_custom_object,
             *RAYJOB[:2],
             body["metadata"]["namespace"],
             RAYJOB[2],
             body,
         )
+        if created is None:
+            raise NotInstalled("the ray.io/v1 RayJob API is not served: is KubeRay installed?")
+        return created
 
     def read_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._json(

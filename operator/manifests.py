@@ -7,18 +7,22 @@ RayJob against KubeRay's own CRD schema.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from xling.operator.crd import GROUP, VERSION
+from xling.operator.crd import GROUP, MUTABLE_SPEC_FIELDS, VERSION
 from xling.trainer.spec import (
     API_VERSION,
+    DEFAULT_IMAGE,
     KIND,
     ExperimentSpec,
     RetrievalExperiment,
+    SweepSpec,
     Toleration,
     WorkerGroupSpec,
     parse_experiment,
@@ -33,8 +37,14 @@ ENTRYPOINT = f"xling run {SPEC_DIR}/{SPEC_KEY}"
 RAYJOB_API_VERSION = "ray.io/v1"
 #: KubeRay rejects longer RayJob names: it derives cluster, pod and service names from them.
 MAX_RAYJOB_NAME = 47
-#: What may change after creation; everything else is fixed by the running RayJob.
-MUTABLE_SPEC_FIELDS = ("suspend", "deadlines")
+#: On the RayJob: the mutable fields as last applied, so a field is patched only when the user changed it
+#: (Kueue suspends and resumes RayJobs itself; re-applying spec.suspend on every reconcile would fight it).
+APPLIED_ANNOTATION = f"{GROUP}/applied"
+#: On the ConfigMap: the spec as the user wrote it, to tell their edits from defaults a new release adds.
+USER_SPEC_ANNOTATION = f"{GROUP}/user-spec"
+#: Pod and container security that passes the ``restricted`` Pod Security Standard (ray images run as 1000).
+RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
 
 
 @dataclass(frozen=True)
@@ -126,33 +136,93 @@ def resolved_document(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
     return {"apiVersion": API_VERSION, "kind": KIND, "metadata": meta, "spec": spec}
 
 
-def configmap(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
+def configmap(
+    exp: RetrievalExperiment, owner: Owner, user_spec: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     text = yaml.safe_dump(resolved_document(exp, owner), sort_keys=False)
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": _metadata(configmap_name(owner.name), owner, exp.metadata.labels),
-        "data": {SPEC_KEY: text},
-    }
+    meta = _metadata(configmap_name(owner.name), owner, exp.metadata.labels)
+    if user_spec is not None:
+        meta["annotations"] = {USER_SPEC_ANNOTATION: json.dumps(user_spec, sort_keys=True)}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {SPEC_KEY: text}}
 
 
 def _cpu(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{round(value * 1000)}m"
 
 
+def sweep_trials(sweep: SweepSpec) -> int:
+    """How many trials a sweep plans: grid points x draws x seeds (as xling.trainer.sweep plans them)."""
+    points = math.prod(len(p.grid) for p in sweep.parameters.values() if p.grid is not None)
+    return points * sweep.num_samples * len(sweep.seeds)
+
+
+def concurrent_trials(spec: ExperimentSpec) -> int:
+    """Trials that run at once: the cluster is sized for this many (1 without a sweep)."""
+    if spec.sweep is None:
+        return 1
+    return min(spec.sweep.max_concurrent_trials or 1, sweep_trials(spec.sweep))
+
+
+def gpus_per_pod(spec: ExperimentSpec) -> int:
+    """GPUs of one derived worker pod: a whole node's worth, or all a trial needs if that is fewer."""
+    dist = spec.distributed
+    return min(spec.cluster.gpu_node.gpus, dist.num_workers * dist.gpus_per_worker)
+
+
 def worker_groups(spec: ExperimentSpec) -> list[WorkerGroupSpec]:
-    """The declared groups, or one sized from spec.distributed."""
+    """The declared groups, or one derived from spec.distributed and the sweep's concurrency.
+
+    GPU runs: pods of gpusPerPod GPUs holding one rank per GPU (NCCL uses NVLink inside a pod), CPU and memory
+    sized per GPU. CPU runs: one pod per rank. Sweeps: room for maxConcurrentTrials trials at once.
+    """
     if spec.cluster.worker_groups:
         return spec.cluster.worker_groups
-    dist = spec.distributed
+    dist, trials = spec.distributed, concurrent_trials(spec)
+    if not dist.gpus_per_worker:
+        # A sweep's trial drivers need CPU too (Tune trainables; the head advertises none): one more per pod.
+        cpu = dist.cpus_per_worker + (1 if spec.sweep is not None else 0)
+        return [WorkerGroupSpec(name="workers", replicas=dist.num_workers * trials, cpu=_cpu(cpu))]
+    node, per_pod = spec.cluster.gpu_node, gpus_per_pod(spec)
+    ranks = per_pod // dist.gpus_per_worker
+    pods = math.ceil(dist.num_workers / ranks)
+    cpu = max(node.cpu_per_gpu * per_pod, dist.cpus_per_worker * ranks + 1)  # +1: Ray's own processes
     return [
         WorkerGroupSpec(
             name="workers",
-            replicas=dist.num_workers,
-            gpus=dist.gpus_per_worker,
-            cpu=_cpu(dist.cpus_per_worker),
+            replicas=pods * trials,
+            gpus=per_pod,
+            cpu=_cpu(cpu),
+            memory=f"{node.memory_per_gpu_gi * per_pod}Gi",
         )
     ]
+
+
+def pod_count(spec: ExperimentSpec) -> int:
+    """Pods of the Ray cluster, head included."""
+    return 1 + sum(g.replicas for g in worker_groups(spec))
+
+
+def describe_pods(spec: ExperimentSpec) -> list[str]:
+    """How the spec maps to pods, for ``xling render`` and the docs."""
+    head = spec.cluster.head
+    lines = [f"head: 1 pod, {head.cpu} CPU, {head.memory}, no GPUs, no Ray CPUs (driver and dashboard only)"]
+    dist = spec.distributed
+    for g in worker_groups(spec):
+        gpus = f", {g.gpus} {g.gpu_resource}" if g.gpus else ""
+        ranks = f", {g.gpus // dist.gpus_per_worker} rank(s) each" if g.gpus and dist.gpus_per_worker else ""
+        lines.append(f"group {g.name}: {g.replicas} pod(s) x ({g.cpu} CPU, {g.memory}{gpus}){ranks}")
+    lines.append(
+        f"training: {dist.num_workers} rank(s) per trial, {dist.gpus_per_worker} GPU(s) and "
+        f"{dist.cpus_per_worker:g} CPU(s) each"
+    )
+    if spec.sweep is not None:
+        total, at_once = sweep_trials(spec.sweep), concurrent_trials(spec)
+        gpus = at_once * dist.num_workers * dist.gpus_per_worker
+        lines.append(
+            f"sweep: {total} trial(s), {at_once} at once ({gpus} GPUs at once), {math.ceil(total / at_once)} "
+            "round(s): wall-clock is about that many times one trial's (`xling plan` estimates one)"
+        )
+    return lines
 
 
 def _tolerations(items: list[Toleration]) -> list[dict[str, Any]]:
@@ -165,12 +235,33 @@ def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], 
         {"name": "XLING_NAMESPACE", "value": owner.namespace},
         {"name": "XLING_EXPERIMENT_UID", "value": owner.uid},
     ]
-    tracking = exp.spec.tracking
+    tracking, cluster = exp.spec.tracking, exp.spec.cluster
     if tracking.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": tracking.tracking_uri})
+    for var in cluster.env:
+        if var.secret_key_ref is not None:
+            ref = var.secret_key_ref
+            env.append({"name": var.name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+        else:
+            env.append({"name": var.name, "value": var.value})
     secrets = [s for s in (tracking.credentials, exp.spec.storage and exp.spec.storage.credentials) if s]
-    env_from = [{"secretRef": {"name": name}} for name in dict.fromkeys(s.name for s in secrets)]
+    names = [s.name for s in secrets + list(cluster.env_from)]
+    env_from = [{"secretRef": {"name": name}} for name in dict.fromkeys(names)]
     return env, env_from
+
+
+def secret_names(spec: ExperimentSpec) -> list[str]:
+    """Every Secret the pods reference, for the preflight."""
+    refs = [spec.tracking.credentials, spec.storage and spec.storage.credentials, *spec.cluster.env_from]
+    refs += [v.secret_key_ref for v in spec.cluster.env]
+    return list(dict.fromkeys(r.name for r in refs if r))
+
+
+def pvc_claim(spec: ExperimentSpec) -> str | None:
+    storage = spec.storage
+    if storage is None or not storage.checkpoint_uri.startswith("pvc://"):
+        return None
+    return storage.checkpoint_uri.removeprefix("pvc://").split("/", 1)[0]
 
 
 def _pod_template(
@@ -180,45 +271,57 @@ def _pod_template(
     resources: dict[str, Any],
     node_selector: dict[str, str],
     tolerations: list[Toleration],
-    shm: tuple[bool, str | None],
+    shm_limit: str | None,
 ) -> dict[str, Any]:
-    """One pod template for head and workers, so both see the same spec, env and storage."""
-    cluster = exp.spec.cluster
+    """One pod template for head and workers, so both see the same spec, env, storage and overrides."""
+    cluster, over = exp.spec.cluster, exp.spec.cluster.pod
     env, env_from = _env(exp, owner)
     mounts = [{"name": "experiment", "mountPath": SPEC_DIR, "readOnly": True}]
     volumes: list[dict[str, Any]] = [
         {"name": "experiment", "configMap": {"name": configmap_name(owner.name)}}
     ]
-    storage = exp.spec.storage
-    if storage is not None and storage.checkpoint_uri.startswith("pvc://"):
-        claim = storage.checkpoint_uri.removeprefix("pvc://").split("/", 1)[0]
+    if claim := pvc_claim(exp.spec):
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
-    with_shm, shm_limit = shm
-    if with_shm:
-        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
-        empty_dir: dict[str, Any] = {"medium": "Memory"}
-        if shm_limit:
-            empty_dir["sizeLimit"] = shm_limit
-        volumes.append({"name": "dshm", "emptyDir": empty_dir})
+    mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # NCCL and Ray's object store need a big one
+    empty_dir: dict[str, Any] = {"medium": "Memory"}
+    if shm_limit:
+        empty_dir["sizeLimit"] = shm_limit
+    volumes.append({"name": "dshm", "emptyDir": empty_dir})
     box: dict[str, Any] = {
         "name": container,
-        "image": cluster.image,
+        "image": cluster.image or DEFAULT_IMAGE,
         "imagePullPolicy": cluster.image_pull_policy,
         "env": env,
         "resources": resources,
-        "volumeMounts": mounts,
+        "volumeMounts": mounts + list(over.volume_mounts),
+        "securityContext": over.container_security_context or RESTRICTED_CONTAINER,
     }
     if env_from:
         box["envFrom"] = env_from
-    pod: dict[str, Any] = {"containers": [box], "volumes": volumes}
+    pod: dict[str, Any] = {
+        "containers": [box],
+        "volumes": volumes + list(over.volumes),
+        "securityContext": over.security_context or RESTRICTED_POD,
+    }
     if node_selector:
         pod["nodeSelector"] = dict(node_selector)
     if tolerations:
         pod["tolerations"] = _tolerations(tolerations)
     if cluster.service_account_name:
         pod["serviceAccountName"] = cluster.service_account_name
-    return {"metadata": {"labels": labels(owner)}, "spec": pod}
+    if over.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in over.image_pull_secrets]
+    if over.priority_class_name:
+        pod["priorityClassName"] = over.priority_class_name
+    if over.affinity:
+        pod["affinity"] = over.affinity
+    if over.topology_spread_constraints:
+        pod["topologySpreadConstraints"] = list(over.topology_spread_constraints)
+    meta: dict[str, Any] = {"labels": {**over.labels, **labels(owner)}}
+    if over.annotations:
+        meta["annotations"] = dict(over.annotations)
+    return {"metadata": meta, "spec": pod}
 
 
 def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
@@ -237,7 +340,7 @@ def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
             {"requests": {"cpu": g.cpu, "memory": g.memory}, "limits": limits},
             g.node_selector,
             g.tolerations,
-            (True, g.shared_memory),
+            g.shared_memory,
         )
         groups.append(
             {
@@ -256,12 +359,13 @@ def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
         {"requests": head_res, "limits": head_res},
         head.node_selector,
         head.tolerations,
-        (False, None),
+        head.shared_memory,
     )
     return {
         "rayVersion": cluster.ray_version,
         "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},
+            # No Ray CPUs or GPUs on the head: ranks and trial drivers must land on worker pods.
+            "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0", "num-cpus": "0"},
             "template": head_template,
         },
         "workerGroupSpecs": groups,
@@ -279,21 +383,39 @@ def mutable_rayjob_fields(spec: ExperimentSpec) -> dict[str, Any]:
 
 def rayjob(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
     """KubeRay RayJob: K8sJobMode submission, no KubeRay retries (Ray Train resumes from checkpoints)."""
+    mutable = mutable_rayjob_fields(exp.spec)
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": exp.spec.ttl_seconds_after_finished,
         "backoffLimit": 0,
-        **{k: v for k, v in mutable_rayjob_fields(exp.spec).items() if v is not None},
+        **{k: v for k, v in mutable.items() if v is not None},
         "rayClusterSpec": ray_cluster_spec(exp, owner),
     }
-    return {
-        "apiVersion": RAYJOB_API_VERSION,
-        "kind": "RayJob",
-        "metadata": _metadata(rayjob_name(owner.name), owner, exp.metadata.labels),
-        "spec": spec,
-    }
+    meta = _metadata(rayjob_name(owner.name), owner, exp.metadata.labels)
+    meta["annotations"] = {APPLIED_ANNOTATION: json.dumps(mutable, sort_keys=True)}
+    return {"apiVersion": RAYJOB_API_VERSION, "kind": "RayJob", "metadata": meta, "spec": spec}
+
+
+def mutable_patch(current: Mapping[str, Any], spec: ExperimentSpec) -> dict[str, Any] | None:
+    """The RayJob patch for the mutable fields the user changed since they were last applied, or None.
+
+    Compared with the last-applied annotation, not with the RayJob's spec: others (Kueue) may set suspend.
+    """
+    annotations = (current.get("metadata") or {}).get("annotations") or {}
+    try:
+        applied = json.loads(annotations.get(APPLIED_ANNOTATION) or "null")
+    except ValueError:
+        applied = None
+    wanted = mutable_rayjob_fields(spec)
+    if not isinstance(applied, dict):  # made by an older operator: adopt what it has, change nothing
+        applied = {k: (current.get("spec") or {}).get(k) for k in wanted}
+    changed = {k: v for k, v in wanted.items() if applied.get(k) != v}
+    if not changed:
+        return None
+    note = json.dumps({**applied, **changed}, sort_keys=True)
+    return {"metadata": {"annotations": {APPLIED_ANNOTATION: note}}, "spec": changed}
 
 
 def immutable_changes(running: Any, wanted: Any, path: str = "spec") -> list[str]:

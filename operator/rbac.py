@@ -31,7 +31,13 @@ CLIENT_CALLS: frozenset[ApiCall] = frozenset(
         ("create", "", "configmaps"),
         ("get", "", "configmaps"),
         ("patch", "", "configmaps"),
-        ("get", "", "secrets"),  # only the tracking.credentials Secret an experiment names (MLflow REST)
+        (
+            "get",
+            "",
+            "secrets",
+        ),  # preflight: referenced Secrets exist; data only of opted-in MLflow credentials
+        ("get", "", "persistentvolumeclaims"),  # preflight: a pvc:// claim exists and is ReadWriteMany
+        ("list", "", "nodes"),  # preflight of GPU runs: some node offers the GPU resource (cluster-scoped)
         ("create", "ray.io", "rayjobs"),
         ("get", "ray.io", "rayjobs"),
         ("patch", "ray.io", "rayjobs"),

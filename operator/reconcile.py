@@ -9,21 +9,28 @@ resourceVersion, so the spec handlers, the RayJob mirror and the watchdog never 
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import yaml
+from pydantic import ValidationError
 
 from xling.operator import conditions as cnd
 from xling.operator import manifests as mf
+from xling.operator.checks import Problem, cluster_problems, preflight
 from xling.operator.conditions import Cond
-from xling.operator.kube import Conflict
-from xling.operator.manifests import validate
+from xling.operator.defaults import Platform
+from xling.operator.kube import Conflict, NotInstalled
 from xling.operator.progress import Mlflow, language_breakdown, ms_to_iso
-from xling.trainer.spec import API_VERSION, KIND, SpecError, SweepSpec
+from xling.trainer.spec import API_VERSION, KIND, ExperimentSpec, RetrievalExperiment, SpecError, SweepSpec
 
 STATUS_RETRIES = 8
+#: A Secret opts in to being read by the operator (for MLflow credentials) with this label set to "true".
+SECRET_OPT_IN = f"{mf.GROUP}/operator-readable"
+#: Seconds between create attempts while KubeRay's API is missing.
+KUBERAY_RETRY_SECONDS = 60
 
 
 class KubeLike(Protocol):
@@ -32,7 +39,10 @@ class KubeLike(Protocol):
     def create_configmap(self, body: dict[str, Any]) -> dict[str, Any] | None: ...
     def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def patch_configmap(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
-    def read_secret_data(self, namespace: str, name: str) -> dict[str, str]: ...
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def read_secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], dict[str, str]]: ...
+    def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def node_resources(self) -> set[str] | None: ...
     def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any] | None: ...
     def read_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def patch_rayjob(self, namespace: str, name: str, patch: dict[str, Any]) -> dict[str, Any] | None: ...
@@ -56,6 +66,8 @@ class StatusUpdate:
     fields: dict[str, Any] = field(default_factory=dict)
     #: True when the update reflects the current spec generation (spec handlers only).
     observes_spec: bool = False
+    #: Seconds after which the spec handler must run again (e.g. KubeRay not installed yet); None = never.
+    retry_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,12 @@ class Transition:
 
 def invalid(err: Exception) -> StatusUpdate:
     return StatusUpdate([Cond("Validated", "False", "InvalidSpec", str(err))], observes_spec=True)
+
+
+def refused(problems: list[Problem]) -> StatusUpdate:
+    """Validated=False with the first problem's reason and every problem's message."""
+    message = "; ".join(m for _, m in problems)
+    return StatusUpdate([Cond("Validated", "False", problems[0][0], message)], observes_spec=True)
 
 
 def _create_or_read(
@@ -88,50 +106,94 @@ def _check_owner(child: Mapping[str, Any], owner: mf.Owner) -> None:
         raise ForeignChild(f"{child.get('kind', 'object')} {name} exists but is not owned by this experiment")
 
 
-def reconcile(kube: KubeLike, body: Mapping[str, Any]) -> StatusUpdate:
-    """Create the ConfigMap and RayJob, or apply allowed changes to them; report everything else."""
-    owner = mf.Owner.from_body(dict(body))
+def _resolved(spec: Any) -> Any:
+    """A spec with this release's defaults filled in (as written if it no longer validates)."""
     try:
-        exp = validate(body)
+        return ExperimentSpec.model_validate(spec).model_dump(by_alias=True, mode="json", exclude_none=True)
+    except ValidationError:
+        return spec
+
+
+def user_changes(configmap: Mapping[str, Any], user_spec: Any) -> list[str]:
+    """Immutable paths the user changed since creation: both specs resolved by *this* release, so a default a
+    new release adds is never a change, and platform defaults (not part of either) never are."""
+    note = ((configmap.get("metadata") or {}).get("annotations") or {}).get(mf.USER_SPEC_ANNOTATION)
+    if note:
+        created = json.loads(note)
+    else:  # written by an older operator: its resolved spec, minus the outputDir it derived from storage
+        doc = yaml.safe_load((configmap.get("data") or {}).get(mf.SPEC_KEY) or "{}") or {}
+        created = {k: v for k, v in (doc.get("spec") or {}).items() if k != "outputDir"}
+        user_spec = {k: v for k, v in (user_spec or {}).items() if k != "outputDir"}
+    return mf.immutable_changes(_resolved(created), _resolved(user_spec))
+
+
+def _immutable_refusal(changed: list[str]) -> Cond:
+    return Cond(
+        "Validated",
+        "False",
+        "ImmutableFieldChanged",
+        f"{', '.join(changed)}: cannot change after creation (only spec.suspend and spec.deadlines can; "
+        "those were applied); the RayJob keeps the original spec. Revert it, or delete and re-create the "
+        "experiment.",
+    )
+
+
+def _content(configmap: Mapping[str, Any]) -> tuple[Any, Any]:
+    return configmap.get("data"), (configmap.get("metadata") or {}).get("annotations")
+
+
+def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None = None) -> StatusUpdate:
+    """Create the ConfigMap and RayJob, or apply allowed changes to them; report everything else."""
+    platform = platform or Platform()
+    owner = mf.Owner.from_body(dict(body))
+    status = body.get("status") or {}
+    if status.get("phase") in cnd.TERMINAL_PHASES:
+        return StatusUpdate()  # finished for good; KubeRay may have deleted the RayJob, which is fine
+    try:
+        exp = platform.experiment(body)
     except SpecError as err:
         return invalid(err)
     names = {"rayJobName": mf.rayjob_name(owner.name), "configMapName": mf.configmap_name(owner.name)}
-    wanted_cm = mf.configmap(exp, owner)
+    current_rj = kube.read_rayjob(owner.namespace, names["rayJobName"])
+    # Checked before anything (and any GPU) is allocated; a running job is not refused later because the
+    # platform's defaults or the objects it references changed.
+    fresh = current_rj is None and not status.get("rayJobName")
+    if fresh and (problems := cluster_problems(exp, platform) or preflight(kube, exp, owner.namespace)):
+        return refused(problems)
+    user_spec = body.get("spec") or {}
+    wanted_cm = mf.configmap(exp, owner, user_spec)
     current_cm = kube.read_configmap(owner.namespace, names["configMapName"])
     if current_cm is None:
         current_cm = _create_or_read(kube.create_configmap, kube.read_configmap, wanted_cm)
     _check_owner(current_cm, owner)
-    running = yaml.safe_load((current_cm.get("data") or {}).get(mf.SPEC_KEY) or "{}") or {}
-    changed = mf.immutable_changes(running.get("spec") or {}, mf.resolved_document(exp, owner)["spec"])
-    if changed:
-        return StatusUpdate(
-            [
-                Cond(
-                    "Validated",
-                    "False",
-                    "ImmutableFieldChanged",
-                    f"{', '.join(changed)}: cannot change after creation (only spec.suspend and spec.deadlines "
-                    "can); the RayJob keeps the original spec. Revert it, or delete and re-create the experiment.",
-                )
-            ],
-            names,
-            observes_spec=True,
-        )
-    if current_cm.get("data") != wanted_cm["data"]:
-        kube.patch_configmap(owner.namespace, names["configMapName"], {"data": wanted_cm["data"]})
+    changed = user_changes(current_cm, user_spec)
+    if not changed and _content(current_cm) != _content(wanted_cm):
+        patch = {"metadata": {"annotations": _content(wanted_cm)[1]}, "data": wanted_cm["data"]}
+        kube.patch_configmap(owner.namespace, names["configMapName"], patch)
 
-    ok = StatusUpdate([Cond("Validated", "True", "SpecValid", "spec is valid")], names, observes_spec=True)
-    current_rj = kube.read_rayjob(owner.namespace, names["rayJobName"])
+    verdict = (
+        [_immutable_refusal(changed)]
+        if changed
+        else [Cond("Validated", "True", "SpecValid", "spec is valid")]
+    )
     if current_rj is None:
-        if (body.get("status") or {}).get("rayJobName"):  # it existed: deleted by hand
-            return StatusUpdate(ok.conditions + cnd.rayjob_deleted(), names, observes_spec=True)
-        _create_or_read(kube.create_rayjob, kube.read_rayjob, mf.rayjob(exp, owner))
-        return ok
+        if status.get("rayJobName"):  # it existed and the experiment is unfinished: deleted by hand
+            return StatusUpdate(verdict + cnd.rayjob_deleted(), names, observes_spec=True)
+        try:
+            _create_or_read(kube.create_rayjob, kube.read_rayjob, mf.rayjob(exp, owner))
+        except NotInstalled as err:
+            why = f"{err} Install KubeRay (docs/install.md); the operator retries every {KUBERAY_RETRY_SECONDS} s."
+            cond = Cond("ClusterReady", "False", "KubeRayNotInstalled", why, warn=True)
+            return StatusUpdate(verdict + [cond], observes_spec=True, retry_after=KUBERAY_RETRY_SECONDS)
+        if cnd.condition_reason(status.get("conditions") or [], "ClusterReady") == "KubeRayNotInstalled":
+            verdict.append(
+                Cond("ClusterReady", "False", "Pending", "KubeRay is installed; waiting for the RayJob")
+            )
+        return StatusUpdate(verdict, names, observes_spec=True)
     _check_owner(current_rj, owner)
-    wanted = mf.mutable_rayjob_fields(exp.spec)
-    if any((current_rj.get("spec") or {}).get(k) != v for k, v in wanted.items()):
-        kube.patch_rayjob(owner.namespace, names["rayJobName"], {"spec": wanted})
-    return ok
+    if patch := mf.mutable_patch(current_rj, exp.spec):  # always: even while an immutable edit is refused
+        kube.patch_rayjob(owner.namespace, names["rayJobName"], patch)
+    return StatusUpdate(verdict, names, observes_spec=True)
 
 
 def owner_of(rayjob: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
@@ -170,6 +232,16 @@ def mirror_rayjob(rayjob: Mapping[str, Any], deleted: bool) -> Callable[[Mapping
     return update
 
 
+def resync(kube: KubeLike, body: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], StatusUpdate] | None:
+    """Level-based mirror: re-read the RayJob, so a lost watch event never leaves a stale phase."""
+    status = body.get("status") or {}
+    name = status.get("rayJobName")
+    if not name or status.get("phase") in cnd.TERMINAL_PHASES:
+        return None
+    rayjob = kube.read_rayjob(body["metadata"]["namespace"], name)
+    return mirror_rayjob(rayjob or {}, deleted=rayjob is None)
+
+
 def _age_seconds(iso: str, now: datetime.datetime) -> float:
     return (now - datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))).total_seconds()
 
@@ -180,8 +252,25 @@ def needs_watch(status: Mapping[str, Any]) -> bool:
     return phase == "Running" or (phase in cnd.TERMINAL_PHASES and status.get("metrics") is None)
 
 
+def tracking_credentials(
+    kube: KubeLike, namespace: str, exp: RetrievalExperiment, platform: Platform
+) -> dict[str, str]:
+    """The MLflow credentials the operator may use: only from a Secret that opted in (label) or that the
+    platform names, and only towards an allowed tracking host; otherwise none (the request goes anonymous)."""
+    tracking = exp.spec.tracking
+    if tracking.credentials is None or not platform.tracking_host_allowed(tracking.tracking_uri):
+        return {}
+    name = tracking.credentials.name
+    labels, data = kube.read_secret_data(namespace, name)
+    return data if labels.get(SECRET_OPT_IN) == "true" or name in platform.allowed_secrets else {}
+
+
 def watch_progress(
-    kube: KubeLike, body: Mapping[str, Any], now: datetime.datetime, client: Callable[..., Mlflow] = Mlflow
+    kube: KubeLike,
+    body: Mapping[str, Any],
+    now: datetime.datetime,
+    client: Callable[..., Mlflow] = Mlflow,
+    platform: Platform | None = None,
 ) -> StatusUpdate:
     """The watchdog: Progressing=False when no metric reached MLflow for deadlines.noProgressSeconds.
 
@@ -191,8 +280,9 @@ def watch_progress(
     phase = status.get("phase")
     if not needs_watch(status):
         return StatusUpdate()
+    platform = platform or Platform()
     try:
-        exp = validate(body)
+        exp = platform.experiment(body)
     except SpecError:
         return StatusUpdate()
     tracking, limit = exp.spec.tracking, exp.spec.deadlines.no_progress_seconds
@@ -201,12 +291,9 @@ def watch_progress(
             return StatusUpdate(fields={"metrics": {}})  # nothing to fetch: stop looking
         why = "the MLflow tracking URI is not http(s), so progress cannot be watched"
         return StatusUpdate([Cond("Progressing", "Unknown", "NoTrackingServer", why)])
-    creds = (
-        kube.read_secret_data(body["metadata"]["namespace"], tracking.credentials.name)
-        if tracking.credentials
-        else {}
+    mlflow = client(
+        tracking.tracking_uri, tracking_credentials(kube, body["metadata"]["namespace"], exp, platform)
     )
-    mlflow = client(tracking.tracking_uri, creds)
     report = mlflow.report(tracking.experiment_name or exp.metadata.name, body["metadata"].get("uid", ""))
     fields: dict[str, Any] = {}
     conds: list[Cond] = []
@@ -241,24 +328,23 @@ def watch_progress(
     return StatusUpdate(conds, fields)
 
 
-def close_mlflow_run(kube: KubeLike, body: Mapping[str, Any], now: datetime.datetime) -> bool:
+def close_mlflow_run(
+    kube: KubeLike, body: Mapping[str, Any], now: datetime.datetime, platform: Platform | None = None
+) -> bool:
     """On deletion of an unfinished experiment, mark its MLflow run KILLED (else it stays RUNNING forever)."""
+    platform = platform or Platform()
     status = body.get("status") or {}
     run_id = (status.get("mlflow") or {}).get("runId")
     if status.get("phase") in cnd.TERMINAL_PHASES or not run_id:
         return False
     try:
-        exp = validate(body)
+        exp = platform.experiment(body)
     except SpecError:
         return False
     tracking = exp.spec.tracking
     if not Mlflow.supports(tracking.tracking_uri):
         return False
-    creds = (
-        kube.read_secret_data(body["metadata"]["namespace"], tracking.credentials.name)
-        if tracking.credentials
-        else {}
-    )
+    creds = tracking_credentials(kube, body["metadata"]["namespace"], exp, platform)
     Mlflow(tracking.tracking_uri, creds).kill_run(run_id, int(now.timestamp() * 1000))
     return True
 
@@ -298,8 +384,11 @@ def write_status(
     name: str,
     update: StatusUpdate | Callable[[Mapping[str, Any]], StatusUpdate],
     now: str | None = None,
+    written: Callable[[Mapping[str, Any], dict[str, Any]], None] | None = None,
 ) -> list[Transition]:
-    """Read, compute, patch /status with a resourceVersion precondition; retry on conflict."""
+    """Read, compute, patch /status with a resourceVersion precondition; retry on conflict.
+
+    ``written(old_body, status_patch)`` is told about each successful write (the operator's metrics)."""
     for _ in range(STATUS_RETRIES):
         body = kube.read_experiment(namespace, name)
         if body is None:
@@ -315,5 +404,7 @@ def write_status(
             )
         except Conflict:
             continue
+        if written is not None:
+            written(body, patch)
         return transitions
     raise StatusConflict(f"{namespace}/{name}: status kept changing; will retry")

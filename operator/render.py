@@ -1,7 +1,9 @@
 """``xling render FILE``: print the ConfigMap and RayJob the operator would create, without a cluster.
 
-Validation and manifests are the operator's own (:func:`reconcile.validate`, :mod:`manifests`), so what is
-printed is exactly what would be applied; only the owner's uid is a placeholder (the API server assigns it).
+Validation, platform defaults, cluster checks and manifests are the operator's own, so what is printed is
+exactly what would be applied (or refused); only the owner's uid is a placeholder (the API server assigns it).
+The header says how the spec maps to pods. ``--defaults`` reads the platform defaults (Helm's
+``platformDefaults``), else $XLING_PLATFORM_DEFAULTS.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ from pathlib import Path
 import yaml
 
 from xling.operator import manifests as mf
+from xling.operator.checks import cluster_problems
+from xling.operator.defaults import Platform
 from xling.trainer.spec import KIND, SpecError
 
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
 
 
-def render(path: str | Path, namespace: str | None = None) -> str:
-    """Multi-document YAML: ConfigMap, then RayJob. Raises SpecError like ``xling run`` does."""
+def render(path: str | Path, namespace: str | None = None, defaults: str | Path | None = None) -> str:
+    """Multi-document YAML: ConfigMap, then RayJob. Raises SpecError like ``xling run`` does, and for what
+    the operator would refuse (Validated=False)."""
     path = Path(path)
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -32,15 +37,27 @@ def render(path: str | Path, namespace: str | None = None) -> str:
     meta["namespace"] = namespace or meta.get("namespace") or "default"
     meta.setdefault("uid", UID_PLACEHOLDER)
     body = {**body, "metadata": meta}
-    exp = mf.validate(body)
+    platform = Platform.load(defaults)
+    exp = platform.experiment(body)
+    if problems := cluster_problems(exp, platform):
+        raise SpecError(
+            "\n".join(
+                [f"{path}: the operator would refuse this experiment:"] + [f"  {m}" for _, m in problems]
+            )
+        )
     owner = mf.Owner.from_body(body)
-    header = f"# Rendered by `xling render {path}`: what the operator creates for {owner.namespace}/{owner.name}.\n"
-    return header + yaml.safe_dump_all([mf.configmap(exp, owner), mf.rayjob(exp, owner)], sort_keys=False)
+    lines = [
+        f"Rendered by `xling render {path}`: what the operator creates for {owner.namespace}/{owner.name}."
+    ]
+    lines += [f"  {line}" for line in mf.describe_pods(exp.spec)]
+    header = "".join(f"# {line}\n" for line in lines)
+    docs = [mf.configmap(exp, owner, body.get("spec")), mf.rayjob(exp, owner)]
+    return header + yaml.safe_dump_all(docs, sort_keys=False)
 
 
 def run_render(args: argparse.Namespace) -> int:
     try:
-        sys.stdout.write(render(args.file, args.namespace))
+        sys.stdout.write(render(args.file, args.namespace, args.defaults))
     except SpecError as err:
         print(err, file=sys.stderr)
         return 2
@@ -55,6 +72,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("file", help="a RetrievalExperiment YAML file")
     parser.add_argument(
         "-n", "--namespace", default=None, help="namespace to render for (default: the file's)"
+    )
+    parser.add_argument(
+        "--defaults",
+        default=None,
+        help="platform defaults YAML (default: $XLING_PLATFORM_DEFAULTS; see docs/operator.md)",
     )
     parser.set_defaults(func=run_render)
     return parser

@@ -232,11 +232,12 @@ def test_namespaced_rbac_is_one_role_per_watched_namespace(rendered: dict) -> No
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": f"{RELEASE}-xling-operator", "namespace": NAMESPACE}
         ]
-    # Cluster-wide, only kopf's read-only discovery of CRDs and namespaces.
+    # Cluster-wide, only kopf's read-only discovery of CRDs and namespaces, and the GPU preflight's node list.
     (role,) = by_kind(docs, "ClusterRole")
     assert grants(role["rules"]) == {
         ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
         ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+        ("", "nodes", "list"),
         *NAMESPACE_DISCOVERY,
     }
     assert operator_grants(docs, "team-a") == operator_grants(docs, "team-b")
@@ -582,3 +583,58 @@ def test_helm_test_script_reports_missing_kuberay_and_permissions(tmp_path: Path
         f"FAIL  can create rayjobs.ray.io in {NAMESPACE}",
     ]
     assert "MLflow" not in proc.stdout
+
+
+def test_platform_defaults_metrics_and_network_policy(tmp_path: Path) -> None:
+    """trainer.* become the operator's defaults file; metrics Service + optional ServiceMonitor; MLflow policy."""
+    values = {
+        "trainer": {
+            "image": "registry.example.com/xling-trainer:0.1.0",
+            "storage": {"checkpointUri": "s3://ckpt/xling", "credentialsSecret": "s3"},
+            "pod": {"priorityClassName": "batch"},
+        },
+        "secrets": {"allowed": ["mlflow-auth"], "restrictRbac": True},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+    }
+    docs = render(tmp_path, values)
+    cm = one(docs, "ConfigMap", f"{RELEASE}-xling-operator-defaults")
+    defaults = yaml.safe_load(cm["data"]["defaults.yaml"])
+    assert defaults["spec"]["cluster"] == {
+        "image": "registry.example.com/xling-trainer:0.1.0",
+        "pod": {"priorityClassName": "batch"},
+    }
+    assert defaults["spec"]["storage"] == {"checkpointUri": "s3://ckpt/xling", "credentials": {"name": "s3"}}
+    assert defaults["spec"]["tracking"] == {
+        "trackingUri": f"http://{RELEASE}-xling-mlflow.{NAMESPACE}.svc:5000"
+    }
+    assert defaults["allowedTrackingHosts"] == [f"{RELEASE}-xling-mlflow.{NAMESPACE}.svc"]
+    assert defaults["allowedSecrets"] == ["mlflow-auth"]
+    from xling.operator.defaults import Platform
+
+    path = tmp_path / "defaults.yaml"
+    path.write_text(cm["data"]["defaults.yaml"])
+    assert Platform.load(path).spec == defaults["spec"]  # the operator accepts what the chart writes
+    dep = one(docs, "Deployment", f"{RELEASE}-xling-operator")
+    env = env_of(dep["spec"]["template"]["spec"]["containers"][0])
+    assert (
+        env["XLING_PLATFORM_DEFAULTS"] == "/etc/xling-operator/defaults.yaml"
+        and env["XLING_METRICS_PORT"] == "9090"
+    )
+    assert by_kind(docs, "ServiceMonitor") and one(docs, "Service", f"{RELEASE}-xling-operator-metrics")
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    assert policy["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/managed-by": "xling-operator"
+    }
+    (role,) = by_kind(docs, "Role")
+    (secrets,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert secrets["resourceNames"] == ["mlflow-auth"]
+
+
+def test_notes_warn_when_no_trainer_image_or_storage_is_set(tmp_path: Path) -> None:
+    notes = render_notes(tmp_path, {})
+    assert "WARNING: set trainer.image" in notes and "trainer.storage.checkpointUri is not set" in notes
+    values = {"trainer": {"image": "reg/xling:1", "storage": {"checkpointUri": "s3://b"}}}
+    set_up = render_notes(tmp_path / "b", values)
+    assert (
+        "WARNING" not in set_up.replace("WARNING: the ray.io/v1 RayJob API", "") and "reg/xling:1" in set_up
+    )

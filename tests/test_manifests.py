@@ -140,6 +140,7 @@ def test_kustomize_renders_crd_rbac_and_operator(kustomized: list[dict[str, Any]
             "ClusterRole/xling-operator-xling-system-discovery",
             "ClusterRoleBinding/xling-operator-xling-system-discovery",
             "Deployment/xling-operator",
+            "ConfigMap/xling-operator-defaults",
         ]
     )
     for doc in kustomized:

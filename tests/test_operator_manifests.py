@@ -36,6 +36,18 @@ def _exp(**spec):
     return mf.validate(experiment(**spec))
 
 
+@pytest.fixture
+def platform_defaults(tmp_path) -> Path:
+    """What a platform's Helm values give every experiment: an image and shared checkpoint storage."""
+    path = tmp_path / "defaults.yaml"
+    spec = {
+        "cluster": {"image": "registry.example/xling-trainer:0.1.0"},
+        "storage": {"checkpointUri": "s3://ckpt"},
+    }
+    path.write_text(yaml.safe_dump({"spec": spec}))
+    return path
+
+
 def _assert_kuberay_valid(validator, job: dict) -> None:
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     errors = sorted(validator.iter_errors(job), key=lambda e: list(e.path))
@@ -61,9 +73,12 @@ def test_rayjob_basics_and_owner():
     assert spec["entrypoint"] == "xling run /etc/xling/experiment.yaml"
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 0
     assert spec["ttlSecondsAfterFinished"] == 3600 and spec["suspend"] is False
-    assert "activeDeadlineSeconds" not in spec and "preRunningDeadlineSeconds" not in spec
+    assert "activeDeadlineSeconds" not in spec and spec["preRunningDeadlineSeconds"] == 3600
     head = spec["rayClusterSpec"]["headGroupSpec"]
-    assert head["rayStartParams"]["num-gpus"] == "0"
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    assert {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}} in head["template"]["spec"][
+        "volumes"
+    ]
     box = head["template"]["spec"]["containers"][0]
     assert {"name": "experiment", "mountPath": "/etc/xling", "readOnly": True} in box["volumeMounts"]
     assert {"name": "XLING_EXPERIMENT_UID", "value": OWNER.uid} in box["env"]
@@ -75,16 +90,17 @@ def test_deadlines_suspend_ttl_and_default_worker_group():
         deadlines={"totalSeconds": 7200, "toRunningSeconds": 600},
         suspend=True,
         ttlSecondsAfterFinished=60,
-        distributed={"numWorkers": 4, "gpusPerWorker": 8, "cpusPerWorker": 7.5},
+        distributed={"numWorkers": 32, "gpusPerWorker": 1, "cpusPerWorker": 7.5},
         optimization={"globalBatchSize": 64},
     )
     spec = mf.rayjob(exp, OWNER)["spec"]
     assert (spec["activeDeadlineSeconds"], spec["preRunningDeadlineSeconds"]) == (7200, 600)
     assert spec["suspend"] is True and spec["ttlSecondsAfterFinished"] == 60
     (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
+    # 32 ranks of one GPU each: 4 pods (nodes) of 8 GPUs and 8 ranks, CPU and memory sized per GPU.
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (4, 4, 4)
     limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert limits["nvidia.com/gpu"] == 8 and limits["cpu"] == "7500m"
+    assert limits == {"nvidia.com/gpu": 8, "cpu": "64", "memory": "512Gi"}
     assert {"name": "dshm", "emptyDir": {"medium": "Memory"}} in group["template"]["spec"]["volumes"]
 
 
@@ -168,8 +184,8 @@ def test_immutable_changes_name_paths_and_ignore_mutable_fields():
 @pytest.mark.parametrize(
     "sample", sorted((ROOT / "manifests" / "samples").glob("*.yaml")), ids=lambda p: p.name
 )
-def test_samples_render_to_valid_rayjobs(sample, rayjob_validator):
-    text = render(sample, namespace="ns1")
+def test_samples_render_to_valid_rayjobs(sample, rayjob_validator, platform_defaults):
+    text = render(sample, namespace="ns1", defaults=platform_defaults)
     cm, job = list(yaml.safe_load_all(text))
     assert cm["kind"] == "ConfigMap" and cm["metadata"]["namespace"] == "ns1"
     _assert_kuberay_valid(rayjob_validator, job)
@@ -311,7 +327,12 @@ def test_summarize_uses_parent_metrics_and_newest_timestamp():
 
 
 def test_language_breakdown():
-    metrics = {"xquad_r.multi.map": 0.5, "xquad_r.multi.de.map": 0.6, "xquad_r.multi.sw.map": 0.4, "xquad_r.multi.de.mrr": 0.1}
+    metrics = {
+        "xquad_r.multi.map": 0.5,
+        "xquad_r.multi.de.map": 0.6,
+        "xquad_r.multi.sw.map": 0.4,
+        "xquad_r.multi.de.mrr": 0.1,
+    }
     assert language_breakdown("xquad_r.multi.map", metrics) == {"de": 0.6, "sw": 0.4}
 
 

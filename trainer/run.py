@@ -45,9 +45,17 @@ class RunResult:
     seconds: float
 
 
-def _local_env() -> dict[str, str]:
-    """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node)."""
+def hub_free(spec: ExperimentSpec) -> bool:
+    """Built-in model and no hub dataset: only then may a run go offline (HF_HUB_OFFLINE=1)."""
+    return spec.model.name.startswith("xling/") and not any(s.type == "hf" for s in spec.data.sources)
+
+
+def _local_env(spec: ExperimentSpec | None = None) -> dict[str, str]:
+    """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node); offline
+    only for runs that need no hub (``spec`` given and not :func:`hub_free`: hub models and datasets load)."""
     for key, value in LOCAL_ENV.items():
+        if key == "HF_HUB_OFFLINE" and spec is not None and not hub_free(spec):
+            continue
         if key != "DS_ACCELERATOR" or not _has_gpu():
             os.environ.setdefault(key, value)
     return {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
@@ -120,7 +128,7 @@ def run_experiment(
     from xling.trainer.plan import check_fits
 
     started = time.time()
-    env = _local_env()
+    env = _local_env(exp.spec)
     spec = exp.spec
     check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
     corpus, report, model_path = prepare(exp, skip_bad_rows)
@@ -181,7 +189,7 @@ def _fit(
         scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{exp.metadata.name}-{run_id[:8]}",
+            name=train_run_name(exp.metadata.name, run_id),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=dist.max_failures),
@@ -195,6 +203,13 @@ def _fit(
         raise
     _finish_run(uri, run_id, "FINISHED")
     return result
+
+
+def train_run_name(name: str, run_id: str) -> str:
+    """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
+    preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
+    uid = os.environ.get("XLING_EXPERIMENT_UID")
+    return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
 
 
 def init_ray(env: dict[str, str], use_gpu: bool) -> None:

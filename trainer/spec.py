@@ -211,7 +211,10 @@ DEFAULT_RAY_VERSION = "2.60.0"
 K8sName = Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)]
 Quantity = Annotated[
     str,
-    Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$", description="Kubernetes quantity: 500m, 8, 16Gi."),
+    Field(
+        pattern=r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$",
+        description="Kubernetes quantity: 500m, 8, 16Gi.",
+    ),
 ]
 
 
@@ -230,12 +233,73 @@ class Toleration(Spec):
 
 
 class HeadSpec(Spec):
-    """The Ray head pod: runs the driver (``xling run``) and the dashboard, never training (no GPUs)."""
+    """The Ray head pod: runs the driver (``xling run``) and the dashboard, never training (no GPUs, no CPUs
+    advertised to Ray, so no rank lands on it)."""
 
     cpu: Quantity = "2"
     memory: Quantity = "8Gi"
+    shared_memory: Quantity = Field(
+        default="2Gi", description="Size limit of the head's memory-backed /dev/shm."
+    )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class GpuNodeSpec(Spec):
+    """How the derived worker group packs GPU ranks into pods: one pod per node, one rank per GPU, so NCCL
+    uses NVLink between the ranks of a node."""
+
+    gpus: PositiveInt = Field(
+        default=8, description="GPUs per pod (per node); fewer when the run needs fewer."
+    )
+    cpu_per_gpu: Annotated[float, Field(gt=0.0)] = Field(default=8.0, description="CPU cores per GPU.")
+    memory_per_gpu_gi: PositiveInt = Field(default=64, description="Memory per GPU, in GiB.")
+
+
+class SecretKeyRef(Spec):
+    name: K8sName
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class EnvVar(Spec):
+    """An environment variable for every Ray pod: a value, or one key of a Secret in the namespace."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", max_length=253)]
+    value: str | None = None
+    secret_key_ref: SecretKeyRef | None = Field(default=None, description="Read the value from a Secret key.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> EnvVar:
+        if (self.value is None) == (self.secret_key_ref is None):
+            raise ValueError(f"env {self.name}: set exactly one of value, secretKeyRef")
+        return self
+
+
+class PodOverrides(Spec):
+    """Pod-template settings for every Ray pod (head, workers, submitter), merged over the platform's defaults.
+
+    Modelled on Kubeflow Trainer's pod overrides; the objects are Kubernetes' own (validated by the API server
+    when KubeRay creates the pods)."""
+
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    security_context: dict[str, Any] | None = Field(
+        default=None, description="PodSecurityContext. Default: the restricted Pod Security Standard."
+    )
+    container_security_context: dict[str, Any] | None = Field(
+        default=None,
+        description="SecurityContext of the Ray container. Default: restricted (drop ALL, no escalation).",
+    )
+    image_pull_secrets: list[K8sName] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    affinity: dict[str, Any] | None = None
+    topology_spread_constraints: list[dict[str, Any]] = Field(default_factory=list)
+    volumes: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra volumes (Kubernetes Volume objects)."
+    )
+    volume_mounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Extra mounts in the Ray container."
+    )
 
 
 class WorkerGroupSpec(Spec):
@@ -248,7 +312,8 @@ class WorkerGroupSpec(Spec):
     cpu: Quantity = "4"
     memory: Quantity = "16Gi"
     shared_memory: Quantity | None = Field(
-        default=None, description="Size limit of /dev/shm (memory-backed; NCCL needs it large). Unset = no limit."
+        default=None,
+        description="Size limit of /dev/shm (memory-backed; NCCL needs it large). Unset = no limit.",
     )
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
@@ -257,36 +322,55 @@ class WorkerGroupSpec(Spec):
 class ClusterSpec(Spec):
     """The Ray cluster KubeRay creates for this experiment (and deletes when it finishes)."""
 
-    image: str = Field(default=DEFAULT_IMAGE, description="Image with xling, Ray and the trainer's dependencies.")
+    image: str | None = Field(
+        default=None,
+        description=f"Image with xling, Ray and the trainer's dependencies. Default: the platform's (Helm "
+        f"trainer.image), else {DEFAULT_IMAGE!r} (a local build).",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     ray_version: str = DEFAULT_RAY_VERSION
     service_account_name: K8sName | None = None
     head: HeadSpec = Field(default_factory=HeadSpec)
     worker_groups: list[WorkerGroupSpec] = Field(
         default_factory=list,
-        description="Empty: one group sized from spec.distributed (numWorkers pods, gpusPerWorker GPUs each).",
+        description="Empty: one group derived from spec.distributed: GPU runs get pods of gpuNode.gpus GPUs "
+        "(one rank per GPU), CPU runs one pod per rank; sweeps get room for maxConcurrentTrials trials.",
     )
+    gpu_node: GpuNodeSpec = Field(default_factory=GpuNodeSpec)
+    env: list[EnvVar] = Field(default_factory=list, description="Extra environment of every Ray pod.")
+    env_from: list[SecretRef] = Field(
+        default_factory=list, description="Secrets whose keys become environment variables (e.g. HF_TOKEN)."
+    )
+    pod: PodOverrides = Field(default_factory=PodOverrides)
 
 
 class StorageSpec(Spec):
     checkpoint_uri: str = Field(
-        pattern=r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|s3://[^/]+(/.*)?)$",
-        description="pvc://CLAIM[/PATH] (mounted on every pod) or s3://BUCKET[/PREFIX]. Becomes outputDir.",
+        pattern=r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/.*)?|(s3|gs)://[^/]+(/.*)?)$",
+        description="Shared by every pod: pvc://CLAIM[/PATH] (a ReadWriteMany claim mounted on every pod), "
+        "s3://BUCKET[/PREFIX] or gs://BUCKET[/PREFIX]. Becomes outputDir.",
     )
     credentials: SecretRef | None = Field(
-        default=None, description="For s3://: a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT_URL)."
+        default=None,
+        description="For s3:// or gs://: a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT_URL) "
+        "or GOOGLE_APPLICATION_CREDENTIALS content; unset = the pods' ambient identity.",
     )
 
 
 class DeadlinesSpec(Spec):
     """May change while the experiment runs (as may spec.suspend)."""
 
-    total_seconds: PositiveInt | None = Field(default=None, description="Whole run, from start (RayJob activeDeadlineSeconds).")
+    total_seconds: PositiveInt | None = Field(
+        default=None, description="Whole run, from start (RayJob activeDeadlineSeconds)."
+    )
     to_running_seconds: PositiveInt | None = Field(
-        default=None, description="From start until the job runs (RayJob preRunningDeadlineSeconds)."
+        default=3600,
+        description="From start until the job runs (RayJob preRunningDeadlineSeconds): an image that cannot be "
+        "pulled or pods that cannot be scheduled fail the experiment instead of waiting forever. null = off.",
     )
     no_progress_seconds: PositiveInt | None = Field(
-        default=1800, description="Watchdog: Progressing=False when no metric arrived for this long. Unset = off."
+        default=1800,
+        description="Watchdog: Progressing=False when no metric arrived for this long. null = off.",
     )
 
 
@@ -504,7 +588,11 @@ class ExperimentSpec(Spec):
     sweep: SweepSpec | None = None
     output_dir: str = Field(default="runs", description="Local checkpoints and exports (relative to the CWD).")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
-    storage: StorageSpec | None = Field(default=None, description="Unset: checkpoints stay in the pods (lost).")
+    storage: StorageSpec | None = Field(
+        default=None,
+        description="Checkpoint storage shared by all pods. Required on a cluster (the operator refuses a RayJob "
+        "without it unless the platform sets a default); ignored by a local `xling run`.",
+    )
     deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
     suspend: bool = Field(default=False, description="True deletes the Ray cluster; false again resumes.")
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = Field(
@@ -578,7 +666,11 @@ class ExperimentSpec(Spec):
 class Metadata(Spec):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    name: str = Field(
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        max_length=63,
+        description="DNS-1035 label (starts with a letter): it names the RayJob, its Services and pods.",
+    )
     namespace: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)

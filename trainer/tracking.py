@@ -86,12 +86,24 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
         exp_id = client.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
+    if uid and "'" not in run_name and (again := _run_of(client, exp_id, uid, run_name)):  # the experiment runs again: same run
+        client.update_run(again, status="RUNNING")
+        client.log_batch(again, tags=[RunTag("xling.status", "running")])
+        return again
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
     client.log_batch(run.info.run_id, tags=[RunTag("xling.status", "running")])
     return run.info.run_id
+
+
+def _run_of(client: Any, exp_id: str, uid: str, run_name: str) -> str | None:
+    """The run an operator-launched experiment (uid) made before under this name (a resumed RayJob)."""
+    found = client.search_runs(
+        [exp_id], f"tags.`xling.k8s.uid` = '{uid}' and attributes.run_name = '{run_name}'", max_results=1
+    )
+    return found[0].info.run_id if found else None
 
 
 class StepLogger:

@@ -98,6 +98,12 @@ app.kubernetes.io/component: {{ .component }}
   value: {{ .Values.operator.maxWorkers | quote }}
 - name: XLING_WATCHDOG_INTERVAL
   value: {{ .Values.operator.watchdogIntervalSeconds | quote }}
+- name: XLING_PLATFORM_DEFAULTS
+  value: /etc/xling-operator/defaults.yaml
+{{- if .Values.metrics.enabled }}
+- name: XLING_METRICS_PORT
+  value: {{ .Values.metrics.port | quote }}
+{{- end }}
 {{- with .Values.operator.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -25,9 +25,17 @@ checks that these rules and that list agree). No wildcards.
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, patch]
-# Only the Secret an experiment names for its MLflow credentials.
+# Preflight: the Secrets an experiment references exist; data is used only from opted-in Secrets (label
+# xling.io/operator-readable=true or secrets.allowed). restrictRbac: only the named ones.
 - apiGroups: [""]
   resources: [secrets]
+  verbs: [get]
+  {{- if and .Values.secrets.restrictRbac .Values.secrets.allowed }}
+  resourceNames: {{ toJson .Values.secrets.allowed }}
+  {{- end }}
+# Preflight: a pvc:// checkpoint claim exists and is ReadWriteMany.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
   verbs: [get]
 # kopf reports handler progress and errors as Events on the experiment.
 - apiGroups: [""]
@@ -41,6 +49,10 @@ checks that these rules and that list agree). No wildcards.
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+# Preflight of GPU runs: some node offers the requested GPU resource (e.g. nvidia.com/gpu).
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [list]
 {{- if not .Values.operator.clusterWide }}
 # Namespaces: with a list of namespaces to watch, kopf follows which of them exist.
 - apiGroups: [""]

@@ -1,0 +1,111 @@
+"""What a spec needs on a cluster beyond what ``xling run`` checks: refused with ``Validated=False`` before any
+pod (and any GPU) is allocated.
+
+:func:`cluster_problems` is pure (``xling render`` runs it too); :func:`preflight` asks the API server about
+the objects the spec references. Each problem is ``(reason, "spec.<field>: <why>")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from xling.operator import manifests as mf
+from xling.operator.defaults import Platform
+from xling.trainer.spec import RetrievalExperiment
+
+Problem = tuple[str, str]
+
+
+class PreflightKube(Protocol):
+    def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def node_resources(self) -> set[str] | None: ...
+
+
+def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Problem]:
+    spec, dist = exp.spec, exp.spec.distributed
+    problems: list[Problem] = []
+    if spec.storage is None and mf.pod_count(spec) > 1:
+        problems.append(
+            (
+                "SharedStorageRequired",
+                f"spec.storage: required: the RayJob has {mf.pod_count(spec)} pods and Ray Train saves "
+                "checkpoints from each of them, so they need shared storage (s3://, gs:// or a ReadWriteMany "
+                "pvc://); set spec.storage.checkpointUri or ask for a platform default (Helm trainer.storage)",
+            )
+        )
+    if dist.gpus_per_worker > 1:
+        problems.append(
+            (
+                "GpusIdle",
+                f"spec.distributed.gpusPerWorker: {dist.gpus_per_worker}: each rank drives one GPU, so the "
+                f"others would sit idle; use gpusPerWorker: 1 and numWorkers: "
+                f"{dist.num_workers * dist.gpus_per_worker}",
+            )
+        )
+    elif dist.gpus_per_worker and not spec.cluster.worker_groups:
+        total, per_node = dist.num_workers, spec.cluster.gpu_node.gpus
+        if total > per_node and total % per_node:
+            problems.append(
+                (
+                    "PartialNode",
+                    f"spec.distributed.numWorkers: {total} GPUs do not fill whole {per_node}-GPU nodes "
+                    f"(spec.cluster.gpuNode.gpus); use a multiple of {per_node}",
+                )
+            )
+    uri = spec.tracking.tracking_uri
+    if not platform.tracking_host_allowed(uri):
+        problems.append(
+            (
+                "TrackingHostNotAllowed",
+                f"spec.tracking.trackingUri: {uri}: the host is not in the platform's allowedTrackingHosts "
+                f"({', '.join(sorted(platform.allowed_tracking_hosts))})",
+            )
+        )
+    return problems
+
+
+def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> list[Problem]:
+    """Referenced Secrets exist; a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it); some
+    node offers each GPU resource the pods request (skipped when the operator may not list nodes)."""
+    problems: list[Problem] = [
+        ("SecretNotFound", f"spec: Secret {name!r} (referenced by the spec) does not exist in {namespace}")
+        for name in mf.secret_names(exp.spec)
+        if kube.read_secret(namespace, name) is None
+    ]
+    wanted = {g.gpu_resource for g in mf.worker_groups(exp.spec) if g.gpus}
+    offered = kube.node_resources() if wanted else None
+    if offered is not None and (missing := sorted(wanted - offered)):
+        field = (
+            "spec.cluster.workerGroups"
+            if exp.spec.cluster.worker_groups
+            else "spec.distributed.gpusPerWorker"
+        )
+        problems.append(
+            (
+                "GpuResourceNotFound",
+                f"{field}: no node offers {', '.join(missing)} (is the device plugin installed?)",
+            )
+        )
+    claim = mf.pvc_claim(exp.spec)
+    if claim:
+        pvc = kube.read_pvc(namespace, claim)
+        if pvc is None:
+            problems.append(
+                (
+                    "ClaimNotFound",
+                    f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} does not exist",
+                )
+            )
+        elif mf.pod_count(exp.spec) > 1 and "ReadWriteMany" not in (pvc.get("spec") or {}).get(
+            "accessModes", []
+        ):
+            modes = ", ".join((pvc.get("spec") or {}).get("accessModes", [])) or "none"
+            problems.append(
+                (
+                    "ClaimNotShared",
+                    f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} is {modes}, but "
+                    f"{mf.pod_count(exp.spec)} pods on different nodes mount it: it must be ReadWriteMany",
+                )
+            )
+    return problems

@@ -1,0 +1,105 @@
+"""Platform defaults: what a platform engineer sets once in Helm values and the operator injects into every
+experiment (trainer image, checkpoint storage, tracking URI, pod overrides, deadlines); the CR overrides them.
+
+The file (``$XLING_PLATFORM_DEFAULTS``, a ConfigMap the chart mounts) is YAML::
+
+    spec:                      # a partial RetrievalExperiment spec, merged under the user's
+      cluster: {image: registry.example.com/xling-trainer:0.1.0, pod: {priorityClassName: batch}}
+      storage: {checkpointUri: s3://ckpt/xling}
+      tracking: {trackingUri: http://xling-mlflow.xling.svc:5000}
+    allowedSecrets: [mlflow-auth]               # Secrets the operator itself may read, besides labelled ones
+    allowedTrackingHosts: [xling-mlflow.xling.svc]   # hosts an experiment may send metrics/credentials to
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from xling.operator.manifests import validate
+from xling.trainer.spec import RetrievalExperiment, SpecError
+
+ENV = "XLING_PLATFORM_DEFAULTS"
+#: Spec sections a platform may default (the research settings are the user's). A default only takes
+#: effect where the CRD has none (the API server fills those in first): cluster.image, cluster.pod.*,
+#: cluster.env/envFrom, cluster.serviceAccountName, storage, tracking.trackingUri/credentials.
+DEFAULTABLE = ("cluster", "storage", "tracking")
+#: Blocks that carry credentials: taken whole from the platform only when the user sets none of their
+#: location, so the platform's Secret never travels to a URI the user picked.
+_LOCATION = {"storage": "checkpointUri", "tracking": "trackingUri"}
+
+
+def merge(base: Any, over: Any) -> Any:
+    """``over`` on top of ``base``: mappings merge recursively, everything else is replaced, except that an
+    empty value in ``over`` (None, [], {}) keeps ``base``'s: the API server fills the CRD's empty defaults
+    into every spec, and those must not erase a platform's lists (e.g. imagePullSecrets)."""
+    if isinstance(base, Mapping) and isinstance(over, Mapping):
+        out = dict(copy.deepcopy(base))
+        for key, value in over.items():
+            if key in out and value in (None, [], {}):
+                continue
+            out[key] = merge(out[key], value) if key in out else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(over)
+
+
+@dataclass(frozen=True)
+class Platform:
+    spec: dict[str, Any] = field(default_factory=dict)
+    allowed_secrets: frozenset[str] = frozenset()
+    allowed_tracking_hosts: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, doc: Any, source: str) -> Platform:
+        doc = doc or {}
+        if not isinstance(doc, dict) or set(doc) - {"spec", "allowedSecrets", "allowedTrackingHosts"}:
+            raise SpecError(f"{source}: expected keys spec, allowedSecrets, allowedTrackingHosts")
+        spec = doc.get("spec") or {}
+        extra = set(spec) - set(DEFAULTABLE)
+        if extra:
+            raise SpecError(
+                f"{source}: spec.{sorted(extra)[0]}: not a platform default (allowed: {DEFAULTABLE})"
+            )
+        return cls(
+            spec,
+            frozenset(doc.get("allowedSecrets") or ()),
+            frozenset(doc.get("allowedTrackingHosts") or ()),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> Platform:
+        """From ``path`` or $XLING_PLATFORM_DEFAULTS; none = no defaults, no allow-lists."""
+        path = path or os.environ.get(ENV)
+        if not path:
+            return cls()
+        try:
+            return cls.parse(yaml.safe_load(Path(path).read_text()), str(path))
+        except (OSError, yaml.YAMLError) as err:
+            raise SpecError(f"{path}: cannot read the platform defaults: {err}") from None
+
+    def apply(self, user_spec: Any) -> Any:
+        """The user's spec over the platform's; credential-bearing blocks are not mixed (see _LOCATION)."""
+        if not isinstance(user_spec, Mapping):
+            return user_spec
+        base = copy.deepcopy(self.spec)
+        for block, location in _LOCATION.items():
+            mine = user_spec.get(block)
+            if isinstance(mine, Mapping) and location in mine and isinstance(base.get(block), dict):
+                base[block].pop("credentials", None)
+        return merge(base, user_spec)
+
+    def experiment(self, body: Mapping[str, Any]) -> RetrievalExperiment:
+        """The experiment with these defaults under the user's spec; raises SpecError naming the field."""
+        return validate({**body, "spec": self.apply(body.get("spec"))})
+
+    def tracking_host_allowed(self, uri: str | None) -> bool:
+        if not uri or not self.allowed_tracking_hosts or "://" not in uri or uri.startswith("sqlite:"):
+            return True
+        return (urlsplit(uri).hostname or "") in self.allowed_tracking_hosts
