@@ -50,11 +50,11 @@ def hub_free(spec: ExperimentSpec) -> bool:
     return spec.model.name.startswith("xling/") and not any(s.type == "hf" for s in spec.data.sources)
 
 
-def _local_env(spec: ExperimentSpec | None = None) -> dict[str, str]:
+def _local_env(spec: ExperimentSpec) -> dict[str, str]:
     """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node); offline
-    only for runs that need no hub (``spec`` given and not :func:`hub_free`: hub models and datasets load)."""
+    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load)."""
     for key, value in LOCAL_ENV.items():
-        if key == "HF_HUB_OFFLINE" and spec is not None and not hub_free(spec):
+        if key == "HF_HUB_OFFLINE" and not hub_free(spec):
             continue
         if key != "DS_ACCELERATOR" or not _has_gpu():
             os.environ.setdefault(key, value)

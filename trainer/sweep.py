@@ -307,6 +307,12 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
         )
 
 
+def trial_env(spec: ExperimentSpec) -> dict[str, str]:
+    """What every trial's workers get: the local-run defaults (offline only for hub-free specs), and the cache
+    pinned for all trials (models, zero-shot embeddings), since trials run in Tune's trial directories."""
+    return {**_local_env(spec), "XLING_CACHE": str(default_cache_dir().resolve())}
+
+
 def run_sweep(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
@@ -318,8 +324,7 @@ def run_sweep(
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
     if exp.spec.sweep.register_best and not exp.spec.tracking.registered_model_name:
         raise ValueError("spec.sweep.registerBest: needs spec.tracking.registeredModelName")
-    # Trials run in Tune's trial directories: pin the cache (models, zero-shot embeddings) for all of them.
-    env = {**_local_env(), "XLING_CACHE": str(default_cache_dir().resolve())}
+    env = trial_env(exp.spec)
     exp = exp.model_copy(deep=True)
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
         exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
