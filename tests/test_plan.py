@@ -148,12 +148,17 @@ def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
 
 
 @pytest.mark.parametrize("sample", sorted(SAMPLES.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_sample_plans_and_renders(sample: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``xling plan`` and ``xling render`` on the files as shipped (plan: on their own GPU count, 80 GiB)."""
+def test_every_shipped_sample_plans_and_renders(
+    sample: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``xling plan`` and ``xling render`` on the files as shipped (plan: on their own GPU count, 80 GiB). The
+    local samples name no shared storage: render them as a cluster with a platform storage default would."""
     assert main(["plan", str(sample), "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["fits"] and plan["flops_per_step"] > 0
-    assert main(["render", str(sample)]) == 0
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text(yaml.safe_dump({"spec": {"storage": {"checkpointUri": "s3://ckpt/xling"}}}))
+    assert main(["render", str(sample), "--defaults", str(defaults)]) == 0
     assert [d["kind"] for d in yaml.safe_load_all(capsys.readouterr().out)] == ["ConfigMap", "RayJob"]
 
 
