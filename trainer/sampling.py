@@ -90,9 +90,14 @@ def _draw(rng: np.random.Generator, population: Sequence[int], batch: _Batch) ->
 
 
 def _can_fill(population: Sequence[int], keys: Sequence[tuple[int, ...]], k: int) -> bool:
-    """Whether ``population`` holds ``k`` groups without a shared key (greedy, so a yes is certain)."""
-    batch = _Batch(keys)
-    return sum(batch.take(g) for g in population) >= k if len(population) >= k else False
+    """Whether ``population`` holds ``k`` groups without a shared key (greedy, so a yes is certain; it
+    stops at the k-th, not at the end of a large population)."""
+    batch, taken = _Batch(keys), 0
+    for g in population:
+        taken += batch.take(g)
+        if taken >= k:
+            return True
+    return False
 
 
 def _weights(sizes: Sequence[int], weighting: str, temperature: float) -> np.ndarray:

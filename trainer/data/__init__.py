@@ -21,7 +21,15 @@ from xling.trainer.data.builders import (
     xnli_rows,
 )
 from xling.trainer.data.loaders import Row, read_hf, read_pairs
-from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport, serves_every_strategy
+from xling.trainer.data.pairs import (
+    BadRowError,
+    Pair,
+    PairCorpus,
+    RowReport,
+    pair_id,
+    serves_every_strategy,
+    shared,
+)
 from xling.trainer.spec import DataSource, DataSpec
 
 __all__ = [
@@ -98,12 +106,12 @@ def _merge(named: list[tuple[str, PairCorpus]], report: RowReport | None) -> Pai
     index: dict[str, dict[str, Pair]] = {}
     for name, corpus in named:
         for group in corpus.groups:
-            pair_id = next(iter(group.values())).pair_id
-            target = index.setdefault(pair_id, {})
+            gid = pair_id(group)
+            target = index.setdefault(gid, {})
             for lang, pair in group.items():
                 if lang in target:
                     err = BadRowError(
-                        f"{name}: pair_id {pair_id!r} repeats language {lang!r} of an earlier source"
+                        f"{name}: pair_id {gid!r} repeats language {lang!r} of an earlier source"
                     )
                     if report is None:
                         raise err
@@ -144,10 +152,10 @@ def _shared_pool(named: list[tuple[str, PairCorpus]], corpus: PairCorpus) -> Pai
 
     A shared source left with no group is an error that names it: giving a monolingual QA set to the X-X
     arm alone must be asked for (``pool: monolingual``), never happen silently."""
-    kept = [g for g in corpus.groups if any(p.pool == "monolingual" for p in g.values()) or serves_every_strategy(g)]
-    kept_ids = {next(iter(g.values())).pair_id for g in kept}
+    kept = [g for g in corpus.groups if not shared(g) or serves_every_strategy(g)]
+    kept_ids = {pair_id(g) for g in kept}
     for name, source in named:
-        ids = {next(iter(g.values())).pair_id for g in source.groups if next(iter(g.values())).pool == "shared"}
+        ids = {pair_id(g) for g in source.groups if shared(g)}
         dropped = len(ids - kept_ids)
         if ids and dropped == len(ids):
             raise ValueError(

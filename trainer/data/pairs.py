@@ -17,6 +17,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from xling.trainer.spec import KNOWN_LANGUAGES
@@ -112,6 +113,16 @@ def xy_pairs(group: dict[str, Pair]) -> list[tuple[str, str]]:
     return [(q, p) for q in queries for p in passages if q != p]
 
 
+def pair_id(group: dict[str, Pair]) -> str:
+    """The id every member of a group shares."""
+    return next(iter(group.values())).pair_id
+
+
+def shared(group: dict[str, Pair]) -> bool:
+    """Whether every strategy may draw the group (no member from a ``monolingual`` pool)."""
+    return all(p.pool == "shared" for p in group.values())
+
+
 def serves_every_strategy(group: dict[str, Pair]) -> bool:
     """A group every strategy can draw: one X-X language and one X-Y language pair."""
     return bool(xx_languages(group)) and bool(xy_pairs(group))
@@ -131,18 +142,30 @@ class PairCorpus:
         self.languages: list[str] = sorted({lang for g in self.groups for lang in g})
         self.by_language: dict[str, list[int]] = defaultdict(list)
         self.by_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
-        self.key_ids: dict[str, int] = {}
-        key_ids = self.key_ids
-        self.keys: list[tuple[int, ...]] = []
         for gi, group in enumerate(self.groups):
             for lang in xx_languages(group):
                 self.by_language[lang].append(gi)
-            if all(p.pool == "shared" for p in group.values()):
+            if shared(group):
                 for pair in xy_pairs(group):
                     self.by_pair[pair].append(gi)
-            self.keys.append(tuple(key_ids.setdefault(k, len(key_ids)) for k in sorted(group_keys(group))))
         self.by_language = dict(sorted(self.by_language.items()))
         self.by_pair = dict(sorted(self.by_pair.items()))
+
+    @cached_property
+    def key_ids(self) -> dict[str, int]:
+        """Each conflict key's id. Hashing every text is most of a corpus's build time, so it waits until a
+        sampler asks: the corpora that loading, capping and merging pass through never pay for it."""
+        ids: dict[str, int] = {}
+        for group in self.groups:
+            for key in sorted(group_keys(group)):
+                ids.setdefault(key, len(ids))
+        return ids
+
+    @cached_property
+    def keys(self) -> list[tuple[int, ...]]:
+        """The conflict-key ids of each group."""
+        ids = self.key_ids
+        return [tuple(ids[key] for key in sorted(group_keys(group))) for group in self.groups]
 
     @classmethod
     def from_pairs(cls, rows: Iterable[tuple[Pair, str]], report: RowReport | None = None) -> PairCorpus:
