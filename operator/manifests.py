@@ -152,8 +152,7 @@ def _cpu(value: float) -> str:
 
 def sweep_trials(sweep: SweepSpec) -> int:
     """How many trials a sweep plans: grid points x draws x seeds (as xling.trainer.sweep plans them)."""
-    points = math.prod(len(p.grid) for p in sweep.parameters.values() if p.grid is not None)
-    return points * sweep.num_samples * len(sweep.seeds)
+    return sweep.grid_size * sweep.num_samples * len(sweep.seeds)
 
 
 def concurrent_trials(spec: ExperimentSpec) -> int:

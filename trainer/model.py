@@ -170,7 +170,23 @@ def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32
     )
     if spec.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
+    if spec.freeze_layers:
+        freeze_lower(model, spec.freeze_layers, config.num_hidden_layers)
     return model
+
+
+def freeze_lower(model: nn.Module, n: int, depth: int) -> None:
+    """No gradient for the embedding block and layers[:n]: autograd then never goes below layer n."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
+    if not stacks:
+        raise ValueError(f"model.freezeLayers: found no stack of {depth} layers in {type(model).__name__}")
+    if n > depth:
+        raise ValueError(f"model.freezeLayers: {n} is more than the model's {depth} layers")
+    for module in [model.get_input_embeddings(), *stacks[0][:n]]:
+        module.requires_grad_(False)
+    embeddings = getattr(model, "embeddings", None)  # BERT-style: positions and the embedding LayerNorm too
+    if isinstance(embeddings, nn.Module):
+        embeddings.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------- encoding

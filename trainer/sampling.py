@@ -223,6 +223,8 @@ class HybridSampler(BatchSampler):
 
     def plan(self, step: int) -> BatchPlan:
         rng = _rng(self.spec.seed, step)
+        if self.spec.alpha in (0.0, 1.0):  # no coin: alpha = 1 and 0 give XXSampler's and XYSampler's batches
+            return self._xx(rng, step) if self.spec.alpha else self._xy(rng, step)
         return self._xx(rng, step) if rng.random() < self.spec.alpha else self._xy(rng, step)
 
 

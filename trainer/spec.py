@@ -12,6 +12,7 @@ PyYAML are imported here: the operator image has no torch.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -67,6 +68,11 @@ class ModelSpec(Spec):
     max_passage_length: Annotated[int, Field(ge=4, le=8192)] = 128
     freeze_embeddings: bool = Field(
         default=False, description="Freeze the token embeddings (cheap CPU fine-tuning of big-vocab models)."
+    )
+    freeze_layers: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Freeze the whole embedding block and the lowest N transformer layers: backward stops "
+        "above them, so a step costs less (a lever for small-compute comparisons).",
     )
     trust_remote_code: bool = False
 
@@ -129,6 +135,12 @@ class SamplingSpec(Spec):
         "pairs the data can serve, or by their number of groups (with languageTemperature).",
     )
     seed: int = 0
+
+    @property
+    def xx_share(self) -> float | None:
+        """Probability that a batch is X-X-mono: the hybrid axis on which xy is 0 and xx is 1 (the sampler
+        gives hybrid at alpha 0 and 1 their very batches); None for mixed, which is off that axis."""
+        return {"xx": 1.0, "xy": 0.0, "hybrid": self.alpha}.get(self.strategy)
 
 
 class GradCacheSpec(Spec):
@@ -478,6 +490,12 @@ class SweepSpec(Spec):
         description="Spec field as a dotted path (sampling.alpha, loss.temperature, sampling.languageWeighting, "
         "optimization.learningRate, sampling.strategy) -> its search space. Empty: the base spec, once per seed.",
     )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Explicit points (dotted path -> value), each crossed with the parameters' grids: designs a "
+        "grid cannot express, e.g. the strategies and the hybrid alpha curve as one sweep in which every "
+        "distinct spec runs once.",
+    )
     num_samples: PositiveInt = Field(
         default=1, description="Draws of the choice/uniform/loguniform spaces per grid point."
     )
@@ -509,6 +527,12 @@ class SweepSpec(Spec):
             raise ValueError("numSamples: more than 1 needs a choice, uniform or loguniform parameter")
         return self
 
+    @property
+    def grid_size(self) -> int:
+        """Grid points: explicit points (or one, without) x the product of the parameters' grids."""
+        grids = math.prod(len(p.grid) for p in self.parameters.values() if p.grid is not None)
+        return max(len(self.points), 1) * grids
+
     def trial_spec(self, base: ExperimentSpec, values: dict[str, Any], seed: int) -> ExperimentSpec:
         """The base spec with swept ``values`` (dotted path -> value) and ``seed`` applied, minus the sweep."""
         doc = base.model_dump(mode="json", exclude={"sweep"})
@@ -531,20 +555,34 @@ class SweepSpec(Spec):
 
     def check(self, base: ExperimentSpec) -> None:
         """Fail before any work: unknown paths, values the spec rejects, metrics nothing will log."""
-        for path, param in self.parameters.items():
+        for where, path in [(f"sweep.parameters.{p}", p) for p in self.parameters] + [
+            (f"sweep.points[{i}].{p}", p) for i, point in enumerate(self.points) for p in point
+        ]:
             names = _field_path(base, path)
             if names == ["sampling", "seed"]:
-                raise ValueError("sweep.parameters: sweep sampling.seed through sweep.seeds")
+                raise ValueError(f"{where}: sweep sampling.seed through sweep.seeds")
             if names[0] not in SWEEPABLE or names in (["model", "name"], ["model", "revision"]):
                 raise ValueError(
-                    f"sweep.parameters.{path}: not sweepable (data, weights and evaluation are loaded once per "
+                    f"{where}: not sweepable (data, weights and evaluation are loaded once per "
                     f"sweep); sweepable: fields of {', '.join(SWEEPABLE)} except model.name/revision"
                 )
+            if where.startswith("sweep.points") and path in self.parameters:
+                raise ValueError(f"{where}: also in sweep.parameters (set a field in one of the two)")
+        for path, param in self.parameters.items():
             for value in param.grid or param.choice or param.uniform or param.loguniform or ():
                 try:
                     self.trial_spec(base, {path: value}, self.seeds[0])
                 except ValueError as err:
                     raise ValueError(f"sweep.parameters.{path}: value {value!r}: {err}") from None
+        specs: dict[str, int] = {}
+        for i, point in enumerate(self.points):
+            try:
+                doc = self.trial_spec(base, point, self.seeds[0]).model_dump_json()
+            except ValueError as err:
+                raise ValueError(f"sweep.points[{i}]: {err}") from None
+            if doc in specs:
+                raise ValueError(f"sweep.points[{i}]: the same spec as sweep.points[{specs[doc]}] (it would run twice)")
+            specs[doc] = i
         prefixes = {suite.name.replace("-", "_") for suite in base.evaluation.suites} | {"train", "batches"}
         for where, metric in [("sweep.metric", self.metric)] + [
             (f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)

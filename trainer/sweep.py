@@ -119,12 +119,11 @@ def plan_sweep(exp: RetrievalExperiment) -> Plan:
     grid = {path: p.grid for path, p in sweep.parameters.items() if p.grid is not None}
     rng = random.Random(sweep.search_seed)
     points = []
-    for combo in itertools.product(*grid.values()):
+    for explicit, combo in itertools.product(sweep.points or [{}], itertools.product(*grid.values())):
         fixed = dict(zip(grid, combo, strict=True))
         for _ in range(sweep.num_samples):
-            values = {
-                path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()
-            }
+            drawn = {path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()}
+            values = {**explicit, **drawn}
             points.append(Point(_label(values), values))
     for point in points:  # combinations can break cross-field rules that single values keep
         try:
