@@ -115,6 +115,8 @@ def _language_row(
             "block_ap": block_ap,
             "own_rank": own_rank,
             "best_other_rank": best_other,
+            "rank_distance": metrics.rank_distance(pool_rank) if exact else np.full(len(qids), np.nan),
+            "top10_own_share": metrics.top_k_language_share(ids, suite.candidate_language, i, TOP_K),
         },
         ranked=RankedLists(
             query_ids=qids,

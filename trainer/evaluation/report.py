@@ -98,6 +98,9 @@ def write_per_query_json(results: LareqaResults, path: Path) -> None:
         "language": pq["language"].tolist(),
         "multi_ap": [json_number(v) for v in pq["multi_ap"]],
         "block_ap": [[json_number(v) for v in row] for row in pq["block_ap"]],
+        # per-query language bias, so that bias differences get question-clustered intervals too
+        "rank_distance": [json_number(v) for v in pq["rank_distance"]],
+        "top10_own_share": [json_number(v) for v in pq["top10_own_share"]],
     }
     path.write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
 
