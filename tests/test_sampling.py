@@ -193,3 +193,12 @@ def test_seed_changes_batches() -> None:
     a = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=1)).plan(0)
     b = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=2)).plan(0)
     assert a != b
+
+
+@pytest.mark.parametrize(("alpha", "pure"), [(1.0, "xx"), (0.0, "xy")])
+def test_hybrid_at_alpha_0_and_1_gives_the_pure_strategies_batches(alpha: float, pure: str) -> None:
+    """The research sweep reuses the X-X and X-Y trials as the ends of the alpha curve: that holds only if
+    the batches are the very same, not just equally distributed."""
+    hybrid = build_sampler(C, 8, SamplingSpec(strategy="hybrid", alpha=alpha, seed=3))
+    alone = build_sampler(C, 8, SamplingSpec(strategy=pure, seed=3))
+    assert [hybrid.plan(s) for s in range(40)] == [alone.plan(s) for s in range(40)]

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xling.operator.manifests import sweep_trials
 from xling.trainer.report_sweep import (
     is_headline,
     markdown,
@@ -154,20 +155,50 @@ def test_default_concurrency_from_gpus_or_cpus() -> None:
     assert default_concurrency({"CPU": 64.0, "GPU": 2.0}, [spec]) == 1
 
 
-@pytest.mark.parametrize(
-    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("sweep-alpha", 5, 15), ("baselines", 4, 12)]
-)
+@pytest.mark.parametrize(("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 6, 18)])
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
-    plan = plan_sweep(load_experiment(SAMPLES / f"{name}.yaml"))
-    assert (len(plan.points), len(plan.trials)) == (points, trials)
-
-
-def test_baselines_sweep_the_strategy_as_a_category() -> None:
-    exp = load_experiment(SAMPLES / "baselines.yaml")
+    exp = load_experiment(SAMPLES / f"{name}.yaml")
     plan = plan_sweep(exp)
-    assert [p.values["sampling.strategy"] for p in plan.points] == ["xx", "xy", "hybrid", "mixed"]
+    assert (len(plan.points), len(plan.trials)) == (points, trials)
+    assert sweep_trials(exp.spec.sweep) == trials, "the operator sizes the cluster for the same plan"
+
+
+def test_research_sweep_runs_every_strategy_and_the_alpha_curve_once() -> None:
+    exp = load_experiment(SAMPLES / "research.yaml")
+    plan = plan_sweep(exp)
     specs = [exp.spec.sweep.trial_spec(exp.spec, p.values, 0) for p in plan.points]
+    assert [(s.sampling.strategy, s.sampling.xx_share) for s in specs] == [
+        ("xx", 1.0), ("xy", 0.0), ("mixed", None), ("hybrid", 0.25), ("hybrid", 0.5), ("hybrid", 0.75),
+    ]  # fmt: skip
+    assert plan.points[3].label == "strategy=hybrid, alpha=0.25"
     assert {s.model.name for s in specs} == {"xling/multilingual-e5-small"}
+    assert default_concurrency({"CPU": 2.0}, specs) == 2, "two 1-core trials at once on 2 cores"
+
+
+def test_explicit_points_cross_the_parameter_grids() -> None:
+    sweep = {"points": [{"sampling.strategy": "xx"}, {"sampling.strategy": "hybrid", "sampling.alpha": 0.25}],
+             "parameters": {"loss.temperature": {"grid": [0.05, 0.1]}}, "seeds": [0]}  # fmt: skip
+    plan = plan_sweep(experiment(sweep))
+    assert [p.label for p in plan.points] == [
+        "strategy=xx, temperature=0.05", "strategy=xx, temperature=0.1",
+        "strategy=hybrid, alpha=0.25, temperature=0.05", "strategy=hybrid, alpha=0.25, temperature=0.1",
+    ]  # fmt: skip
+    assert SweepSpec.model_validate(sweep).grid_size == 4
+
+
+@pytest.mark.parametrize(
+    ("points", "parameters", "message"),
+    [
+        ([{"sampling.strategy": "xx"}, {"sampling.strategy": "xx"}], {}, "points\\[1\\]: the same spec as sweep.points\\[0\\]"),
+        ([{"sampling.alpha": 0.5}], {"sampling.alpha": {"grid": [0.1]}}, "points\\[0\\].sampling.alpha: also in sweep.parameters"),
+        ([{"sampling.seed": 3}], {}, "points\\[0\\].sampling.seed: sweep sampling.seed through sweep.seeds"),
+        ([{"data.skipBadRows": True}], {}, "points\\[0\\].data.skipBadRows: not sweepable"),
+        ([{"sampling.strategy": "zz"}], {}, "points\\[0\\]: sampling.strategy: Input should be"),
+    ],
+)  # fmt: skip
+def test_bad_points_are_refused_with_their_index(points: list, parameters: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        plan_sweep(experiment({"points": points, "parameters": parameters}))
 
 
 # ----------------------------------------------------------------------------- report from MLflow
@@ -400,3 +431,82 @@ def test_sweep_smoke_sample_validates() -> None:
     doc["spec"]["sweep"]["seeds"] = []
     with pytest.raises(SpecError, match="spec.sweep.seeds"):
         parse_experiment(doc)
+
+
+# ----------------------------------------------------------------------------- the research layout
+
+
+@pytest.fixture(scope="module")
+def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A finished sweep with the research points: hybrid clearly best and least biased, X-X and X-Y tied,
+    mixed clearly worst; per-query AP and rank distance as the evaluation logs them."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('strategy-sweep')}/mlflow.db"
+    points = [{"sampling.strategy": "xx"}, {"sampling.strategy": "xy"}, {"sampling.strategy": "mixed"},
+              {"sampling.strategy": "hybrid", "sampling.alpha": 0.5}]  # fmt: skip
+    exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
+    plan = plan_sweep(exp)
+    tags = {"xling.sweep": "strategies", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
+    parent = _parent_run(exp, plan, uri, "strategies", tags, None)
+    ctx = TrialContext(exp, plan, uri, "strategies", parent, {}, "model", tags)
+    client, rng = MlflowClient(uri), np.random.default_rng(1)
+    shift = {0: 0.0, 1: 0.0, 2: -0.1, 3: 0.1}
+    for trial in plan.trials:
+        spec = exp.spec.sweep.trial_spec(exp.spec, plan.points[trial.point].values, trial.seed)
+        run_id, _ = _child_run(ctx, trial, spec)
+        doc = _per_query(shift[trial.point], rng)
+        doc["rank_distance"] = (50 - 200 * shift[trial.point] + rng.normal(0, 1, 100)).tolist()
+        doc["top10_own_share"] = [0.5] * 100
+        d = shift[trial.point] + 0.002 * trial.seed
+        final = {f"xquad_r.{k}": 0.4 + d for k in ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10")}
+        final |= {"xquad_r.bias.rank_distance": 50 - 200 * d, "xquad_r.bias.top10_own_share": 0.5}
+        final |= {f"xquad_r.{s}.{lang}.{m}": 0.4 + d for lang in LANGS for s, m in (("multi", "map"), ("mono", "map"))}
+        final |= {f"xquad_r.bias.{lang}.rank_distance": 50 - 200 * d for lang in LANGS}
+        zero = {k: 0.3 for k in final if k.endswith("map")}
+        client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
+                         + [Metric(k, v, 1, 6) for k, v in final.items()])  # fmt: skip
+        client.log_dict(run_id, doc, "eval/xquad-r/step-6/per_query.json")
+        client.set_terminated(run_id, "FINISHED")
+    return uri, parent
+
+
+def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    from xling.trainer.paper_claims import claims_table, roles
+
+    s = summarize(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    assert roles(s.points) == {"xx": 0, "xy": 1, "mixed": 2, "hybrid": 3}
+    assert [p.xx_share for p in s.points] == [1.0, 0.0, None, 0.5]
+    assert {c.setting for c in s.comparisons} >= {"rank_distance", "top10_own_share"}
+    verdicts = {row[0]: (row[1], row[3]) for row in claims_table(s).rows}
+    assert verdicts["Hybrid is best on multilingual mAP"] == ("reproduced", "-")
+    assert verdicts["Hybrid has the lowest language bias (rank distance)"][0] == "reproduced"
+    assert verdicts["LAReQA: mixed (languages mixed within a batch) is below X-X-mono on multilingual mAP"][0] == "reproduced"
+    mono, scale = verdicts["X-X-mono beats X-Y on monolingual mAP"]
+    assert mono == "not separable at this scale" and ("seeds per arm" in scale or "more questions" in scale)
+
+
+def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
+    strategy_sweep: tuple[str, str], tmp_path: Path
+) -> None:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    uri, parent = strategy_sweep
+    client = MlflowClient(uri)
+    s = summarize(client, parent)
+    assert s.best == 3 and "alpha_curve.png" in {p.name for p in write_report(s, tmp_path)}
+    md = markdown(s)
+    assert "By language: best point (strategy=hybrid, alpha=0.5) against zero-shot" in md
+    assert "| de | 0.3000 | 0.5020 ± " in md, "zero-shot, then the best point's seed mean"
+    assert "Full pool" not in md
+    best_xx = max((t for t in s.points[0].trials), key=lambda t: t.metrics["xquad_r.multi.map"])
+    client.log_batch(best_xx.run_id, metrics=[Metric("xquad_r_full.multi.map", 0.33, 0, 6)])
+    client.log_batch(parent, metrics=[Metric("xquad_r_full.multi.map", 0.30, 0, 0)])
+    s = summarize(client, parent)
+    assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full.multi.map": 0.30}
+    rows = [line for line in markdown(s).splitlines() if line.startswith(("| zero-shot | - | 0.3000", "| strategy=xx | 2 | 0.3300"))]
+    assert len(rows) == 2, markdown(s)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.trainer.spec import SweepSpec
+from xling.trainer.spec import SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
 
 if TYPE_CHECKING:
@@ -35,8 +35,10 @@ if TYPE_CHECKING:
 SUMMARY_DIR = "summary"
 #: Per-query scores the evaluation logs beside results.json (what the bootstrap between points needs).
 PER_QUERY_FILE = "per_query.json"
-#: Settings whose per-query AP is bootstrapped, from the per_query.json arrays.
-SETTINGS = ("multi", "mono", "cross")
+#: Settings whose per-query scores are bootstrapped, from the per_query.json arrays: AP, then language bias.
+SETTINGS = ("multi", "mono", "cross", "rank_distance", "top10_own_share")
+#: Suite-name suffix of the full-pool evaluation of each point's best seed (``xling results --full-pool``).
+FULL_SUFFIX = "-full"
 
 
 @dataclass
@@ -63,6 +65,9 @@ class PointSummary:
     trials: list[TrialRecord]
     stats: dict[str, MeanCI]
     violations: list[str] = field(default_factory=list)
+    strategy: str = ""
+    xx_share: float | None = None  # probability of an X-X-mono batch: the hybrid alpha axis (xy 0, xx 1)
+    full: TrialRecord | None = None  # the best seed, where it was evaluated on the full pool
 
     @property
     def feasible(self) -> bool:
@@ -94,6 +99,7 @@ class SweepSummary:
     comparisons: list[Comparison]
     notes: list[str]
     best: int | None
+    zero_shot_full: dict[str, float] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -101,10 +107,16 @@ class SweepSummary:
 
     def main_metrics(self) -> list[str]:
         """The objective, then the headline retrieval and bias numbers that exist in these runs."""
-        wanted = [self.sweep.metric] + [f"{self.prefix}.{m}" for m in ("multi.map", "mono.map", "cross.map")]
-        wanted.append(f"{self.prefix}.bias.rank_distance")
+        wanted = [self.sweep.metric] + [f"{self.prefix}.{m}" for m in HEADLINE]
         present = {k for p in self.points for k in p.stats}
         return list(dict.fromkeys(k for k in wanted if k in present))
+
+
+#: Per-language numbers the breakdown of the best point against zero-shot shows.
+BY_LANGUAGE = ("multi.map", "mono.map", "bias.rank_distance")
+#: The headline numbers of a LAReQA suite, in table order: mAP, recall, then language bias.
+HEADLINE = ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10", "bias.rank_distance",
+            "bias.top10_own_share")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- reading MLflow
@@ -192,8 +204,11 @@ def parse_per_query(doc: dict[str, Any]) -> PerQuery:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of an all-NaN row is NaN, as wanted
         cross = np.nanmean(others, axis=1)
-    multi = np.array(doc["multi_ap"], dtype=np.float64)
-    return PerQuery(list(doc["query_ids"]), language, {"multi": multi, "mono": mono, "cross": cross})
+    scores = {"multi": np.array(doc["multi_ap"], dtype=np.float64), "mono": mono, "cross": cross}
+    for bias in ("rank_distance", "top10_own_share"):  # logged since the research sweep (older runs: absent)
+        if bias in doc:
+            scores[bias] = np.array(doc[bias], dtype=np.float64)
+    return PerQuery(list(doc["query_ids"]), language, scores)
 
 
 def load_per_query(client: MlflowClient, run_id: str, suite: str) -> PerQuery | None:
@@ -263,6 +278,8 @@ def _comparisons(
     pairs = [(str(a), str(b)) for a, b in combinations(indices, 2)]
     out = []
     for setting in SETTINGS:
+        if any(setting not in q.ap for i in indices for q in per_point[i]):
+            continue
         scores = {str(i): np.vstack([q.ap[setting] for q in per_point[i]]) for i in indices}
         if not np.isfinite(np.vstack(list(scores.values()))).all(axis=0).any():
             continue
@@ -293,14 +310,22 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     keys = {k for t in finished for k in t.metrics}
     headline = sorted(k for k in keys if is_headline(k))
     zero_keys = [k for k in headline if k.startswith(prefix + ".")]
-    for c in sweep.constraints:
-        zero_keys += per_language_keys(c.metric, keys).values() if c.at_least_zero_shot else []
-    zero = zero_shot(client, finished[0].run_id, zero_keys) if finished else {}
+    wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [f"{prefix}.{m}" for m in BY_LANGUAGE]
+    for metric in wanted:
+        zero_keys += per_language_keys(metric, keys).values()
+    zero = zero_shot(client, finished[0].run_id, sorted(set(zero_keys))) if finished else {}
+    base_sampling = plan["experiment"]["spec"]["sampling"]
+    full_key = f"{prefix}{FULL_SUFFIX.replace('-', '_')}.multi.map"
     points = []
     for index, point in enumerate(plan["points"]):
         trials = [t for t in finished if t.point == index]
         stats = {k: mean_ci([t.metrics.get(k, math.nan) for t in trials], sweep.confidence) for k in headline}
-        points.append(PointSummary(index, point["label"], point["values"], trials, stats))
+        sampling = SamplingSpec.model_validate(
+            {**base_sampling, **{k.split(".", 1)[1]: v for k, v in point["values"].items() if k.startswith("sampling.")}}
+        )
+        full = next((t for t in trials if full_key in t.metrics), None)
+        points.append(PointSummary(index, point["label"], point["values"], trials, stats, [], sampling.strategy,
+                                   sampling.xx_share, full))  # fmt: skip
     for p in points:
         p.violations = _violations(p, sweep, zero, keys)
     notes: list[str] = []
@@ -323,6 +348,7 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         comparisons=comparisons,
         notes=notes,
         best=best,
+        zero_shot_full={k: v for k, v in parent.data.metrics.items() if k.startswith(full_key.split(".")[0] + ".")},
     )
 
 
@@ -390,7 +416,7 @@ def tables(s: SweepSummary) -> list[Table]:
                     "A",
                     "B",
                     "seeds",
-                    "mAP A - B",
+                    "A - B",
                     f"{pct}% CI",
                     "p",
                     "p (Holm)",
@@ -412,7 +438,47 @@ def tables(s: SweepSummary) -> list[Table]:
                 ],
             )  # fmt: skip
         )
+    out += [t for t in (_by_language(s), _full_pool(s)) if t is not None]
+    from xling.trainer.paper_claims import claims_table
+
+    if (claims := claims_table(s)) is not None:
+        out.append(claims)
     return out
+
+
+def _by_language(s: SweepSummary) -> Table | None:
+    """The best point against zero-shot, language by language: which languages gain or lose."""
+    langs = _languages(s)
+    if s.best is None or not langs or not s.zero_shot:
+        return None
+    best, pct = s.points[s.best], round(100 * s.sweep.confidence)
+    rows = []
+    for lang in langs:
+        row = [lang]
+        for metric in BY_LANGUAGE:
+            setting, leaf = metric.split(".", 1)
+            key = f"{s.prefix}.{setting}.{lang}.{leaf}"
+            ci = mean_ci([t.metrics.get(key, math.nan) for t in best.trials], s.sweep.confidence)
+            zero = s.zero_shot.get(key, math.nan)
+            change = ci.mean - zero if ci.n else math.nan
+            row += [_fmt(_single(zero)), _fmt(ci), f"{change:+.4f}" if math.isfinite(change) else "-"]
+        rows.append(row)
+    columns = ["language"] + [f"{m} {w}" for m in BY_LANGUAGE for w in ("zero-shot", "best", "change")]
+    return Table(f"By language: best point ({best.label}) against zero-shot, mean ± {pct}% CI over seeds",
+                 columns, rows)  # fmt: skip
+
+
+def _full_pool(s: SweepSummary) -> Table | None:
+    """Each point's best seed on the whole suite (``xling results --full-pool``), zero-shot first."""
+    full = [p for p in s.points if p.full is not None]
+    if not full:
+        return None
+    prefix = s.prefix + FULL_SUFFIX.replace("-", "_")
+    keys = [f"{prefix}.{m}" for m in HEADLINE]
+    rows = [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]] if s.zero_shot_full else []
+    rows += [[p.label, str(p.full.seed)] + [_fmt(_single(p.full.metrics.get(k))) for k in keys] for p in full]
+    return Table("Full pool: the best seed of each point (by the objective) on the whole suite",
+                 ["point", "seed"] + [_short(k, prefix) for k in keys], rows)  # fmt: skip
 
 
 def _interval(low: float, high: float) -> str:
@@ -420,7 +486,7 @@ def _interval(low: float, high: float) -> str:
 
 
 def _single(value: float | None) -> MeanCI | None:
-    return None if value is None else MeanCI(value, math.nan, math.nan, math.nan, 1)
+    return None if value is None or not math.isfinite(value) else MeanCI(value, math.nan, math.nan, math.nan, 1)
 
 
 def header_lines(s: SweepSummary) -> list[str]:
@@ -600,6 +666,40 @@ def _plot_bias(s: SweepSummary, plt: Any) -> Any:
     return fig
 
 
+def _alpha_points(s: SweepSummary) -> list[PointSummary]:
+    """Points on the hybrid axis (xy at 0, hybrid at alpha, xx at 1), when there are at least two."""
+    on_axis = sorted((p for p in s.points if p.xx_share is not None and p.trials), key=lambda p: p.xx_share)
+    return on_axis if len({p.xx_share for p in on_axis}) >= 2 else []
+
+
+def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
+    """Multilingual mAP and rank distance against alpha, with the seed intervals; mixed (off the axis) as
+    a band, zero-shot as a dashed line."""
+    pts = _alpha_points(s)
+    keys = [k for k in (f"{s.prefix}.multi.map", f"{s.prefix}.bias.rank_distance") if k in pts[0].stats]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        xs = np.array([p.xx_share for p in pts])
+        ci = [p.stats[key] for p in pts]
+        mean, low, high = (np.array([getattr(c, f) for c in ci]) for f in ("mean", "low", "high"))
+        ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label="hybrid (xy = 0, xx = 1)")
+        for p in s.points:
+            if p.xx_share is None and key in p.stats and p.stats[key].n:
+                c = p.stats[key]
+                ax.axhline(c.mean, color="C2", lw=1, label=p.label)
+                if math.isfinite(c.low):
+                    ax.axhspan(c.low, c.high, color="C2", alpha=0.15)
+        if key in s.zero_shot:
+            ax.axhline(s.zero_shot[key], color="grey", ls="--", lw=1, label="zero-shot")
+        ax.set_xlabel("alpha (probability of an X-X-mono batch)")
+        ax.set_title(_short(key, s.prefix))
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"{s.name}: mean and {round(100 * s.sweep.confidence)}% CI over seeds")
+    fig.tight_layout()
+    return fig
+
+
 def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
     """metric vs the swept parameter, Pareto, heatmaps and bias plots (those the metrics allow)."""
     import matplotlib
@@ -611,6 +711,8 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
         return []
     x_name = (primary_parameter(s) or "point").rsplit(".", 1)[-1]
     plots = [(f"metric_vs_{x_name}", _plot_metric_vs_parameter)]
+    if _alpha_points(s) and x_name != "alpha":  # an alpha grid has its curve already: metric_vs_alpha
+        plots.append(("alpha_curve", _plot_alpha_curve))
     if f"{s.prefix}.bias.rank_distance" in s.main_metrics():
         plots += [("pareto", _plot_pareto), ("bias", _plot_bias)]
     if _languages(s):
@@ -647,9 +749,12 @@ def to_json(s: SweepSummary) -> dict[str, Any]:
         "finished_trials": s.finished,
         "best": s.best,
         "zero_shot": s.zero_shot,
+        "zero_shot_full": s.zero_shot_full,
         "points": [
             {"index": p.index, "label": p.label, "values": p.values, "feasible": p.feasible,
              "violations": p.violations, "seeds": [t.seed for t in p.trials], "runs": [t.run_id for t in p.trials],
+             "strategy": p.strategy, "xx_share": p.xx_share,
+             "full": {"seed": p.full.seed, "run": p.full.run_id} if p.full else None,
              "metrics": {k: _finite_or_none(vars(c)) for k, c in p.stats.items()}}
             for p in s.points
         ],
@@ -751,14 +856,22 @@ def _results(args: argparse.Namespace) -> int:
 
     from xling.trainer.tracking import resolve_tracking_uri
 
-    name, uri = args.sweep, args.tracking_uri
+    name, uri, exp = args.sweep, args.tracking_uri, None
     if Path(args.sweep).is_file():
         from xling.trainer.spec import load_experiment
 
         exp = load_experiment(args.sweep)
         name, uri = exp.metadata.name, uri or exp.spec.tracking.tracking_uri
+    elif args.full_pool:
+        raise ValueError(f"--full-pool: give the sweep's YAML file (it names the suite and model), not {name!r}")
     client = MlflowClient(resolve_tracking_uri(uri))
-    summary = summarize(client, find_parent(client, name))
+    parent = find_parent(client, name)
+    summary = summarize(client, parent)
+    if args.full_pool and exp is not None:
+        from xling.trainer.full_pool import evaluate_full_pool
+
+        if evaluate_full_pool(client, summary, exp.spec):
+            summary = summarize(client, parent)
     print(markdown(summary), end="")
     if args.out:
         for path in write_report(summary, Path(args.out)):
@@ -785,6 +898,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--publish", action="store_true", help="also replace the summary artifacts on the parent run"
+    )
+    p.add_argument(
+        "--full-pool",
+        action="store_true",
+        help="first evaluate each point's best seed and the zero-shot model on the whole suite (not the "
+        "sweep's slice), once: a rerun skips what MLflow already has",
     )
     p.set_defaults(func=_results)
     return p

@@ -1,0 +1,153 @@
+"""The hybrid-batch paper's claims, checked against a sweep that has the xx, xy and hybrid (alpha = 0.5)
+points (and mixed, for LAReQA's claim): each one reproduced, not reproduced, or not separable at this
+scale, with the numbers it rests on and, where not separable, what scale would separate it.
+
+A check is one directional comparison from the sweep's hierarchical bootstrap (seeds, then questions),
+significant when its Holm-corrected p-value is below 1 - confidence. "Matches" needs a margin to mean
+anything: the interval of the difference must lie above -MATCH_MARGIN (mAP).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from xling.trainer.stats import _t_quantile
+
+if TYPE_CHECKING:
+    from xling.trainer.report_sweep import Comparison, PointSummary, SweepSummary, Table
+
+#: mAP: a difference whose interval stays above -0.01 counts as "matches" (1 mAP point).
+MATCH_MARGIN = 0.01
+#: Power the "scale needed" column plans for (two-sided test at the sweep's confidence).
+POWER_Z = 0.8416  # the standard normal's 80 % quantile
+
+
+@dataclass(frozen=True)
+class Check:
+    """``a`` is better than ``b`` in ``setting``; ``sign`` +1 when higher is better, -1 when lower is."""
+
+    a: str
+    b: str
+    setting: str
+    sign: int = 1
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    checks: tuple[Check, ...]
+    matches: bool = False  # "matches or beats": a tie within MATCH_MARGIN counts as reproduced
+
+
+CLAIMS = (
+    Claim("X-X-mono beats X-Y on monolingual mAP", (Check("xx", "xy", "mono"),)),
+    Claim("X-Y beats X-X-mono on cross-lingual mAP", (Check("xy", "xx", "cross"),)),
+    Claim("Hybrid is best on multilingual mAP", (Check("hybrid", "xx", "multi"), Check("hybrid", "xy", "multi"))),
+    Claim(
+        "Hybrid has the lowest language bias (rank distance)",
+        (Check("hybrid", "xx", "rank_distance", -1), Check("hybrid", "xy", "rank_distance", -1)),
+    ),
+    Claim(
+        "Hybrid matches or beats X-X-mono on mono and X-Y on cross",
+        (Check("hybrid", "xx", "mono"), Check("hybrid", "xy", "cross")),
+        matches=True,
+    ),
+    Claim(
+        "LAReQA: mixed (languages mixed within a batch) is below X-X-mono on multilingual mAP",
+        (Check("xx", "mixed", "multi"),),
+    ),
+)
+
+
+def roles(points: list[PointSummary]) -> dict[str, int]:
+    """Point index of each arm the claims name: xx, xy, mixed by strategy; hybrid at alpha = 0.5."""
+    out = {}
+    for p in points:
+        role = "hybrid" if p.strategy == "hybrid" and p.xx_share == 0.5 else p.strategy
+        if role in ("xx", "xy", "hybrid", "mixed") and p.trials:
+            out.setdefault(role, p.index)
+    return out
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A check's signed result: ``diff`` > 0 means the claim's direction."""
+
+    check: Check
+    comparison: Comparison
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def raw(self) -> tuple[float, float, float]:
+        """a - b and its interval, unsigned (as the comparison table shows them)."""
+        d, lo, hi = self.diff * self.check.sign, self.low * self.check.sign, self.high * self.check.sign
+        return d, min(lo, hi), max(lo, hi)
+
+
+def _outcome(check: Check, comparisons: list[Comparison], where: dict[str, int]) -> Outcome | None:
+    a, b = where.get(check.a), where.get(check.b)
+    for c in comparisons:
+        if c.setting == check.setting and {c.a, c.b} == {a, b}:
+            flip = check.sign * (1 if (c.a, c.b) == (a, b) else -1)
+            ends = sorted((flip * c.test.low, flip * c.test.high))
+            return Outcome(check, c, flip * c.test.diff, *ends)
+    return None
+
+
+def verdict(claim: Claim, outcomes: list[Outcome], alpha: float) -> str:
+    significant = [o.comparison.p_holm < alpha for o in outcomes]
+    if any(s and o.diff < 0 for s, o in zip(significant, outcomes, strict=True)):
+        return "not reproduced"
+    if all(s and o.diff > 0 for s, o in zip(significant, outcomes, strict=True)):
+        return "reproduced"
+    if claim.matches and all(o.low > -MATCH_MARGIN for o in outcomes):
+        return f"reproduced (matches within {MATCH_MARGIN:g})"
+    return "not separable at this scale"
+
+
+def seeds_needed(o: Outcome, confidence: float) -> str:
+    """Seeds per arm (at this question count) for 80 % power against the observed difference, from the
+    interval's parts: the seed variance (the Welch interval over seeds) and the rest (the questions)."""
+    test = o.comparison.test
+    seeds = min(test.seeds)
+    target = abs(test.diff) / (_t_quantile(confidence, math.inf) + POWER_Z)
+    over = test.over_seeds
+    if not (math.isfinite(over.low) and math.isfinite(test.se)) or test.diff == 0:
+        return "-"
+    seed_var = ((over.high - over.low) / 2 / _t_quantile(confidence, over.df)) ** 2
+    question_var = max(test.se**2 - seed_var, 0.0)
+    if target**2 <= question_var:
+        return f"more questions too: question noise alone (se {math.sqrt(question_var):.4f}) exceeds {target:.4f}"
+    return f"about {math.ceil(seeds * seed_var / (target**2 - question_var))} seeds per arm"
+
+
+def claims_table(s: SweepSummary) -> Table | None:
+    from xling.trainer.report_sweep import Table
+
+    where = roles(s.points)
+    if not {"xx", "xy", "hybrid"} <= where.keys() or not s.comparisons:
+        return None
+    alpha = 1 - s.sweep.confidence
+    rows = []
+    for claim in CLAIMS:
+        outcomes = [o for c in claim.checks if (o := _outcome(c, s.comparisons, where)) is not None]
+        if len(outcomes) < len(claim.checks):
+            continue
+        result = verdict(claim, outcomes, alpha)
+        evidence = "; ".join(
+            f"{o.check.a} - {o.check.b} {o.check.setting} {o.raw[0]:+.4f} [{o.raw[1]:+.4f}, {o.raw[2]:+.4f}], "
+            f"p(Holm) {o.comparison.p_holm:.3f}"
+            for o in outcomes
+        )
+        scale = "; ".join(seeds_needed(o, s.sweep.confidence) for o in outcomes) if "separable" in result else "-"
+        rows.append([claim.text, result, evidence, scale])
+    pct = round(100 * s.sweep.confidence)
+    return Table(
+        f"The paper's claims at this scale (hierarchical bootstrap, {pct}% intervals, Holm-corrected p)",
+        ["claim", "verdict", "evidence: A - B, interval, p", "scale needed (80% power)"],
+        rows,
+    )
