@@ -11,7 +11,11 @@ import torch
 from xling.trainer.model import build_tiny_model, load_backbone
 from xling.trainer.spec import ModelSpec
 
-TEXTS = ["Wie viele Menschen leben in Berlin?", "How many people live in Berlin?", "¿Cuánta gente vive en Berlín?"]
+TEXTS = [
+    "Wie viele Menschen leben in Berlin?",
+    "How many people live in Berlin?",
+    "¿Cuánta gente vive en Berlín?",
+]
 
 
 @pytest.fixture(scope="module")

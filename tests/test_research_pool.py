@@ -17,7 +17,7 @@ from xling.trainer.train_loop import batch_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
-RESEARCH_SAMPLES = ["baselines.yaml", "sweep-alpha.yaml", "demo.yaml"]
+RESEARCH_SAMPLES = ["research.yaml", "research-gpu.yaml", "demo.yaml"]
 normalise = functools.cache(_normalise)  # each text is met many times in 1,000 batches
 STRATEGIES = [SamplingSpec(strategy="xx"), SamplingSpec(strategy="xy"), SamplingSpec(strategy="hybrid", alpha=0.5),
               SamplingSpec(strategy="mixed")]  # fmt: skip

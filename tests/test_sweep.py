@@ -510,3 +510,16 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
     assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full.multi.map": 0.30}
     rows = [line for line in markdown(s).splitlines() if line.startswith(("| zero-shot | - | 0.3000", "| strategy=xx | 2 | 0.3300"))]
     assert len(rows) == 2, markdown(s)
+
+
+def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tuple[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    from xling.trainer.full_pool import best_trials
+
+    s = summarize(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    chosen = {p.index: run for p, run in best_trials(s)}
+    assert list(chosen) == [3, 1, 0, 2], "the arms the claims compare, hybrid first: a stopped call has the main one"
+    assert chosen[3] == max(s.points[3].trials, key=lambda t: t.metrics["xquad_r.multi.map"]).run_id
+    s.points[0].trials = s.points[0].trials[:2]  # seed 2 still running: its best seed is not known yet
+    assert 0 not in {p.index for p, _ in best_trials(s)}

@@ -187,7 +187,7 @@ def test_summary_statistics_match_a_reference_computation(smoke_sweep: SmokeSwee
         best["metrics"]["xquad_r.multi.map"]["mean"]
     )
     settings = {c["setting"] for c in summary["comparisons"]}
-    assert settings == {"multi", "mono", "cross"}, summary["notes"]
+    assert settings == {"multi", "mono", "cross", "rank_distance", "top10_own_share"}, summary["notes"]
     for c in summary["comparisons"]:
         assert c["low"] <= c["diff"] <= c["high"] and 0 < c["p_value"] <= 1 and c["p_holm"] >= c["p_value"]
 
@@ -204,3 +204,29 @@ def test_xling_results_prints_the_summary_on_the_parent(smoke_sweep: SmokeSweep)
     stored = client.download_artifacts(parent.info.run_id, "summary/summary.md", str(smoke_sweep.directory))
     assert out == Path(stored).read_text()
     assert "| 0 | alpha=0.25 | 2 |" in out and "Paired bootstrap over questions and seeds" in out
+
+
+def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep) -> None:
+    from mlflow import MlflowClient
+
+    args = ("results", str(SPEC), "--tracking-uri", smoke_sweep.uri, "--full-pool")
+    out = _xling(*args, cwd=smoke_sweep.directory).communicate(timeout=600)[0]
+    assert "full pool: zero-shot" in out and out.count("full pool: alpha=") == 2, out[-4000:]
+    table = out[out.index("### Full pool") :]
+    assert "| zero-shot | - |" in table and "| alpha=0.25 |" in table and "| alpha=0.75 |" in table
+    client = MlflowClient(smoke_sweep.uri)
+    exp = client.get_experiment_by_name("sweep-smoke")
+    done = client.search_runs([exp.experiment_id], "tags.`xling.full_pool` = 'evaluated'")
+    assert len(done) == 2
+    for run in done:
+        best = max(
+            client.search_runs([exp.experiment_id], f"tags.`xling.point` = '{run.data.tags['xling.point']}'"),
+            key=lambda r: r.data.metrics["xquad_r.multi.map"],
+        )
+        assert best.info.run_id == run.info.run_id, "the point's best seed by the objective"
+        steps = [a.path for a in client.list_artifacts(run.info.run_id, "eval/xquad-r-full")]
+        whole = json.loads(Path(client.download_artifacts(run.info.run_id, f"{steps[0]}/per_query.json",
+                                                          str(smoke_sweep.directory))).read_text())  # fmt: skip
+        assert len(whole["query_ids"]) == 4 * 1190, "every question of the 4 languages, not the 4-paragraph slice"
+    again = _xling(*args, cwd=smoke_sweep.directory).communicate(timeout=300)[0]
+    assert "full pool:" not in again and again.count("| alpha=0.25 |") >= 2, "a rerun evaluates nothing"

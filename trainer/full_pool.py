@@ -27,13 +27,17 @@ if TYPE_CHECKING:
 
 
 def best_trials(s: SweepSummary) -> list[tuple[PointSummary, str]]:
-    """(point, run id of its best seed by the sweep's objective) for every point with a finished trial."""
+    """(point, run id of its best seed by the sweep's objective) for every point whose seeds all finished
+    (before that, its best seed is not known yet: a mid-sweep call leaves the point for a later one)."""
     sign = 1 if s.sweep.mode == "max" else -1
-    named = roles(s.points)  # the arms the paper's claims compare come first: the rest may wait for a rerun
+    named = roles(s.points)  # the arms the paper's claims compare first, hybrid leading: the rest may wait
+    rank = {
+        index: i for i, index in enumerate(named[r] for r in ("hybrid", "xy", "xx", "mixed") if r in named)
+    }
     out = []
-    for p in sorted(s.points, key=lambda p: p.index not in named.values()):
+    for p in sorted(s.points, key=lambda p: rank.get(p.index, len(rank))):
         scored = [t for t in p.trials if s.sweep.metric in t.metrics]
-        if scored:
+        if len(scored) == len(s.sweep.seeds):
             out.append((p, max(scored, key=lambda t: sign * t.metrics[s.sweep.metric]).run_id))
     return out
 

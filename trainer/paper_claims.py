@@ -44,7 +44,9 @@ class Claim:
 CLAIMS = (
     Claim("X-X-mono beats X-Y on monolingual mAP", (Check("xx", "xy", "mono"),)),
     Claim("X-Y beats X-X-mono on cross-lingual mAP", (Check("xy", "xx", "cross"),)),
-    Claim("Hybrid is best on multilingual mAP", (Check("hybrid", "xx", "multi"), Check("hybrid", "xy", "multi"))),
+    Claim(
+        "Hybrid is best on multilingual mAP", (Check("hybrid", "xx", "multi"), Check("hybrid", "xy", "multi"))
+    ),
     Claim(
         "Hybrid has the lowest language bias (rank distance)",
         (Check("hybrid", "xx", "rank_distance", -1), Check("hybrid", "xy", "rank_distance", -1)),
@@ -143,7 +145,9 @@ def claims_table(s: SweepSummary) -> Table | None:
             f"p(Holm) {o.comparison.p_holm:.3f}"
             for o in outcomes
         )
-        scale = "; ".join(seeds_needed(o, s.sweep.confidence) for o in outcomes) if "separable" in result else "-"
+        scale = (
+            "; ".join(seeds_needed(o, s.sweep.confidence) for o in outcomes) if "separable" in result else "-"
+        )
         rows.append([claim.text, result, evidence, scale])
     pct = round(100 * s.sweep.confidence)
     return Table(

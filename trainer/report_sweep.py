@@ -392,13 +392,13 @@ def tables(s: SweepSummary) -> list[Table]:
     metrics = s.main_metrics()
     pct = round(100 * s.sweep.confidence)
     rows = []
+    if s.zero_shot:  # the baseline every point is read against: first
+        rows.append(["-", "zero-shot", "-"] + [_fmt(_single(s.zero_shot.get(k))) for k in metrics] + ["-"])
     for p in s.points:
         mark = "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
         rows.append(
             [str(p.index), p.label, str(len(p.trials))] + [_fmt(p.stats.get(k)) for k in metrics] + [mark]
         )
-    if s.zero_shot:
-        rows.append(["-", "zero-shot", "-"] + [_fmt(_single(s.zero_shot.get(k))) for k in metrics] + ["-"])
     out = [
         Table(
             f"Points: mean ± {pct}% t-interval half-width over seeds",
