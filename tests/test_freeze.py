@@ -41,3 +41,22 @@ def test_zero_frozen_layers_train_everything(tiny: Path) -> None:
 def test_more_frozen_layers_than_the_model_has_is_refused(tiny: Path) -> None:
     with pytest.raises(ValueError, match="model.freezeLayers: 3 is more than the model's 2 layers"):
         load_backbone(str(tiny), ModelSpec(name=str(tiny), freezeLayers=3))
+
+
+def test_mfu_counts_no_backward_for_frozen_layers(tiny: Path) -> None:
+    """6N per token when everything trains; 2N + 4 x (the trainable part) when lower layers are frozen."""
+    from xling.trainer.plan import count_dense_params, model_flops_utilization
+
+    full = load_backbone(str(tiny), ModelSpec(name=str(tiny)))
+    frozen = load_backbone(str(tiny), ModelSpec(name=str(tiny), freezeLayers=1))
+    dense = count_dense_params(frozen)
+    layer = sum(p.numel() for p in frozen.encoder.layer[1].parameters())
+    assert count_dense_params(frozen, trainable_only=True) == layer < dense == count_dense_params(full)
+    assert count_dense_params(full, trainable_only=True) == dense
+    all_trained = model_flops_utilization(
+        dense, 1000, 1.0, 1e9, count_dense_params(full, trainable_only=True)
+    )
+    assert all_trained == pytest.approx(6 * dense * 1000 / 1e9)
+    assert model_flops_utilization(dense, 1000, 1.0, 1e9, layer) == pytest.approx(
+        (2 * dense + 4 * layer) * 1000 / 1e9
+    )

@@ -172,9 +172,14 @@ def cpu_peak_flops(threads: int) -> float:
         torch.set_num_threads(previous)
 
 
-def model_flops_utilization(dense_params: int, tokens: float, seconds: float, peak: float) -> float:
-    """MFU: model FLOPs (6N per real token, no recomputation counted) per second over ``peak`` FLOP/s."""
-    return 6 * dense_params * tokens / seconds / peak
+def model_flops_utilization(
+    dense_params: int, tokens: float, seconds: float, peak: float, trainable: int | None = None
+) -> float:
+    """MFU: model FLOPs per real token (2N forward, 4N backward over the ``trainable`` dense parameters:
+    6N when all train; no recomputation counted) per second over ``peak`` FLOP/s. Frozen lower layers
+    (``model.freezeLayers``) run no backward, so counting 6N for them would overstate the MFU."""
+    backward = dense_params if trainable is None else trainable
+    return (2 * dense_params + 4 * backward) * tokens / seconds / peak
 
 
 def peak_flops() -> float:
@@ -191,12 +196,17 @@ def peak_flops() -> float:
     return cpu_peak_flops(torch.get_num_threads())
 
 
-def count_dense_params(model: Any) -> int:
-    """Non-embedding parameters of a live model (ZeRO-3 partitioned ones counted at full size)."""
+def count_dense_params(model: Any, trainable_only: bool = False) -> int:
+    """Non-embedding parameters of a live model (ZeRO-3 partitioned ones counted at full size); with
+    ``trainable_only``, those that get a gradient."""
     import torch
 
     embedding = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if id(p) not in embedding)
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in model.parameters()
+        if id(p) not in embedding and (p.requires_grad or not trainable_only)
+    )
 
 
 # ------------------------------------------------------------------------------------------ the plan

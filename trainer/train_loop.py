@@ -100,6 +100,7 @@ class Trainer:
         self.model = self.engine.module
         torch.manual_seed(rank_seed(spec.sampling.seed, self.rank))  # each rank its own dropout masks
         self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
+        self.trainable_params = count_dense_params(self.model, trainable_only=True)  # freezeLayers: less backward
         self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
         self.composition = Composition()
         self.logger = StepLogger(config.get("tracking_uri"), config.get("run_id"), self.rank == 0)
@@ -229,8 +230,9 @@ class Trainer:
                 elapsed = max(time.time() - window_t, 1e-9)
                 metrics = {"train.loss": loss, "train.lr": self.engine.lr, "train.pairs_per_s": window_pairs / elapsed,
                            "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics(),
-                           # model FLOPs (6N per real token) over the peak of all ranks' devices
-                           "train.mfu": model_flops_utilization(self.dense_params, window_tokens, elapsed, self.peak_flops * self.world)}  # fmt: skip
+                           # model FLOPs (6N per real token; less with frozen layers) over the peak of all ranks' devices
+                           "train.mfu": model_flops_utilization(self.dense_params, window_tokens, elapsed, self.peak_flops * self.world,
+                                                                self.trainable_params)}  # fmt: skip
                 if self.device.type == "cuda":
                     metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self.logger.log(done, metrics)
