@@ -523,3 +523,14 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
     assert chosen[3] == max(s.points[3].trials, key=lambda t: t.metrics["xquad_r.multi.map"]).run_id
     s.points[0].trials = s.points[0].trials[:2]  # seed 2 still running: its best seed is not known yet
     assert 0 not in {p.index for p, _ in best_trials(s)}
+
+
+def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
+    from xling.trainer.paper_claims import roles
+    from xling.trainer.report_sweep import PointSummary
+
+    def point(i: int, strategy: str, share: float | None) -> PointSummary:
+        return PointSummary(i, f"p{i}", {}, [object()], {}, [], strategy, share)  # type: ignore[list-item]
+
+    points = [point(0, "hybrid", 0.25), point(1, "xx", 1.0), point(2, "hybrid", 0.5), point(3, "xy", 0.0)]
+    assert roles(points) == {"xx": 1, "hybrid": 2, "xy": 3}, "alpha 0.25 is on the curve, not the paper's arm"

@@ -67,7 +67,7 @@ def roles(points: list[PointSummary]) -> dict[str, int]:
     """Point index of each arm the claims name: xx, xy, mixed by strategy; hybrid at alpha = 0.5."""
     out = {}
     for p in points:
-        role = "hybrid" if p.strategy == "hybrid" and p.xx_share == 0.5 else p.strategy
+        role = p.strategy if p.strategy != "hybrid" else "hybrid" if p.xx_share == 0.5 else None
         if role in ("xx", "xy", "hybrid", "mixed") and p.trials:
             out.setdefault(role, p.index)
     return out
@@ -145,9 +145,12 @@ def claims_table(s: SweepSummary) -> Table | None:
             f"p(Holm) {o.comparison.p_holm:.3f}"
             for o in outcomes
         )
-        scale = (
-            "; ".join(seeds_needed(o, s.sweep.confidence) for o in outcomes) if "separable" in result else "-"
-        )
+        scale = "-"
+        if "separable" in result:
+            scale = "; ".join(
+                "separated" if o.comparison.p_holm < alpha else seeds_needed(o, s.sweep.confidence)
+                for o in outcomes
+            )
         rows.append([claim.text, result, evidence, scale])
     pct = round(100 * s.sweep.confidence)
     return Table(
