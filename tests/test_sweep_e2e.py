@@ -210,7 +210,9 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
     from mlflow import MlflowClient
 
     args = ("results", str(SPEC), "--tracking-uri", smoke_sweep.uri, "--full-pool")
-    out = _xling(*args, cwd=smoke_sweep.directory).communicate(timeout=600)[0]
+    elsewhere = smoke_sweep.directory / "elsewhere"  # ./mlflow.db there is not the sweep's store
+    elsewhere.mkdir(exist_ok=True)
+    out = _xling(*args, cwd=elsewhere).communicate(timeout=600)[0]
     assert "full pool: zero-shot" in out and out.count("full pool: alpha=") == 2, out[-4000:]
     table = out[out.index("### Full pool") :]
     assert "| zero-shot | - |" in table and "| alpha=0.25 |" in table and "| alpha=0.75 |" in table
@@ -228,5 +230,5 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
         whole = json.loads(Path(client.download_artifacts(run.info.run_id, f"{steps[0]}/per_query.json",
                                                           str(smoke_sweep.directory))).read_text())  # fmt: skip
         assert len(whole["query_ids"]) == 4 * 1190, "every question of the 4 languages, not the 4-paragraph slice"
-    again = _xling(*args, cwd=smoke_sweep.directory).communicate(timeout=300)[0]
+    again = _xling(*args, cwd=elsewhere).communicate(timeout=300)[0]
     assert "full pool:" not in again and again.count("| alpha=0.25 |") >= 2, "a rerun evaluates nothing"

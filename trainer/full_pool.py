@@ -50,9 +50,12 @@ def _logged_model_dir(client: MlflowClient, run_id: str, into: Path) -> Path:
     found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
     if not found:
         raise ValueError(f"run {run_id} logged no model (did the trial finish?)")
-    local = mlflow.artifacts.download_artifacts(f"models:/{found[0].model_id}", dst_path=str(into),
-                                                tracking_uri=client.tracking_uri)  # fmt: skip
-    return Path(local) / "artifacts" / "sentence_transformer"
+    mlflow.set_tracking_uri(client.tracking_uri)  # models:/ URIs are resolved through the global tracking URI
+    local = mlflow.artifacts.download_artifacts(f"models:/{found[0].model_id}", dst_path=str(into))
+    dirs = sorted(Path(local).glob("artifacts/*/modules.json"))  # pyfunc artifacts keep the source dir's name
+    if not dirs:
+        raise ValueError(f"run {run_id}: its logged model holds no sentence-transformers directory")
+    return dirs[0].parent
 
 
 def _evaluate_into(
