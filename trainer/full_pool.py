@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
     from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.report_sweep import PointSummary
-    from xling.trainer.spec import ExperimentSpec
+    from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
 
 
 def best_trials(s: SweepSummary) -> list[tuple[PointSummary, str]]:
@@ -72,13 +72,16 @@ def _evaluate_into(
     log_to_mlflow(dataclasses.replace(results, suite=suite_name + FULL_SUFFIX), client, run_id, step=step)
 
 
-def evaluate_full_pool(client: MlflowClient, s: SweepSummary, spec: ExperimentSpec) -> int:
+def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExperiment) -> int:
     """Evaluate what is missing (zero-shot on the parent run, each point's best seed on its run); returns
     how many evaluations ran."""
     import torch
 
     from xling.trainer.export import read_sentence_transformers
-    from xling.trainer.model import encoder_for, resolve_model_path
+    from xling.trainer.model import encoder_for
+    from xling.trainer.run import prepare
+
+    spec = exp.spec
 
     torch.set_num_threads(os.cpu_count() or 1)
     suite_name = s.prefix.replace("_", "-")
@@ -86,7 +89,8 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, spec: ExperimentSp
     ran = 0
     if done_key not in client.get_run(s.parent_run_id).data.metrics:
         print(f"full pool: zero-shot {spec.model.name}", flush=True)
-        encoder = encoder_for(resolve_model_path(spec.model.name), spec.model, spec.evaluation.batch_size)
+        model_path = prepare(exp)[2]  # as the sweep resolved it (the tiny test model is built from the data)
+        encoder = encoder_for(model_path, spec.model, spec.evaluation.batch_size)
         _evaluate_into(client, s.parent_run_id, 0, spec, suite_name, encoder)
         ran += 1
     for point, run_id in best_trials(s):

@@ -870,7 +870,7 @@ def _results(args: argparse.Namespace) -> int:
     if args.full_pool and exp is not None:
         from xling.trainer.full_pool import evaluate_full_pool
 
-        if evaluate_full_pool(client, summary, exp.spec):
+        if evaluate_full_pool(client, summary, exp):
             summary = summarize(client, parent)
     print(markdown(summary), end="")
     if args.out:
