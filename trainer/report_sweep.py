@@ -471,7 +471,7 @@ def _by_language(s: SweepSummary) -> Table | None:
 def _full_pool(s: SweepSummary) -> Table | None:
     """Each point's best seed on the whole suite (``xling results --full-pool``), zero-shot first."""
     full = [p for p in s.points if p.full is not None]
-    if not full:
+    if not full and not s.zero_shot_full:
         return None
     prefix = s.prefix + FULL_SUFFIX.replace("-", "_")
     keys = [f"{prefix}.{m}" for m in HEADLINE]
