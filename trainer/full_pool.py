@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xling.trainer.paper_claims import roles
-from xling.trainer.report_sweep import FULL_SUFFIX, SweepSummary
+from xling.trainer.report_sweep import FULL_SUFFIX, SweepSummary, full_prefix
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -82,10 +82,9 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     from xling.trainer.run import prepare
 
     spec = exp.spec
-
     torch.set_num_threads(os.cpu_count() or 1)
     suite_name = s.prefix.replace("_", "-")
-    done_key = f"{s.prefix}{FULL_SUFFIX.replace('-', '_')}.multi.map"
+    done_key = f"{full_prefix(s.prefix)}.multi.map"
     ran = 0
     if done_key not in client.get_run(s.parent_run_id).data.metrics:
         print(f"full pool: zero-shot {spec.model.name}", flush=True)

@@ -41,6 +41,11 @@ SETTINGS = ("multi", "mono", "cross", "rank_distance", "top10_own_share")
 FULL_SUFFIX = "-full"
 
 
+def full_prefix(prefix: str) -> str:
+    """Metric prefix of a suite's full-pool evaluation: ``xquad_r`` -> ``xquad_r_full``."""
+    return prefix + FULL_SUFFIX.replace("-", "_")
+
+
 @dataclass
 class TrialRecord:
     """One child run: which point and seed it ran, and its final metrics."""
@@ -315,7 +320,7 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         zero_keys += per_language_keys(metric, keys).values()
     zero = zero_shot(client, finished[0].run_id, sorted(set(zero_keys))) if finished else {}
     base_sampling = plan["experiment"]["spec"]["sampling"]
-    full_key = f"{prefix}{FULL_SUFFIX.replace('-', '_')}.multi.map"
+    full_key = f"{full_prefix(prefix)}.multi.map"
     points = []
     for index, point in enumerate(plan["points"]):
         trials = [t for t in finished if t.point == index]
@@ -348,7 +353,7 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         comparisons=comparisons,
         notes=notes,
         best=best,
-        zero_shot_full={k: v for k, v in parent.data.metrics.items() if k.startswith(full_key.split(".")[0] + ".")},
+        zero_shot_full={k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")},
     )
 
 
@@ -473,7 +478,7 @@ def _full_pool(s: SweepSummary) -> Table | None:
     full = [p for p in s.points if p.full is not None]
     if not full and not s.zero_shot_full:
         return None
-    prefix = s.prefix + FULL_SUFFIX.replace("-", "_")
+    prefix = full_prefix(s.prefix)
     keys = [f"{prefix}.{m}" for m in HEADLINE]
     rows = [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]] if s.zero_shot_full else []
     rows += [[p.label, str(p.full.seed)] + [_fmt(_single(p.full.metrics.get(k))) for k in keys] for p in full]
@@ -559,13 +564,22 @@ def _plot_metric_vs_parameter(s: SweepSummary, plt: Any) -> Any:
             else:
                 ax.errorbar(xs[ok], mean[ok], yerr=[mean[ok] - low[ok], high[ok] - mean[ok]], fmt="none",
                             color=line.get_color(), capsize=4)  # fmt: skip
-        if key in s.zero_shot:
-            ax.axhline(s.zero_shot[key], color="grey", ls="--", lw=1, label="zero-shot")
         if ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks)
-        ax.set_xlabel(x_param)
-        ax.set_title(_short(key, s.prefix))
-        ax.grid(alpha=0.3)
+        _metric_axis(s, ax, key, x_param)
+    return _seed_ci_figure(s, fig, axes)
+
+
+def _metric_axis(s: SweepSummary, ax: Any, key: str, xlabel: str) -> None:
+    """Zero-shot as a dashed line, labels and grid: the frame of a metric-against-x panel."""
+    if key in s.zero_shot:
+        ax.axhline(s.zero_shot[key], color="grey", ls="--", lw=1, label="zero-shot")
+    ax.set_xlabel(xlabel)
+    ax.set_title(_short(key, s.prefix))
+    ax.grid(alpha=0.3)
+
+
+def _seed_ci_figure(s: SweepSummary, fig: Any, axes: Any) -> Any:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{s.name}: mean and {round(100 * s.sweep.confidence)}% CI over seeds")
     fig.tight_layout()
@@ -689,15 +703,8 @@ def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
                 ax.axhline(c.mean, color="C2", lw=1, label=p.label)
                 if math.isfinite(c.low):
                     ax.axhspan(c.low, c.high, color="C2", alpha=0.15)
-        if key in s.zero_shot:
-            ax.axhline(s.zero_shot[key], color="grey", ls="--", lw=1, label="zero-shot")
-        ax.set_xlabel("alpha (probability of an X-X-mono batch)")
-        ax.set_title(_short(key, s.prefix))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{s.name}: mean and {round(100 * s.sweep.confidence)}% CI over seeds")
-    fig.tight_layout()
-    return fig
+        _metric_axis(s, ax, key, "alpha (probability of an X-X-mono batch)")
+    return _seed_ci_figure(s, fig, axes)
 
 
 def save_plots(s: SweepSummary, directory: Path) -> list[Path]:

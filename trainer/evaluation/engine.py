@@ -34,25 +34,24 @@ TOP_K = 10
 
 def _bias(
     ranks: np.ndarray,
-    ids: np.ndarray,
     suite: LareqaSuite,
     own: int,
-    own_rank: np.ndarray,
-    best_other: np.ndarray,
+    per_query: dict[str, np.ndarray],
     exact: bool,
 ) -> dict[str, float]:
-    """The language-bias views of one query language (see docs/evaluation.md); without exact ranks
-    only those read off the top-k list, the others NaN (not available)."""
+    """The language-bias views of one query language (see docs/evaluation.md), from the per-query arrays
+    where there are some; without exact ranks only those read off the top-k list, the others NaN."""
     lang = suite.languages[own]
+    own_rank, best_other = per_query["own_rank"], per_query["best_other_rank"]
     values = {
-        "top10_own_share": mean(metrics.top_k_language_share(ids, suite.candidate_language, own, TOP_K)),
+        "top10_own_share": mean(per_query["top10_own_share"]),
         "pool_own_share": len(suite.data[lang].candidate_ids) / suite.pool_size,
     }
     if exact:
         both = ~np.isnan(own_rank) & ~np.isnan(best_other)
         n_rel = np.sum(~np.isnan(ranks), axis=1)
         values |= {
-            "rank_distance": mean(metrics.rank_distance(ranks)),
+            "rank_distance": mean(per_query["rank_distance"]),
             "own_first": mean(np.where(both, own_rank < best_other, np.nan)),
             "own_first_chance": mean(np.where(both, 1.0 / np.maximum(n_rel, 1), np.nan)),
             "same_lang_gap": mean(metrics.same_language_gap(ranks, own)),
@@ -103,21 +102,22 @@ def _language_row(
         own_rank, best_other = np.full_like(own_rank, np.nan), np.full_like(best_other, np.nan)
     doc_ids = suite.pool_ids
     qids = [f"{lang}:{q}" for q in suite.data[lang].query_ids]
+    per_query = {
+        "language": np.full(len(qids), i),
+        "multi_ap": multi_ap,
+        "block_ap": block_ap,
+        "own_rank": own_rank,
+        "best_other_rank": best_other,
+        "rank_distance": metrics.rank_distance(pool_rank) if exact else np.full(len(qids), np.nan),
+        "top10_own_share": metrics.top_k_language_share(ids, suite.candidate_language, i, TOP_K),
+    }
     return _LanguageRow(
         map_row=map_row,
         r1_row=r1_row,
         multi_map=mean(multi_ap),
         multi_r10=mean(metrics.recall_at(pool_rank, TOP_K)),
-        bias=_bias(pool_rank, ids, suite, i, own_rank, best_other, exact),
-        per_query={
-            "language": np.full(len(qids), i),
-            "multi_ap": multi_ap,
-            "block_ap": block_ap,
-            "own_rank": own_rank,
-            "best_other_rank": best_other,
-            "rank_distance": metrics.rank_distance(pool_rank) if exact else np.full(len(qids), np.nan),
-            "top10_own_share": metrics.top_k_language_share(ids, suite.candidate_language, i, TOP_K),
-        },
+        bias=_bias(pool_rank, suite, i, per_query, exact),
+        per_query=per_query,
         ranked=RankedLists(
             query_ids=qids,
             doc_ids=doc_ids,
