@@ -534,3 +534,11 @@ def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
 
     points = [point(0, "hybrid", 0.25), point(1, "xx", 1.0), point(2, "hybrid", 0.5), point(3, "xy", 0.0)]
     assert roles(points) == {"xx": 1, "hybrid": 2, "xy": 3}, "alpha 0.25 is on the curve, not the paper's arm"
+
+
+def test_full_pool_needs_the_sweeps_file(fake_sweep: tuple[str, str, Plan], capsys: pytest.CaptureFixture) -> None:
+    from xling.trainer.cli import main
+
+    uri, _, _ = fake_sweep
+    assert main(["results", "fake", "--tracking-uri", uri, "--full-pool"]) == 2
+    assert "--full-pool: give the sweep's YAML file" in capsys.readouterr().err
