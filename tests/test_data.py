@@ -347,7 +347,7 @@ def test_demo_pack_loads_without_shared_data() -> None:
     assert sizes["zh"] == 3128 + 100 + 2837 and sizes["th"] == 100 + 4670
     assert sizes["de"] == 3821 + 100 and sizes["vi"] == 1675 + 100
     # only the MLQA and NTREX groups may be drawn for X-Y
-    sources = [next(iter(corpus.groups[g].values())).pair_id.split(":")[0] for g in corpus.xy_groups()]
+    sources = [next(iter(corpus.groups[g].values())).pair_id.split(":")[0] for g in corpus.index.xy_union.tolist()]
     assert set(sources) == {"mlqa", "ntrex"} and sources.count("mlqa") == 5328
 
 

@@ -49,11 +49,11 @@ C = corpus(n_asym=30)
 @given(settings_(), st.integers(0, 10_000))
 def test_batch_invariants(cfg, step) -> None:
     spec, batch, world = cfg
-    plan = build_sampler(C, batch, spec).plan(step)
+    plan = build_sampler(C.index, batch, spec).plan(step)
     assert len(plan.items) == batch
     groups = [it.group for it in plan.items]
     assert len(set(groups)) == batch, "two members of one parallel group in a batch"
-    keys = [k for g in groups for k in C.keys[g]]
+    keys = [k for g in groups for k in C.index.keys(g)]
     assert len(keys) == len(set(keys)), "two groups with a shared conflict key in a batch"
     for it in plan.items:
         assert C.groups[it.group][it.qlang].query is not None
@@ -75,7 +75,7 @@ def test_batch_invariants(cfg, step) -> None:
 def test_ranks_agree_and_slices_are_disjoint(cfg, step) -> None:
     spec, batch, world = cfg
     # Each rank builds its own sampler (as in separate processes) and must see the same global batch.
-    plans = [build_sampler(C, batch, spec).plan(step) for _ in range(world)]
+    plans = [build_sampler(C.index, batch, spec).plan(step) for _ in range(world)]
     assert all(p == plans[0] for p in plans)
     shards = [plans[r].shard(r, world) for r in range(world)]
     flat = [it for s in shards for it in s]
@@ -87,15 +87,15 @@ def test_ranks_agree_and_slices_are_disjoint(cfg, step) -> None:
 @given(settings_(), st.integers(1, 50))
 def test_resuming_gives_identical_batches(cfg, k) -> None:
     spec, batch, _ = cfg
-    first = build_sampler(C, batch, spec)
+    first = build_sampler(C.index, batch, spec)
     run = [first.plan(s) for s in range(k + 5)]
-    resumed = build_sampler(C, batch, spec)  # a fresh process after a restart at step k
+    resumed = build_sampler(C.index, batch, spec)  # a fresh process after a restart at step k
     assert [resumed.plan(s) for s in range(k, k + 5)] == run[k:]
 
 
 def test_hybrid_realises_alpha() -> None:
     spec = SamplingSpec(strategy="hybrid", alpha=0.3, seed=1)
-    sampler = build_sampler(C, 8, spec)
+    sampler = build_sampler(C.index, 8, spec)
     comp = Composition()
     for s in range(2000):
         comp.add(sampler.plan(s))
@@ -106,13 +106,13 @@ def test_hybrid_realises_alpha() -> None:
 def test_asymmetric_groups_use_only_the_sides_they_have() -> None:
     asym = corpus(n_parallel=0, n_mono=0, n_asym=40)
     assert asym.sizes() == {"es": 40}  # the only language with a question and a paragraph
-    assert set(asym.by_pair) == {("ar", "de"), ("ar", "es"), ("es", "de"), ("hi", "de"), ("hi", "es")}
-    xy = build_sampler(asym, 8, SamplingSpec(strategy="xy"))
+    assert set(asym.index.by_pair()) == {("ar", "de"), ("ar", "es"), ("es", "de"), ("hi", "de"), ("hi", "es")}
+    xy = build_sampler(asym.index, 8, SamplingSpec(strategy="xy"))
     pairs = Composition()
     for s in range(200):
         pairs.add(xy.plan(s))
     assert set(pairs.pairs) == {"ar-de", "ar-es", "es-de", "hi-de", "hi-es"}
-    xx = build_sampler(asym, 8, SamplingSpec(strategy="xx"))
+    xx = build_sampler(asym.index, 8, SamplingSpec(strategy="xx"))
     assert {xx.plan(s).language for s in range(20)} == {"es"}
 
 
@@ -122,11 +122,11 @@ def test_groups_sharing_a_key_never_meet() -> None:
               for i in range(40)]  # fmt: skip
     c = PairCorpus(groups)
     for strategy in ("xx", "xy", "mixed"):
-        sampler = build_sampler(c, 20, SamplingSpec(strategy=strategy, seed=3))
+        sampler = build_sampler(c.index, 20, SamplingSpec(strategy=strategy, seed=3))
         for s in range(50):
             assert sorted(it.group // 2 for it in sampler.plan(s).items) == list(range(20))
     with pytest.raises(ValueError, match="share no conflict key"):
-        build_sampler(c, 21, SamplingSpec(strategy="xx"))
+        build_sampler(c.index, 21, SamplingSpec(strategy="xx"))
 
 
 def test_xy_is_uniform_over_language_pairs() -> None:
@@ -139,7 +139,7 @@ def test_xy_is_uniform_over_language_pairs() -> None:
     shares = {}
     for weighting in ("uniform", "size"):
         comp = Composition()
-        sampler = build_sampler(c, 16, SamplingSpec(strategy="xy", pair_weighting=weighting))
+        sampler = build_sampler(c.index, 16, SamplingSpec(strategy="xy", pair_weighting=weighting))
         for s in range(1000):
             comp.add(sampler.plan(s))
         shares[weighting] = comp.pairs["en-de"] / sum(comp.pairs.values())
@@ -151,14 +151,14 @@ def test_xy_is_uniform_over_language_pairs() -> None:
 def test_size_weighting_draws_only_languages_that_fill_a_batch() -> None:
     c = PairCorpus([{"en": Pair(f"e{i}", "en", f"q{i}", f"p{i}")} for i in range(100)]
                    + [{"de": Pair(f"d{i}", "de", f"q{i}", f"dp{i}")} for i in range(5)])  # fmt: skip
-    sampler = build_sampler(c, 8, SamplingSpec(strategy="xx", language_weighting="size", language_temperature=3.0))
+    sampler = build_sampler(c.index, 8, SamplingSpec(strategy="xx", language_weighting="size", language_temperature=3.0))
     assert {sampler.plan(s).language for s in range(300)} == {"en"}  # de (5 groups) cannot fill 8
     with pytest.raises(ValueError, match="needs a language with 200 groups"):
-        build_sampler(c, 200, SamplingSpec(strategy="hybrid", alpha=0.5))
+        build_sampler(c.index, 200, SamplingSpec(strategy="hybrid", alpha=0.5))
 
 
 def test_composition_logs_query_and_passage_shares() -> None:
-    sampler = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=4))
+    sampler = build_sampler(C.index, 8, SamplingSpec(strategy="xy", seed=4))
     comp = Composition()
     for s in range(50):
         comp.add(sampler.plan(s))
@@ -175,7 +175,7 @@ def test_xx_uniform_vs_size_weighting() -> None:
     skewed = corpus(n_parallel=20, n_mono=400)
     counts = {}
     for weighting in ("uniform", "size"):
-        sampler = build_sampler(skewed, 8, SamplingSpec(strategy="xx", language_weighting=weighting))
+        sampler = build_sampler(skewed.index, 8, SamplingSpec(strategy="xx", language_weighting=weighting))
         comp = Composition()
         for s in range(1000):
             comp.add(sampler.plan(s))
@@ -186,12 +186,12 @@ def test_xx_uniform_vs_size_weighting() -> None:
 
 def test_xy_needs_enough_parallel_groups() -> None:
     with pytest.raises(ValueError, match="parallel groups"):
-        build_sampler(corpus(n_parallel=4), 8, SamplingSpec(strategy="xy"))
+        build_sampler(corpus(n_parallel=4).index, 8, SamplingSpec(strategy="xy"))
 
 
 def test_seed_changes_batches() -> None:
-    a = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=1)).plan(0)
-    b = build_sampler(C, 8, SamplingSpec(strategy="xy", seed=2)).plan(0)
+    a = build_sampler(C.index, 8, SamplingSpec(strategy="xy", seed=1)).plan(0)
+    b = build_sampler(C.index, 8, SamplingSpec(strategy="xy", seed=2)).plan(0)
     assert a != b
 
 
@@ -199,6 +199,6 @@ def test_seed_changes_batches() -> None:
 def test_hybrid_at_alpha_0_and_1_gives_the_pure_strategies_batches(alpha: float, pure: str) -> None:
     """The research sweep reuses the X-X and X-Y trials as the ends of the alpha curve: that holds only if
     the batches are the very same, not just equally distributed."""
-    hybrid = build_sampler(C, 8, SamplingSpec(strategy="hybrid", alpha=alpha, seed=3))
-    alone = build_sampler(C, 8, SamplingSpec(strategy=pure, seed=3))
+    hybrid = build_sampler(C.index, 8, SamplingSpec(strategy="hybrid", alpha=alpha, seed=3))
+    alone = build_sampler(C.index, 8, SamplingSpec(strategy=pure, seed=3))
     assert [hybrid.plan(s) for s in range(40)] == [alone.plan(s) for s in range(40)]

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from xling.trainer.data import load_corpus
+from xling.trainer.data import prepare_corpus
 from xling.trainer.engine import save_trainer_state
 from xling.trainer.model import (
     BiEncoder,
@@ -55,15 +55,15 @@ def spec_doc(cache: Path, seed: int = 0, workers: int = 1, grad_cache: bool = Fa
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cache = tmp_path_factory.mktemp("train_mode")
-    corpus = load_corpus(ExperimentSpec.model_validate(spec_doc(cache)).data)
-    texts = [p.query for g in corpus.groups for p in g.values()]
-    return {"cache": cache, "corpus": corpus, "model_path": resolve_model_path(TINY_MODEL, texts, cache)}
+    prepared = prepare_corpus(ExperimentSpec.model_validate(spec_doc(cache)).data, str(cache / "data"))
+    texts = [p.query for g in prepared.corpus.materialize().groups for p in g.values()]
+    return {"cache": cache, "data": prepared.location, "model_path": resolve_model_path(TINY_MODEL, texts, cache)}
 
 
 def make(
     setup: dict[str, Any], seed: int = 0, rank: int = 0, world: int = 1, grad_cache: bool = False
 ) -> Trainer:
-    config = {"spec": spec_doc(setup["cache"], seed, world, grad_cache), "corpus": setup["corpus"],
+    config = {"spec": spec_doc(setup["cache"], seed, world, grad_cache), "data": setup["data"],
               "model_path": setup["model_path"]}  # fmt: skip
     return Trainer(config, rank=rank, world=world)
 

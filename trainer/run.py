@@ -5,15 +5,16 @@ Everything that can fail cheaply (spec, data rows, model name) fails here, befor
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xling.trainer.data import load_corpus
-from xling.trainer.data.pairs import PairCorpus, RowReport
+from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
+from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
 from xling.trainer.tracking import (
     flatten,
@@ -23,6 +24,9 @@ from xling.trainer.tracking import (
     source_tags,
     start_run,
 )
+
+if TYPE_CHECKING:
+    from xling.trainer.data.index import CorpusIndex
 
 #: Environment every local run needs on a CPU box (see docs/platform notes); kept if already set.
 LOCAL_ENV = {
@@ -67,55 +71,69 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[PairCorpus, RowReport, str]:
-    """Load and check the data, resolve the model: everything before the first worker starts."""
+def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prepared, str]:
+    """Prepare (or find) the training corpus and resolve the model: everything before the first worker."""
     from xling.trainer.model import resolve_model_path
 
     spec = exp.spec
     if skip_bad_rows:
         spec.data.skip_bad_rows = True
-    report = RowReport()
-    corpus = load_corpus(spec.data, report if spec.data.skip_bad_rows else None)
+    prepared = prepare_corpus(spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache())
+    report, corpus = prepared.report, prepared.corpus
     if report.total:
         print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
         for example in report.examples[:3]:
             print(f"  e.g. {example}", file=sys.stderr)
+    how = "reusing the prepared corpus" if prepared.reused else "prepared"
+    print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:
-        corpus = _drop_eval_overlap(corpus, spec)
-    check_batches(corpus, spec)
+        print(f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data")
+    check_batches(corpus.index, spec)
     tiny_texts = None
     if spec.model.name == TINY_MODEL:
-        tiny_texts = [p.query or p.passage or "" for g in corpus.groups[:3000] for p in g.values()]
+        tiny_texts = [p.query or p.passage or "" for g in corpus.materialize(3000).groups for p in g.values()]
     model_path = resolve_model_path(spec.model.name, tiny_texts)
-    return corpus, report, model_path
+    return prepared, model_path
 
 
-def check_batches(corpus: PairCorpus, spec: ExperimentSpec) -> None:
+def data_root(output_dir: str) -> str:
+    """Where prepared corpora live: beside Ray Train's storage, so a cluster run's are in its bucket or PVC."""
+    return storage_path(output_dir).removesuffix("/ray") + "/data"
+
+
+def prepared_cache() -> Path:
+    """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file)."""
+    from xling.trainer.e5s1 import default_cache_dir
+
+    return default_cache_dir() / "prepared"
+
+
+def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
     """Refuse a sampling setup the data cannot fill (no X-X language with a full batch, too few X-Y
     groups) now, rather than after Ray started and a worker reached that batch."""
     from xling.trainer.sampling import build_sampler
 
-    build_sampler(corpus, spec.optimization.global_batch_size, spec.sampling)
+    build_sampler(index, spec.optimization.global_batch_size, spec.sampling)
 
 
-def _drop_eval_overlap(corpus: PairCorpus, spec: ExperimentSpec) -> PairCorpus:
-    """Never train on evaluation text: guard against the full suites, not just the evaluated slice."""
-    from xling.trainer.data import drop_overlapping
-    from xling.trainer.evaluation import load_suite
+def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
+    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside)."""
+    suites = [s.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
+              for s in spec.evaluation.suites if s.name != "miracl"]  # fmt: skip
+    if not suites:
+        return None
 
-    texts: list[str] = []
-    for suite_spec in spec.evaluation.suites:
-        if suite_spec.name == "miracl":
-            continue
-        full = suite_spec.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
-        suite = load_suite(full)
-        for data in suite.data.values():
-            texts += data.candidate_texts + data.query_texts
-    if not texts:
-        return corpus
-    corpus, dropped = drop_overlapping(corpus, texts)
-    print(f"data: dropped {dropped} training groups that overlap the evaluation data", flush=True)
-    return corpus
+    def texts() -> list[str]:
+        from xling.trainer.evaluation import load_suite
+
+        out: list[str] = []
+        for suite_spec in suites:
+            for data in load_suite(suite_spec).data.values():
+                out += data.candidate_texts + data.query_texts
+        return out
+
+    key = [(s.name, s.path, file_stats(s.path)) for s in suites]
+    return EvalGuard(json.dumps(key, sort_keys=True), texts)
 
 
 def run_experiment(
@@ -131,20 +149,21 @@ def run_experiment(
     env = _local_env(exp.spec)
     spec = exp.spec
     check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
-    corpus, report, model_path = prepare(exp, skip_bad_rows)
+    prepared, model_path = prepare(exp, skip_bad_rows)
+    corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
 
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
     experiment_name = spec.tracking.experiment_name or exp.metadata.name
     tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
             "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
-            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
     log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"])
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
-    result = _fit(exp, corpus, model_path, uri, run_id, env)
+    result = _fit(exp, prepared.location, model_path, uri, run_id, env)
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
     report = Path(ckpt or "/nonexistent") / "results.txt"
@@ -164,7 +183,7 @@ def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: 
 
 
 def _fit(
-    exp: RetrievalExperiment, corpus: PairCorpus, model_path: str, uri: str, run_id: str, env: dict,
+    exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
     callbacks: list | None = None,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
@@ -180,7 +199,7 @@ def _fit(
     init_ray(env, use_gpu)
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
-    config = {"spec": spec.model_dump(mode="json"), "corpus": corpus, "model_path": model_path,
+    config = {"spec": spec.model_dump(mode="json"), "data": data, "model_path": model_path,
               "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path),
               "name": exp.metadata.name}  # fmt: skip
     trainer = TorchTrainer(

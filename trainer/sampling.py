@@ -25,7 +25,7 @@ from typing import Literal
 
 import numpy as np
 
-from xling.trainer.data.pairs import PairCorpus, xx_languages
+from xling.trainer.data.index import CorpusIndex
 from xling.trainer.spec import SamplingSpec
 
 BatchKind = Literal["xx", "xy", "mixed"]
@@ -60,17 +60,20 @@ def _rng(seed: int, step: int) -> np.random.Generator:
 class _Batch:
     """The groups drawn so far for one batch and the conflict keys they hold."""
 
-    def __init__(self, keys: Sequence[tuple[int, ...]]):
-        self.keys = keys
+    def __init__(self, index: CorpusIndex):
+        self.index = index
         self.groups: set[int] = set()
         self.used: set[int] = set()
 
     def take(self, g: int) -> bool:
         """Add group ``g`` unless it is in the batch already or shares a conflict key with it."""
-        if g in self.groups or not self.used.isdisjoint(self.keys[g]):
+        if g in self.groups:
+            return False
+        keys = self.index.keys(g)
+        if not self.used.isdisjoint(keys):
             return False
         self.groups.add(g)
-        self.used.update(self.keys[g])
+        self.used.update(keys)
         return True
 
 
@@ -79,22 +82,23 @@ def _draw(rng: np.random.Generator, population: Sequence[int], batch: _Batch) ->
     the population), then a scan from a random offset; None when no member fits."""
     n = len(population)
     for i in rng.integers(0, n, size=min(n, 8)):
-        if batch.take(population[int(i)]):
-            return population[int(i)]
+        g = int(population[i])
+        if batch.take(g):
+            return g
     start = int(rng.integers(n))
     for j in range(n):
-        g = population[(start + j) % n]
+        g = int(population[(start + j) % n])
         if batch.take(g):
             return g
     return None
 
 
-def _can_fill(population: Sequence[int], keys: Sequence[tuple[int, ...]], k: int) -> bool:
+def _can_fill(population: Sequence[int], index: CorpusIndex, k: int) -> bool:
     """Whether ``population`` holds ``k`` groups without a shared key (greedy, so a yes is certain; it
     stops at the k-th, not at the end of a large population)."""
-    batch, taken = _Batch(keys), 0
+    batch, taken = _Batch(index), 0
     for g in population:
-        taken += batch.take(g)
+        taken += batch.take(int(g))
         if taken >= k:
             return True
     return False
@@ -111,20 +115,19 @@ class BatchSampler:
 
     kind: str = ""  # the batch kind it produces ("hybrid": xx or xy)
 
-    def __init__(self, corpus: PairCorpus, batch_size: int, spec: SamplingSpec):
-        self.corpus = corpus
+    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec):
+        self.index = index
         self.batch_size = batch_size
         self.spec = spec
+        self._by_language, self._by_pair = index.by_language(), index.by_pair()
         # X-X: only languages that can fill a batch (a smaller one would fail mid-run)
-        self._xx_langs = [
-            lang for lang, ids in corpus.by_language.items() if _can_fill(ids, corpus.keys, batch_size)
-        ]
-        sizes = [len(corpus.by_language[lang]) for lang in self._xx_langs]
+        self._xx_langs = [lang for lang, ids in self._by_language.items() if _can_fill(ids, index, batch_size)]
+        sizes = [len(self._by_language[lang]) for lang in self._xx_langs]
         self._xx_p = _weights(sizes, spec.language_weighting, spec.language_temperature)
-        self._xy_pairs = list(corpus.by_pair)
-        sizes = [len(corpus.by_pair[pair]) for pair in self._xy_pairs]
+        self._xy_pairs = list(self._by_pair)
+        sizes = [len(self._by_pair[pair]) for pair in self._xy_pairs]
         self._xy_p = _weights(sizes, spec.pair_weighting, spec.language_temperature)
-        self._mixed = sorted({g for ids in corpus.by_language.values() for g in ids})
+        self._mixed = index.mixed_groups
 
     def plan(self, step: int) -> BatchPlan:
         raise NotImplementedError
@@ -139,18 +142,18 @@ class BatchSampler:
         groups, queries, passages = set(), set(), set()
         if "xx" in self.uses():
             for lang in self._xx_langs:
-                groups.update(self.corpus.by_language[lang])
+                groups.update(self._by_language[lang].tolist())
             queries.update(self._xx_langs)
             passages.update(self._xx_langs)
         if "xy" in self.uses():
             for q, p in self._xy_pairs:
-                groups.update(self.corpus.by_pair[(q, p)])
+                groups.update(self._by_pair[(q, p)].tolist())
                 queries.add(q)
                 passages.add(p)
         if "mixed" in self.uses():
-            groups.update(self._mixed)
-            queries.update(self.corpus.by_language)
-            passages.update(self.corpus.by_language)
+            groups.update(self._mixed.tolist())
+            queries.update(self._by_language)
+            passages.update(self._by_language)
         return groups, queries, passages
 
     def _fail(self, step: int, what: str) -> ValueError:
@@ -161,7 +164,7 @@ class BatchSampler:
 
     def _xx(self, rng: np.random.Generator, step: int) -> BatchPlan:
         lang = self._xx_langs[int(rng.choice(len(self._xx_langs), p=self._xx_p))]
-        batch, population, items = _Batch(self.corpus.keys), self.corpus.by_language[lang], []
+        batch, population, items = _Batch(self.index), self._by_language[lang], []
         for _ in range(self.batch_size):
             g = _draw(rng, population, batch)
             if g is None:
@@ -170,13 +173,13 @@ class BatchSampler:
         return BatchPlan(step, "xx", tuple(items), language=lang)
 
     def _xy(self, rng: np.random.Generator, step: int) -> BatchPlan:
-        batch, p, items = _Batch(self.corpus.keys), self._xy_p.copy(), []
+        batch, p, items = _Batch(self.index), self._xy_p.copy(), []
         while len(items) < self.batch_size:
             if not p.sum():
                 raise self._fail(step, "X-Y")
             i = int(rng.choice(len(p), p=p / p.sum()))
             qlang, plang = self._xy_pairs[i]
-            g = _draw(rng, self.corpus.by_pair[(qlang, plang)], batch)
+            g = _draw(rng, self._by_pair[(qlang, plang)], batch)
             if g is None:
                 p[i] = 0.0  # this language pair has no group left that fits the batch
                 continue
@@ -184,12 +187,12 @@ class BatchSampler:
         return BatchPlan(step, "xy", tuple(items))
 
     def _mixed_batch(self, rng: np.random.Generator, step: int) -> BatchPlan:
-        batch, items = _Batch(self.corpus.keys), []
+        batch, items = _Batch(self.index), []
         for _ in range(self.batch_size):
             g = _draw(rng, self._mixed, batch)
             if g is None:
                 raise self._fail(step, "mixed")
-            langs = xx_languages(self.corpus.groups[g])
+            langs = self.index.xx_languages(g)
             lang = langs[int(rng.integers(len(langs)))]
             items.append(Item(g, lang, lang))
         return BatchPlan(step, "mixed", tuple(items))
@@ -245,22 +248,22 @@ SAMPLERS: dict[str, type[BatchSampler]] = {
 }
 
 
-def build_sampler(corpus: PairCorpus, batch_size: int, spec: SamplingSpec) -> BatchSampler:
+def build_sampler(index: CorpusIndex, batch_size: int, spec: SamplingSpec) -> BatchSampler:
     """The spec's sampler; refused (before any worker starts) when the data cannot fill its batches."""
-    sampler = SAMPLERS[spec.strategy](corpus, batch_size, spec)
+    sampler = SAMPLERS[spec.strategy](index, batch_size, spec)
     uses = sampler.uses()
     if "xx" in uses and not sampler._xx_langs:
         raise ValueError(
             f"sampling.strategy: {spec.strategy!r} needs a language with {batch_size} groups that have a query "
             f"and a passage in it and share no conflict key (optimization.globalBatchSize); the data has "
-            f"{corpus.sizes() or 'none'}"
+            f"{index.sizes() or 'none'}"
         )
-    if "xy" in uses and not _can_fill(corpus.xy_groups(), corpus.keys, batch_size):
+    if "xy" in uses and not _can_fill(index.xy_union, index, batch_size):
         raise ValueError(
             f"sampling.strategy: {spec.strategy!r} needs at least {batch_size} parallel groups (a query and a "
-            f"passage in two languages, no shared conflict key); the data has {len(corpus.xy_groups())}"
+            f"passage in two languages, no shared conflict key); the data has {len(index.xy_union)}"
         )
-    if "mixed" in uses and not _can_fill(sampler._mixed, corpus.keys, batch_size):
+    if "mixed" in uses and not _can_fill(sampler._mixed, index, batch_size):
         raise ValueError(f"sampling.strategy: 'mixed' needs {batch_size} groups that share no conflict key")
     return sampler
 

@@ -111,6 +111,11 @@ class DataSpec(Spec):
         default=True,
         description="Drop training groups sharing a 10-word n-gram with any XQuAD-R/MLQA-R evaluation text.",
     )
+    prefetch_steps: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=1,
+        description="Steps whose texts are read and tokenised ahead, in a background thread, while the current "
+        "step computes; 0 reads and tokenises each step's texts inside the step.",
+    )
 
 
 class SamplingSpec(Spec):

@@ -45,7 +45,7 @@ from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, so
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from xling.trainer.data.pairs import PairCorpus
+    from xling.trainer.data import DataLocation
 
 #: CPUs of the Tune function trainable: it only waits on Train (but a 0-CPU trial cannot be scheduled).
 TRIAL_CPUS = 0.5
@@ -195,7 +195,7 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     return run_id, None
 
 
-def run_trial(config: dict[str, Any], ctx: TrialContext, corpus: PairCorpus) -> None:
+def run_trial(config: dict[str, Any], ctx: TrialContext, data: DataLocation) -> None:
     """The Tune function trainable: one Ray Train run for one (point, seed)."""
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
     from ray import tune
@@ -215,7 +215,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, corpus: PairCorpus) -> 
     )
     monitor.start()
     try:
-        result = _fit(exp, corpus, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
+        result = _fit(exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
     finally:
         monitor.finish()
     tune.report({**result.metrics, "mlflow_run_id": run_id})
@@ -327,11 +327,12 @@ def run_sweep(
     exp = exp.model_copy(deep=True)
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
         exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
-    corpus, report, model_path = prepare(exp, skip_bad_rows)
+    prepared, model_path = prepare(exp, skip_bad_rows)  # once for every trial
+    corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     for point in plan.points:  # every point's batches, not only the base spec's
         try:
-            check_batches(corpus, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0]))
+            check_batches(corpus.index, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0]))
         except ValueError as err:
             raise ValueError(f"sweep point {point.label}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
@@ -339,14 +340,14 @@ def run_sweep(
     storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
-            "xling.bad_rows_skipped": str(report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+            "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
     ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags)
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
-    grid = _tune(ctx, corpus, storage, stored)
+    grid = _tune(ctx, prepared.location, storage, stored)
     client = MlflowClient(uri)
     _settle_children(client, ctx, grid)
     summary = summarize(client, parent)
@@ -395,7 +396,7 @@ def register_best(uri: str, summary: Any, spec: ExperimentSpec) -> str | None:
     return version
 
 
-def _tune(ctx: TrialContext, corpus: PairCorpus, storage: str, stored: str | None) -> Any:
+def _tune(ctx: TrialContext, data: DataLocation, storage: str, stored: str | None) -> Any:
     """Run the Tune experiment, or continue the one ``stored`` there; returns its ResultGrid."""
     import ray
     from ray import tune
@@ -404,7 +405,7 @@ def _tune(ctx: TrialContext, corpus: PairCorpus, storage: str, stored: str | Non
     specs = [ctx.spec(i, sweep.seeds[0]) for i in range(len(ctx.plan.points))]
     init_ray(ctx.env, any(s.distributed.gpus_per_worker for s in specs))
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx, corpus=corpus), {"cpu": TRIAL_CPUS}
+        tune.with_parameters(run_trial, ctx=ctx, data=data), {"cpu": TRIAL_CPUS}
     )
     if stored is not None:
         print(f"sweep: continuing {stored} (finished trials are kept)", flush=True)

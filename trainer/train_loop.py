@@ -13,13 +13,18 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
+from xling.trainer.data.store import PreparedCorpus, open_corpus
 from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.export import write_checkpoint_meta
@@ -33,27 +38,68 @@ from xling.trainer.tracking import StepLogger, log_dataset
 
 log = logging.getLogger("xling.train")
 
+#: What a rank reads its texts from: a prepared corpus on disk, or one in memory (tests).
+Corpus = PreparedCorpus | PairCorpus
+
 
 def batch_texts(
-    corpus: PairCorpus, plan: BatchPlan, rank: int, world: int, hard_negatives: int
+    corpus: Corpus, plan: BatchPlan, rank: int, world: int, hard_negatives: int
 ) -> tuple[list[str], list[str], list[str], list[bool]]:
     """Queries, passages and hard negatives (passage language) of this rank's slice of ``plan``, and which
     negatives count. A hard negative that is the text of any group in the global batch (an in-batch
     positive or a translation of one) is skipped for the next one; a pair with too few is padded with
     empty texts that the loss masks out, never with its own positive."""
-    in_batch = {k for it in plan.items for k in corpus.keys[it.group]}
-    queries, passages, negatives, valid = [], [], [], []
-    for it in plan.shard(rank, world):
-        group = corpus.groups[it.group]
-        queries.append(group[it.qlang].query)
-        target = group[it.plang]
-        passages.append(target.passage)
-        if hard_negatives:
-            negs = [n for n in target.hard_negatives if corpus.key_ids.get(text_key(n)) not in in_batch]
-            negs = negs[:hard_negatives]
+    in_batch = {k for it in plan.items for k in corpus.index.keys(it.group)}
+    items = plan.shard(rank, world)
+    pairs = corpus.members([(it.group, it.qlang) for it in items] + [(it.group, it.plang) for it in items])
+    queries = [p.query for p in pairs[: len(items)]]
+    targets = pairs[len(items) :]
+    negatives, valid = [], []
+    if hard_negatives:
+        for target in targets:
+            negs = [n for n in target.hard_negatives if key_hash(text_key(n)) not in in_batch][:hard_negatives]
             valid += [True] * len(negs) + [False] * (hard_negatives - len(negs))
             negatives += negs + [""] * (hard_negatives - len(negs))
-    return queries, passages, negatives, valid
+    return queries, [t.passage for t in targets], negatives, valid
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One rank's tokenised slice of a global batch: the queries, then the passages and hard negatives."""
+
+    plan: BatchPlan
+    queries: dict[str, torch.Tensor]
+    passages: dict[str, torch.Tensor]
+    valid: list[bool]  # which hard negatives count (empty without hard negatives)
+
+
+class Prefetch:
+    """Step -> its batch, read and tokenised ``ahead`` steps early in one background thread, so the texts
+    and the tokenizer stay off the critical path (``data.prefetchSteps``; 0: in the step). Batches are a
+    pure function of the step, so reading them early changes nothing; ``waited_s`` is the time steps
+    spent waiting for theirs."""
+
+    def __init__(self, read: Callable[[int], StepBatch], ahead: int):
+        self.read, self.ahead = read, ahead
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="xling-batches") if ahead else None
+        self.pending: dict[int, Future[StepBatch]] = {}
+        self.waited_s = 0.0
+
+    def get(self, step: int, end: int) -> StepBatch:
+        started = time.perf_counter()
+        if self.pool is None:
+            batch = self.read(step)
+        else:
+            for s in range(step, min(step + self.ahead + 1, end)):
+                if s not in self.pending:
+                    self.pending[s] = self.pool.submit(self.read, s)
+            batch = self.pending.pop(step).result()
+        self.waited_s += time.perf_counter() - started
+        return batch
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
 
 
 def progress_line(step: int, total: int, loss: float, pairs_per_s: float, started: float) -> str:
@@ -76,7 +122,7 @@ class Trainer:
             ctx = ray.train.get_context()
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.rank, self.world = rank, world
-        self.corpus: PairCorpus = config["corpus"]
+        self.corpus: Corpus = open_corpus(config["data"], default_cache_dir() / "prepared")
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         torch.manual_seed(self.spec.sampling.seed)  # a weight built at random is the same on every replica
         spec = self.spec
@@ -101,7 +147,8 @@ class Trainer:
         torch.manual_seed(rank_seed(spec.sampling.seed, self.rank))  # each rank its own dropout masks
         self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
         self.trainable_params = count_dense_params(self.model, trainable_only=True)  # freezeLayers: less backward
-        self.sampler = build_sampler(self.corpus, spec.optimization.global_batch_size, spec.sampling)
+        self.sampler = build_sampler(self.corpus.index, spec.optimization.global_batch_size, spec.sampling)
+        self.batches = Prefetch(self.read_batch, spec.data.prefetch_steps)
         self.composition = Composition()
         self.logger = StepLogger(config.get("tracking_uri"), config.get("run_id"), self.rank == 0)
         self.start_step = 0
@@ -187,19 +234,23 @@ class Trainer:
         return base if step == 0 else f"{self.config.get('run_id', 'local')}-step{step}"
 
     # ----------------------------------------------------------------------------- training
+    def read_batch(self, step: int) -> StepBatch:
+        """This rank's slice of global batch ``step``, read and tokenised (in the prefetch thread)."""
+        plan = self.sampler.plan(step)
+        queries, passages, negatives, valid = batch_texts(self.corpus, plan, self.rank, self.world, self.spec.loss.hard_negatives)
+        return StepBatch(plan, self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage"), valid)
+
     def train_step(self, step: int) -> tuple[float, int, int]:
         spec = self.spec
-        plan = self.sampler.plan(step)
-        self.composition.add(plan)
-        queries, passages, negatives, valid = batch_texts(self.corpus, plan, self.rank, self.world, spec.loss.hard_negatives)
-        q_in = {k: v.to(self.device) for k, v in self.tokenize(queries, "query").items()}
-        p_in = {k: v.to(self.device) for k, v in self.tokenize(passages + negatives, "passage").items()}
-        b = len(passages)
-
-        mask = torch.tensor(valid, device=self.device) if negatives else None
+        batch = self.batches.get(step, spec.optimization.max_steps)
+        self.composition.add(batch.plan)
+        q_in = {k: v.to(self.device) for k, v in batch.queries.items()}
+        p_in = {k: v.to(self.device) for k, v in batch.passages.items()}
+        b = len(q_in["input_ids"])
+        mask = torch.tensor(batch.valid, device=self.device) if batch.valid else None
 
         def loss_fn(q: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
-            negs = p_all[b:] if negatives else None
+            negs = p_all[b:] if mask is not None else None
             return info_nce(q, p_all[:b], negs, spec.loss.temperature, spec.loss.symmetric, mask)
 
         if spec.loss.grad_cache.enabled:  # activation memory of one chunk, the same gradients
@@ -209,7 +260,7 @@ class Trainer:
             self.engine.backward(loss)
         self.engine.step()
         tokens = int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
-        return float(loss.detach()), len(queries), tokens
+        return float(loss.detach()), b, tokens
 
     def fit(self) -> None:
         spec, opt = self.spec, self.spec.optimization
@@ -218,13 +269,14 @@ class Trainer:
             _, table = self.evaluate(0)
             if self.rank == 0:
                 print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
-        started, window_t, window_pairs, window_tokens = time.time(), time.time(), 0, 0
+        started, window_t, window_pairs, window_tokens, window_steps = time.time(), time.time(), 0, 0, 0
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
             inject_fault(step, self.rank, resumed=self.start_step > 0)
             loss, pairs, tokens = self.train_step(step)
             window_pairs += pairs * self.world
             window_tokens += tokens * self.world
+            window_steps += 1
             done = step + 1
             if done % opt.log_every == 0 or done == opt.max_steps:
                 elapsed = max(time.time() - window_t, 1e-9)
@@ -233,14 +285,17 @@ class Trainer:
                            # model FLOPs (6N per real token; less with frozen layers) over the peak of all ranks' devices
                            "train.mfu": model_flops_utilization(self.dense_params, window_tokens, elapsed, self.peak_flops * self.world,
                                                                 self.trainable_params)}  # fmt: skip
+                # time a step waited for its texts and tokens (near 0 when prefetching keeps up)
+                metrics["train.data_wait_s"] = self.batches.waited_s / window_steps
                 if self.device.type == "cuda":
                     metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self.logger.log(done, metrics)
                 if self.rank == 0:
                     print(progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started), flush=True)
-                window_t, window_pairs, window_tokens = time.time(), 0, 0
+                window_t, window_pairs, window_tokens, window_steps, self.batches.waited_s = time.time(), 0, 0, 0, 0.0
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
+        self.batches.close()
         final, table = dict(metrics), ""
         if spec.evaluation.suites:
             scores, table = self.evaluate(opt.max_steps)

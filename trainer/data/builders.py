@@ -15,7 +15,7 @@ import json
 import re
 import unicodedata
 import zipfile
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -413,10 +413,9 @@ def _char_grams(tokens: list[str], n: int) -> set[int]:
     return {hash(chars[i : i + n]) for i in range(len(chars) - n + 1)}
 
 
-def drop_overlapping(corpus: PairCorpus, eval_texts: Iterable[str], n: int = 10) -> tuple[PairCorpus, int]:
-    """Drop every group with a member whose query or passage shares a word ``n``-gram with an evaluation
-    text (for zh/ja/th a character n-gram of ``n`` words' length, ignoring spaces and punctuation), so no
-    evaluation text is trained on, in any translation. Returns the filtered corpus and the groups dropped."""
+def overlap_test(eval_texts: Iterable[str], n: int = 10) -> Callable[[Pair], bool]:
+    """Whether a pair's query or passage shares a word ``n``-gram with an evaluation text (for zh/ja/th a
+    character n-gram of ``n`` words' length, ignoring spaces and punctuation)."""
     words: set[int] = set()
     chars: dict[str, set[int]] = {script: set() for script in _UNSPACED_SCRIPTS}
     for text in eval_texts:
@@ -438,5 +437,12 @@ def drop_overlapping(corpus: PairCorpus, eval_texts: Iterable[str], n: int = 10)
                 return True
         return False
 
+    return overlaps
+
+
+def drop_overlapping(corpus: PairCorpus, eval_texts: Iterable[str], n: int = 10) -> tuple[PairCorpus, int]:
+    """Drop every group with a member that overlaps an evaluation text (:func:`overlap_test`), so no
+    evaluation text is trained on, in any translation. Returns the filtered corpus and the groups dropped."""
+    overlaps = overlap_test(eval_texts, n)
     kept = [g for g in corpus.groups if not any(overlaps(p) for p in g.values())]
     return PairCorpus(kept), len(corpus.groups) - len(kept)

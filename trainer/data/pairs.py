@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
 
+import numpy as np
+
+from xling.trainer.data.index import PASSAGE, QUERY, CorpusIndex, key_hash
 from xling.trainer.spec import KNOWN_LANGUAGES
 
 Pool = Literal["shared", "monolingual"]
@@ -92,15 +95,6 @@ def text_key(text: str) -> str:
     return "text:" + hashlib.blake2b(normalise(text).encode(), digest_size=8).hexdigest()
 
 
-def group_keys(group: dict[str, Pair]) -> set[str]:
-    """Every conflict key of a group: its members' own keys and a text key per query and passage."""
-    keys: set[str] = set()
-    for pair in group.values():
-        keys.update(pair.keys)
-        keys.update(text_key(t) for t in (pair.query, pair.passage) if t is not None)
-    return keys
-
-
 def xx_languages(group: dict[str, Pair]) -> list[str]:
     """Languages in which the group has both a query and a passage (usable for X-X and mixed items)."""
     return sorted(lang for lang, p in group.items() if p.query is not None and p.passage is not None)
@@ -128,44 +122,62 @@ def serves_every_strategy(group: dict[str, Pair]) -> bool:
     return bool(xx_languages(group)) and bool(xy_pairs(group))
 
 
-class PairCorpus:
-    """Parallel groups of pairs, indexed for the samplers.
+def member_digest(pair: Pair) -> bytes:
+    """The 16-byte digest of one member; the corpus fingerprint hashes these in group, then language, order."""
+    fields = (pair.pair_id, pair.language, pair.query or "\x00", pair.passage or "\x00", pair.pool, *pair.hard_negatives)
+    h = hashlib.blake2b(digest_size=16)
+    h.update("\x1f".join(fields).encode())
+    h.update(b"\x1d" + "\x1f".join(pair.keys).encode() + b"\x1e")
+    return h.digest()
 
-    ``groups[g]`` maps language -> Pair for group ``g``. ``by_language[lang]`` lists the groups with a query
-    and a passage in ``lang`` (X-X, mixed); ``by_pair[(q, p)]`` the groups X-Y may draw for that ordered
-    language pair (not those of a ``monolingual`` pool); ``keys[g]`` the conflict-key ids of group ``g``
-    (``key_ids`` maps each key to its id).
+
+def member_keys(pair: Pair) -> list[int]:
+    """The conflict keys of one member, hashed: its own keys and a text key per query and passage."""
+    texts = [t for t in (pair.query, pair.passage) if t is not None]
+    return [key_hash(k) for k in (*pair.keys, *map(text_key, texts))]
+
+
+def flags(pair: Pair) -> int:
+    return (QUERY if pair.query is not None else 0) | (PASSAGE if pair.passage is not None else 0)
+
+
+class PairCorpus:
+    """Parallel groups of pairs held in memory, with the samplers' :class:`CorpusIndex`.
+
+    ``groups[g]`` maps language -> Pair for group ``g``. The prepared corpus (``data.store``) is the same
+    thing on disk; this one serves small corpora and tests.
     """
 
     def __init__(self, groups: Sequence[dict[str, Pair]]):
-        self.groups: list[dict[str, Pair]] = list(groups)
+        self.groups: list[dict[str, Pair]] = [dict(sorted(g.items())) for g in groups]
         self.languages: list[str] = sorted({lang for g in self.groups for lang in g})
-        self.by_language: dict[str, list[int]] = defaultdict(list)
-        self.by_pair: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for gi, group in enumerate(self.groups):
-            for lang in xx_languages(group):
-                self.by_language[lang].append(gi)
-            if shared(group):
-                for pair in xy_pairs(group):
-                    self.by_pair[pair].append(gi)
-        self.by_language = dict(sorted(self.by_language.items()))
-        self.by_pair = dict(sorted(self.by_pair.items()))
 
     @cached_property
-    def key_ids(self) -> dict[str, int]:
-        """Each conflict key's id. Hashing every text is most of a corpus's build time, so it waits until a
-        sampler asks: the corpora that loading, capping and merging pass through never pay for it."""
-        ids: dict[str, int] = {}
-        for group in self.groups:
-            for key in sorted(group_keys(group)):
-                ids.setdefault(key, len(ids))
-        return ids
+    def index(self) -> CorpusIndex:
+        """Built when a sampler asks: hashing every text is most of the cost, and the corpora that loading
+        passes through never need it."""
+        code = {lang: i for i, lang in enumerate(self.languages)}
+        members = [(gi, pair) for gi, group in enumerate(self.groups) for pair in group.values()]
+        key_group, key_value, negatives = [], [], []
+        for gi, pair in members:
+            keys = member_keys(pair)
+            key_group += [gi] * len(keys)
+            key_value += keys
+            negatives += [key_hash(text_key(n)) for n in pair.hard_negatives]
+        return CorpusIndex.build(
+            self.languages,
+            np.array([gi for gi, _ in members], dtype=np.int64),
+            np.array([code[p.language] for _, p in members], dtype=np.int64),
+            np.array([flags(p) for _, p in members], dtype=np.uint8),
+            np.array([shared(g) for g in self.groups], dtype=bool),
+            np.array(key_group, dtype=np.int64),
+            np.array(key_value, dtype=np.int64),
+            np.array(negatives, dtype=np.int64),
+        )
 
-    @cached_property
-    def keys(self) -> list[tuple[int, ...]]:
-        """The conflict-key ids of each group."""
-        ids = self.key_ids
-        return [tuple(ids[key] for key in sorted(group_keys(group))) for group in self.groups]
+    def members(self, refs: Sequence[tuple[int, str]]) -> list[Pair]:
+        """The pairs of (group, language) references."""
+        return [self.groups[g][lang] for g, lang in refs]
 
     @classmethod
     def from_pairs(cls, rows: Iterable[tuple[Pair, str]], report: RowReport | None = None) -> PairCorpus:
@@ -193,19 +205,12 @@ class PairCorpus:
 
     def sizes(self) -> dict[str, int]:
         """Groups per language with a query and a passage there (what an X-X batch can draw)."""
-        return {lang: len(ids) for lang, ids in self.by_language.items()}
-
-    def xy_groups(self) -> list[int]:
-        """The groups an X-Y batch can draw (any language pair)."""
-        return sorted({g for ids in self.by_pair.values() for g in ids})
+        return dict(sorted(Counter(lang for g in self.groups for lang in xx_languages(g)).items()))
 
     def fingerprint(self) -> str:
         """Content hash: keys caches and is logged to MLflow, so runs say exactly what they trained on."""
         h = hashlib.sha256()
         for group in self.groups:
-            for lang in sorted(group):
-                p = group[lang]
-                fields = (p.pair_id, lang, p.query or "\x00", p.passage or "\x00", p.pool, *p.hard_negatives)
-                h.update("\x1f".join(fields).encode())
-                h.update(b"\x1d" + "\x1f".join(p.keys).encode() + b"\x1e")
+            for pair in group.values():
+                h.update(member_digest(pair))
         return h.hexdigest()[:16]

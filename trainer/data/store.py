@@ -1,0 +1,173 @@
+"""A prepared corpus on disk: the rows as one Arrow file, the samplers' index as ``.npy`` files.
+
+Layout of one prepared corpus (a directory named by its preparation key, see ``data.prepare``)::
+
+    rows.arrow      Arrow IPC file: every row read from the sources, in source order (pair_id, language,
+                    query, passage, hard_negatives, keys, pool, where)
+    index/*.npy     the CorpusIndex, plus member_row.npy (the rows.arrow row of each member)
+    meta.json       fingerprint, languages, counts, the bad-row report: written last, so its presence
+                    means the corpus is complete
+
+Everything is memory-mapped when opened: a worker holds no text, and reads the rows of its slice of each
+step (``members``). On a cluster the corpus lives in the run's storage; a ``s3://``/``gs://`` one is
+copied once per node into a local cache (``locate``) because a memory map needs a local file.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc
+
+from xling.trainer.data.index import CorpusIndex
+from xling.trainer.data.pairs import Pair, PairCorpus
+
+#: Bumped whenever the layout or the meaning of a prepared corpus changes: older ones are not reused.
+FORMAT = 1
+ROWS, INDEX, META = "rows.arrow", "index", "meta.json"
+
+ROW_SCHEMA = pa.schema([
+    ("pair_id", pa.string()), ("language", pa.string()), ("query", pa.string()), ("passage", pa.string()),
+    ("hard_negatives", pa.list_(pa.string())), ("keys", pa.list_(pa.string())), ("pool", pa.string()),
+    ("where", pa.string()),
+])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataLocation:
+    """What a worker gets instead of the data: where the prepared corpus is and what it must hold."""
+
+    uri: str  # a local directory or a pyarrow filesystem URI (s3://, gs://, file://)
+    fingerprint: str
+
+
+class PreparedCorpus:
+    """A prepared corpus, memory-mapped: ``index`` for the samplers, ``members`` for the texts."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.meta: dict[str, Any] = json.loads((directory / META).read_text())
+        self.languages: list[str] = self.meta["languages"]
+        self.index = CorpusIndex.load(directory / INDEX, self.languages)
+        self.member_row = np.asarray(np.load(directory / INDEX / "member_row.npy", mmap_mode="r"))
+        self.rows = pa.ipc.open_file(pa.memory_map(str(directory / ROWS))).read_all()  # zero-copy
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def num_pairs(self) -> int:
+        return len(self.member_row)
+
+    def sizes(self) -> dict[str, int]:
+        return self.index.sizes()
+
+    def fingerprint(self) -> str:
+        return self.meta["fingerprint"]
+
+    def members(self, refs: Sequence[tuple[int, str]]) -> list[Pair]:
+        """The pairs of (group, language) references, read in one take from the memory-mapped rows."""
+        if not refs:
+            return []
+        return rows_to_pairs(self.rows.take(self.member_row[self.index.members(refs)]))
+
+    def materialize(self, groups: int | None = None) -> PairCorpus:
+        """The first ``groups`` groups (all by default) as Python objects: small corpora and tests; a worker
+        never does this."""
+        n = len(self) if groups is None else min(groups, len(self))
+        offsets = self.index.member_offsets[: n + 1]
+        pairs = rows_to_pairs(self.rows.take(self.member_row[: offsets[-1]]))
+        return PairCorpus([{p.language: p for p in pairs[offsets[g] : offsets[g + 1]]} for g in range(n)])
+
+
+def rows_to_pairs(table: pa.Table) -> list[Pair]:
+    columns = [table.column(name).to_pylist() for name in ("pair_id", "language", "query", "passage",
+                                                          "hard_negatives", "keys", "pool")]  # fmt: skip
+    return [Pair(pid, lang, q, p, tuple(negs or ()), tuple(keys or ()), pool)
+            for pid, lang, q, p, negs, keys, pool in zip(*columns, strict=True)]  # fmt: skip
+
+
+def read_meta(directory: Path) -> dict[str, Any] | None:
+    """The meta of a complete prepared corpus of this format, else None."""
+    try:
+        meta = json.loads((directory / META).read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("format") == FORMAT else None
+
+
+def publish(staging: Path, target: str, keep_local: Path | None = None) -> None:
+    """Move a finished staging directory to ``target`` (a local path or a URI: uploaded, and the staging
+    directory kept as ``keep_local``). A concurrent preparer that got there first wins: its corpus has the
+    same preparation key, so it is the same corpus."""
+    if "://" in target:
+        import pyarrow.fs
+
+        fs, path = pyarrow.fs.FileSystem.from_uri(target)
+        if fs.get_file_info(f"{path}/{META}").type == pyarrow.fs.FileType.NotFound:
+            local = pyarrow.fs.LocalFileSystem()
+            meta = (staging / META).rename(staging.parent / f"{staging.name}.{META}")  # uploaded last
+            pyarrow.fs.copy_files(str(staging), path, source_filesystem=local, destination_filesystem=fs)
+            pyarrow.fs.copy_files(str(meta), f"{path}/{META}", source_filesystem=local, destination_filesystem=fs)
+            meta.rename(staging / META)
+        target_dir = keep_local or staging
+    else:
+        target_dir = Path(target)
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staging.rename(target_dir)
+    except OSError:  # someone else published it meanwhile
+        if read_meta(target_dir) is None:
+            raise
+        shutil.rmtree(staging)
+
+
+def remote_meta(uri: str) -> dict[str, Any] | None:
+    """``read_meta`` for a URI."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    try:
+        with fs.open_input_stream(f"{path}/{META}") as f:
+            meta = json.loads(f.read())
+    except (OSError, ValueError):
+        return None
+    return meta if meta.get("format") == FORMAT else None
+
+
+def locate(location: DataLocation, cache: Path) -> Path:
+    """A local directory holding the prepared corpus of ``location``: the directory itself, or a copy in
+    ``cache`` made once per node (the workers of a node wait on a lock; one copies)."""
+    if "://" not in location.uri:
+        directory = Path(location.uri)
+    else:
+        import pyarrow.fs
+
+        directory = cache / location.fingerprint
+        if read_meta(directory) is None:
+            cache.mkdir(parents=True, exist_ok=True)
+            with open(cache / f"{location.fingerprint}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if read_meta(directory) is None:
+                    fs, path = pyarrow.fs.FileSystem.from_uri(location.uri)
+                    staging = cache / f"{location.fingerprint}.tmp-{os.getpid()}"
+                    pyarrow.fs.copy_files(path, str(staging), source_filesystem=fs,
+                                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+                    staging.rename(directory)
+    meta = read_meta(directory)
+    if meta is None or meta["fingerprint"] != location.fingerprint:
+        found = meta["fingerprint"] if meta else "no prepared corpus"
+        raise ValueError(f"{location.uri}: expected the prepared corpus {location.fingerprint}, found {found}")
+    return directory
+
+
+def open_corpus(location: DataLocation, cache: Path) -> PreparedCorpus:
+    return PreparedCorpus(locate(location, cache))
