@@ -26,7 +26,7 @@ from xling.trainer.model import (
     resolve_model_path,
 )
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec
-from xling.trainer.train_loop import Trainer
+from xling.trainer.train_loop import Prefetch, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,3 +130,16 @@ def test_evaluation_restores_every_submodule_mode(setup: dict[str, Any]) -> None
         ["a b", "c"], "query"
     )
     assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_prefetching_the_next_batches_changes_no_loss(setup: dict[str, Any]) -> None:
+    """Steps read and tokenised ahead in the background thread are the steps read in place."""
+    losses = {}
+    for ahead in (0, 2):
+        trainer = make(setup)
+        trainer.batches = Prefetch(trainer.read_batch, ahead)
+        torch.manual_seed(0)
+        losses[ahead] = [trainer.train_step(step)[0] for step in range(4)]
+        trainer.batches.close()
+        assert (trainer.batches.pool is None) == (ahead == 0)
+    assert losses[0] == losses[2]

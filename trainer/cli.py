@@ -1,4 +1,4 @@
-"""The ``xling`` command: run, eval, render, plan, export. Subcommands import their heavy parts lazily."""
+"""The ``xling`` command: run, data prepare, eval, render, plan, export. Subcommands import their heavy parts lazily."""
 
 from __future__ import annotations
 
@@ -19,6 +19,16 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from xling.trainer.run import prepare_data
+
+    prepared = prepare_data(load_experiment(args.file), skip_bad_rows=args.skip_bad_rows)
+    corpus = prepared.corpus
+    print(f"{corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}, "
+          f"index {corpus.meta['index_bytes'] / max(1, corpus.num_pairs()):.1f} bytes per pair")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -28,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
     run.add_argument("--check", action="store_true", help="only validate the file")
     run.set_defaults(func=_run)
+    data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="prepare the spec's training corpus in its storage (xling run does too)")
+    prep.add_argument("file")
+    prep.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
+    prep.set_defaults(func=_prepare)
     for module in ("xling.trainer.evaluation", "xling.operator.render", "xling.trainer.report_sweep",
                    "xling.trainer.plan", "xling.trainer.export"):
         try:

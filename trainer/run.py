@@ -76,6 +76,18 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prep
     from xling.trainer.model import resolve_model_path
 
     spec = exp.spec
+    prepared = prepare_data(exp, skip_bad_rows)
+    check_batches(prepared.corpus.index, spec)
+    tiny_texts = None
+    if spec.model.name == TINY_MODEL:
+        tiny_texts = [p.query or p.passage or "" for g in prepared.corpus.materialize(3000).groups for p in g.values()]
+    return prepared, resolve_model_path(spec.model.name, tiny_texts)
+
+
+def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepared:
+    """The prepared corpus of the spec (``xling data prepare``): built once per preparation key, in the run's
+    storage, and reused by every later run and sweep trial."""
+    spec = exp.spec
     if skip_bad_rows:
         spec.data.skip_bad_rows = True
     prepared = prepare_corpus(spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache())
@@ -88,12 +100,7 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prep
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:
         print(f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data")
-    check_batches(corpus.index, spec)
-    tiny_texts = None
-    if spec.model.name == TINY_MODEL:
-        tiny_texts = [p.query or p.passage or "" for g in corpus.materialize(3000).groups for p in g.values()]
-    model_path = resolve_model_path(spec.model.name, tiny_texts)
-    return prepared, model_path
+    return prepared
 
 
 def data_root(output_dir: str) -> str:

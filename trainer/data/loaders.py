@@ -21,9 +21,11 @@ from typing import IO, Any
 
 from xling.trainer.data.pairs import BadRowError, Pair, RowReport
 
-#: Columns (JSONL keys) every normalised row must have; ``hard_negatives`` is optional.
+#: Columns (JSONL keys) every normalised row must have; ``hard_negatives`` and ``keys`` (conflict keys:
+#: rows that share one never meet in a batch, e.g. a source document id) are optional.
 PAIR_COLUMNS = ("pair_id", "language", "query", "passage")
 HARD_NEGATIVES = "hard_negatives"
+KEYS = "keys"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 CSV_SUFFIXES = (".csv", ".tsv")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -52,8 +54,9 @@ def format_of(path: Path) -> str:
     )
 
 
-def _negatives(value: Any, where: str) -> tuple[str, ...]:
-    """Hard negatives as a list (JSONL/Parquet), a JSON-encoded list or a ``|``-separated string (CSV)."""
+def _strings(value: Any, where: str, column: str) -> tuple[str, ...]:
+    """A list of strings (hard negatives, keys): a list (JSONL/Parquet), a JSON-encoded list or a
+    ``|``-separated string (CSV)."""
     if value is None or value == "":
         return ()
     if isinstance(value, str):
@@ -61,11 +64,11 @@ def _negatives(value: Any, where: str) -> tuple[str, ...]:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise BadRowError(f"{where}: hard_negatives is not a valid JSON list ({err.msg})") from None
+                raise BadRowError(f"{where}: {column} is not a valid JSON list ({err.msg})") from None
         else:
             return tuple(value.split("|"))
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise BadRowError(f"{where}: hard_negatives must be a list of strings")
+        raise BadRowError(f"{where}: {column} must be a list of strings")
     return tuple(value)
 
 
@@ -90,7 +93,8 @@ def to_pair(record: Mapping[str, Any], where: str) -> Pair:
         language=_text(record["language"]),
         query=_side(record["query"]),
         passage=_side(record["passage"]),
-        hard_negatives=_negatives(record.get(HARD_NEGATIVES), where),
+        hard_negatives=_strings(record.get(HARD_NEGATIVES), where, HARD_NEGATIVES),
+        keys=_strings(record.get(KEYS), where, KEYS),
     )
 
 
@@ -164,7 +168,7 @@ def read_parquet(path: Path, report: RowReport | None = None) -> Iterator[Row]:
     data = pq.ParquetFile(source)
     names = data.schema_arrow.names
     require_columns(names, str(path))
-    columns = [c for c in (*PAIR_COLUMNS, HARD_NEGATIVES) if c in names]
+    columns = [c for c in (*PAIR_COLUMNS, HARD_NEGATIVES, KEYS) if c in names]
     index = 0
     for batch in data.iter_batches(columns=columns):
         rows = batch.to_pylist()
