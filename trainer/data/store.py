@@ -16,7 +16,9 @@ copied once per node into a local cache (``locate``) because a memory map needs 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Sequence
@@ -59,7 +61,9 @@ class PreparedCorpus:
         self.languages: list[str] = self.meta["languages"]
         self.index = CorpusIndex.load(directory / INDEX, self.languages)
         self.member_row = np.asarray(np.load(directory / INDEX / "member_row.npy", mmap_mode="r"))
-        self.rows = pa.ipc.open_file(pa.memory_map(str(directory / ROWS))).read_all()  # zero-copy
+        reader = pa.ipc.open_file(pa.py_buffer(_random_access_map(directory / ROWS)))  # zero-copy batches
+        self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
 
     def __len__(self) -> int:
         return len(self.index)
@@ -75,20 +79,41 @@ class PreparedCorpus:
 
     def members(self, refs: Sequence[tuple[int, str]]) -> list[Pair]:
         """The pairs of (group, language) references, read in one take from the memory-mapped rows."""
-        if not refs:
-            return []
-        return rows_to_pairs(self.rows.take(self.member_row[self.index.members(refs)]))
+        return self.read(self.member_row[self.index.members(refs)]) if refs else []
+
+    def read(self, rows: np.ndarray) -> list[Pair]:
+        """The pairs at row numbers ``rows``, taken batch by batch: a take over the whole table would first
+        copy every text into one array."""
+        chunk = np.searchsorted(self.batch_starts, rows, side="right") - 1
+        order = np.argsort(chunk, kind="stable")
+        out: list[Pair] = [None] * len(rows)  # type: ignore[list-item]
+        bounds = np.flatnonzero(np.r_[True, chunk[order][1:] != chunk[order][:-1], True])
+        for lo, hi in itertools.pairwise(bounds):
+            at = order[lo:hi]
+            c = int(chunk[at[0]])
+            for i, pair in zip(at, rows_to_pairs(self.batches[c].take(rows[at] - self.batch_starts[c])), strict=True):
+                out[i] = pair
+        return out
 
     def materialize(self, groups: int | None = None) -> PairCorpus:
         """The first ``groups`` groups (all by default) as Python objects: small corpora and tests; a worker
         never does this."""
         n = len(self) if groups is None else min(groups, len(self))
         offsets = self.index.member_offsets[: n + 1]
-        pairs = rows_to_pairs(self.rows.take(self.member_row[: offsets[-1]]))
+        pairs = self.read(self.member_row[: offsets[-1]])
         return PairCorpus([{p.language: p for p in pairs[offsets[g] : offsets[g + 1]]} for g in range(n)])
 
 
-def rows_to_pairs(table: pa.Table) -> list[Pair]:
+def _random_access_map(path: Path) -> mmap.mmap:
+    """The file memory-mapped read-only, advised for random access: a step reads a few rows here and there,
+    and the default read-ahead would map megabytes around each of them."""
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_RANDOM)
+    return mapped
+
+
+def rows_to_pairs(table: pa.Table | pa.RecordBatch) -> list[Pair]:
     columns = [table.column(name).to_pylist() for name in ("pair_id", "language", "query", "passage",
                                                           "hard_negatives", "keys", "pool")]  # fmt: skip
     return [Pair(pid, lang, q, p, tuple(negs or ()), tuple(keys or ()), pool)
