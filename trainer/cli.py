@@ -1,4 +1,4 @@
-"""The ``xling`` command: run, data prepare, eval, render, plan, export. Subcommands import their heavy parts lazily."""
+"""The ``xling`` command: run, data prepare, mine, eval, render, plan, export. Subcommands import their heavy parts lazily."""
 
 from __future__ import annotations
 
@@ -29,6 +29,20 @@ def _prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mine(args: argparse.Namespace) -> int:
+    from xling.trainer.run import prepare_data
+    from xling.trainer.spec import HardNegativesSpec, MineSpec
+
+    exp = load_experiment(args.file)
+    data = exp.spec.data
+    if not (data.hard_negatives and data.hard_negatives.mine):  # the defaults, to look before configuring
+        data.hard_negatives = HardNegativesSpec(mine=MineSpec())
+    meta = prepare_data(exp).mined
+    print(f"{meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages; "
+          f"removed {meta['removed']}; negatives/{meta['key']}")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xling", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("file")
     prep.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
     prep.set_defaults(func=_prepare)
+    mine = sub.add_parser("mine", help="mine hard negatives into the prepared corpus (data.hardNegatives.mine)")
+    mine.add_argument("file")
+    mine.set_defaults(func=_mine)
     for module in ("xling.trainer.evaluation", "xling.operator.render", "xling.trainer.report_sweep",
                    "xling.trainer.plan", "xling.trainer.export"):
         try:

@@ -288,3 +288,14 @@ def encoder_for(path: str, spec: ModelSpec, batch_size: int = 64) -> HFTextEncod
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = BiEncoder(load_backbone(path, spec), spec.pooling, spec.normalize).to(device).eval()
     return HFTextEncoder(model, Tokenize(load_tokenizer(path, spec), spec), batch_size)
+
+
+def model_fingerprint(model_path: str) -> str:
+    """Identifies zero-shot weights for the embedding cache: path + config + weight file sizes/mtimes."""
+    h = hashlib.sha256(model_path.encode())
+    p = Path(model_path)
+    if p.is_dir():
+        for f in sorted(p.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return h.hexdigest()[:16]

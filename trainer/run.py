@@ -78,10 +78,14 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prep
     spec = exp.spec
     prepared = prepare_data(exp, skip_bad_rows)
     check_batches(prepared.corpus.index, spec)
-    tiny_texts = None
-    if spec.model.name == TINY_MODEL:
-        tiny_texts = [p.query or p.passage or "" for g in prepared.corpus.materialize(3000).groups for p in g.values()]
-    return prepared, resolve_model_path(spec.model.name, tiny_texts)
+    return prepared, resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+
+
+def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
+    """What the built-in tiny test model trains its tokenizer on: the corpus's first texts."""
+    if model != TINY_MODEL:
+        return None
+    return [p.query or p.passage or "" for g in prepared.corpus.materialize(3000).groups for p in g.values()]
 
 
 def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepared:
@@ -100,6 +104,10 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:
         print(f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data")
+    if spec.data.hard_negatives and spec.data.hard_negatives.mine:
+        from xling.trainer.mining import mine_prepared
+
+        prepared = mine_prepared(prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared))
     return prepared
 
 
@@ -167,7 +175,7 @@ def run_experiment(
             "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
-    log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"])
+    log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"], prepared.mined)
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     result = _fit(exp, prepared.location, model_path, uri, run_id, env)
@@ -181,12 +189,21 @@ def run_experiment(
     return RunResult(run_id, metrics, ckpt, seconds)
 
 
-def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str) -> None:
-    """The training pairs as the run's MLflow dataset: digest = the corpus fingerprint, source = the sources."""
+def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None) -> None:
+    """The training pairs as the run's MLflow dataset (digest = the corpus fingerprint, source = the sources),
+    and with mined hard negatives, how many were mined and what each false-negative rule removed."""
     from mlflow import MlflowClient
+    from mlflow.entities import Metric
 
+    client = MlflowClient(uri)
     sources = [s.path for s in spec.data.sources]
-    log_dataset(MlflowClient(uri), run_id, "training-pairs", fingerprint, sources, "training")
+    log_dataset(client, run_id, "training-pairs", fingerprint, sources, "training")
+    if mined is not None:
+        counts = {"negatives": mined["negatives"], "with_negatives": mined["with_negatives"], "passages": mined["passages"],
+                  **{f"removed.{rule}": n for rule, n in mined["removed"].items()}}  # fmt: skip
+        client.log_batch(run_id, metrics=[Metric(f"data.mined.{k}", float(v), int(time.time() * 1000), 0)
+                                          for k, v in counts.items()])  # fmt: skip
+        client.set_tag(run_id, "xling.mined_negatives", mined["key"])
 
 
 def _fit(
@@ -198,6 +215,7 @@ def _fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from xling.trainer.model import model_fingerprint
     from xling.trainer.train_loop import train_loop_per_worker
 
     spec = exp.spec
@@ -207,7 +225,7 @@ def _fit(
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
     config = {"spec": spec.model_dump(mode="json"), "data": data, "model_path": model_path,
-              "tracking_uri": uri, "run_id": run_id, "model_fingerprint": _model_fingerprint(model_path),
+              "tracking_uri": uri, "run_id": run_id, "model_fingerprint": model_fingerprint(model_path),
               "name": exp.metadata.name}  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -255,19 +273,6 @@ def storage_path(output_dir: str) -> str:
     if "://" in output_dir:
         return output_dir.rstrip("/") + "/ray"
     return str(Path(output_dir).resolve() / "ray")
-
-
-def _model_fingerprint(model_path: str) -> str:
-    """Identifies zero-shot weights for the embedding cache: path + config + weight file sizes/mtimes."""
-    import hashlib
-
-    h = hashlib.sha256(model_path.encode())
-    p = Path(model_path)
-    if p.is_dir():
-        for f in sorted(p.iterdir()):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-    return h.hexdigest()[:16]
 
 
 def _finish_run(uri: str, run_id: str, status: str) -> None:

@@ -103,6 +103,33 @@ class DataSource(Spec):
     )
 
 
+class MineSpec(Spec):
+    """Hard negatives mined with a retrieval model (docs/hard-negatives.md)."""
+
+    model: str | None = Field(
+        default=None,
+        description="Mining model (built-in name, path or hub name); default: model.name, the zero-shot model. "
+        "The exported model of a finished run gives a second round.",
+    )
+    per_pair: PositiveInt = Field(default=1, description="Negatives kept per passage.")
+    top_k: PositiveInt = Field(default=30, description="Candidates retrieved per passage, before filtering.")
+    skip_top: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Candidates skipped at the top of each ranking once the positive, translations and conflict-key "
+        "members are out (before the score ratio).",
+    )
+    max_score_ratio: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.95,
+        description="Positive-aware filter: a candidate scoring above this share of the positive's score is "
+        "dropped as a likely false negative.",
+    )
+    batch_size: PositiveInt = Field(default=64, description="Texts per encoder batch.")
+
+
+class HardNegativesSpec(Spec):
+    mine: MineSpec | None = Field(default=None, description="Mine negatives into the prepared corpus.")
+
+
 class DataSpec(Spec):
     languages: list[Lang] = Field(min_length=1, description="Training languages.")
     sources: list[DataSource] = Field(min_length=1)
@@ -110,6 +137,9 @@ class DataSpec(Spec):
     drop_eval_overlap: bool = Field(
         default=True,
         description="Drop training groups sharing a 10-word n-gram with any XQuAD-R/MLQA-R evaluation text.",
+    )
+    hard_negatives: HardNegativesSpec | None = Field(
+        default=None, description="Hard negatives beyond those the data brings (loss.hardNegatives uses them)."
     )
     prefetch_steps: Annotated[int, Field(ge=0, le=8)] = Field(
         default=1,
@@ -156,7 +186,9 @@ class GradCacheSpec(Spec):
 class LossSpec(Spec):
     temperature: Annotated[float, Field(gt=0.0)] = 0.05
     symmetric: bool = Field(default=False, description="Add the passage -> query InfoNCE term.")
-    hard_negatives: Annotated[int, Field(ge=0)] = Field(default=0, description="Hard negatives per query.")
+    hard_negatives: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Hard negatives per query (the data's own, then mined ones: data.hardNegatives)."
+    )
     grad_cache: GradCacheSpec = Field(default_factory=GradCacheSpec)
 
 

@@ -151,6 +151,7 @@ class TrialContext:
     env: dict[str, str]
     model_path: str
     tags: dict[str, str]
+    mined: dict | None = None  # mined hard negatives' counts, logged to every trial
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
         spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
@@ -191,7 +192,7 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     run_id = start_run(
         ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
     )
-    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags["xling.data_fingerprint"])
+    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags["xling.data_fingerprint"], ctx.mined)
     return run_id, None
 
 
@@ -344,7 +345,7 @@ def run_sweep(
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
-    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags)
+    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags, prepared.mined)
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
     grid = _tune(ctx, prepared.location, storage, stored)

@@ -47,20 +47,28 @@ def batch_texts(
 ) -> tuple[list[str], list[str], list[str], list[bool]]:
     """Queries, passages and hard negatives (passage language) of this rank's slice of ``plan``, and which
     negatives count. A hard negative that is the text of any group in the global batch (an in-batch
-    positive or a translation of one) is skipped for the next one; a pair with too few is padded with
-    empty texts that the loss masks out, never with its own positive."""
-    in_batch = {k for it in plan.items for k in corpus.index.keys(it.group)}
+    positive or a translation of one), or a mined passage of a group in the batch or sharing a conflict key
+    with it, is skipped for the next one; a pair with too few is padded with empty texts that the loss
+    masks out, never with its own positive."""
+    index = corpus.index
+    in_batch = {k for it in plan.items for k in index.keys(it.group)}
+    groups = {it.group for it in plan.items}
     items = plan.shard(rank, world)
-    pairs = corpus.members([(it.group, it.qlang) for it in items] + [(it.group, it.plang) for it in items])
-    queries = [p.query for p in pairs[: len(items)]]
-    targets = pairs[len(items) :]
+    targets = [(it.group, it.plang) for it in items]
+    pairs = corpus.members([(it.group, it.qlang) for it in items] + targets)
+
+    def fits(text: str, group: int | None) -> bool:
+        if group is not None and (group in groups or not in_batch.isdisjoint(index.keys(group))):
+            return False
+        return key_hash(text_key(text)) not in in_batch
+
     negatives, valid = [], []
     if hard_negatives:
-        for target in targets:
-            negs = [n for n in target.hard_negatives if key_hash(text_key(n)) not in in_batch][:hard_negatives]
+        for candidates in corpus.negatives(targets):
+            negs = [text for text, group in candidates if fits(text, group)][:hard_negatives]
             valid += [True] * len(negs) + [False] * (hard_negatives - len(negs))
             negatives += negs + [""] * (hard_negatives - len(negs))
-    return queries, [t.passage for t in targets], negatives, valid
+    return [p.query for p in pairs[: len(items)]], [p.passage for p in pairs[len(items) :]], negatives, valid
 
 
 @dataclass(frozen=True)

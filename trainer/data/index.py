@@ -89,15 +89,18 @@ class CorpusIndex:
         xx_offsets = _offsets(np.bincount(xx_lang, minlength=n_lang))
 
         shared = np.asarray(group_shared, dtype=bool)[member_group]
-        queries = [member_group[shared & (member_lang == q) & (member_flags & QUERY > 0)] for q in range(n_lang)]
-        passages = [member_group[shared & (member_lang == p) & (member_flags & PASSAGE > 0)] for p in range(n_lang)]
+        group32 = member_group.astype(np.int32)
+        queries = [group32[shared & (member_lang == q) & (member_flags & QUERY > 0)] for q in range(n_lang)]
+        passages = [group32[shared & (member_lang == p) & (member_flags & PASSAGE > 0)] for p in range(n_lang)]
+        del group32, shared
         xy_lists = [
-            np.intersect1d(queries[q], passages[p], assume_unique=True).astype(np.int32)
+            np.intersect1d(queries[q], passages[p], assume_unique=True)
             if q != p else np.empty(0, np.int32)
             for q in range(n_lang) for p in range(n_lang)
         ]  # fmt: skip
-        xy_groups = np.concatenate(xy_lists) if xy_lists else np.empty(0, np.int32)
         xy_offsets = _offsets(np.array([len(x) for x in xy_lists], dtype=np.int64))
+        xy_groups = np.concatenate(xy_lists).astype(np.int32) if xy_lists else np.empty(0, np.int32)
+        del queries, passages, xy_lists
         key_offsets, key_values = _conflict_keys(n_groups, key_group, key_value, negative_keys)
         return cls(
             languages=tuple(languages),
@@ -172,18 +175,20 @@ class CorpusIndex:
 def _conflict_keys(
     n_groups: int, key_group: np.ndarray, key_value: np.ndarray, negative_keys: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per group, its distinct keys that occur in another group too or as a hard negative's text."""
-    key_group = np.asarray(key_group, dtype=np.int64)
-    key_value = np.asarray(key_value, dtype=np.int64)
-    order = np.lexsort((key_group, key_value))
-    g, v = key_group[order], key_value[order]
+    """Per group, its distinct keys that occur more than once (in another group, in practice) or as a hard
+    negative's text. Most keys are a single text's and occur once: they are found with one sort of the values
+    and dropped before the (group, key) pairs are sorted, so memory stays a few bytes per key."""
+    values = np.sort(key_value)
+    repeated = values[1:][values[1:] == values[:-1]]
+    del values
+    wanted = np.unique(np.concatenate([repeated, np.asarray(negative_keys, dtype=np.int64)]))
+    at = np.searchsorted(wanted, key_value)
+    keep = at < len(wanted)
+    keep[keep] = wanted[at[keep]] == key_value[keep]
+    del at
+    g, v = np.asarray(key_group, dtype=np.int64)[keep], np.asarray(key_value, dtype=np.int64)[keep]
+    order = np.lexsort((v, g))
+    g, v = g[order], v[order]
     distinct = np.ones(len(v), dtype=bool)
     distinct[1:] = (v[1:] != v[:-1]) | (g[1:] != g[:-1])
-    g, v = g[distinct], v[distinct]
-    starts = np.flatnonzero(np.r_[True, v[1:] != v[:-1]]) if len(v) else np.empty(0, np.int64)
-    counts = np.diff(np.r_[starts, len(v)])
-    clash = np.repeat(counts > 1, counts)
-    keep = clash | np.isin(v, np.asarray(negative_keys, dtype=np.int64))
-    g, v = g[keep], v[keep]
-    order = np.lexsort((v, g))
-    return _offsets(np.bincount(g, minlength=n_groups)), v[order]
+    return _offsets(np.bincount(g[distinct], minlength=n_groups)), v[distinct]

@@ -179,6 +179,10 @@ class PairCorpus:
         """The pairs of (group, language) references."""
         return [self.groups[g][lang] for g, lang in refs]
 
+    def negatives(self, refs: Sequence[tuple[int, str]]) -> list[list[tuple[str, int | None]]]:
+        """Each reference's hard negatives as (text, group): the data's own carry no group."""
+        return [[(n, None) for n in pair.hard_negatives] for pair in self.members(refs)]
+
     @classmethod
     def from_pairs(cls, rows: Iterable[tuple[Pair, str]], report: RowReport | None = None) -> PairCorpus:
         """Group ``(pair, where)`` rows by pair_id. A pair_id that repeats a language is a bad row."""

@@ -89,6 +89,7 @@ class Prepared:
     location: DataLocation
     report: RowReport
     reused: bool
+    mined: dict | None = None  # what mining found and removed (``mining``)
 
 
 def source_rows(source: DataSource, languages: Collection[str], report: RowReport | None) -> Iterator[Row]:
@@ -130,7 +131,7 @@ def file_stats(path: str) -> list[tuple[str, int, int]] | str:
 
 
 def preparation_key(spec: DataSpec, guard: EvalGuard | None) -> str:
-    basis = {"format": FORMAT, "data": spec.model_dump(mode="json", exclude={"prefetch_steps"}),
+    basis = {"format": FORMAT, "data": spec.model_dump(mode="json", exclude={"prefetch_steps", "hard_negatives"}),
              "files": [file_stats(s.path) for s in spec.sources],
              "guard": guard.key if guard and spec.drop_eval_overlap else None}  # fmt: skip
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
@@ -210,7 +211,7 @@ class _Rows:
             self.pending = []
 
     def arrays(self) -> dict[str, np.ndarray]:
-        digest = np.frombuffer(bytes(self.digest), dtype=np.uint8).reshape(-1, 16)
+        digest = np.frombuffer(self.digest, dtype=np.uint8).reshape(-1, 16)  # no copy: appending is over
         return {"digest": digest} | {name: np.frombuffer(getattr(self, name), dtype=dtype) if len(getattr(self, name)) else np.empty(0, dtype)
                 for name, dtype in (("source", np.int16), ("lang", np.int16), ("pid", np.int64), ("keys", np.int64),
                                     ("negatives", np.int64), ("key_count", np.int64), ("negative_count", np.int64),
@@ -278,12 +279,14 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
          report)  # fmt: skip
     valid = np.ones(len(seq), dtype=bool)
     valid[repeats] = False
+    del order, repeats
 
     # Each row's group within its source first appears at row first_seq.
     v = np.flatnonzero(valid)
     o = v[np.lexsort((v, pid[v], src[v]))]
     first_seq = np.full(len(seq), -1, dtype=np.int64)
     first_seq[o] = o[_first_of_runs(_runs(src[o], pid[o]))]
+    del v, o
 
     # maxPairsPerLanguage: per source and language, the first groups in order of first appearance.
     c = np.flatnonzero(valid & a["wanted"])
@@ -292,6 +295,7 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
     caps = np.array([s.max_pairs_per_language or len(seq) + 1 for s in spec.sources], dtype=np.int64)
     kept = np.zeros(len(seq), dtype=bool)
     kept[o[rank < caps[src[o]]]] = True
+    del c, o, rank, valid
 
     # Sources merge by pair_id; a language that two sources give is a bad row of the later one.
     k = np.flatnonzero(kept)
@@ -302,6 +306,7 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
          f"{r['language']!r} of an earlier source", report)  # fmt: skip
     member = kept.copy()
     member[again] = False
+    del k, o, again, seq
     return _finish(spec, staging, a, kept, member, first_seq, names, report)
 
 
@@ -321,6 +326,7 @@ def _finish(
     m = np.flatnonzero(member)
     group = rank[np.searchsorted(group_pids, pid[m])]
     n_groups = len(group_pids)
+    del k, o, start, group_pids, group_first, rank
 
     pools_shared = np.array([s.pool == "shared" for s in spec.sources], dtype=bool)
     f = a["flags"][m]

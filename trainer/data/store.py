@@ -35,7 +35,7 @@ from xling.trainer.data.pairs import Pair, PairCorpus
 
 #: Bumped whenever the layout or the meaning of a prepared corpus changes: older ones are not reused.
 FORMAT = 1
-ROWS, INDEX, META = "rows.arrow", "index", "meta.json"
+ROWS, INDEX, META, NEGATIVES = "rows.arrow", "index", "meta.json", "negatives"
 
 ROW_SCHEMA = pa.schema([
     ("pair_id", pa.string()), ("language", pa.string()), ("query", pa.string()), ("passage", pa.string()),
@@ -50,12 +50,13 @@ class DataLocation:
 
     uri: str  # a local directory or a pyarrow filesystem URI (s3://, gs://, file://)
     fingerprint: str
+    negatives: str | None = None  # the key of mined hard negatives under negatives/ (``mining``)
 
 
 class PreparedCorpus:
     """A prepared corpus, memory-mapped: ``index`` for the samplers, ``members`` for the texts."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, negatives: str | None = None):
         self.directory = directory
         self.meta: dict[str, Any] = json.loads((directory / META).read_text())
         self.languages: list[str] = self.meta["languages"]
@@ -64,6 +65,8 @@ class PreparedCorpus:
         reader = pa.ipc.open_file(pa.py_buffer(_random_access_map(directory / ROWS)))  # zero-copy batches
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
+        #: Mined negatives: per member, the member positions of its negatives (-1: none).
+        self.mined = np.load(directory / NEGATIVES / negatives / "members.npy", mmap_mode="r") if negatives else None
 
     def __len__(self) -> int:
         return len(self.index)
@@ -81,9 +84,26 @@ class PreparedCorpus:
         """The pairs of (group, language) references, read in one take from the memory-mapped rows."""
         return self.read(self.member_row[self.index.members(refs)]) if refs else []
 
+    def negatives(self, refs: Sequence[tuple[int, str]]) -> list[list[tuple[str, int | None]]]:
+        """Each reference's hard negatives as (text, group): the data's own (group None), then the mined
+        ones with the group they are the passage of, so a batch can leave out its own groups' texts."""
+        positions = self.index.members(refs)
+        own = [[(n, None) for n in p.hard_negatives] for p in self.read(self.member_row[positions])]
+        if self.mined is None:
+            return own
+        mined = np.asarray(self.mined[positions])
+        flat = mined[mined >= 0]
+        texts = iter(p.passage for p in self.read(self.member_row[flat]))
+        groups = iter((self.index.member_key[flat] // len(self.languages)).tolist())
+        for out, row in zip(own, mined, strict=True):
+            out += [(next(texts), next(groups)) for m in row if m >= 0]
+        return own
+
     def read(self, rows: np.ndarray) -> list[Pair]:
         """The pairs at row numbers ``rows``, taken batch by batch: a take over the whole table would first
         copy every text into one array."""
+        if not len(rows):
+            return []
         chunk = np.searchsorted(self.batch_starts, rows, side="right") - 1
         order = np.argsort(chunk, kind="stable")
         out: list[Pair] = [None] * len(rows)  # type: ignore[list-item]
@@ -155,6 +175,18 @@ def publish(staging: Path, target: str, keep_local: Path | None = None) -> None:
         shutil.rmtree(staging)
 
 
+def publish_negatives(directory: Path, uri: str) -> None:
+    """Upload mined negatives beside a corpus in a bucket, ``meta.json`` last, unless they are there."""
+    import pyarrow.fs
+
+    fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if fs.get_file_info(f"{path}/{META}").type != pyarrow.fs.FileType.NotFound:
+        return
+    local = pyarrow.fs.LocalFileSystem()
+    for name in sorted(p.name for p in directory.iterdir() if p.name != META) + [META]:
+        pyarrow.fs.copy_files(str(directory / name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
+
+
 def remote_meta(uri: str) -> dict[str, Any] | None:
     """``read_meta`` for a URI."""
     import pyarrow.fs
@@ -174,25 +206,34 @@ def locate(location: DataLocation, cache: Path) -> Path:
     if "://" not in location.uri:
         directory = Path(location.uri)
     else:
-        import pyarrow.fs
-
         directory = cache / location.fingerprint
         if read_meta(directory) is None:
-            cache.mkdir(parents=True, exist_ok=True)
-            with open(cache / f"{location.fingerprint}.lock", "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if read_meta(directory) is None:
-                    fs, path = pyarrow.fs.FileSystem.from_uri(location.uri)
-                    staging = cache / f"{location.fingerprint}.tmp-{os.getpid()}"
-                    pyarrow.fs.copy_files(path, str(staging), source_filesystem=fs,
-                                          destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
-                    staging.rename(directory)
+            _fetch(location.uri, directory, cache)
     meta = read_meta(directory)
+    if meta is not None and location.negatives and "://" in location.uri:  # mined after this node's copy
+        _fetch(f"{location.uri}/{NEGATIVES}/{location.negatives}", directory / NEGATIVES / location.negatives, cache)
     if meta is None or meta["fingerprint"] != location.fingerprint:
         found = meta["fingerprint"] if meta else "no prepared corpus"
         raise ValueError(f"{location.uri}: expected the prepared corpus {location.fingerprint}, found {found}")
     return directory
 
 
+def _fetch(uri: str, directory: Path, cache: Path) -> None:
+    """Copy the directory at ``uri`` to ``directory`` unless it is there (one copier per node)."""
+    import pyarrow.fs
+
+    if directory.is_dir():
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / f"{directory.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not directory.is_dir():
+            fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+            staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+            pyarrow.fs.copy_files(path, str(staging), source_filesystem=fs,
+                                  destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
+            staging.rename(directory)
+
+
 def open_corpus(location: DataLocation, cache: Path) -> PreparedCorpus:
-    return PreparedCorpus(locate(location, cache))
+    return PreparedCorpus(locate(location, cache), location.negatives)
