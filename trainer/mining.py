@@ -88,6 +88,7 @@ def mine(
     scores = np.full((len(group_of), spec.per_pair), np.nan, dtype=np.float32)
     removed = dict.fromkeys(RULES, 0)
     encode_s = search_s = 0.0
+    encoded = 0
     lang_of = index.member_key[found.passages] % n_lang
     for code, lang in enumerate(index.languages):
         mine_here, asked = found.passages[lang_of == code], found.queries[lang_of == code]
@@ -96,9 +97,10 @@ def mine(
             continue
         started = time.perf_counter()
         texts = [p.passage for p in corpus.read(corpus.member_row[pool])]
-        pool_emb = encode_cached(encoder, texts, "passage", tag=f"mine.{lang}.passages", cache_dir=cache_dir)
+        pool_emb = _encode_distinct(encoder, texts, "passage", f"mine.{lang}.passages", cache_dir)
         query_texts = [p.query for p in corpus.read(corpus.member_row[asked])]
-        query_emb = encode_cached(encoder, query_texts, "query", tag=f"mine.{lang}.queries", cache_dir=cache_dir)
+        query_emb = _encode_distinct(encoder, query_texts, "query", f"mine.{lang}.queries", cache_dir)
+        encoded += len(set(texts)) + len(set(query_texts))  # distinct texts, each encoded once
         encode_s += time.perf_counter() - started
         started = time.perf_counter()
         found_scores, ids = search(build_index(pool_emb), query_emb, spec.top_k)
@@ -113,7 +115,8 @@ def mine(
                 negatives[member, j], scores[member, j] = candidate, score
     meta = {"key": key, "spec": spec.model_dump(mode="json", by_alias=True), "removed": removed,
             "passages": len(found.passages), "with_negatives": int((negatives[:, 0] >= 0).sum()),
-            "negatives": int((negatives >= 0).sum()), "encode_s": encode_s, "search_s": search_s}  # fmt: skip
+            "negatives": int((negatives >= 0).sum()), "texts": encoded, "encode_s": encode_s,
+            "search_s": search_s}  # fmt: skip
     staging = out.with_name(f"{key}.tmp")
     staging.mkdir(parents=True, exist_ok=True)
     np.save(staging / "members.npy", negatives)
@@ -121,6 +124,13 @@ def mine(
     (staging / "meta.json").write_text(json.dumps(meta, indent=1))
     staging.rename(out)
     return meta
+
+
+def _encode_distinct(encoder: TextEncoder, texts: list[str], kind: str, tag: str, cache_dir: str | Path | None) -> np.ndarray:
+    """Embeddings of ``texts``, each distinct text encoded once (an MLQA paragraph answers several questions)."""
+    first: dict[str, int] = {}
+    inverse = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)
+    return encode_cached(encoder, list(first), kind, tag=tag, cache_dir=cache_dir)[inverse]
 
 
 def _filter(
