@@ -92,7 +92,9 @@ class BiEncoder(nn.Module):
             zero3 = any(hasattr(p, "ds_id") for p in self.parameters())
             embedding = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
             self._dense = 0 if zero3 else sum(p.numel() for p in self.parameters() if id(p) not in embedding)
-        buckets = length_buckets(mask, self.bucket_rows) if self._dense else None
+        if not self._dense or 2 * self._dense * mask.numel() < self.bucket_min_flops:  # ZeRO-3, or a small model
+            return None
+        buckets = length_buckets(mask, self.bucket_rows)
         if buckets is None:
             return None
         saved = mask.numel() - sum(len(idx) * n for idx, n in buckets)
