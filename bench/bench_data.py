@@ -205,29 +205,21 @@ def row(name: str, n: int, prep: dict[str, Any] | None, work: dict[str, Any]) ->
 
 
 def demo_step_seconds(prefetch: int, steps: int, work: Path) -> float:
-    """Median step time of the demo recipe (e5-small, batch 32, no evaluation) with ``prefetch`` steps read
-    ahead, from MLflow's per-step timestamps (the first two steps left out)."""
-    import itertools
-
-    import yaml
+    """Median step time of the demo recipe (bench_train's: no evaluation, every step logged) with ``prefetch``
+    steps read ahead, from MLflow's per-step timestamps (the first two steps left out)."""
+    from bench_train import demo_experiment, steady_rate
     from mlflow import MlflowClient
 
     from xling.trainer.run import run_experiment
-    from xling.trainer.spec import parse_experiment, resolve_paths
 
-    doc = yaml.safe_load((ROOT / "manifests/samples/demo.yaml").read_text())
-    spec = doc["spec"]
-    spec["data"]["prefetchSteps"] = prefetch
-    spec["optimization"].update(maxSteps=steps, logEvery=1)
-    spec["evaluation"] = {"atStart": False, "suites": []}
-    spec["tracking"] = {}
-    spec["outputDir"] = str(work / "runs")
-    exp = resolve_paths(parse_experiment(doc), ROOT / "manifests/samples")
+    exp = demo_experiment(f"demo-prefetch-{prefetch}", steps, 32, {"numWorkers": 1, "cpusPerWorker": 2})
+    exp.spec.data.prefetch_steps = prefetch
+    exp.spec.model.length_buckets = False  # the demo as it ships
+    exp.spec.output_dir = str(work / "runs")
     uri = f"sqlite:///{work}/mlflow.db"
     result = run_experiment(exp, tracking_uri=uri)
     history = sorted(MlflowClient(uri).get_metric_history(result.run_id, "train.loss"), key=lambda m: m.step)
-    ends = [m.timestamp / 1000 for m in history][1:]
-    return statistics.median(b - a for a, b in itertools.pairwise(ends))
+    return 32 / steady_rate([m.timestamp / 1000 for m in history], 32, 2)
 
 
 def demo(steps: int, repeats: int) -> None:

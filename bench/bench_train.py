@@ -75,8 +75,8 @@ DEMO = ROOT / "manifests" / "samples" / "demo.yaml"
 
 
 def demo_experiment(name: str, steps: int, batch: int, distributed: dict[str, Any]) -> Any:
-    """manifests/samples/demo.yaml as it trains, without its evaluation and model registration, every
-    step logged (the step times come from MLflow's timestamps)."""
+    """manifests/samples/demo.yaml as it trains (with ``model.lengthBuckets``), without its evaluation and model
+    registration, every step logged (the step times come from MLflow's timestamps)."""
     import yaml
 
     from xling.trainer.spec import parse_experiment, resolve_paths
@@ -88,6 +88,7 @@ def demo_experiment(name: str, steps: int, batch: int, distributed: dict[str, An
     opt.update({"maxSteps": steps, "globalBatchSize": batch, "logEvery": 1})
     opt["warmupSteps"] = min(opt["warmupSteps"], steps)  # a short run; the schedule does not change the time
     spec["distributed"] = distributed
+    spec["model"]["lengthBuckets"] = True  # the faster CPU setting (model.lengthBuckets)
     spec.pop("evaluation", None)
     spec.pop("tracking", None)
     return resolve_paths(parse_experiment(doc, name), DEMO.parent)
@@ -133,7 +134,7 @@ def flops_per_token(exp: Any) -> float:
     from xling.trainer.plan import count_dense_params
     from xling.trainer.run import prepare
 
-    _, _, path = prepare(exp)
+    _, path = prepare(exp)
     model = BiEncoder(load_backbone(path, exp.spec.model))
     return 2 * count_dense_params(model) + 4 * count_dense_params(model, trainable_only=True)
 
@@ -155,8 +156,9 @@ def bench_sentence_transformers(
 
     exp = experiment("st", steps, batch, 1, False, model, threads)
     spec = exp.spec
-    corpus, _, model_path = prepare(exp)
-    sampler = build_sampler(corpus, batch, spec.sampling)
+    prepared, model_path = prepare(exp)
+    corpus = prepared.corpus
+    sampler = build_sampler(corpus.index, batch, spec.sampling)
     anchors, positives = [], []
     for step in range(steps):
         queries, passages, _, _ = batch_texts(corpus, sampler.plan(step), 0, 1, 0)

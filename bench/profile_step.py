@@ -5,8 +5,8 @@ Builds the real ``Trainer`` in this process (rank 0 of 1, no Ray) on manifests/s
 MLQA) and times its ``train_step`` under variants that alternate step by step (the order reversed
 every round), so a load that comes and goes on a shared machine hits every variant alike:
 
-    pad         the padded batch in one forward (BiEncoder's length buckets off)
-    bucket      what xling does: length buckets on CPU (trainer/model.py)
+    pad         the padded batch in one forward (the default: model.lengthBuckets off)
+    bucket      length buckets on CPU (model.lengthBuckets, trainer/model.py)
     noattndrop  bucket, and attention-probability dropout 0 (an experiment: not what the demo trains)
     nodrop      bucket, and no dropout at all (an experiment)
 
@@ -39,7 +39,6 @@ def main() -> None:
     os.environ.setdefault("XLING_CACHE", str(ROOT / ".cache"))
     import torch
 
-    from xling.trainer.model import BiEncoder
     from xling.trainer.plan import cpu_peak_flops
     from xling.trainer.run import prepare
     from xling.trainer.spec import load_experiment
@@ -48,16 +47,15 @@ def main() -> None:
     exp = load_experiment(ROOT / "manifests" / "samples" / "demo.yaml")
     exp.spec.distributed.cpus_per_worker = args.threads
     exp.spec.evaluation.suites = []
-    corpus, _, path = prepare(exp)
-    config = {"spec": exp.spec.model_dump(by_alias=True), "corpus": corpus, "model_path": path}
+    prepared, path = prepare(exp)
+    config = {"spec": exp.spec.model_dump(by_alias=True), "data": prepared.location, "model_path": path}
     trainer = Trainer(config, rank=0, world=1)
     backbone = trainer.model.backbone
     dropouts = [m for m in backbone.modules() if isinstance(m, torch.nn.Dropout)]
     attention = [m.dropout for m in backbone.modules() if type(m).__name__.endswith("SelfAttention")]
-    default_min = BiEncoder.bucket_min_flops
 
     def use(variant: str) -> None:
-        BiEncoder.bucket_min_flops = float("inf") if variant == "pad" else default_min
+        trainer.model.length_buckets = variant != "pad"
         for m in dropouts:
             m.p = 0.0 if variant == "nodrop" else 0.1
         for m in attention:

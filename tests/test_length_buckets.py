@@ -23,7 +23,7 @@ def right_padded(lengths: list[int], width: int, seed: int = 0) -> dict[str, tor
 
 def model(bucket: bool, pooling: str = "mean") -> BiEncoder:
     torch.manual_seed(0)
-    enc = BiEncoder(BertModel(tiny_config(100), add_pooling_layer=False), pooling).eval()  # type: ignore[arg-type]
+    enc = BiEncoder(BertModel(tiny_config(100), add_pooling_layer=False), pooling, length_buckets=True).eval()  # type: ignore[arg-type]
     enc.bucket_rows = 3
     enc.bucket_min_flops = 0.0 if bucket else float("inf")
     return enc
@@ -65,3 +65,8 @@ def test_no_buckets_when_the_saving_is_small_or_under_zero3() -> None:
     for p in zero3.parameters():
         p.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
     assert zero3._buckets(mask) is None
+
+
+def test_buckets_are_asked_for() -> None:
+    """Off unless ``model.lengthBuckets``: losses then stay those of runs before the option existed."""
+    assert not BiEncoder(BertModel(tiny_config(100), add_pooling_layer=False)).length_buckets

@@ -56,8 +56,9 @@ def length_buckets(mask: torch.Tensor, rows: int) -> list[tuple[torch.Tensor, in
 class BiEncoder(nn.Module):
     """Shared-weight encoder for queries and passages.
 
-    On CPU a batch is encoded in length buckets (``bucket_rows`` rows each, sorted by length, each
-    trimmed to its longest text) when that saves at least ``bucket_min_flops`` of model FLOPs: a CPU
+    With ``length_buckets`` (``model.lengthBuckets``), on CPU a batch is encoded in length buckets
+    (``bucket_rows`` rows each, sorted by length, each trimmed to its longest text) when that saves at
+    least ``bucket_min_flops`` of model FLOPs: a CPU
     spends its time per token slot, and padding to the batch's longest text wasted a fifth of the
     demo's (MLQA) step. The texts do not interact in the encoder, so the embeddings are those of the
     padded batch to fp32 rounding; only dropout draws its masks in another order. Not under ZeRO-3,
@@ -67,15 +68,18 @@ class BiEncoder(nn.Module):
     bucket_rows = 8
     bucket_min_flops = 1e10  # about 0.1 s on a CPU core: far above the cost of the extra forward calls
 
-    def __init__(self, backbone: nn.Module, pooling: Pooling = "mean", normalize: bool = True):
+    def __init__(
+        self, backbone: nn.Module, pooling: Pooling = "mean", normalize: bool = True, length_buckets: bool = False
+    ):
         super().__init__()
         self.backbone = backbone
         self.pooling: Pooling = pooling
         self.normalize = normalize
+        self.length_buckets = length_buckets
         self._dense: int | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        buckets = self._buckets(attention_mask) if input_ids.device.type == "cpu" else None
+        buckets = self._buckets(attention_mask) if self.length_buckets and input_ids.device.type == "cpu" else None
         if buckets is None:
             return self._encode(input_ids, attention_mask)
         order = torch.cat([idx for idx, _ in buckets])

@@ -66,6 +66,12 @@ class ModelSpec(Spec):
     passage_prefix: str = "passage: "
     max_query_length: Annotated[int, Field(ge=4, le=8192)] = 32
     max_passage_length: Annotated[int, Field(ge=4, le=8192)] = 128
+    length_buckets: bool = Field(
+        default=False,
+        description="On CPU, encode each batch in length-sorted chunks of 8 texts trimmed to their longest, "
+        "instead of padding to the batch's longest: the same embeddings, about 1.2x faster steps on the demo, "
+        "but dropout draws its masks in another order, so losses differ from a run without (not on GPUs).",
+    )
     freeze_embeddings: bool = Field(
         default=False, description="Freeze the token embeddings (cheap CPU fine-tuning of big-vocab models)."
     )

@@ -143,7 +143,7 @@ class Trainer:
             backbone = load_backbone(config["model_path"], spec.model, dtype=dtype)
             if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return BiEncoder(backbone, spec.model.pooling, spec.model.normalize)
+            return BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
 
         if spec.distributed.deepspeed is not None:  # builds the model itself: partitioned under ZeRO-3
             from xling.trainer.deepspeed_engine import DeepSpeedEngine
