@@ -77,8 +77,8 @@ class CorpusIndex:
         n_lang, n_groups = len(languages), len(group_shared)
         if n_groups >= 2**31:
             raise ValueError(f"data: {n_groups} groups; the index holds at most 2**31 - 1")
-        member_group = np.asarray(member_group, dtype=np.int64)
-        member_lang = np.asarray(member_lang, dtype=np.int64)
+        member_group = np.asarray(member_group)
+        member_lang = np.asarray(member_lang)
         member_flags = np.asarray(member_flags, dtype=np.uint8)
         member_offsets = _offsets(np.bincount(member_group, minlength=n_groups))
 
@@ -89,7 +89,7 @@ class CorpusIndex:
         xx_offsets = _offsets(np.bincount(xx_lang, minlength=n_lang))
 
         shared = np.asarray(group_shared, dtype=bool)[member_group]
-        group32 = member_group.astype(np.int32)
+        group32 = np.asarray(member_group, dtype=np.int32)
         queries = [group32[shared & (member_lang == q) & (member_flags & QUERY > 0)] for q in range(n_lang)]
         passages = [group32[shared & (member_lang == p) & (member_flags & PASSAGE > 0)] for p in range(n_lang)]
         del group32, shared
@@ -104,7 +104,7 @@ class CorpusIndex:
         key_offsets, key_values = _conflict_keys(n_groups, key_group, key_value, negative_keys)
         return cls(
             languages=tuple(languages),
-            member_key=member_group * n_lang + member_lang,
+            member_key=member_group.astype(np.int64) * n_lang + member_lang,
             member_flags=member_flags,
             member_offsets=member_offsets,
             xx_offsets=xx_offsets,

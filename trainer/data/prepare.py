@@ -1,8 +1,8 @@
 """Preparation: a spec's ``data.sources`` streamed once into a prepared corpus (``data.store``).
 
 Rows are read, checked and appended to ``rows.arrow`` a batch at a time; what grouping needs stays behind
-in compact per-row arrays (a pair-id hash, the language, flags, conflict-key hashes, a 16-byte digest:
-about 60 bytes a row, never a text). Grouping, capping, merging sources, the shared-pool rule and the
+in compact per-row arrays (a pair-id hash, the language, flags, conflict-key hashes, an 8-byte digest:
+about 40 bytes a row, never a text). Grouping, capping, merging sources, the shared-pool rule and the
 overlap guard then run as array operations, with the rules the in-memory loader always had:
 
 - a pair_id that repeats a language within a source, or across sources, is a bad row (named by file and
@@ -18,6 +18,7 @@ what the overlap guard reads, and the format. A run whose key exists reuses it; 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -179,9 +180,9 @@ class _Rows:
     def __init__(self, writer: pa.ipc.RecordBatchFileWriter):
         self.writer = writer
         self.pending: list[dict] = []
-        self.source, self.lang = array("h"), array("h")
+        self.source, self.lang = array("h"), array("B")
         self.pid, self.keys, self.negatives = array("q"), array("q"), array("q")
-        self.key_count, self.negative_count = array("q"), array("q")
+        self.key_count, self.negative_count = array("H"), array("H")
         self.flags, self.wanted, self.overlaps = array("B"), array("B"), array("B")
         self.digest = bytearray()
 
@@ -211,10 +212,10 @@ class _Rows:
             self.pending = []
 
     def arrays(self) -> dict[str, np.ndarray]:
-        digest = np.frombuffer(self.digest, dtype=np.uint8).reshape(-1, 16)  # no copy: appending is over
+        digest = np.frombuffer(self.digest, dtype=np.uint64)  # no copy: appending is over
         return {"digest": digest} | {name: np.frombuffer(getattr(self, name), dtype=dtype) if len(getattr(self, name)) else np.empty(0, dtype)
-                for name, dtype in (("source", np.int16), ("lang", np.int16), ("pid", np.int64), ("keys", np.int64),
-                                    ("negatives", np.int64), ("key_count", np.int64), ("negative_count", np.int64),
+                for name, dtype in (("source", np.int16), ("lang", np.uint8), ("pid", np.int64), ("keys", np.int64),
+                                    ("negatives", np.int64), ("key_count", np.uint16), ("negative_count", np.uint16),
                                     ("flags", np.uint8), ("wanted", np.bool_), ("overlaps", np.bool_))}  # fmt: skip
 
 
@@ -330,10 +331,7 @@ def _finish(
 
     pools_shared = np.array([s.pool == "shared" for s in spec.sources], dtype=bool)
     f = a["flags"][m]
-
-    def count(mask: np.ndarray) -> np.ndarray:
-        return np.bincount(group[mask], minlength=n_groups)
-
+    count = functools.partial(_count_per_group, group, n_groups)
     group_shared = count(~pools_shared[src[m]]) == 0
     n_query, n_passage, n_both = count(f & QUERY > 0), count(f & PASSAGE > 0), count(f == QUERY | PASSAGE)
     xy_ok = (n_query > 0) & (n_passage > 0) & ~((n_query == 1) & (n_passage == 1) & (n_both == 1))
@@ -363,8 +361,15 @@ def _finish(
     keep_group = ~drop
     if not keep_group.any():
         raise ValueError(f"data: no source has pairs in languages {sorted(spec.languages)}")
-    return _write(staging, a, m[keep_group[group]], np.cumsum(keep_group)[group[keep_group[group]]] - 1,
-                  group_shared[keep_group], int(overlapping.sum()), report)  # fmt: skip
+    kept_members = keep_group[group]
+    rows, new_group = m[kept_members], (np.cumsum(keep_group) - 1).astype(np.int32)[group[kept_members]]
+    del m, group, f, kept_members, count  # the index build below is the peak: hold nothing it does not need
+    return _write(staging, a, rows, new_group, group_shared[keep_group], int(overlapping.sum()), report)
+
+
+def _count_per_group(group: np.ndarray, n_groups: int, mask: np.ndarray) -> np.ndarray:
+    """How many members of each group ``mask`` selects."""
+    return np.bincount(group[mask], minlength=n_groups)
 
 
 def _write(
@@ -373,10 +378,10 @@ def _write(
 ) -> dict:  # fmt: skip
     """The index and meta of the members ``rows`` (row numbers) in groups ``group`` (0..G-1, in order)."""
     present = np.unique(a["lang"][rows])
-    lang = np.searchsorted(present, a["lang"][rows])
+    lang = np.searchsorted(present, a["lang"][rows]).astype(np.uint8)
     order = np.lexsort((lang, group))
     rows, group, lang = rows[order], group[order], lang[order]
-    key_group, key_value = _gather(a["keys"], a["key_count"], rows, group)
+    key_group, key_value = _member_keys(a, rows, group)
     _, negatives = _gather(a["negatives"], a["negative_count"], rows, group)
     languages = [ALL_LANGUAGES[c] for c in present]
     index = CorpusIndex.build(languages, group, lang, a["flags"][rows], group_shared, key_group, key_value, negatives)
@@ -397,10 +402,20 @@ def _write(
     return meta
 
 
+def _member_keys(a: dict[str, np.ndarray], rows: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group, key) of every member's conflict key, 12 bytes a key (the index keeps the ones that can clash)."""
+    row_group = np.full(len(a["pid"]), -1, dtype=np.int32)
+    row_group[rows] = group
+    key_group = row_group[np.repeat(np.arange(len(row_group), dtype=np.int32), a["key_count"])]
+    del row_group
+    member = key_group >= 0
+    return key_group[member], a["keys"][member]
+
+
 def _gather(values: np.ndarray, counts: np.ndarray, rows: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The variable-length per-row ``values`` (``counts`` per row, concatenated) of ``rows``, with their groups."""
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])
-    n = counts[rows]
+    n = counts[rows].astype(np.int64)
     within = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
     return np.repeat(group, n), values[np.repeat(offsets[rows], n) + within]
