@@ -39,7 +39,7 @@ demo: setup model
 	$(BIN)/xling run manifests/samples/demo.yaml
 
 test: setup model
-	$(BIN)/ruff check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q -ra --durations=15
 
 lint: setup

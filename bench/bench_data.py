@@ -55,7 +55,9 @@ def generate(path: Path, pairs: int, seed: int = 0) -> None:
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    words = ["".join(rng.choice(list("abcdefghijklmnoprstuvwyz"), size=int(n))) for n in rng.integers(2, 10, 5000)]
+    words = [
+        "".join(rng.choice(list("abcdefghijklmnoprstuvwyz"), size=int(n))) for n in rng.integers(2, 10, 5000)
+    ]
 
     def text(chars: int) -> str:
         out, n = [], 0
@@ -84,12 +86,16 @@ def generate(path: Path, pairs: int, seed: int = 0) -> None:
 def data_spec(path: Path) -> Any:
     from xling.trainer.spec import DataSource, DataSpec
 
-    return DataSpec(languages=LANGUAGES, sources=[DataSource(type="pairs", path=str(path))], drop_eval_overlap=False)
+    return DataSpec(
+        languages=LANGUAGES, sources=[DataSource(type="pairs", path=str(path))], drop_eval_overlap=False
+    )
 
 
 def memory() -> dict[str, int]:
     """This process's resident memory: private (RssAnon) and file-backed (RssFile), in bytes."""
-    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line
+    )
     return {k: int(fields[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile", "VmRSS")}
 
 
@@ -114,7 +120,9 @@ class Batches:
         from xling.trainer.sampling import build_sampler
         from xling.trainer.spec import SamplingSpec
 
-        return build_sampler(self.corpus.index, self.batch, SamplingSpec(strategy="hybrid", alpha=0.5, seed=0))
+        return build_sampler(
+            self.corpus.index, self.batch, SamplingSpec(strategy="hybrid", alpha=0.5, seed=0)
+        )
 
     def step(self, sampler: Any, step: int) -> dict[str, float]:
         from xling.trainer.train_loop import batch_texts
@@ -169,7 +177,9 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         from xling.trainer.data import DataLocation
 
         location = DataLocation(*args["location"])
-        return worker(lambda: open_corpus(location, Path(args["root"]) / "cache"), args["batch"], args["batches"])
+        return worker(
+            lambda: open_corpus(location, Path(args["root"]) / "cache"), args["batch"], args["batches"]
+        )
     if kind == "in-memory-driver":  # load into memory, pickle it as the object store held it
         from xling.trainer.data import load_corpus
 
@@ -177,7 +187,11 @@ def child(kind: str, args: dict[str, Any]) -> dict[str, Any]:
         corpus = load_corpus(data_spec(Path(args["source"])))
         blob = pickle.dumps(corpus, protocol=5)
         Path(args["blob"]).write_bytes(blob)
-        return {"seconds": time.perf_counter() - started, "grew": peak_rss() - base, "pickle_bytes": len(blob)}
+        return {
+            "seconds": time.perf_counter() - started,
+            "grew": peak_rss() - base,
+            "pickle_bytes": len(blob),
+        }
     if kind == "in-memory-worker":
 
         def unpickle() -> Any:
@@ -236,8 +250,10 @@ def demo(steps: int, repeats: int) -> None:
             seconds = demo_step_seconds(prefetch, steps, work)
             best[prefetch] = min(best.get(prefetch, seconds), seconds)
             print(f"prefetchSteps {prefetch}: {seconds:.2f} s/step", flush=True)
-    print(f"\ndemo step (median, best of {repeats}): in the step {best[0]:.2f} s, prefetched {best[1]:.2f} s, "
-          f"prefetched / in the step {best[1] / best[0]:.3f}; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"\ndemo step (median, best of {repeats}): in the step {best[0]:.2f} s, prefetched {best[1]:.2f} s, "
+        f"prefetched / in the step {best[1] / best[0]:.3f}; load {os.getloadavg()[0]:.1f}"
+    )
 
 
 def main() -> None:
@@ -247,7 +263,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--batches", type=int, default=5)
     parser.add_argument("--workdir", help="where corpora are written (default: a temporary directory)")
-    parser.add_argument("--demo", type=int, metavar="STEPS", help="instead: the demo's step time, prefetch off/on")
+    parser.add_argument(
+        "--demo", type=int, metavar="STEPS", help="instead: the demo's step time, prefetch off/on"
+    )
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -267,10 +285,15 @@ def main() -> None:
         source = d / "pairs.jsonl"
         started = time.perf_counter()
         generate(source, n)
-        print(f"{n}: generated {source.stat().st_size / 2**30:.1f} GiB in {time.perf_counter() - started:.0f}s", flush=True)
+        print(
+            f"{n}: generated {source.stat().st_size / 2**30:.1f} GiB in {time.perf_counter() - started:.0f}s",
+            flush=True,
+        )
         prep = run_child("prepare", source=str(source), root=str(d / "data"))
         print(f"{n}: prepared {prep}", flush=True)
-        w = run_child("worker", location=prep["location"], root=str(d), batch=args.batch, batches=args.batches)
+        w = run_child(
+            "worker", location=prep["location"], root=str(d), batch=args.batch, batches=args.batches
+        )
         print(f"{n}: worker {w}", flush=True)
         lines.append(row("prepared, memory-mapped", n, prep, w))
         if n <= args.in_memory_max:
@@ -281,9 +304,13 @@ def main() -> None:
             print(f"{n}: in-memory worker {w}", flush=True)
             lines.append(row("in memory, pickled to the worker", n, drv, w))
         shutil.rmtree(d)
-    print(f"\nglobal batch {args.batch}, median of {args.batches} batches; bytes per pair; load {os.getloadavg()[0]:.1f}")
-    print("| pairs | path | prepare (s) | driver/preparer grew (B/pair) | worker start-up to step 1 (s) | "
-          "worker private (B/pair) | worker mapped, shared (B/pair) | sample (ms) | fetch (ms) | tokenise (ms) |")
+    print(
+        f"\nglobal batch {args.batch}, median of {args.batches} batches; bytes per pair; load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| pairs | path | prepare (s) | driver/preparer grew (B/pair) | worker start-up to step 1 (s) | "
+        "worker private (B/pair) | worker mapped, shared (B/pair) | sample (ms) | fetch (ms) | tokenise (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(lines))
 

@@ -52,7 +52,9 @@ def xling(prepared: Any, top_k: int, key: str) -> tuple[dict, float]:
     return meta, time.perf_counter() - started
 
 
-def sentence_transformers(anchors: list[str], positives: list[str], top_k: int) -> tuple[list[str | None], float]:
+def sentence_transformers(
+    anchors: list[str], positives: list[str], top_k: int
+) -> tuple[list[str | None], float]:
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
@@ -61,7 +63,9 @@ def sentence_transformers(anchors: list[str], positives: list[str], top_k: int) 
     from xling.trainer.model import resolve_model_path
 
     encoder = Transformer(resolve_model_path(MODEL), max_seq_length=128)
-    model = SentenceTransformer(modules=[encoder, Pooling(encoder.get_embedding_dimension(), "mean"), Normalize()])
+    model = SentenceTransformer(
+        modules=[encoder, Pooling(encoder.get_embedding_dimension(), "mean"), Normalize()]
+    )
     started = time.perf_counter()
     out = mine_hard_negatives(Dataset.from_dict({"anchor": anchors, "positive": positives}), model,
                               range_max=top_k, relative_margin=0.05, num_negatives=1, query_prompt="query: ",
@@ -94,9 +98,13 @@ def main() -> None:
             meta, seconds = xling(prepared, args.top_k, f"bench{r}")
             ours = min(ours, {**meta, "seconds": seconds}, key=lambda m: m.get("seconds", np.inf))
             negatives, seconds = sentence_transformers(anchors, positives, args.top_k)
-            theirs = min(theirs, {"negatives": negatives, "seconds": seconds}, key=lambda m: m.get("seconds", np.inf))
+            theirs = min(
+                theirs, {"negatives": negatives, "seconds": seconds}, key=lambda m: m.get("seconds", np.inf)
+            )
         mined = type(prepared)(prepared.directory, ours["key"])
-        xling_negs = [[t for t, _ in n][:1] for n in mined.negatives([(g, "de") for g in range(len(members))])]
+        xling_negs = [
+            [t for t, _ in n][:1] for n in mined.negatives([(g, "de") for g in range(len(members))])
+        ]
     xling_first = [n[0] if n else None for n in xling_negs]
     same = sum(a == b for a, b in zip(xling_first, theirs["negatives"], strict=True))
     only_st = sum(a is None and b is not None for a, b in zip(xling_first, theirs["negatives"], strict=True))

@@ -111,7 +111,8 @@ def test_skip_bad_rows_counts_them(tmp_path: Path) -> None:
     path = write_pairs(tmp_path / "rows.jsonl", rows)
     path.write_text(path.read_text() + "{not json\n" + '{"pair_id": "x"}\n')
     spec = DataSpec(
-        languages=["en", "de"], sources=[DataSource(type="pairs", path=str(path), pool="monolingual")],
+        languages=["en", "de"],
+        sources=[DataSource(type="pairs", path=str(path), pool="monolingual")],
         skip_bad_rows=True,
     )
     report = RowReport()
@@ -171,7 +172,9 @@ def test_hf_local_dataset_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     write_pairs(raw / "train.jsonl", ROWS)
     for path in (saved, raw):
         corpus = load_corpus(
-            DataSpec(languages=["en", "de"], sources=[DataSource(type="hf", path=str(path), pool="monolingual")])
+            DataSpec(
+                languages=["en", "de"], sources=[DataSource(type="hf", path=str(path), pool="monolingual")]
+            )
         )
         assert corpus.sizes() == {"de": 1, "en": 2}
         assert corpus.groups[1]["en"].hard_negatives == ("a", "b")
@@ -336,7 +339,9 @@ def test_demo_pack_loads_without_shared_data() -> None:
         DataSource(type="tydiqa", path=str(DEMO / "tydiqa-goldp"), pool="monolingual"),
         DataSource(type="squad", path=str(DEMO / "native-qa" / "arcd"), language="ar", pool="monolingual"),
         DataSource(
-            type="squad", path=str(DEMO / "native-qa" / "cmrc2018" / "cmrc2018_dev.json.gz"), language="zh",
+            type="squad",
+            path=str(DEMO / "native-qa" / "cmrc2018" / "cmrc2018_dev.json.gz"),
+            language="zh",
             pool="monolingual",
         ),
         DataSource(type="iapp", path=str(DEMO / "native-qa" / "iapp-wiki-qa"), pool="monolingual"),
@@ -347,7 +352,9 @@ def test_demo_pack_loads_without_shared_data() -> None:
     assert sizes["zh"] == 3128 + 100 + 2837 and sizes["th"] == 100 + 4670
     assert sizes["de"] == 3821 + 100 and sizes["vi"] == 1675 + 100
     # only the MLQA and NTREX groups may be drawn for X-Y
-    sources = [next(iter(corpus.groups[g].values())).pair_id.split(":")[0] for g in corpus.index.xy_union.tolist()]
+    sources = [
+        next(iter(corpus.groups[g].values())).pair_id.split(":")[0] for g in corpus.index.xy_union.tolist()
+    ]
     assert set(sources) == {"mlqa", "ntrex"} and sources.count("mlqa") == 5328
 
 
@@ -389,7 +396,9 @@ def test_mlqa_bad_rows_name_file_and_question(tmp_path: Path) -> None:
         {"id": "a2", "question": " ", "answers": []}]}]}]}  # fmt: skip
     file = tmp_path / "test-context-de-question-ar.json"
     file.write_text(json.dumps(doc))
-    with pytest.raises(BadRowError, match=r"test-context-de-question-ar\.json:question 2 \(id a2\): empty query"):
+    with pytest.raises(
+        BadRowError, match=r"test-context-de-question-ar\.json:question 2 \(id a2\): empty query"
+    ):
         PairCorpus.from_pairs(builders.mlqa_rows(tmp_path))
     (tmp_path / "test-context-de-question-ar.json").rename(tmp_path / "context-de.json")
     with pytest.raises(FileNotFoundError, match="no MLQA files"):

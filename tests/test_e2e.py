@@ -102,7 +102,9 @@ def test_bad_spec_fails_before_any_work(tmp_path: Path) -> None:
 def test_batches_the_data_cannot_fill_are_refused_before_ray(tmp_path: Path) -> None:
     text = (ROOT / "manifests/samples/smoke.yaml").read_text()
     big = tmp_path / "big.yaml"
-    big.write_text(text.replace("globalBatchSize: 16", "globalBatchSize: 400").replace("../../data", f"{ROOT}/data"))
+    big.write_text(
+        text.replace("globalBatchSize: 16", "globalBatchSize: 400").replace("../../data", f"{ROOT}/data")
+    )
     proc = subprocess.run([sys.executable, "-m", "xling.trainer.cli", "run", str(big)], cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -34,7 +34,9 @@ def reference(q, p, n=None, tau=0.05, symmetric=False) -> float:
 
 def tensors(b=4, d=3, k=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    q, p, n = (F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1) for m in (b, b, b * k))
+    q, p, n = (
+        F.normalize(torch.randn(m, d, generator=g, dtype=torch.float64), dim=-1) for m in (b, b, b * k)
+    )
     return q, p, n
 
 
@@ -83,6 +85,7 @@ def test_gradients_match_autograd_of_reference_formula() -> None:
 
 
 # ---------------------------------------------------------------------------- 2 ranks vs 1 process
+
 
 def _free_port() -> int:
     with socket.socket() as s:

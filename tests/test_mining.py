@@ -57,7 +57,9 @@ def write_corpus(tmp: Path) -> DataSpec:
         rows.append({"pair_id": g, "language": "de", "query": f"frage {g}", "passage": f"absatz {g}"})
     path = tmp / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return DataSpec(languages=["de", "en"], sources=[DataSource(type="pairs", path=str(path))], drop_eval_overlap=False)
+    return DataSpec(
+        languages=["de", "en"], sources=[DataSource(type="pairs", path=str(path))], drop_eval_overlap=False
+    )
 
 
 @pytest.fixture
@@ -90,7 +92,9 @@ def test_no_mined_negative_is_a_false_negative(corpus) -> None:
 
 def test_skip_top_and_the_ratio(corpus) -> None:
     mine(corpus, MineSpec(per_pair=1, top_k=11, skip_top=2), Scripted(), "skip")
-    assert negatives_of(corpus, "skip", "a") == ["f"]  # d and e, the first two the identity rules leave, skipped
+    assert negatives_of(corpus, "skip", "a") == [
+        "f"
+    ]  # d and e, the first two the identity rules leave, skipped
     mine(corpus, MineSpec(per_pair=1, top_k=11, max_score_ratio=1.0), Scripted(), "loose")
     assert negatives_of(corpus, "loose", "a") == ["near d"]
 

@@ -106,7 +106,10 @@ def test_reused_by_key_and_rebuilt_when_a_file_changes(tmp_path: Path, spec: Dat
     assert again.reused and again.location == first.location and rows.stat().st_mtime_ns == built
     assert prepare_corpus(spec.model_copy(update={"prefetch_steps": 3}), root).reused  # not a data change
     source = Path(spec.sources[0].path)
-    added = [{"pair_id": "x", "language": lang, "query": f"q {lang}", "passage": f"p {lang}"} for lang in ("en", "de")]
+    added = [
+        {"pair_id": "x", "language": lang, "query": f"q {lang}", "passage": f"p {lang}"}
+        for lang in ("en", "de")
+    ]
     source.write_text(source.read_text() + "".join(json.dumps(r) + "\n" for r in added))
     changed = prepare_corpus(spec, root)
     assert not changed.reused and changed.location.uri != first.location.uri
@@ -116,8 +119,10 @@ def test_reused_by_key_and_rebuilt_when_a_file_changes(tmp_path: Path, spec: Dat
 def test_bad_rows_name_the_row_or_are_counted_and_kept_on_reuse(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     rows = [{"pair_id": f"g{i}", "language": "en", "query": f"q{i}", "passage": f"p{i}"} for i in range(3)]
-    rows += [{"pair_id": "g1", "language": "en", "query": "again", "passage": "again"},  # line 4: repeats en
-             {"pair_id": "g2", "language": "xx", "query": "q", "passage": "p"}]  # line 5: unknown language
+    rows += [
+        {"pair_id": "g1", "language": "en", "query": "again", "passage": "again"},  # line 4: repeats en
+        {"pair_id": "g2", "language": "xx", "query": "q", "passage": "p"},
+    ]  # line 5: unknown language
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = DataSpec(languages=["en"], sources=[DataSource(type="pairs", path=str(path), pool="monolingual")])
     with pytest.raises(BadRowError, match=r"bad.jsonl:5: unknown language code 'xx'"):
@@ -139,7 +144,9 @@ def test_a_repeat_across_sources_is_a_bad_row_of_the_later_source(tmp_path: Path
     b.write_text(json.dumps({"pair_id": "g", "language": "en", "query": "q2", "passage": "p2"}) + "\n")
     spec = DataSpec(languages=["en"], sources=[DataSource(type="pairs", path=str(a), pool="monolingual"),
                                                DataSource(type="pairs", path=str(b), pool="monolingual")])  # fmt: skip
-    with pytest.raises(BadRowError, match=r"data.sources\[1\] \(pairs .*b.jsonl\): pair_id 'g' repeats language 'en'"):
+    with pytest.raises(
+        BadRowError, match=r"data.sources\[1\] \(pairs .*b.jsonl\): pair_id 'g' repeats language 'en'"
+    ):
         prepare_corpus(spec, str(tmp_path / "data"))
 
 
@@ -148,7 +155,10 @@ def test_a_uri_root_is_uploaded_and_copied_once_per_node(tmp_path: Path, spec: D
     the corpus into its cache once and memory-maps the copy; a wrong fingerprint is refused."""
     bucket = tmp_path / "bucket"
     prepared = prepare_corpus(spec, f"file://{bucket}", cache=tmp_path / "driver-cache")
-    assert prepared.location.uri.startswith("file://") and (bucket / Path(prepared.location.uri).name / "meta.json").is_file()
+    assert (
+        prepared.location.uri.startswith("file://")
+        and (bucket / Path(prepared.location.uri).name / "meta.json").is_file()
+    )
     node = tmp_path / "node-cache"
     corpus = open_corpus(prepared.location, node)
     assert corpus.directory == node / prepared.location.fingerprint

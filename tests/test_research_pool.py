@@ -93,5 +93,7 @@ def test_no_in_batch_false_negatives_in_1000_batches(bundled: PairCorpus, spec: 
 def test_without_conflict_keys_the_same_check_finds_false_negatives(bundled: PairCorpus) -> None:
     """The measurement can fail: with only one key per group (no text or window keys) it finds them."""
     bare = PairCorpus(bundled.groups)
-    bare.index = replace(bundled.index, key_offsets=np.zeros(len(bare) + 1, np.int64), key_values=np.empty(0, np.int64))
+    bare.index = replace(
+        bundled.index, key_offsets=np.zeros(len(bare) + 1, np.int64), key_values=np.empty(0, np.int64)
+    )
     assert false_negative_rate(bare, SamplingSpec(strategy="xy"), batch=32, batches=300) > 0.01

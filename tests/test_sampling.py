@@ -16,7 +16,10 @@ LANGS = ["ar", "de", "en", "es", "zh"]
 
 
 def corpus(n_parallel: int = 60, n_mono: int = 40, langs: list[str] = LANGS, n_asym: int = 0) -> PairCorpus:
-    groups = [{lang: Pair(f"par{i}", lang, f"q{i}{lang}", f"p{i}{lang}") for lang in langs} for i in range(n_parallel)]
+    groups = [
+        {lang: Pair(f"par{i}", lang, f"q{i}{lang}", f"p{i}{lang}") for lang in langs}
+        for i in range(n_parallel)
+    ]
     groups += [{"en": Pair(f"mono{i}", "en", f"mq{i}", f"mp{i}", pool="monolingual")} for i in range(n_mono)]
     # MLQA-like: questions in ar and hi, paragraphs in de only, a question and a paragraph in es;
     # every third group shares its es paragraph with the next one (one paragraph, two questions)
@@ -134,7 +137,10 @@ def test_xy_is_uniform_over_language_pairs() -> None:
     (drawing a group first and then two of its languages gave en-de 28 %)."""
     five = ["ar", "de", "en", "es", "zh"]
     groups = [{lang: Pair(f"f{i}", lang, f"q{i}{lang}", f"p{i}{lang}") for lang in five} for i in range(500)]
-    groups += [{lang: Pair(f"b{i}", lang, f"bq{i}{lang}", f"bp{i}{lang}") for lang in ("en", "de")} for i in range(500)]
+    groups += [
+        {lang: Pair(f"b{i}", lang, f"bq{i}{lang}", f"bp{i}{lang}") for lang in ("en", "de")}
+        for i in range(500)
+    ]
     c = PairCorpus(groups)
     shares = {}
     for weighting in ("uniform", "size"):
@@ -151,7 +157,9 @@ def test_xy_is_uniform_over_language_pairs() -> None:
 def test_size_weighting_draws_only_languages_that_fill_a_batch() -> None:
     c = PairCorpus([{"en": Pair(f"e{i}", "en", f"q{i}", f"p{i}")} for i in range(100)]
                    + [{"de": Pair(f"d{i}", "de", f"q{i}", f"dp{i}")} for i in range(5)])  # fmt: skip
-    sampler = build_sampler(c.index, 8, SamplingSpec(strategy="xx", language_weighting="size", language_temperature=3.0))
+    sampler = build_sampler(
+        c.index, 8, SamplingSpec(strategy="xx", language_weighting="size", language_temperature=3.0)
+    )
     assert {sampler.plan(s).language for s in range(300)} == {"en"}  # de (5 groups) cannot fill 8
     with pytest.raises(ValueError, match="needs a language with 200 groups"):
         build_sampler(c.index, 200, SamplingSpec(strategy="hybrid", alpha=0.5))

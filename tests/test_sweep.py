@@ -448,7 +448,12 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
               {"sampling.strategy": "hybrid", "sampling.alpha": 0.5}]  # fmt: skip
     exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
     plan = plan_sweep(exp)
-    tags = {"xling.sweep": "strategies", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
+    tags = {
+        "xling.sweep": "strategies",
+        "xling.model": "m",
+        "xling.data_fingerprint": "d",
+        "xling.git_commit": "c",
+    }
     parent = _parent_run(exp, plan, uri, "strategies", tags, None)
     ctx = TrialContext(exp, plan, uri, "strategies", parent, {}, "model", tags)
     client, rng = MlflowClient(uri), np.random.default_rng(1)
@@ -460,9 +465,16 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         doc["rank_distance"] = (50 - 200 * shift[trial.point] + rng.normal(0, 1, 100)).tolist()
         doc["top10_own_share"] = [0.5] * 100
         d = shift[trial.point] + 0.002 * trial.seed
-        final = {f"xquad_r.{k}": 0.4 + d for k in ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10")}
+        final = {
+            f"xquad_r.{k}": 0.4 + d
+            for k in ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10")
+        }
         final |= {"xquad_r.bias.rank_distance": 50 - 200 * d, "xquad_r.bias.top10_own_share": 0.5}
-        final |= {f"xquad_r.{s}.{lang}.{m}": 0.4 + d for lang in LANGS for s, m in (("multi", "map"), ("mono", "map"))}
+        final |= {
+            f"xquad_r.{s}.{lang}.{m}": 0.4 + d
+            for lang in LANGS
+            for s, m in (("multi", "map"), ("mono", "map"))
+        }
         final |= {f"xquad_r.bias.{lang}.rank_distance": 50 - 200 * d for lang in LANGS}
         zero = {k: 0.3 for k in final if k.endswith("map")}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
@@ -484,7 +496,10 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
     verdicts = {row[0]: (row[1], row[3]) for row in claims_table(s).rows}
     assert verdicts["Hybrid is best on multilingual mAP"] == ("reproduced", "-")
     assert verdicts["Hybrid has the lowest language bias (rank distance)"][0] == "reproduced"
-    assert verdicts["LAReQA: mixed (languages mixed within a batch) is below X-X-mono on multilingual mAP"][0] == "reproduced"
+    assert (
+        verdicts["LAReQA: mixed (languages mixed within a batch) is below X-X-mono on multilingual mAP"][0]
+        == "reproduced"
+    )
     mono, scale = verdicts["X-X-mono beats X-Y on monolingual mAP"]
     assert mono == "not separable at this scale" and ("seeds per arm" in scale or "more questions" in scale)
 
@@ -508,7 +523,11 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
     client.log_batch(parent, metrics=[Metric("xquad_r_full.multi.map", 0.30, 0, 0)])
     s = summarize(client, parent)
     assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full.multi.map": 0.30}
-    rows = [line for line in markdown(s).splitlines() if line.startswith(("| zero-shot | - | 0.3000", "| strategy=xx | 2 | 0.3300"))]
+    rows = [
+        line
+        for line in markdown(s).splitlines()
+        if line.startswith(("| zero-shot | - | 0.3000", "| strategy=xx | 2 | 0.3300"))
+    ]
     assert len(rows) == 2, markdown(s)
 
 
@@ -519,7 +538,9 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
 
     s = summarize(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
     chosen = {p.index: run for p, run in best_trials(s)}
-    assert list(chosen) == [3, 1, 0, 2], "the arms the claims compare, hybrid first: a stopped call has the main one"
+    assert list(chosen) == [3, 1, 0, 2], (
+        "the arms the claims compare, hybrid first: a stopped call has the main one"
+    )
     assert chosen[3] == max(s.points[3].trials, key=lambda t: t.metrics["xquad_r.multi.map"]).run_id
     s.points[0].trials = s.points[0].trials[:2]  # seed 2 still running: its best seed is not known yet
     assert 0 not in {p.index for p, _ in best_trials(s)}
@@ -536,7 +557,9 @@ def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
     assert roles(points) == {"xx": 1, "hybrid": 2, "xy": 3}, "alpha 0.25 is on the curve, not the paper's arm"
 
 
-def test_full_pool_needs_the_sweeps_file(fake_sweep: tuple[str, str, Plan], capsys: pytest.CaptureFixture) -> None:
+def test_full_pool_needs_the_sweeps_file(
+    fake_sweep: tuple[str, str, Plan], capsys: pytest.CaptureFixture
+) -> None:
     from xling.trainer.cli import main
 
     uri, _, _ = fake_sweep

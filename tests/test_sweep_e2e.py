@@ -213,7 +213,9 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
     elsewhere = smoke_sweep.directory / "elsewhere"  # ./mlflow.db there is not the sweep's store
     elsewhere.mkdir(exist_ok=True)
     if not (elsewhere / "cache").exists():
-        (elsewhere / "cache").symlink_to(smoke_sweep.directory / "cache")  # the sweep's tiny model and embeddings
+        (elsewhere / "cache").symlink_to(
+            smoke_sweep.directory / "cache"
+        )  # the sweep's tiny model and embeddings
     out = _xling(*args, cwd=elsewhere).communicate(timeout=600)[0]
     assert "full pool: zero-shot" in out and out.count("full pool: alpha=") == 2, out[-4000:]
     table = out[out.index("### Full pool") :]
@@ -231,6 +233,8 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
         steps = [a.path for a in client.list_artifacts(run.info.run_id, "eval/xquad-r-full")]
         whole = json.loads(Path(client.download_artifacts(run.info.run_id, f"{steps[0]}/per_query.json",
                                                           str(smoke_sweep.directory))).read_text())  # fmt: skip
-        assert len(whole["query_ids"]) == 4 * 1190, "every question of the 4 languages, not the 4-paragraph slice"
+        assert len(whole["query_ids"]) == 4 * 1190, (
+            "every question of the 4 languages, not the 4-paragraph slice"
+        )
     again = _xling(*args, cwd=elsewhere).communicate(timeout=300)[0]
     assert "full pool:" not in again and again.count("| alpha=0.25 |") >= 2, "a rerun evaluates nothing"

@@ -57,7 +57,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     cache = tmp_path_factory.mktemp("train_mode")
     prepared = prepare_corpus(ExperimentSpec.model_validate(spec_doc(cache)).data, str(cache / "data"))
     texts = [p.query for g in prepared.corpus.materialize().groups for p in g.values()]
-    return {"cache": cache, "data": prepared.location, "model_path": resolve_model_path(TINY_MODEL, texts, cache)}
+    return {
+        "cache": cache,
+        "data": prepared.location,
+        "model_path": resolve_model_path(TINY_MODEL, texts, cache),
+    }
 
 
 def make(

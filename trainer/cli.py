@@ -49,19 +49,32 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run an experiment YAML (a RetrievalExperiment) on local Ray")
     run.add_argument("file")
     run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
-    run.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
+    run.add_argument(
+        "--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing"
+    )
     run.add_argument("--check", action="store_true", help="only validate the file")
     run.set_defaults(func=_run)
     data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
-    prep = data.add_parser("prepare", help="prepare the spec's training corpus in its storage (xling run does too)")
+    prep = data.add_parser(
+        "prepare", help="prepare the spec's training corpus in its storage (xling run does too)"
+    )
     prep.add_argument("file")
-    prep.add_argument("--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing")
+    prep.add_argument(
+        "--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing"
+    )
     prep.set_defaults(func=_prepare)
-    mine = sub.add_parser("mine", help="mine hard negatives into the prepared corpus (data.hardNegatives.mine)")
+    mine = sub.add_parser(
+        "mine", help="mine hard negatives into the prepared corpus (data.hardNegatives.mine)"
+    )
     mine.add_argument("file")
     mine.set_defaults(func=_mine)
-    for module in ("xling.trainer.evaluation", "xling.operator.render", "xling.trainer.report_sweep",
-                   "xling.trainer.plan", "xling.trainer.export"):
+    for module in (
+        "xling.trainer.evaluation",
+        "xling.operator.render",
+        "xling.trainer.report_sweep",
+        "xling.trainer.plan",
+        "xling.trainer.export",
+    ):
         try:
             __import__(module, fromlist=["add_cli"]).add_cli(sub)
         except ModuleNotFoundError as err:  # a dependency this image lacks (e.g. no kopf in a trainer image)

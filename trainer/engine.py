@@ -24,7 +24,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: ExperimentSpec) -> An
     from transformers import get_scheduler
 
     opt = spec.optimization
-    return get_scheduler(opt.scheduler, optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.max_steps)
+    return get_scheduler(
+        opt.scheduler, optimizer, num_warmup_steps=opt.warmup_steps, num_training_steps=opt.max_steps
+    )
 
 
 def make_optimizer(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimizer:
@@ -32,7 +34,11 @@ def make_optimizer(model: nn.Module, spec: ExperimentSpec) -> torch.optim.Optimi
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:  # a ZeRO-3 partitioned parameter is flat; ds_shape is its real shape
-            (no_decay if len(getattr(p, "ds_shape", p.shape)) < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
+            (
+                no_decay
+                if len(getattr(p, "ds_shape", p.shape)) < 2 or "LayerNorm" in name or "norm" in name
+                else decay
+            ).append(p)
     groups = [
         {"params": decay, "weight_decay": spec.optimization.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -105,7 +111,10 @@ def save_trainer_state(directory: Path, step: int, extra: dict[str, Any], rank: 
     beyond the engine. Every rank calls it; each writes its own RNG file (dropout streams differ)."""
     if rank == 0:
         (directory / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
-    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+    rng = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
     torch.save(rng, directory / f"rng.{rank}.pt")
 
 

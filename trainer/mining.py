@@ -76,7 +76,11 @@ def mining_key(corpus: PreparedCorpus, spec: MineSpec, model_fingerprint: str) -
 
 
 def mine(
-    corpus: PreparedCorpus, spec: MineSpec, encoder: TextEncoder, key: str, cache_dir: str | Path | None = None
+    corpus: PreparedCorpus,
+    spec: MineSpec,
+    encoder: TextEncoder,
+    key: str,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Mine into ``corpus.directory/negatives/<key>``; returns its meta (counts, timings)."""
     out = corpus.directory / NEGATIVES / key
@@ -108,7 +112,9 @@ def mine(
         where = np.searchsorted(pool, mine_here)
         positive = np.einsum("ij,ij->i", query_emb, pool_emb[where])
         for i, member in enumerate(mine_here):
-            candidates = np.where(ids[i] >= 0, pool[np.maximum(ids[i], 0)], -1)  # FAISS pads short lists with -1
+            candidates = np.where(
+                ids[i] >= 0, pool[np.maximum(ids[i], 0)], -1
+            )  # FAISS pads short lists with -1
             kept = _filter(index, int(member), int(group_of[member]), candidates, found_scores[i],
                            float(positive[i]), group_of, spec, removed)  # fmt: skip
             for j, (candidate, score) in enumerate(kept):
@@ -126,7 +132,9 @@ def mine(
     return meta
 
 
-def _encode_distinct(encoder: TextEncoder, texts: list[str], kind: str, tag: str, cache_dir: str | Path | None) -> np.ndarray:
+def _encode_distinct(
+    encoder: TextEncoder, texts: list[str], kind: str, tag: str, cache_dir: str | Path | None
+) -> np.ndarray:
     """Embeddings of ``texts``, each distinct text encoded once (an MLQA paragraph answers several questions)."""
     first: dict[str, int] = {}
     inverse = np.array([first.setdefault(t, len(first)) for t in texts], dtype=np.int64)

@@ -69,7 +69,11 @@ class BiEncoder(nn.Module):
     bucket_min_flops = 1e10  # about 0.1 s on a CPU core: far above the cost of the extra forward calls
 
     def __init__(
-        self, backbone: nn.Module, pooling: Pooling = "mean", normalize: bool = True, length_buckets: bool = False
+        self,
+        backbone: nn.Module,
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+        length_buckets: bool = False,
     ):
         super().__init__()
         self.backbone = backbone
@@ -79,7 +83,9 @@ class BiEncoder(nn.Module):
         self._dense: int | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        buckets = self._buckets(attention_mask) if self.length_buckets and input_ids.device.type == "cpu" else None
+        buckets = (
+            self._buckets(attention_mask) if self.length_buckets and input_ids.device.type == "cpu" else None
+        )
         if buckets is None:
             return self._encode(input_ids, attention_mask)
         order = torch.cat([idx for idx, _ in buckets])
@@ -96,7 +102,9 @@ class BiEncoder(nn.Module):
             zero3 = any(hasattr(p, "ds_id") for p in self.parameters())
             embedding = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
             self._dense = 0 if zero3 else sum(p.numel() for p in self.parameters() if id(p) not in embedding)
-        if not self._dense or 2 * self._dense * mask.numel() < self.bucket_min_flops:  # ZeRO-3, or a small model
+        if (
+            not self._dense or 2 * self._dense * mask.numel() < self.bucket_min_flops
+        ):  # ZeRO-3, or a small model
             return None
         buckets = length_buckets(mask, self.bucket_rows)
         if buckets is None:
@@ -125,7 +133,9 @@ class Tokenize:
         texts = [f"{prefix}{t}" for t in texts]
         if self.append_eos:  # truncate first, then append: a long text keeps the EOS its embedding is read at
             ids = self.tok(texts, max_length=max_len - 1, truncation=True)["input_ids"]
-            batch = self.tok.pad({"input_ids": [x + [self.tok.eos_token_id] for x in ids]}, return_tensors="pt")
+            batch = self.tok.pad(
+                {"input_ids": [x + [self.tok.eos_token_id] for x in ids]}, return_tensors="pt"
+            )
         else:
             batch = self.tok(texts, max_length=max_len, truncation=True, padding=True, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -202,7 +212,9 @@ def load_tokenizer(path: str, spec: ModelSpec | None = None) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
-        path, revision=spec.revision if spec else None, trust_remote_code=bool(spec and spec.trust_remote_code)
+        path,
+        revision=spec.revision if spec else None,
+        trust_remote_code=bool(spec and spec.trust_remote_code),
     )
 
 
@@ -211,7 +223,9 @@ def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32
     from transformers import AutoConfig, AutoModel
 
     kwargs: dict[str, Any] = {}
-    config = AutoConfig.from_pretrained(path, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    config = AutoConfig.from_pretrained(
+        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+    )
     if config.model_type in ("bert", "xlm-roberta", "roberta"):
         kwargs["add_pooling_layer"] = False  # retrieval pools itself; an unused pooler gets no gradient
     model = AutoModel.from_pretrained(
@@ -280,7 +294,9 @@ class HFTextEncoder:
         spec = tokenize.spec
         # The cache key covers everything that changes an embedding, not just the weights.
         settings = f"{model.pooling}|{model.normalize}|{spec.query_prefix}|{spec.passage_prefix}|{spec.max_query_length}|{spec.max_passage_length}"
-        self.fingerprint = hashlib.sha256(f"{fingerprint or weights_fingerprint(model)}|{settings}".encode()).hexdigest()[:16]
+        self.fingerprint = hashlib.sha256(
+            f"{fingerprint or weights_fingerprint(model)}|{settings}".encode()
+        ).hexdigest()[:16]
 
     def encode(self, texts: Sequence[str], kind: Kind) -> np.ndarray:
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -315,7 +315,9 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     keys = {k for t in finished for k in t.metrics}
     headline = sorted(k for k in keys if is_headline(k))
     zero_keys = [k for k in headline if k.startswith(prefix + ".")]
-    wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [f"{prefix}.{m}" for m in BY_LANGUAGE]
+    wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [
+        f"{prefix}.{m}" for m in BY_LANGUAGE
+    ]
     for metric in wanted:
         zero_keys += per_language_keys(metric, keys).values()
     zero = zero_shot(client, finished[0].run_id, sorted(set(zero_keys))) if finished else {}
@@ -326,7 +328,10 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         trials = [t for t in finished if t.point == index]
         stats = {k: mean_ci([t.metrics.get(k, math.nan) for t in trials], sweep.confidence) for k in headline}
         sampling = SamplingSpec.model_validate(
-            {**base_sampling, **{k.split(".", 1)[1]: v for k, v in point["values"].items() if k.startswith("sampling.")}}
+            {
+                **base_sampling,
+                **{k.split(".", 1)[1]: v for k, v in point["values"].items() if k.startswith("sampling.")},
+            }
         )
         full = next((t for t in trials if full_key in t.metrics), None)
         points.append(PointSummary(index, point["label"], point["values"], trials, stats, [], sampling.strategy,
@@ -353,7 +358,9 @@ def summarize(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         comparisons=comparisons,
         notes=notes,
         best=best,
-        zero_shot_full={k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")},
+        zero_shot_full={
+            k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")
+        },
     )
 
 
@@ -480,7 +487,11 @@ def _full_pool(s: SweepSummary) -> Table | None:
         return None
     prefix = full_prefix(s.prefix)
     keys = [f"{prefix}.{m}" for m in HEADLINE]
-    rows = [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]] if s.zero_shot_full else []
+    rows = (
+        [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]]
+        if s.zero_shot_full
+        else []
+    )
     rows += [[p.label, str(p.full.seed)] + [_fmt(_single(p.full.metrics.get(k))) for k in keys] for p in full]
     return Table("Full pool: the best seed of each point (by the objective) on the whole suite",
                  ["point", "seed"] + [_short(k, prefix) for k in keys], rows)  # fmt: skip
@@ -491,7 +502,9 @@ def _interval(low: float, high: float) -> str:
 
 
 def _single(value: float | None) -> MeanCI | None:
-    return None if value is None or not math.isfinite(value) else MeanCI(value, math.nan, math.nan, math.nan, 1)
+    return (
+        None if value is None or not math.isfinite(value) else MeanCI(value, math.nan, math.nan, math.nan, 1)
+    )
 
 
 def header_lines(s: SweepSummary) -> list[str]:
@@ -696,7 +709,9 @@ def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
         xs = np.array([p.xx_share for p in pts])
         ci = [p.stats[key] for p in pts]
         mean, low, high = (np.array([getattr(c, f) for c in ci]) for f in ("mean", "low", "high"))
-        ax.errorbar(xs, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label="hybrid (xy = 0, xx = 1)")
+        ax.errorbar(
+            xs, mean, yerr=[mean - low, high - mean], marker="o", capsize=4, label="hybrid (xy = 0, xx = 1)"
+        )
         for p in s.points:
             if p.xx_share is None and key in p.stats and p.stats[key].n:
                 c = p.stats[key]
@@ -870,7 +885,9 @@ def _results(args: argparse.Namespace) -> int:
         exp = load_experiment(args.sweep)
         name, uri = exp.metadata.name, uri or exp.spec.tracking.tracking_uri
     elif args.full_pool:
-        raise ValueError(f"--full-pool: give the sweep's YAML file (it names the suite and model), not {name!r}")
+        raise ValueError(
+            f"--full-pool: give the sweep's YAML file (it names the suite and model), not {name!r}"
+        )
     client = MlflowClient(resolve_tracking_uri(uri))
     parent = find_parent(client, name)
     summary = summarize(client, parent)

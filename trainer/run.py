@@ -103,11 +103,15 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     how = "reusing the prepared corpus" if prepared.reused else "prepared"
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:
-        print(f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data")
+        print(
+            f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data"
+        )
     if spec.data.hard_negatives and spec.data.hard_negatives.mine:
         from xling.trainer.mining import mine_prepared
 
-        prepared = mine_prepared(prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared))
+        prepared = mine_prepared(
+            prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
+        )
     return prepared
 
 
@@ -189,7 +193,9 @@ def run_experiment(
     return RunResult(run_id, metrics, ckpt, seconds)
 
 
-def log_training_data(uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None) -> None:
+def log_training_data(
+    uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None
+) -> None:
     """The training pairs as the run's MLflow dataset (digest = the corpus fingerprint, source = the sources),
     and with mined hard negatives, how many were mined and what each false-negative rule removed."""
     from mlflow import MlflowClient
@@ -230,7 +236,9 @@ def _fit(
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
             name=train_run_name(exp.metadata.name, run_id),

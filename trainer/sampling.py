@@ -121,7 +121,9 @@ class BatchSampler:
         self.spec = spec
         self._by_language, self._by_pair = index.by_language(), index.by_pair()
         # X-X: only languages that can fill a batch (a smaller one would fail mid-run)
-        self._xx_langs = [lang for lang, ids in self._by_language.items() if _can_fill(ids, index, batch_size)]
+        self._xx_langs = [
+            lang for lang, ids in self._by_language.items() if _can_fill(ids, index, batch_size)
+        ]
         sizes = [len(self._by_language[lang]) for lang in self._xx_langs]
         self._xx_p = _weights(sizes, spec.language_weighting, spec.language_temperature)
         self._xy_pairs = list(self._by_pair)

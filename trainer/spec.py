@@ -30,7 +30,26 @@ MLQA_R_LANGUAGES = ("ar", "de", "en", "es", "hi", "vi", "zh")
 #: Every language code a data row may carry. Unknown codes are rejected with the file and row.
 KNOWN_LANGUAGES = frozenset(
     XQUAD_R_LANGUAGES
-    + ("bn", "fa", "fi", "fr", "id", "it", "ja", "ko", "nl", "pl", "pt", "sw", "te", "uk", "ur", "he", "cs", "sv")
+    + (
+        "bn",
+        "fa",
+        "fi",
+        "fr",
+        "id",
+        "it",
+        "ja",
+        "ko",
+        "nl",
+        "pl",
+        "pt",
+        "sw",
+        "te",
+        "uk",
+        "ur",
+        "he",
+        "cs",
+        "sv",
+    )
 )
 
 #: Documented names of models that need no hub access (see docs/models.md).
@@ -145,7 +164,8 @@ class DataSpec(Spec):
         description="Drop training groups sharing a 10-word n-gram with any XQuAD-R/MLQA-R evaluation text.",
     )
     hard_negatives: HardNegativesSpec | None = Field(
-        default=None, description="Hard negatives beyond those the data brings (loss.hardNegatives uses them)."
+        default=None,
+        description="Hard negatives beyond those the data brings (loss.hardNegatives uses them).",
     )
     prefetch_steps: Annotated[int, Field(ge=0, le=8)] = Field(
         default=1,
@@ -193,7 +213,8 @@ class LossSpec(Spec):
     temperature: Annotated[float, Field(gt=0.0)] = 0.05
     symmetric: bool = Field(default=False, description="Add the passage -> query InfoNCE term.")
     hard_negatives: Annotated[int, Field(ge=0)] = Field(
-        default=0, description="Hard negatives per query (the data's own, then mined ones: data.hardNegatives)."
+        default=0,
+        description="Hard negatives per query (the data's own, then mined ones: data.hardNegatives).",
     )
     grad_cache: GradCacheSpec = Field(default_factory=GradCacheSpec)
 
@@ -206,7 +227,9 @@ class OptimizationSpec(Spec):
     global_batch_size: PositiveInt = 32
     max_grad_norm: Annotated[float, Field(ge=0.0)] = 1.0
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
-    checkpoint_every: Annotated[int, Field(ge=0)] = Field(default=0, description="Steps; 0 = only at the end.")
+    checkpoint_every: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Steps; 0 = only at the end."
+    )
     log_every: PositiveInt = 1
 
 
@@ -232,7 +255,8 @@ class DistributedSpec(Spec):
     cpus_per_worker: Annotated[float, Field(gt=0.0)] = 1.0
     precision: Literal["fp32", "bf16"] = "fp32"
     deepspeed: DeepSpeedSpec | None = Field(
-        default=None, description="DeepSpeed settings; unset = plain PyTorch (one worker or gradient all-reduce)."
+        default=None,
+        description="DeepSpeed settings; unset = plain PyTorch (one worker or gradient all-reduce).",
     )
     activation_checkpointing: bool = False
     max_failures: Annotated[int, Field(ge=0)] = 0
@@ -249,7 +273,9 @@ class EvalSuite(Spec):
 
 class EvaluationSpec(Spec):
     suites: list[EvalSuite] = Field(default_factory=list)
-    at_start: bool = Field(default=False, description="Also evaluate the untrained model (zero-shot baseline).")
+    at_start: bool = Field(
+        default=False, description="Also evaluate the untrained model (zero-shot baseline)."
+    )
     batch_size: PositiveInt = 64
     index: Literal["flat", "ivf", "hnsw"] = "flat"
     cache_dir: str | None = Field(default=None, description="Embedding cache; default .cache/embeddings.")
@@ -445,7 +471,9 @@ class TrackingSpec(Spec):
     @model_validator(mode="after")
     def _no_inline_credentials(self) -> TrackingSpec:
         if self.tracking_uri and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", self.tracking_uri):
-            raise ValueError("tracking.trackingUri: credentials in the URI; put them in tracking.credentials (a Secret)")
+            raise ValueError(
+                "tracking.trackingUri: credentials in the URI; put them in tracking.credentials (a Secret)"
+            )
         return self
 
 
@@ -544,9 +572,13 @@ class SweepSpec(Spec):
     )
     search_seed: int = Field(default=0, description="Seeds those draws.")
     seeds: list[int] = Field(
-        default_factory=lambda: [0], min_length=1, description="Every point runs once per seed (sampling.seed)."
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Every point runs once per seed (sampling.seed).",
     )
-    metric: str = Field(default="xquad_r.multi.map", description="Objective: a flat metric of the final evaluation.")
+    metric: str = Field(
+        default="xquad_r.multi.map", description="Objective: a flat metric of the final evaluation."
+    )
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: PositiveInt | None = Field(
         default=None, description="Default: available GPUs / GPUs per trial (on CPU: CPUs / CPUs per trial)."
@@ -591,7 +623,9 @@ class SweepSpec(Spec):
         except ValidationError as err:
             raise ValueError(
                 "; ".join(
-                    ".".join(map(str, e["loc"])) + ": " * bool(e["loc"]) + e["msg"].removeprefix("Value error, ")
+                    ".".join(map(str, e["loc"]))
+                    + ": " * bool(e["loc"])
+                    + e["msg"].removeprefix("Value error, ")
                     for e in err.errors()
                 )
             ) from None
@@ -624,18 +658,26 @@ class SweepSpec(Spec):
             except ValueError as err:
                 raise ValueError(f"sweep.points[{i}]: {err}") from None
             if doc in specs:
-                raise ValueError(f"sweep.points[{i}]: the same spec as sweep.points[{specs[doc]}] (it would run twice)")
+                raise ValueError(
+                    f"sweep.points[{i}]: the same spec as sweep.points[{specs[doc]}] (it would run twice)"
+                )
             specs[doc] = i
         prefixes = {suite.name.replace("-", "_") for suite in base.evaluation.suites} | {"train", "batches"}
         for where, metric in [("sweep.metric", self.metric)] + [
             (f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)
         ]:
             if metric.split(".")[0] not in prefixes:
-                raise ValueError(f"{where}: {metric!r} is not logged: its prefix is none of {sorted(prefixes)}")
+                raise ValueError(
+                    f"{where}: {metric!r} is not logged: its prefix is none of {sorted(prefixes)}"
+                )
         if any(c.at_least_zero_shot for c in self.constraints) and not base.evaluation.at_start:
-            raise ValueError("sweep.constraints: atLeastZeroShot needs evaluation.atStart (the zero-shot scores)")
+            raise ValueError(
+                "sweep.constraints: atLeastZeroShot needs evaluation.atStart (the zero-shot scores)"
+            )
         if self.asha is not None and not base.optimization.checkpoint_every:
-            raise ValueError("sweep.asha: needs optimization.checkpointEvery > 0 (trials report at checkpoints)")
+            raise ValueError(
+                "sweep.asha: needs optimization.checkpointEvery > 0 (trials report at checkpoints)"
+            )
 
 
 def _field_path(model: BaseModel, path: str) -> list[str]:
@@ -645,7 +687,9 @@ def _field_path(model: BaseModel, path: str) -> list[str]:
         where = ".".join(path.split(".")[: i + 1])
         if not isinstance(node, BaseModel):
             parent = ".".join(path.split(".")[:i])
-            why = "is unset in the base spec (set it to sweep its fields)" if node is None else "has no fields"
+            why = (
+                "is unset in the base spec (set it to sweep its fields)" if node is None else "has no fields"
+            )
             raise ValueError(f"sweep.parameters.{path}: {parent} {why}")
         name = next((n for n in type(node).model_fields if part in (n, to_camel(n))), None)
         if name is None:
@@ -667,7 +711,9 @@ class ExperimentSpec(Spec):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     sweep: SweepSpec | None = None
-    output_dir: str = Field(default="runs", description="Local checkpoints and exports (relative to the CWD).")
+    output_dir: str = Field(
+        default="runs", description="Local checkpoints and exports (relative to the CWD)."
+    )
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     storage: StorageSpec | None = Field(
         default=None,

@@ -122,7 +122,9 @@ def plan_sweep(exp: RetrievalExperiment) -> Plan:
     for explicit, combo in itertools.product(sweep.points or [{}], itertools.product(*grid.values())):
         fixed = dict(zip(grid, combo, strict=True))
         for _ in range(sweep.num_samples):
-            drawn = {path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()}
+            drawn = {
+                path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()
+            }
             values = {**explicit, **drawn}
             points.append(Point(_label(values), values))
     for point in points:  # combinations can break cross-field rules that single values keep
@@ -333,7 +335,9 @@ def run_sweep(
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     for point in plan.points:  # every point's batches, not only the base spec's
         try:
-            check_batches(corpus.index, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0]))
+            check_batches(
+                corpus.index, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0])
+            )
         except ValueError as err:
             raise ValueError(f"sweep point {point.label}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
@@ -405,9 +409,7 @@ def _tune(ctx: TrialContext, data: DataLocation, storage: str, stored: str | Non
     sweep = ctx.exp.spec.sweep
     specs = [ctx.spec(i, sweep.seeds[0]) for i in range(len(ctx.plan.points))]
     init_ray(ctx.env, any(s.distributed.gpus_per_worker for s in specs))
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, ctx=ctx, data=data), {"cpu": TRIAL_CPUS}
-    )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), {"cpu": TRIAL_CPUS})
     if stored is not None:
         print(f"sweep: continuing {stored} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(stored, trainable, resume_errored=True).fit()

@@ -70,7 +70,9 @@ def log_dataset(client: Any, run_id: str, name: str, digest: str, sources: list[
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
 
 
-def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]) -> str:
+def start_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> str:
     """Create an MLflow run (artifacts beside a sqlite store) and return its id."""
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
@@ -86,7 +88,9 @@ def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[st
         exp_id = client.create_experiment(experiment, artifact_location=location)
     else:
         exp_id = exp.experiment_id
-    if uid and "'" not in run_name and (again := _run_of(client, exp_id, uid, run_name)):  # the experiment runs again: same run
+    if (
+        uid and "'" not in run_name and (again := _run_of(client, exp_id, uid, run_name))
+    ):  # the experiment runs again: same run
         client.update_run(again, status="RUNNING")
         client.log_batch(again, tags=[RunTag("xling.status", "running")])
         return again

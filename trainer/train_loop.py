@@ -131,7 +131,11 @@ class Trainer:
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.rank, self.world = rank, world
         self.corpus: Corpus = open_corpus(config["data"], default_cache_dir() / "prepared")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
         torch.manual_seed(self.spec.sampling.seed)  # a weight built at random is the same on every replica
         spec = self.spec
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
@@ -154,7 +158,9 @@ class Trainer:
         self.model = self.engine.module
         torch.manual_seed(rank_seed(spec.sampling.seed, self.rank))  # each rank its own dropout masks
         self.dense_params, self.peak_flops = count_dense_params(self.model), peak_flops()
-        self.trainable_params = count_dense_params(self.model, trainable_only=True)  # freezeLayers: less backward
+        self.trainable_params = count_dense_params(
+            self.model, trainable_only=True
+        )  # freezeLayers: less backward
         self.sampler = build_sampler(self.corpus.index, spec.optimization.global_batch_size, spec.sampling)
         self.batches = Prefetch(self.read_batch, spec.data.prefetch_steps)
         self.composition = Composition()
@@ -177,7 +183,9 @@ class Trainer:
         self.start_step = state["step"]
         self.composition = Composition.from_dict(state.get("composition", {}))
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
-        self.logger.log(self.start_step, {"train.resumed_at_step": self.start_step}, force=True)  # restarts show in MLflow
+        self.logger.log(
+            self.start_step, {"train.resumed_at_step": self.start_step}, force=True
+        )  # restarts show in MLflow
 
     def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False, report: str = "") -> None:
         """Save engine + trainer state; the final one also holds the HF model and the results tables.
@@ -226,7 +234,9 @@ class Trainer:
         for suite_spec in ev.suites:
             suite = load_suite(suite_spec)
             # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
-            results = evaluate_suite(suite, encoder, index=ev.index, cache_dir=cache if self.world == 1 else None)
+            results = evaluate_suite(
+                suite, encoder, index=ev.index, cache_dir=cache if self.world == 1 else None
+            )
             if self.rank == 0:
                 prefix = suite_spec.name.replace("-", "_")
                 if self.logger.active:
@@ -245,8 +255,12 @@ class Trainer:
     def read_batch(self, step: int) -> StepBatch:
         """This rank's slice of global batch ``step``, read and tokenised (in the prefetch thread)."""
         plan = self.sampler.plan(step)
-        queries, passages, negatives, valid = batch_texts(self.corpus, plan, self.rank, self.world, self.spec.loss.hard_negatives)
-        return StepBatch(plan, self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage"), valid)
+        queries, passages, negatives, valid = batch_texts(
+            self.corpus, plan, self.rank, self.world, self.spec.loss.hard_negatives
+        )
+        return StepBatch(
+            plan, self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage"), valid
+        )
 
     def train_step(self, step: int) -> tuple[float, int, int]:
         spec = self.spec
@@ -299,8 +313,17 @@ class Trainer:
                     metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 self.logger.log(done, metrics)
                 if self.rank == 0:
-                    print(progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started), flush=True)
-                window_t, window_pairs, window_tokens, window_steps, self.batches.waited_s = time.time(), 0, 0, 0, 0.0
+                    print(
+                        progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started),
+                        flush=True,
+                    )
+                window_t, window_pairs, window_tokens, window_steps, self.batches.waited_s = (
+                    time.time(),
+                    0,
+                    0,
+                    0,
+                    0.0,
+                )
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
         self.batches.close()

@@ -331,7 +331,9 @@ def iapp_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
 
 # --- MLQA (cross-lingual QA, grouped by question id) ------------------------------------------------------
 
-_MLQA_NAME = re.compile(r"^(?P<split>dev|test)-context-(?P<c>[a-z]{2})-question-(?P<q>[a-z]{2})\.json(\.gz)?$")
+_MLQA_NAME = re.compile(
+    r"^(?P<split>dev|test)-context-(?P<c>[a-z]{2})-question-(?P<q>[a-z]{2})\.json(\.gz)?$"
+)
 
 
 def mlqa_rows(

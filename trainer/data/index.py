@@ -91,7 +91,9 @@ class CorpusIndex:
         shared = np.asarray(group_shared, dtype=bool)[member_group]
         group32 = np.asarray(member_group, dtype=np.int32)
         queries = [group32[shared & (member_lang == q) & (member_flags & QUERY > 0)] for q in range(n_lang)]
-        passages = [group32[shared & (member_lang == p) & (member_flags & PASSAGE > 0)] for p in range(n_lang)]
+        passages = [
+            group32[shared & (member_lang == p) & (member_flags & PASSAGE > 0)] for p in range(n_lang)
+        ]
         del group32, shared
         xy_lists = [
             np.intersect1d(queries[q], passages[p], assume_unique=True)
@@ -124,7 +126,9 @@ class CorpusIndex:
     def by_language(self) -> dict[str, np.ndarray]:
         """Language -> the groups with a query and a passage in it (languages with none left out)."""
         o = self.xx_offsets
-        return {lang: self.xx_groups[o[i] : o[i + 1]] for i, lang in enumerate(self.languages) if o[i + 1] > o[i]}
+        return {
+            lang: self.xx_groups[o[i] : o[i + 1]] for i, lang in enumerate(self.languages) if o[i + 1] > o[i]
+        }
 
     def by_pair(self) -> dict[tuple[str, str], np.ndarray]:
         """(query language, passage language) -> the groups X-Y may draw for it (pairs with none left out)."""

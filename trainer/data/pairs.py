@@ -124,7 +124,14 @@ def serves_every_strategy(group: dict[str, Pair]) -> bool:
 
 def member_digest(pair: Pair) -> bytes:
     """The 8-byte digest of one member; the corpus fingerprint hashes these in group, then language, order."""
-    fields = (pair.pair_id, pair.language, pair.query or "\x00", pair.passage or "\x00", pair.pool, *pair.hard_negatives)
+    fields = (
+        pair.pair_id,
+        pair.language,
+        pair.query or "\x00",
+        pair.passage or "\x00",
+        pair.pool,
+        *pair.hard_negatives,
+    )
     h = hashlib.blake2b(digest_size=8)
     h.update("\x1f".join(fields).encode())
     h.update(b"\x1d" + "\x1f".join(pair.keys).encode() + b"\x1e")

@@ -113,7 +113,9 @@ def source_rows(source: DataSource, languages: Collection[str], report: RowRepor
             return iapp_rows(path, source.split or "train")
         case "squad":
             if source.language is None:
-                raise ValueError(f"{path}: a squad source needs the field 'language' (the language of the file)")
+                raise ValueError(
+                    f"{path}: a squad source needs the field 'language' (the language of the file)"
+                )
             return squad_rows(path, source.language)
     raise ValueError(f"{path}: unknown source type {source.type!r}")
 
@@ -128,7 +130,10 @@ def file_stats(path: str) -> list[tuple[str, int, int]] | str:
     if not p.exists():
         return path
     files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
-    return [(str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return [
+        (str(f.relative_to(p)) if p.is_dir() else f.name, f.stat().st_size, f.stat().st_mtime_ns)
+        for f in files
+    ]
 
 
 def preparation_key(spec: DataSpec, guard: EvalGuard | None) -> str:
@@ -243,7 +248,9 @@ def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowR
     return rows
 
 
-def _bad(table: pa.Table, bad: Iterable[int], message: Callable[[int, dict], str], report: RowReport | None) -> None:
+def _bad(
+    table: pa.Table, bad: Iterable[int], message: Callable[[int, dict], str], report: RowReport | None
+) -> None:
     """Raise the first of the bad rows ``bad`` (row numbers, in order), or count them all."""
     for row in bad:
         err = BadRowError(message(int(row), table.slice(int(row), 1).to_pylist()[0]))
@@ -353,7 +360,12 @@ def _finish(
                 "for X-X and mixed batches only"
             )
         if dropped:
-            log.warning("%s: %d of %d groups left out of the shared pool (no X-X or no X-Y item)", name, dropped, len(mine))
+            log.warning(
+                "%s: %d of %d groups left out of the shared pool (no X-X or no X-Y item)",
+                name,
+                dropped,
+                len(mine),
+            )
     overlapping = (count(a["overlaps"][m]) > 0) & ~drop
     drop |= overlapping
     if report is not None and report.total:
@@ -384,7 +396,9 @@ def _write(
     key_group, key_value = _member_keys(a, rows, group)
     _, negatives = _gather(a["negatives"], a["negative_count"], rows, group)
     languages = [ALL_LANGUAGES[c] for c in present]
-    index = CorpusIndex.build(languages, group, lang, a["flags"][rows], group_shared, key_group, key_value, negatives)
+    index = CorpusIndex.build(
+        languages, group, lang, a["flags"][rows], group_shared, key_group, key_value, negatives
+    )
     index.save(staging / INDEX)
     np.save(staging / INDEX / "member_row.npy", rows.astype(np.int64))
     meta = {
@@ -396,13 +410,18 @@ def _write(
         "sizes": index.sizes(),
         "dropped_overlap": dropped_overlap,
         "index_bytes": index.nbytes(),
-        "bad_rows": {"skipped": dict(report.skipped) if report else {}, "examples": report.examples if report else []},
+        "bad_rows": {
+            "skipped": dict(report.skipped) if report else {},
+            "examples": report.examples if report else [],
+        },
     }
     (staging / META).write_text(json.dumps(meta, indent=1))
     return meta
 
 
-def _member_keys(a: dict[str, np.ndarray], rows: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _member_keys(
+    a: dict[str, np.ndarray], rows: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """(group, key) of every member's conflict key, 12 bytes a key (the index keeps the ones that can clash)."""
     row_group = np.full(len(a["pid"]), -1, dtype=np.int32)
     row_group[rows] = group
@@ -412,7 +431,9 @@ def _member_keys(a: dict[str, np.ndarray], rows: np.ndarray, group: np.ndarray) 
     return key_group[member], a["keys"][member]
 
 
-def _gather(values: np.ndarray, counts: np.ndarray, rows: np.ndarray, group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _gather(
+    values: np.ndarray, counts: np.ndarray, rows: np.ndarray, group: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The variable-length per-row ``values`` (``counts`` per row, concatenated) of ``rows``, with their groups."""
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     np.cumsum(counts, out=offsets[1:])

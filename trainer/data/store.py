@@ -66,7 +66,9 @@ class PreparedCorpus:
         self.batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
         self.batch_starts = np.cumsum([0] + [b.num_rows for b in self.batches])
         #: Mined negatives: per member, the member positions of its negatives (-1: none).
-        self.mined = np.load(directory / NEGATIVES / negatives / "members.npy", mmap_mode="r") if negatives else None
+        self.mined = (
+            np.load(directory / NEGATIVES / negatives / "members.npy", mmap_mode="r") if negatives else None
+        )
 
     def __len__(self) -> int:
         return len(self.index)
@@ -111,7 +113,9 @@ class PreparedCorpus:
         for lo, hi in itertools.pairwise(bounds):
             at = order[lo:hi]
             c = int(chunk[at[0]])
-            for i, pair in zip(at, rows_to_pairs(self.batches[c].take(rows[at] - self.batch_starts[c])), strict=True):
+            for i, pair in zip(
+                at, rows_to_pairs(self.batches[c].take(rows[at] - self.batch_starts[c])), strict=True
+            ):
                 out[i] = pair
         return out
 
@@ -161,7 +165,9 @@ def publish(staging: Path, target: str, keep_local: Path | None = None) -> None:
             local = pyarrow.fs.LocalFileSystem()
             meta = (staging / META).rename(staging.parent / f"{staging.name}.{META}")  # uploaded last
             pyarrow.fs.copy_files(str(staging), path, source_filesystem=local, destination_filesystem=fs)
-            pyarrow.fs.copy_files(str(meta), f"{path}/{META}", source_filesystem=local, destination_filesystem=fs)
+            pyarrow.fs.copy_files(
+                str(meta), f"{path}/{META}", source_filesystem=local, destination_filesystem=fs
+            )
             meta.rename(staging / META)
         target_dir = keep_local or staging
     else:
@@ -184,7 +190,9 @@ def publish_negatives(directory: Path, uri: str) -> None:
         return
     local = pyarrow.fs.LocalFileSystem()
     for name in sorted(p.name for p in directory.iterdir() if p.name != META) + [META]:
-        pyarrow.fs.copy_files(str(directory / name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs)
+        pyarrow.fs.copy_files(
+            str(directory / name), f"{path}/{name}", source_filesystem=local, destination_filesystem=fs
+        )
 
 
 def remote_meta(uri: str) -> dict[str, Any] | None:
@@ -211,10 +219,16 @@ def locate(location: DataLocation, cache: Path) -> Path:
             _fetch(location.uri, directory, cache)
     meta = read_meta(directory)
     if meta is not None and location.negatives and "://" in location.uri:  # mined after this node's copy
-        _fetch(f"{location.uri}/{NEGATIVES}/{location.negatives}", directory / NEGATIVES / location.negatives, cache)
+        _fetch(
+            f"{location.uri}/{NEGATIVES}/{location.negatives}",
+            directory / NEGATIVES / location.negatives,
+            cache,
+        )
     if meta is None or meta["fingerprint"] != location.fingerprint:
         found = meta["fingerprint"] if meta else "no prepared corpus"
-        raise ValueError(f"{location.uri}: expected the prepared corpus {location.fingerprint}, found {found}")
+        raise ValueError(
+            f"{location.uri}: expected the prepared corpus {location.fingerprint}, found {found}"
+        )
     return directory
 
 
