@@ -119,6 +119,21 @@ def test_a_batch_leaves_out_negatives_of_its_own_groups(corpus) -> None:
     assert negatives[:2] == ["f", ""] and valid[:2] == [True, False]  # e is in the batch: skipped
 
 
+def tiny_experiment(tmp: Path, workers: int = 1) -> dict:
+    """A tiny-model run over 60 NTREX pairs in de and en, mining 2 negatives per passage."""
+    return {"apiVersion": "xling.io/v1alpha1", "kind": "RetrievalExperiment", "metadata": {"name": "mine"},
+            "spec": {"model": {"name": "xling/tiny-random", "maxQueryLength": 16, "maxPassageLength": 24},
+                     "data": {"languages": ["de", "en"], "dropEvalOverlap": False,
+                              "sources": [{"type": "ntrex", "path": str(ROOT / "data/demo/ntrex-128"),
+                                           "maxPairsPerLanguage": 60}],
+                              "hardNegatives": {"mine": {"perPair": 2, "topK": 8, "maxScoreRatio": 1.0,
+                                                         "batchSize": 16, "workers": workers}}},
+                     "sampling": {"strategy": "hybrid", "seed": 0}, "loss": {"hardNegatives": 2},
+                     "optimization": {"globalBatchSize": 8, "maxSteps": 4},
+                     "evaluation": {"cacheDir": str(tmp / "embeddings")},
+                     "outputDir": str(tmp / "runs")}}  # fmt: skip
+
+
 def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batches(tmp_path: Path) -> None:
     """``xling mine``'s path with a real (tiny, random: so no score ratio) model, reused on a second run; a fresh process opening the
     run's location (a resumed worker) reads the very same texts and negatives for a step."""
@@ -126,16 +141,7 @@ def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batche
     from xling.trainer.sampling import build_sampler
     from xling.trainer.spec import parse_experiment
 
-    doc = {"apiVersion": "xling.io/v1alpha1", "kind": "RetrievalExperiment", "metadata": {"name": "mine"},
-           "spec": {"model": {"name": "xling/tiny-random", "maxQueryLength": 16, "maxPassageLength": 24},
-                    "data": {"languages": ["de", "en"], "dropEvalOverlap": False,
-                             "sources": [{"type": "ntrex", "path": str(ROOT / "data/demo/ntrex-128"),
-                                          "maxPairsPerLanguage": 60}],
-                             "hardNegatives": {"mine": {"perPair": 2, "topK": 8, "maxScoreRatio": 1.0}}},
-                    "sampling": {"strategy": "hybrid", "seed": 0}, "loss": {"hardNegatives": 2},
-                    "optimization": {"globalBatchSize": 8, "maxSteps": 4},
-                    "evaluation": {"cacheDir": str(tmp_path / "embeddings")},
-                    "outputDir": str(tmp_path / "runs")}}  # fmt: skip
+    doc = tiny_experiment(tmp_path)
     exp = parse_experiment(doc)
     first = prepare_data(exp)
     meta = first.mined
@@ -148,3 +154,28 @@ def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batche
         plan = sampler.plan(step)
         assert batch_texts(first.corpus, plan, 0, 2, 2) == batch_texts(resumed, plan, 0, 2, 2)
     assert any(batch_texts(resumed, sampler.plan(s), 0, 1, 2)[3].count(True) for s in range(4))
+
+
+@pytest.mark.slow
+def test_mining_on_ray_workers_finds_the_same_negatives(tmp_path: Path) -> None:
+    """Three Ray actors share the encoding (each its own batches, as on a cluster's GPUs): the negatives and
+    their scores are those of mining in one process."""
+    import ray
+
+    from xling.trainer.run import prepare_data
+    from xling.trainer.spec import parse_experiment
+
+    try:
+        alone, spread = (
+            prepare_data(parse_experiment(tiny_experiment(tmp_path / str(n), workers=n))) for n in (1, 3)
+        )
+        assert ray.is_initialized()  # the sharded run started Ray; the first one did not need it
+    finally:
+        ray.shutdown()
+    assert spread.location.negatives == alone.location.negatives  # the key does not depend on the workers
+    for name in ("members.npy", "scores.npy"):
+        a, b = (
+            np.load(p.corpus.directory / "negatives" / p.location.negatives / name) for p in (alone, spread)
+        )
+        assert np.array_equal(a, b) if name == "members.npy" else np.allclose(a, b, atol=1e-6, equal_nan=True)
+    assert spread.mined["removed"] == alone.mined["removed"] and spread.mined["negatives"] > 0

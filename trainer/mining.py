@@ -16,7 +16,9 @@ counted:
 The first ``perPair`` survivors are kept, with their scores, under ``negatives/<key>/`` of the prepared
 corpus; the key covers the corpus, the mining settings and the mining model's fingerprint, so an unchanged
 setup is never mined twice. Passages are encoded once per language through the evaluation's cached encoder
-(``encode_cached``), and searched with the evaluation's FAISS index (on a GPU when there is one).
+(``encode_cached``), on ``workers`` Ray actors when mining a large corpus on a cluster
+(:mod:`~xling.trainer.sharded_encoder`), and searched with the evaluation's FAISS index (on a GPU when
+there is one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from xling.trainer.data.store import NEGATIVES, PreparedCorpus, publish_negative
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.search import build_index, search
-from xling.trainer.spec import ExperimentSpec, MineSpec
+from xling.trainer.spec import ExperimentSpec, MineSpec, ModelSpec
 
 RULES = ("positive", "translation", "conflict_key", "skip_top", "score_ratio")
 
@@ -70,7 +74,7 @@ def mined(corpus: PreparedCorpus, key: str) -> dict | None:
 
 
 def mining_key(corpus: PreparedCorpus, spec: MineSpec, model_fingerprint: str) -> str:
-    basis = {"corpus": corpus.fingerprint(), "mine": spec.model_dump(mode="json", exclude={"batch_size"}),
+    basis = {"corpus": corpus.fingerprint(), "mine": spec.model_dump(mode="json", exclude={"batch_size", "workers"}),
              "model": model_fingerprint}  # fmt: skip
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -166,11 +170,29 @@ def _filter(
     return kept
 
 
+@contextmanager
+def mining_encoder(path: str, model: ModelSpec, settings: MineSpec) -> Iterator[TextEncoder]:
+    """The mining model in this process, or on ``settings.workers`` Ray actors (Ray must be started),
+    freed when mining ends so that training gets the GPUs."""
+    if settings.workers == 1:
+        from xling.trainer.model import encoder_for
+
+        yield encoder_for(path, model, settings.batch_size)
+        return
+    from xling.trainer.sharded_encoder import ShardedEncoder
+
+    encoder = ShardedEncoder(path, model, settings.batch_size, settings.workers)
+    try:
+        yield encoder
+    finally:
+        encoder.close()
+
+
 def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str] | None = None) -> Prepared:
     """Mine ``spec.data.hardNegatives.mine`` into the prepared corpus (once per key, uploaded beside a
     corpus in a bucket); the result's location and corpus carry the negatives."""
     from xling.trainer.e5s1 import default_cache_dir
-    from xling.trainer.model import encoder_for, model_fingerprint, resolve_model_path
+    from xling.trainer.model import model_fingerprint, resolve_model_path
 
     settings = spec.data.hard_negatives.mine
     path = resolve_model_path(settings.model or spec.model.name, tiny_texts)
@@ -179,8 +201,14 @@ def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str
     meta = mined(corpus, key)
     if meta is None:
         started = time.perf_counter()
-        meta = mine(corpus, settings, encoder_for(path, spec.model, settings.batch_size), key,
-                    spec.evaluation.cache_dir or default_cache_dir() / "embeddings")  # fmt: skip
+        with mining_encoder(path, spec.model, settings) as encoder:
+            meta = mine(
+                corpus,
+                settings,
+                encoder,
+                key,
+                spec.evaluation.cache_dir or default_cache_dir() / "embeddings",
+            )
         print(f"mine: {meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages "
               f"in {time.perf_counter() - started:.0f}s; removed {meta['removed']}", flush=True)  # fmt: skip
     if "://" in prepared.location.uri:

@@ -149,6 +149,11 @@ class MineSpec(Spec):
         "dropped as a likely false negative.",
     )
     batch_size: PositiveInt = Field(default=64, description="Texts per encoder batch.")
+    workers: PositiveInt = Field(
+        default=1,
+        description="Ray actors that encode the corpus, one GPU each when the cluster has GPUs; 1 encodes in "
+        "the driver. The embeddings, hence the negatives, do not depend on it.",
+    )
 
 
 class HardNegativesSpec(Spec):
