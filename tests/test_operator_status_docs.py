@@ -30,4 +30,3 @@ def test_docs_list_every_member_once(heading: str, enum: type[StrEnum]) -> None:
     names = documented(heading)
     assert len(names) == len(set(names)), f"listed twice under {heading!r}"
     assert set(names) == {m.value for m in enum}, f"{heading!r} and {enum.__name__} differ"
-
