@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from k8s_emulator import experiment, kubeconfig  # noqa: E402
 
+from xling.operator.conditions import ConditionType  # noqa: E402
 from xling.operator.crd import GROUP, PLURAL, VERSION  # noqa: E402
 
 EXPERIMENTS = f"/apis/{GROUP}/{VERSION}/namespaces/default/{PLURAL}"
@@ -67,7 +68,7 @@ async def _done(session: aiohttp.ClientSession, base: str, count: int) -> tuple[
     async with session.get(base + EXPERIMENTS) as resp:
         items = (await resp.json())["items"]
     validated = sum(
-        any(c.get("type") == "Validated" for c in (i.get("status") or {}).get("conditions", []))
+        any(c.get("type") == ConditionType.VALIDATED for c in (i.get("status") or {}).get("conditions", []))
         for i in items
     )
     return jobs, validated

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from xling.operator import manifests as mf
+from xling.operator.conditions import ConditionReason as Reason
 from xling.operator.defaults import Platform
 from xling.trainer.spec import RetrievalExperiment
 
-Problem = tuple[str, str]
+Problem = tuple[Reason, str]
 
 
 class PreflightKube(Protocol):
@@ -28,7 +29,7 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
     if spec.storage is None and mf.pod_count(spec) > 1:
         problems.append(
             (
-                "SharedStorageRequired",
+                Reason.SHARED_STORAGE_REQUIRED,
                 f"spec.storage: required: the RayJob has {mf.pod_count(spec)} pods and Ray Train saves "
                 "checkpoints from each of them, so they need shared storage (s3://, gs:// or a ReadWriteMany "
                 "pvc://); set spec.storage.checkpointUri or ask for a platform default (Helm trainer.storage)",
@@ -37,7 +38,7 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
     if dist.gpus_per_worker > 1:
         problems.append(
             (
-                "GpusIdle",
+                Reason.GPUS_IDLE,
                 f"spec.distributed.gpusPerWorker: {dist.gpus_per_worker}: each rank drives one GPU, so the "
                 f"others would sit idle; use gpusPerWorker: 1 and numWorkers: "
                 f"{dist.num_workers * dist.gpus_per_worker}",
@@ -48,7 +49,7 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
         if total > per_node and total % per_node:
             problems.append(
                 (
-                    "PartialNode",
+                    Reason.PARTIAL_NODE,
                     f"spec.distributed.numWorkers: {total} GPUs do not fill whole {per_node}-GPU nodes "
                     f"(spec.cluster.gpuNode.gpus); use a multiple of {per_node}",
                 )
@@ -57,7 +58,7 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
     if not platform.tracking_host_allowed(uri):
         problems.append(
             (
-                "TrackingHostNotAllowed",
+                Reason.TRACKING_HOST_NOT_ALLOWED,
                 f"spec.tracking.trackingUri: {uri}: the host is not in the platform's allowedTrackingHosts "
                 f"({', '.join(sorted(platform.allowed_tracking_hosts))})",
             )
@@ -69,7 +70,10 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
     """Referenced Secrets exist; a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it); some
     node offers each GPU resource the pods request (skipped when the operator may not list nodes)."""
     problems: list[Problem] = [
-        ("SecretNotFound", f"spec: Secret {name!r} (referenced by the spec) does not exist in {namespace}")
+        (
+            Reason.SECRET_NOT_FOUND,
+            f"spec: Secret {name!r} (referenced by the spec) does not exist in {namespace}",
+        )
         for name in mf.secret_names(exp.spec)
         if kube.read_secret(namespace, name) is None
     ]
@@ -83,7 +87,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
         )
         problems.append(
             (
-                "GpuResourceNotFound",
+                Reason.GPU_RESOURCE_NOT_FOUND,
                 f"{field}: no node offers {', '.join(missing)} (is the device plugin installed?)",
             )
         )
@@ -93,7 +97,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
         if pvc is None:
             problems.append(
                 (
-                    "ClaimNotFound",
+                    Reason.CLAIM_NOT_FOUND,
                     f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} does not exist",
                 )
             )
@@ -103,7 +107,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
             modes = ", ".join((pvc.get("spec") or {}).get("accessModes", [])) or "none"
             problems.append(
                 (
-                    "ClaimNotShared",
+                    Reason.CLAIM_NOT_SHARED,
                     f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} is {modes}, but "
                     f"{mf.pod_count(exp.spec)} pods on different nodes mount it: it must be ReadWriteMany",
                 )

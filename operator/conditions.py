@@ -9,17 +9,97 @@ from __future__ import annotations
 import datetime
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-CONDITION_TYPES = ("Validated", "ClusterReady", "Running", "Succeeded", "Failed", "Suspended", "Progressing")
+
+class ConditionType(StrEnum):
+    """Every ``status.conditions[].type`` the operator writes, in the order they are listed in status.
+
+    The values are the API (``kubectl wait --for=condition=...``); docs/operator.md lists each one.
+    """
+
+    VALIDATED = "Validated"
+    CLUSTER_READY = "ClusterReady"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+    PROGRESSING = "Progressing"
+
+
+class ConditionReason(StrEnum):
+    """Every ``status.conditions[].reason`` the operator chooses (also the reason of its transition events).
+
+    The only other reasons in status are KubeRay's own, copied verbatim onto a failed job's conditions by
+    :func:`from_rayjob`. The values are the API; docs/operator.md lists each one with its meaning.
+    """
+
+    # Any condition, before anything is known.
+    PENDING = "Pending"
+    # Validated: the spec, then the cluster checks and preflight (xling.operator.checks).
+    SPEC_VALID = "SpecValid"
+    INVALID_SPEC = "InvalidSpec"
+    IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
+    SHARED_STORAGE_REQUIRED = "SharedStorageRequired"
+    GPUS_IDLE = "GpusIdle"
+    PARTIAL_NODE = "PartialNode"
+    TRACKING_HOST_NOT_ALLOWED = "TrackingHostNotAllowed"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    GPU_RESOURCE_NOT_FOUND = "GpuResourceNotFound"
+    CLAIM_NOT_FOUND = "ClaimNotFound"
+    CLAIM_NOT_SHARED = "ClaimNotShared"
+    # ClusterReady / Running while the Ray cluster comes up: one per KubeRay jobDeploymentStatus.
+    KUBERAY_NOT_INSTALLED = "KubeRayNotInstalled"
+    CLUSTER_NEW = "ClusterNew"
+    CLUSTER_INITIALIZING = "ClusterInitializing"
+    CLUSTER_WAITING = "ClusterWaiting"
+    CLUSTER_RETRYING = "ClusterRetrying"
+    CLUSTER_READY = "ClusterReady"
+    # Running / Succeeded / Failed: one per KubeRay jobStatus.
+    JOB_NEW = "Job"  # KubeRay's JobStatusNew is the empty string, hence the bare word
+    JOB_PENDING = "JobPending"
+    JOB_RUNNING = "JobRunning"
+    JOB_STOPPED = "JobStopped"
+    JOB_SUCCEEDED = "JobSucceeded"
+    JOB_FAILED = "JobFailed"
+    RAYJOB_VALIDATION_FAILED = "RayJobValidationFailed"
+    RAYJOB_DELETED = "RayJobDeleted"
+    UNKNOWN_RAYJOB_STATE = "UnknownRayJobState"
+    # Suspended (and ClusterReady / Running while suspended).
+    NOT_SUSPENDED = "NotSuspended"
+    SUSPENDING = "Suspending"
+    SUSPENDED = "Suspended"
+    # Progressing: the no-progress watchdog.
+    METRICS_ARRIVING = "MetricsArriving"
+    NO_PROGRESS = "NoProgress"
+    NO_TRACKING_SERVER = "NoTrackingServer"
+
+
 Phase = Literal["Pending", "Invalid", "Initializing", "Running", "Suspended", "Succeeded", "Failed"]
 TERMINAL_PHASES = frozenset({"Succeeded", "Failed"})
 #: Conditions whose True is bad news: their transitions are posted as Warning events.
-_WARNING_WHEN_TRUE = frozenset({"Failed"})
-_WARNING_WHEN_FALSE = frozenset({"Validated", "Progressing"})
+_WARNING_WHEN_TRUE = frozenset({ConditionType.FAILED})
+_WARNING_WHEN_FALSE = frozenset({ConditionType.VALIDATED, ConditionType.PROGRESSING})
+#: KubeRay's jobDeploymentStatus while the cluster comes up, and the reason each one is reported with.
+_STARTING_REASONS = {
+    "New": ConditionReason.CLUSTER_NEW,
+    "Initializing": ConditionReason.CLUSTER_INITIALIZING,
+    "Waiting": ConditionReason.CLUSTER_WAITING,
+    "Retrying": ConditionReason.CLUSTER_RETRYING,
+}
+#: KubeRay's jobStatus values (its JobStatusNew is "") and the reason each one is reported with.
+_JOB_REASONS = {
+    "": ConditionReason.JOB_NEW,
+    "PENDING": ConditionReason.JOB_PENDING,
+    "RUNNING": ConditionReason.JOB_RUNNING,
+    "STOPPED": ConditionReason.JOB_STOPPED,
+    "SUCCEEDED": ConditionReason.JOB_SUCCEEDED,
+    "FAILED": ConditionReason.JOB_FAILED,
+}
 
 
 class _Model(BaseModel):
@@ -78,9 +158,10 @@ class ExperimentStatus(_Model):
 class Cond:
     """A wished-for condition; lastTransitionTime and observedGeneration are filled when it is written."""
 
-    type: str
+    type: ConditionType
     status: Literal["True", "False", "Unknown"]
-    reason: str
+    #: One of ours, or KubeRay's own reason for a failed job, copied verbatim (:func:`from_rayjob`).
+    reason: ConditionReason | str
     message: str = ""
     #: Bad news whatever the type: posted as a Warning event, also when only the reason changes.
     warn: bool = False
@@ -101,9 +182,14 @@ def now_iso() -> str:
 def initial_conditions() -> list[Cond]:
     """Every type starts present, so ``kubectl wait`` never sees a missing condition."""
     return [
-        Cond(t, "Unknown" if t == "Progressing" else "False", "Pending", "waiting for the RayJob")
-        for t in CONDITION_TYPES
-        if t != "Validated"
+        Cond(
+            t,
+            "Unknown" if t == ConditionType.PROGRESSING else "False",
+            ConditionReason.PENDING,
+            "waiting for the RayJob",
+        )
+        for t in ConditionType
+        if t != ConditionType.VALIDATED
     ]
 
 
@@ -121,25 +207,23 @@ def merge_conditions(
         flipped = old is None or old.get("status") != cond.status
         if flipped or (cond.warn and old.get("reason") != cond.reason):
             changed.append(cond)
-        new = {
-            "type": cond.type,
-            "status": cond.status,
-            "reason": cond.reason,
-            "message": cond.message[:32768],
-        }
-        new["lastTransitionTime"] = now if flipped else old.get("lastTransitionTime", now)
-        if generation is not None:
-            new["observedGeneration"] = generation
-        by_type[cond.type] = new
-    order = {t: i for i, t in enumerate(CONDITION_TYPES)}
+        by_type[cond.type] = Condition(
+            type=cond.type,
+            status=cond.status,
+            reason=cond.reason,
+            message=cond.message[:32768],
+            last_transition_time=now if flipped else old.get("lastTransitionTime", now),
+            observed_generation=generation,
+        ).model_dump(by_alias=True, exclude_none=True)
+    order = {t: i for i, t in enumerate(ConditionType)}
     return sorted(by_type.values(), key=lambda c: order.get(c["type"], len(order))), changed
 
 
-def condition_status(conditions: Iterable[Mapping[str, Any]], type_: str) -> str | None:
+def condition_status(conditions: Iterable[Mapping[str, Any]], type_: ConditionType) -> str | None:
     return next((c.get("status") for c in conditions if c.get("type") == type_), None)
 
 
-def condition_reason(conditions: Iterable[Mapping[str, Any]], type_: str) -> str | None:
+def condition_reason(conditions: Iterable[Mapping[str, Any]], type_: ConditionType) -> str | None:
     return next((c.get("reason") for c in conditions if c.get("type") == type_), None)
 
 
@@ -147,17 +231,22 @@ def phase_of(conditions: Iterable[Mapping[str, Any]], job_deployment_status: str
     """One word for ``kubectl get``; the most final condition wins."""
     conds = list(conditions)
 
-    def true(t: str) -> bool:
+    def true(t: ConditionType) -> bool:
         return condition_status(conds, t) == "True"
 
-    for phase in ("Failed", "Succeeded"):
-        if true(phase):
-            return phase  # type: ignore[return-value]
-    if condition_status(conds, "Validated") == "False" and not true("ClusterReady") and not true("Running"):
+    if true(ConditionType.FAILED):
+        return "Failed"
+    if true(ConditionType.SUCCEEDED):
+        return "Succeeded"
+    if (
+        condition_status(conds, ConditionType.VALIDATED) == "False"
+        and not true(ConditionType.CLUSTER_READY)
+        and not true(ConditionType.RUNNING)
+    ):
         return "Invalid"
-    if true("Suspended"):
+    if true(ConditionType.SUSPENDED):
         return "Suspended"
-    if true("Running"):
+    if true(ConditionType.RUNNING):
         return "Running"
     if job_deployment_status:
         return "Initializing"
@@ -173,58 +262,62 @@ def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
     message = status.get("message") or ""
     cluster = status.get("rayClusterName") or "the Ray cluster"
 
-    def c(t: str, s: bool, r: str, m: str = "") -> Cond:
+    def c(t: ConditionType, s: bool, r: ConditionReason | str, m: str = "") -> Cond:
         return Cond(t, "True" if s else "False", r, m)
 
-    if deploy in ("New", "Initializing", "Waiting", "Retrying"):
+    T, R = ConditionType, ConditionReason
+    if starting := _STARTING_REASONS.get(deploy):
         why = {"Retrying": "RayJob is retrying with a new cluster"}.get(deploy, f"{cluster} is starting")
         blocker = cluster_blocker(status.get("rayClusterStatus"))
         return [
             Cond(
-                "ClusterReady",
+                T.CLUSTER_READY,
                 "True" if deploy == "Waiting" else "False",
-                f"Cluster{deploy}",
+                starting,
                 "; ".join(m for m in (message, blocker) if m) or why,
                 warn=any(word in blocker for word in _TROUBLE_WORDS),
             ),
-            c("Running", False, f"Cluster{deploy}", why),
-            c("Suspended", False, "NotSuspended"),
+            c(T.RUNNING, False, starting, why),
+            c(T.SUSPENDED, False, R.NOT_SUSPENDED),
         ]
     if deploy == "Running":
         # The job stays Running until KubeRay reports Complete/Failed, also once the Ray job itself ended.
         running = job != "PENDING"
+        job_reason = R.JOB_RUNNING if job == "" else _JOB_REASONS.get(job, R.UNKNOWN_RAYJOB_STATE)
         return [
-            c("ClusterReady", True, "ClusterReady", f"{cluster} is ready"),
-            c(
-                "Running",
-                running,
-                "JobRunning" if job in ("RUNNING", "") else f"Job{job.capitalize()}",
-                message,
-            ),
-            c("Suspended", False, "NotSuspended"),
+            c(T.CLUSTER_READY, True, R.CLUSTER_READY, f"{cluster} is ready"),
+            c(T.RUNNING, running, job_reason, message),
+            c(T.SUSPENDED, False, R.NOT_SUSPENDED),
         ]
     if deploy in ("Suspending", "Suspended"):
         return [
-            c("ClusterReady", False, "Suspended", "the Ray cluster is deleted while suspended"),
-            c("Running", False, "Suspended"),
-            c("Suspended", deploy == "Suspended", deploy, "spec.suspend is true"),
+            c(T.CLUSTER_READY, False, R.SUSPENDED, "the Ray cluster is deleted while suspended"),
+            c(T.RUNNING, False, R.SUSPENDED),
+            c(
+                T.SUSPENDED,
+                deploy == "Suspended",
+                R.SUSPENDED if deploy == "Suspended" else R.SUSPENDING,
+                "spec.suspend is true",
+            ),
         ]
     if deploy == "Complete" and job == "SUCCEEDED":
         return [
-            c("Running", False, "JobSucceeded"),
-            c("Succeeded", True, "JobSucceeded", message or "the Ray job succeeded"),
-            c("Failed", False, "JobSucceeded"),
+            c(T.RUNNING, False, R.JOB_SUCCEEDED),
+            c(T.SUCCEEDED, True, R.JOB_SUCCEEDED, message or "the Ray job succeeded"),
+            c(T.FAILED, False, R.JOB_SUCCEEDED),
         ]
     if deploy in ("Complete", "Failed", "ValidationFailed"):
         why = reason or (
-            "RayJobValidationFailed" if deploy == "ValidationFailed" else f"Job{job.capitalize()}"
+            R.RAYJOB_VALIDATION_FAILED
+            if deploy == "ValidationFailed"
+            else _JOB_REASONS.get(job, R.UNKNOWN_RAYJOB_STATE)
         )
         return [
-            c("Running", False, why),
-            c("Succeeded", False, why),
-            c("Failed", True, why, message or f"RayJob ended: {deploy}/{job or 'no job status'}"),
+            c(T.RUNNING, False, why),
+            c(T.SUCCEEDED, False, why),
+            c(T.FAILED, True, why, message or f"RayJob ended: {deploy}/{job or 'no job status'}"),
         ]
-    return [c("Running", False, "UnknownRayJobState", f"jobDeploymentStatus={deploy!r}")]
+    return [c(T.RUNNING, False, R.UNKNOWN_RAYJOB_STATE, f"jobDeploymentStatus={deploy!r}")]
 
 
 #: Words in a RayCluster reason that mean the wait will not end by itself (posted as a Warning).
@@ -260,8 +353,9 @@ def cluster_blocker(cluster_status: Mapping[str, Any] | None) -> str:
 def rayjob_deleted() -> list[Cond]:
     """A RayJob deleted by hand is reported, not recreated: rerunning a 30B training must be deliberate."""
     msg = "the RayJob was deleted outside the operator; delete and re-apply the experiment to run it again"
+    deleted = ConditionReason.RAYJOB_DELETED
     return [
-        Cond("ClusterReady", "False", "RayJobDeleted", msg),
-        Cond("Running", "False", "RayJobDeleted", msg),
-        Cond("Failed", "True", "RayJobDeleted", msg),
+        Cond(ConditionType.CLUSTER_READY, "False", deleted, msg),
+        Cond(ConditionType.RUNNING, "False", deleted, msg),
+        Cond(ConditionType.FAILED, "True", deleted, msg),
     ]

@@ -20,7 +20,9 @@ from pydantic import ValidationError
 from xling.operator import conditions as cnd
 from xling.operator import manifests as mf
 from xling.operator.checks import Problem, cluster_problems, preflight
-from xling.operator.conditions import Cond
+from xling.operator.conditions import BestMetric, Cond, ExperimentStatus, MlflowStatus
+from xling.operator.conditions import ConditionReason as Reason
+from xling.operator.conditions import ConditionType as Type
 from xling.operator.defaults import Platform
 from xling.operator.kube import Conflict, NotInstalled
 from xling.operator.progress import Mlflow, language_breakdown, ms_to_iso
@@ -63,7 +65,8 @@ class ForeignChild(Exception):
 @dataclass(frozen=True)
 class StatusUpdate:
     conditions: list[Cond] = field(default_factory=list)
-    fields: dict[str, Any] = field(default_factory=dict)
+    #: Status fields to write besides conditions/phase/observedGeneration: only those set are written.
+    fields: ExperimentStatus = field(default_factory=ExperimentStatus)
     #: True when the update reflects the current spec generation (spec handlers only).
     observes_spec: bool = False
     #: Seconds after which the spec handler must run again (e.g. KubeRay not installed yet); None = never.
@@ -80,13 +83,13 @@ class Transition:
 
 
 def invalid(err: Exception) -> StatusUpdate:
-    return StatusUpdate([Cond("Validated", "False", "InvalidSpec", str(err))], observes_spec=True)
+    return StatusUpdate([Cond(Type.VALIDATED, "False", Reason.INVALID_SPEC, str(err))], observes_spec=True)
 
 
 def refused(problems: list[Problem]) -> StatusUpdate:
     """Validated=False with the first problem's reason and every problem's message."""
     message = "; ".join(m for _, m in problems)
-    return StatusUpdate([Cond("Validated", "False", problems[0][0], message)], observes_spec=True)
+    return StatusUpdate([Cond(Type.VALIDATED, "False", problems[0][0], message)], observes_spec=True)
 
 
 def _create_or_read(
@@ -129,9 +132,9 @@ def user_changes(configmap: Mapping[str, Any], user_spec: Any) -> list[str]:
 
 def _immutable_refusal(changed: list[str]) -> Cond:
     return Cond(
-        "Validated",
+        Type.VALIDATED,
         "False",
-        "ImmutableFieldChanged",
+        Reason.IMMUTABLE_FIELD_CHANGED,
         f"{', '.join(changed)}: cannot change after creation (only spec.suspend and spec.deadlines can; "
         "those were applied); the RayJob keeps the original spec. Revert it, or delete and re-create the "
         "experiment.",
@@ -153,8 +156,10 @@ def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None
         exp = platform.experiment(body)
     except SpecError as err:
         return invalid(err)
-    names = {"rayJobName": mf.rayjob_name(owner.name), "configMapName": mf.configmap_name(owner.name)}
-    current_rj = kube.read_rayjob(owner.namespace, names["rayJobName"])
+    names = ExperimentStatus(
+        ray_job_name=mf.rayjob_name(owner.name), config_map_name=mf.configmap_name(owner.name)
+    )
+    current_rj = kube.read_rayjob(owner.namespace, names.ray_job_name)
     # Checked before anything (and any GPU) is allocated; a running job is not refused later because the
     # platform's defaults or the objects it references changed.
     fresh = current_rj is None and not status.get("rayJobName")
@@ -162,19 +167,19 @@ def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None
         return refused(problems)
     user_spec = body.get("spec") or {}
     wanted_cm = mf.configmap(exp, owner, user_spec)
-    current_cm = kube.read_configmap(owner.namespace, names["configMapName"])
+    current_cm = kube.read_configmap(owner.namespace, names.config_map_name)
     if current_cm is None:
         current_cm = _create_or_read(kube.create_configmap, kube.read_configmap, wanted_cm)
     _check_owner(current_cm, owner)
     changed = user_changes(current_cm, user_spec)
     if not changed and _content(current_cm) != _content(wanted_cm):
         patch = {"metadata": {"annotations": _content(wanted_cm)[1]}, "data": wanted_cm["data"]}
-        kube.patch_configmap(owner.namespace, names["configMapName"], patch)
+        kube.patch_configmap(owner.namespace, names.config_map_name, patch)
 
     verdict = (
         [_immutable_refusal(changed)]
         if changed
-        else [Cond("Validated", "True", "SpecValid", "spec is valid")]
+        else [Cond(Type.VALIDATED, "True", Reason.SPEC_VALID, "spec is valid")]
     )
     if current_rj is None:
         if status.get("rayJobName"):  # it existed and the experiment is unfinished: deleted by hand
@@ -183,16 +188,22 @@ def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None
             _create_or_read(kube.create_rayjob, kube.read_rayjob, mf.rayjob(exp, owner))
         except NotInstalled as err:
             why = f"{err} Install KubeRay (docs/install.md); the operator retries every {KUBERAY_RETRY_SECONDS} s."
-            cond = Cond("ClusterReady", "False", "KubeRayNotInstalled", why, warn=True)
+            cond = Cond(Type.CLUSTER_READY, "False", Reason.KUBERAY_NOT_INSTALLED, why, warn=True)
             return StatusUpdate(verdict + [cond], observes_spec=True, retry_after=KUBERAY_RETRY_SECONDS)
-        if cnd.condition_reason(status.get("conditions") or [], "ClusterReady") == "KubeRayNotInstalled":
+        ready_reason = cnd.condition_reason(status.get("conditions") or [], Type.CLUSTER_READY)
+        if ready_reason == Reason.KUBERAY_NOT_INSTALLED:
             verdict.append(
-                Cond("ClusterReady", "False", "Pending", "KubeRay is installed; waiting for the RayJob")
+                Cond(
+                    Type.CLUSTER_READY,
+                    "False",
+                    Reason.PENDING,
+                    "KubeRay is installed; waiting for the RayJob",
+                )
             )
         return StatusUpdate(verdict, names, observes_spec=True)
     _check_owner(current_rj, owner)
     if patch := mf.mutable_patch(current_rj, exp.spec):  # always: even while an immutable edit is refused
-        kube.patch_rayjob(owner.namespace, names["rayJobName"], patch)
+        kube.patch_rayjob(owner.namespace, names.ray_job_name, patch)
     return StatusUpdate(verdict, names, observes_spec=True)
 
 
@@ -220,13 +231,13 @@ def mirror_rayjob(rayjob: Mapping[str, Any], deleted: bool) -> Callable[[Mapping
         dashboard = status.get("dashboardURL")
         return StatusUpdate(
             cnd.from_rayjob(status),
-            {
-                "jobDeploymentStatus": status.get("jobDeploymentStatus"),
-                "jobStatus": status.get("jobStatus"),
-                "dashboardUrl": (dashboard if "://" in dashboard else f"http://{dashboard}")
+            ExperimentStatus(
+                job_deployment_status=status.get("jobDeploymentStatus"),
+                job_status=status.get("jobStatus"),
+                dashboard_url=(dashboard if "://" in dashboard else f"http://{dashboard}")
                 if dashboard
                 else None,
-            },
+            ),
         )
 
     return update
@@ -288,43 +299,43 @@ def watch_progress(
     tracking, limit = exp.spec.tracking, exp.spec.deadlines.no_progress_seconds
     if not Mlflow.supports(tracking.tracking_uri):
         if phase != "Running":
-            return StatusUpdate(fields={"metrics": {}})  # nothing to fetch: stop looking
+            return StatusUpdate(fields=ExperimentStatus(metrics={}))  # nothing to fetch: stop looking
         why = "the MLflow tracking URI is not http(s), so progress cannot be watched"
-        return StatusUpdate([Cond("Progressing", "Unknown", "NoTrackingServer", why)])
+        return StatusUpdate([Cond(Type.PROGRESSING, "Unknown", Reason.NO_TRACKING_SERVER, why)])
     mlflow = client(
         tracking.tracking_uri, tracking_credentials(kube, body["metadata"]["namespace"], exp, platform)
     )
     report = mlflow.report(tracking.experiment_name or exp.metadata.name, body["metadata"].get("uid", ""))
-    fields: dict[str, Any] = {}
+    fields = ExperimentStatus()
     conds: list[Cond] = []
     if report is not None:
-        links = {
-            "experimentId": report.experiment_id,
-            "experimentUrl": mlflow.experiment_url(report.experiment_id),
-        }
+        links = MlflowStatus(
+            experiment_id=report.experiment_id, experiment_url=mlflow.experiment_url(report.experiment_id)
+        )
         if report.run_id:
-            links |= {"runId": report.run_id, "runUrl": mlflow.run_url(report.experiment_id, report.run_id)}
-        fields["mlflow"] = links
+            links.run_id = report.run_id
+            links.run_url = mlflow.run_url(report.experiment_id, report.run_id)
+        fields.mlflow = links
         if report.last_metric_ms:
-            fields["lastMetricTime"] = ms_to_iso(report.last_metric_ms)
+            fields.last_metric_time = ms_to_iso(report.last_metric_ms)
     if phase == "Running" and limit:
-        since = fields.get("lastMetricTime") or next(
-            (c["lastTransitionTime"] for c in status.get("conditions", []) if c.get("type") == "Running"),
+        since = fields.last_metric_time or next(
+            (c["lastTransitionTime"] for c in status.get("conditions", []) if c.get("type") == Type.RUNNING),
             None,
         )
         age = _age_seconds(since, now) if since else 0.0
         if age > limit:
-            conds.append(
-                Cond("Progressing", "False", "NoProgress", f"no metric reached MLflow for {int(age)} s")
-            )
+            why = f"no metric reached MLflow for {int(age)} s"
+            conds.append(Cond(Type.PROGRESSING, "False", Reason.NO_PROGRESS, why))
         else:
-            conds.append(Cond("Progressing", "True", "MetricsArriving", f"last metric {int(age)} s ago"))
+            why = f"last metric {int(age)} s ago"
+            conds.append(Cond(Type.PROGRESSING, "True", Reason.METRICS_ARRIVING, why))
     if phase in cnd.TERMINAL_PHASES:  # the driver has exited, so MLflow has all there will be
         metric = (exp.spec.sweep or SweepSpec()).metric
-        fields["metrics"] = report.metrics if report else {}
+        fields.metrics = report.metrics if report else {}
         if report and metric in report.metrics:
-            fields["best"] = {"metric": metric, "value": report.metrics[metric]}
-            fields["languages"] = language_breakdown(metric, report.metrics)
+            fields.best = BestMetric(metric=metric, value=report.metrics[metric])
+            fields.languages = language_breakdown(metric, report.metrics)
     return StatusUpdate(conds, fields)
 
 
@@ -360,7 +371,7 @@ def _new_status(
     have = {c.get("type") for c in existing}
     seed = [c for c in cnd.initial_conditions() if c.type not in have]
     conds, changed = cnd.merge_conditions(existing, seed + update.conditions, observed, now)
-    merged = {**status, **update.fields, "conditions": conds}
+    merged = {**status, **update.fields.model_dump(by_alias=True, exclude_unset=True), "conditions": conds}
     if observed is not None:
         merged["observedGeneration"] = observed
     merged["phase"] = cnd.phase_of(conds, merged.get("jobDeploymentStatus"))

@@ -155,7 +155,7 @@ def test_create_is_idempotent_and_reports():
     assert (
         status["phase"] == "Pending" and status["rayJobName"] == "exp" and status["observedGeneration"] == 1
     )
-    assert {c["type"] for c in status["conditions"]} == set(rc.cnd.CONDITION_TYPES)
+    assert {c["type"] for c in status["conditions"]} == set(rc.cnd.ConditionType)
     kube.calls.clear()
     assert _reconcile(kube) == []  # a restarted operator: nothing created, nothing written
     assert not [c for c in kube.calls if c.startswith(("create", "patch"))]
