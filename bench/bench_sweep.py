@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON")
     args = parser.parse_args(argv)
 
-    from xling.trainer.sweep import run_sweep
+    from xling.trainer.sweep.tune import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)

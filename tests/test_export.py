@@ -335,7 +335,7 @@ def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path
 
 def test_register_best_without_a_registered_model_name_fails_before_any_work(tmp_path: Path) -> None:
     from xling.trainer.spec import load_experiment
-    from xling.trainer.sweep import run_sweep
+    from xling.trainer.sweep.tune import run_sweep
 
     exp = load_experiment(ROOT / "manifests/samples/sweep-smoke.yaml")
     exp.spec.tracking.registered_model_name = None

@@ -25,7 +25,14 @@ from xling.trainer.report_sweep import (
 )
 from xling.trainer.spec import SpecError, SweepSpec, load_experiment, parse_experiment
 from xling.trainer.stats import DiffCI, mean_ci
-from xling.trainer.sweep import Plan, TrialContext, _child_run, _parent_run, default_concurrency, plan_sweep
+from xling.trainer.sweep.tune import (
+    Plan,
+    TrialContext,
+    _child_run,
+    _parent_run,
+    default_concurrency,
+    plan_sweep,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "manifests/samples"

@@ -159,7 +159,7 @@ def run_experiment(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
     if exp.spec.sweep is not None:
-        from xling.trainer.sweep import run_sweep
+        from xling.trainer.sweep.tune import run_sweep
 
         return run_sweep(exp, tracking_uri, skip_bad_rows)
     from xling.trainer.plan import check_fits
