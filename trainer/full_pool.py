@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xling.trainer.paper_claims import roles
-from xling.trainer.report_sweep import FULL_SUFFIX, SweepSummary, full_prefix
+from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from xling.trainer.evaluation.protocol import TextEncoder
-    from xling.trainer.report_sweep import PointSummary
     from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
+    from xling.trainer.sweep.summary import PointSummary
 
 
 def best_trials(s: SweepSummary) -> list[tuple[PointSummary, str]]:
