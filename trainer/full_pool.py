@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from xling.trainer.paper_claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
+from xling.trainer.sweep.tags import FULL_POOL
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -100,6 +101,6 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
             backbone, model_spec = read_sentence_transformers(_logged_model_dir(client, run_id, Path(tmp)))
             encoder = encoder_for(backbone, model_spec, spec.evaluation.batch_size)
             _evaluate_into(client, run_id, spec.optimization.max_steps, spec, suite_name, encoder)
-        client.set_tag(run_id, "xling.full_pool", "evaluated")
+        client.set_tag(run_id, FULL_POOL, "evaluated")
         ran += 1
     return ran
