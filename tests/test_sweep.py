@@ -17,6 +17,7 @@ from xling.trainer.sweep.plots import pareto_front, primary_parameter
 from xling.trainer.sweep.report import publish, to_json, write_report
 from xling.trainer.sweep.summary import is_headline, parse_per_query, per_language_keys, summarize_sweep
 from xling.trainer.sweep.tables import markdown
+from xling.trainer.sweep.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
 from xling.trainer.sweep.trials import SweepPlan, plan_sweep
 from xling.trainer.sweep.tune import TrialContext, _child_run, _parent_run, default_concurrency
 
@@ -224,7 +225,7 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Swee
                              {"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]}  # fmt: skip
     exp = experiment(sweep)
     plan = plan_sweep(exp)
-    tags = {"xling.sweep": "fake", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
+    tags = {SWEEP: "fake", MODEL: "m", DATA_FINGERPRINT: "d", GIT_COMMIT: "c"}
     parent = _parent_run(exp, plan, uri, "fake", tags, None)
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", tags)
     client = MlflowClient(uri)
@@ -302,7 +303,7 @@ def test_best_point_and_report_files(fake_sweep: tuple[str, str, SweepPlan], tmp
     publish(client, s)
     run = client.get_run(parent)
     assert run.data.metrics["best.xquad_r.multi.map"] == pytest.approx(0.31)
-    assert run.data.tags["xling.best_point"] == "alpha=0.25"
+    assert run.data.tags[BEST_POINT] == "alpha=0.25"
     assert {a.path for a in client.list_artifacts(parent, "summary")} >= {
         "summary/summary.md",
         "summary/pareto.png",
@@ -332,7 +333,7 @@ def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, SweepP
     uri, parent, plan = fake_sweep
     client = MlflowClient(uri)
     exp_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp_id], "tags.`xling.trial` = 'p0-s0'")
+    runs = client.search_runs([exp_id], tag_is(TRIAL, "p0-s0"))
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2]})
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", {})
     run_id, finished = _child_run(ctx, plan.trials[0], exp.spec)
@@ -359,7 +360,7 @@ def test_xling_results_cli(
 def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    uri, tags = f"sqlite:///{tmp_path}/mlflow.db", {"xling.sweep": "smoke"}
+    uri, tags = f"sqlite:///{tmp_path}/mlflow.db", {SWEEP: "smoke"}
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}})
     with pytest.raises(ValueError, match="its parent run is not in"):
         _parent_run(exp, plan_sweep(exp), uri, "x", tags, "runs/ray/smoke")
@@ -444,10 +445,10 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
     plan = plan_sweep(exp)
     tags = {
-        "xling.sweep": "strategies",
-        "xling.model": "m",
-        "xling.data_fingerprint": "d",
-        "xling.git_commit": "c",
+        SWEEP: "strategies",
+        MODEL: "m",
+        DATA_FINGERPRINT: "d",
+        GIT_COMMIT: "c",
     }
     parent = _parent_run(exp, plan, uri, "strategies", tags, None)
     ctx = TrialContext(exp, plan, uri, "strategies", parent, {}, "model", tags)
