@@ -66,5 +66,5 @@ def children_of(parent_run_id: str) -> str:
 
 
 def parents_of_sweep(sweep: str) -> str:
-    """MLflow search filter for the parent runs of the sweep named ``sweep`` (one per start, not continue)."""
+    """MLflow search filter for the parent runs of the sweep named ``sweep`` (each fresh start adds one)."""
     return f"{tag_is(SWEEP, sweep)} and {tag_is(ROLE, ROLE_SWEEP)}"
