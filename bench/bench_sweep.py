@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from xling.trainer.sweep.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,7 +48,7 @@ def trial_timings(uri: str, experiment: str) -> list[dict[str, float]]:
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
     runs = client.search_runs(
-        [exp.experiment_id], "tags.`xling.role` = 'trial'", order_by=["attributes.start_time"]
+        [exp.experiment_id], tag_is(ROLE, ROLE_TRIAL), order_by=["attributes.start_time"]
     )
     rows = []
     for run in runs:
@@ -54,7 +56,7 @@ def trial_timings(uri: str, experiment: str) -> list[dict[str, float]]:
         stamps = [m.timestamp for m in history]
         step_ms = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         rows.append({
-            "trial": run.data.tags["xling.trial"],
+            "trial": run.data.tags[TRIAL],
             "overhead_s": (stamps[0] - step_ms - run.info.start_time) / 1000,
             "step_s": step_ms / 1000,
             "trial_s": (run.info.end_time - run.info.start_time) / 1000,
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON")
     args = parser.parse_args(argv)
 
-    from xling.trainer.sweep import run_sweep
+    from xling.trainer.sweep.tune import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)

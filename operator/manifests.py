@@ -151,7 +151,7 @@ def _cpu(value: float) -> str:
 
 
 def sweep_trials(sweep: SweepSpec) -> int:
-    """How many trials a sweep plans: grid points x draws x seeds (as xling.trainer.sweep plans them)."""
+    """How many trials a sweep plans: grid points x draws x seeds (as xling.trainer.sweep.trials plans them)."""
     return sweep.grid_size * sweep.num_samples * len(sweep.seeds)
 
 

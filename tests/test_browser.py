@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 from test_sweep_e2e import PLOTS, SmokeSweep, run_smoke_sweep
 
+from xling.trainer.sweep.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 OUTPUTS = Path(os.environ.get("XLING_TEST_OUTPUTS", ROOT / ".cache" / "test-outputs")) / "browser"
@@ -199,7 +201,7 @@ def _runs(sweep: SmokeSweep) -> tuple[str, Any, list[Any]]:
     client = MlflowClient(sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
     runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("xling.role") == "sweep")
+    parent = next(r for r in runs if r.data.tags.get(ROLE) == ROLE_SWEEP)
     return exp.experiment_id, parent, [r for r in runs if r is not parent]
 
 
@@ -278,7 +280,7 @@ def test_best_trial_run_page_shows_its_model_datasets_and_source(
     exp_id, _, children = _runs(sweep)
     [version] = MlflowClient(sweep.uri).search_model_versions("name = 'sweep-smoke'")
     best = next(c for c in children if c.info.run_id == version.run_id)
-    fingerprint = best.data.tags["xling.data_fingerprint"]
+    fingerprint = best.data.tags[DATA_FINGERPRINT]
     ready = shows(
         "Logged models (1)", "sweep-smoke\nv1", f"training-pairs ({fingerprint})", "xling run sweep-smoke"
     )

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from xling.trainer.sweep.tags import DATA_FINGERPRINT, SAMPLING
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -36,7 +38,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     run = client.get_run(runs[0].info.run_id)  # with its dataset inputs
     assert run.info.status == "FINISHED"
     assert run.data.params["sampling.strategy"] == "hybrid" and run.data.params["sampling.alpha"] == "0.5"
-    assert run.data.tags["xling.sampling"] == "hybrid"
+    assert run.data.tags[SAMPLING] == "hybrid"
     loss = client.get_metric_history(run.info.run_id, "train.loss")
     assert sorted(m.step for m in loss) == list(range(1, 9)), "one loss value per step, no duplicates"
     mapk = client.get_metric_history(run.info.run_id, "xquad_r.multi.map")
@@ -54,7 +56,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         run.data.tags["mlflow.source.name"] == "xling run smoke" and run.data.tags["mlflow.source.git.commit"]
     )
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
-    assert inputs["training-pairs"].dataset.digest == run.data.tags["xling.data_fingerprint"]
+    assert inputs["training-pairs"].dataset.digest == run.data.tags[DATA_FINGERPRINT]
     assert "ntrex-128" in inputs["training-pairs"].dataset.source
     assert inputs["xquad-r"].tags[0].value == "evaluation"
     [logged] = client.search_logged_models([exp.experiment_id])

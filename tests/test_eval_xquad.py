@@ -210,10 +210,10 @@ def test_log_to_mlflow_batches_metrics_by_step(
 def test_per_query_json_feeds_the_sweep_report(
     real_run: tuple[LareqaSuite, HashingEncoder, LareqaResults], tmp_path: Path
 ) -> None:
-    report_sweep = pytest.importorskip("xling.trainer.report_sweep")
+    summary = pytest.importorskip("xling.trainer.sweep.summary")
     res = real_run[2]
     write_artifacts(res, tmp_path)
-    parsed = report_sweep.parse_per_query(json.loads((tmp_path / "per_query.json").read_text()))
+    parsed = summary.parse_per_query(json.loads((tmp_path / "per_query.json").read_text()))
     assert parsed.query_ids[0] == f"ar:{real_run[0].data['ar'].query_ids[0]}"
     by_language = [{q for q, lang in zip(parsed.question_ids, parsed.language, strict=True) if lang == i}
                    for i in range(len(res.languages))]  # fmt: skip

@@ -27,6 +27,7 @@ from xling.trainer.model import (
     train_tiny_tokenizer,
 )
 from xling.trainer.spec import ExperimentSpec, ModelSpec
+from xling.trainer.sweep.tags import RUN_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 E5 = ROOT / ".cache" / "models" / "multilingual-e5-small"
@@ -257,7 +258,7 @@ def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
     assert logged.source_run_id == run_id and logged.model_id == info.model_id
     [version] = client.search_model_versions("name = 'retriever'")
     assert version.run_id == run_id and version.tags == {
-        "xling.run_id": run_id,
+        RUN_ID: run_id,
         "xquad_r.multi.map": "0.2500",
     }
     served = mlflow.pyfunc.load_model("models:/retriever/1")
@@ -335,7 +336,7 @@ def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path
 
 def test_register_best_without_a_registered_model_name_fails_before_any_work(tmp_path: Path) -> None:
     from xling.trainer.spec import load_experiment
-    from xling.trainer.sweep import run_sweep
+    from xling.trainer.sweep.tune import run_sweep
 
     exp = load_experiment(ROOT / "manifests/samples/sweep-smoke.yaml")
     exp.spec.tracking.registered_model_name = None

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from xling.trainer.sweep.tags import STATUS
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY, KILL_BEFORE = 8, 3, 5  # killed before step index 5: steps 4 and 5 are redone
@@ -148,7 +150,7 @@ def test_a_run_out_of_retries_fails_in_mlflow_and_keeps_what_it_did(runs: dict[s
     assert isinstance(err, ray.train.TrainingFailedError), repr(err)
     client = MlflowClient(store(tmp))
     (run,) = client.search_runs([client.get_experiment_by_name("exhausted").experiment_id])
-    assert run.info.status == "FAILED" and run.data.tags["xling.status"] == "failed"
+    assert run.info.status == "FAILED" and run.data.tags[STATUS] == "failed"
     assert [s for s, _ in history(tmp, run.info.run_id)["train.loss"]] == list(range(1, KILL_BEFORE + 1))
     kept = list(
         (tmp / "runs" / "ray").glob(f"exhausted-{run.info.run_id[:8]}/checkpoint_*/trainer_state.json")

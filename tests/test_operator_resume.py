@@ -92,7 +92,7 @@ def test_only_runs_of_built_in_names_go_offline(monkeypatch) -> None:
     assert hub_free(built_in) and not hub_free(hub)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert "HF_HUB_OFFLINE" not in _local_env(hub)  # neither set here nor shipped to the workers
-    from xling.trainer.sweep import trial_env
+    from xling.trainer.sweep.tune import trial_env
 
     assert "HF_HUB_OFFLINE" not in trial_env(hub)  # a sweep's trials too
     assert _local_env(built_in)["HF_HUB_OFFLINE"] == "1"

@@ -11,21 +11,15 @@ import numpy as np
 import pytest
 
 from xling.operator.manifests import sweep_trials
-from xling.trainer.report_sweep import (
-    is_headline,
-    markdown,
-    pareto_front,
-    parse_per_query,
-    per_language_keys,
-    primary_parameter,
-    publish,
-    summarize,
-    to_json,
-    write_report,
-)
 from xling.trainer.spec import SpecError, SweepSpec, load_experiment, parse_experiment
 from xling.trainer.stats import DiffCI, mean_ci
-from xling.trainer.sweep import Plan, TrialContext, _child_run, _parent_run, default_concurrency, plan_sweep
+from xling.trainer.sweep.plots import pareto_front, primary_parameter
+from xling.trainer.sweep.report import publish, to_json, write_report
+from xling.trainer.sweep.summary import is_headline, parse_per_query, per_language_keys, summarize_sweep
+from xling.trainer.sweep.tables import markdown
+from xling.trainer.sweep.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
+from xling.trainer.sweep.trials import SweepPlan, plan_sweep
+from xling.trainer.sweep.tune import TrialContext, _child_run, _parent_run, default_concurrency
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "manifests/samples"
@@ -219,7 +213,7 @@ def _per_query(shift: float, rng: np.random.Generator) -> dict:
 
 
 @pytest.fixture(scope="module")
-def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Plan]:
+def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, SweepPlan]:
     """A finished two-point sweep logged through the driver's own functions, without training."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -231,7 +225,7 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Plan
                              {"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]}  # fmt: skip
     exp = experiment(sweep)
     plan = plan_sweep(exp)
-    tags = {"xling.sweep": "fake", "xling.model": "m", "xling.data_fingerprint": "d", "xling.git_commit": "c"}
+    tags = {SWEEP: "fake", MODEL: "m", DATA_FINGERPRINT: "d", GIT_COMMIT: "c"}
     parent = _parent_run(exp, plan, uri, "fake", tags, None)
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", tags)
     client = MlflowClient(uri)
@@ -264,11 +258,11 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Plan
     return uri, parent, plan
 
 
-def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, str, Plan]) -> None:
+def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, str, SweepPlan]) -> None:
     from mlflow import MlflowClient
 
     uri, parent, plan = fake_sweep
-    s = summarize(MlflowClient(uri), parent)
+    s = summarize_sweep(MlflowClient(uri), parent)
     assert s.planned == s.finished == 6 and [p.label for p in s.points] == ["alpha=0.25", "alpha=0.75"]
     ci = s.points[0].stats["xquad_r.multi.map"]
     ref = mean_ci([0.30, 0.31, 0.32])
@@ -285,12 +279,12 @@ def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, s
     assert multi.test.p_value < 1e-6, "a clear shift in every run is significant"
 
 
-def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path: Path) -> None:
+def test_best_point_and_report_files(fake_sweep: tuple[str, str, SweepPlan], tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     uri, parent, _ = fake_sweep
     client = MlflowClient(uri)
-    s = summarize(client, parent)
+    s = summarize_sweep(client, parent)
     s.sweep.constraints = s.sweep.constraints[:1]  # keep only the rank-distance bound
     for p in s.points:
         p.violations = [v for v in p.violations if "zero-shot" not in v]
@@ -309,18 +303,20 @@ def test_best_point_and_report_files(fake_sweep: tuple[str, str, Plan], tmp_path
     publish(client, s)
     run = client.get_run(parent)
     assert run.data.metrics["best.xquad_r.multi.map"] == pytest.approx(0.31)
-    assert run.data.tags["xling.best_point"] == "alpha=0.25"
+    assert run.data.tags[BEST_POINT] == "alpha=0.25"
     assert {a.path for a in client.list_artifacts(parent, "summary")} >= {
         "summary/summary.md",
         "summary/pareto.png",
     }
 
 
-def test_undefined_intervals_are_null_in_json_and_a_dash_in_tables(fake_sweep: tuple[str, str, Plan]) -> None:
+def test_undefined_intervals_are_null_in_json_and_a_dash_in_tables(
+    fake_sweep: tuple[str, str, SweepPlan],
+) -> None:
     from mlflow import MlflowClient
 
     uri, parent, _ = fake_sweep
-    s = summarize(MlflowClient(uri), parent)
+    s = summarize_sweep(MlflowClient(uri), parent)
     one_seed = DiffCI(0.01, math.nan, math.nan, math.nan)
     s.comparisons[0].test = dataclasses.replace(s.comparisons[0].test, over_seeds=one_seed, df=math.inf)
     text = json.dumps(to_json(s), allow_nan=False)  # strict JSON: no NaN, no Infinity
@@ -331,13 +327,13 @@ def test_undefined_intervals_are_null_in_json_and_a_dash_in_tables(fake_sweep: t
     assert row.endswith("| - |"), row
 
 
-def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, Plan]) -> None:
+def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, SweepPlan]) -> None:
     from mlflow import MlflowClient
 
     uri, parent, plan = fake_sweep
     client = MlflowClient(uri)
     exp_id = client.get_run(parent).info.experiment_id
-    runs = client.search_runs([exp_id], "tags.`xling.trial` = 'p0-s0'")
+    runs = client.search_runs([exp_id], tag_is(TRIAL, "p0-s0"))
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2]})
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", {})
     run_id, finished = _child_run(ctx, plan.trials[0], exp.spec)
@@ -345,7 +341,7 @@ def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, Plan])
 
 
 def test_xling_results_cli(
-    fake_sweep: tuple[str, str, Plan], tmp_path: Path, capsys: pytest.CaptureFixture
+    fake_sweep: tuple[str, str, SweepPlan], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     from mlflow import MlflowClient
 
@@ -354,7 +350,7 @@ def test_xling_results_cli(
     uri, parent, _ = fake_sweep
     assert main(["results", "fake", "--tracking-uri", uri, "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith(markdown(summarize(MlflowClient(uri), parent)))
+    assert out.startswith(markdown(summarize_sweep(MlflowClient(uri), parent)))
     assert "Sweep 'fake': 6 of 6 trials finished" in out and (tmp_path / "pareto.png").is_file()
     assert main(["results", parent, "--tracking-uri", uri]) == 0
     assert main(["results", "nope", "--tracking-uri", uri]) == 2
@@ -364,7 +360,7 @@ def test_xling_results_cli(
 def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    uri, tags = f"sqlite:///{tmp_path}/mlflow.db", {"xling.sweep": "smoke"}
+    uri, tags = f"sqlite:///{tmp_path}/mlflow.db", {SWEEP: "smoke"}
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}})
     with pytest.raises(ValueError, match="its parent run is not in"):
         _parent_run(exp, plan_sweep(exp), uri, "x", tags, "runs/ray/smoke")
@@ -410,12 +406,12 @@ def test_pareto_front_lower_x_higher_y() -> None:
 
 
 def test_primary_parameter_prefers_alpha_then_categories(
-    fake_sweep: tuple[str, str, Plan], tmp_path: Path
+    fake_sweep: tuple[str, str, SweepPlan], tmp_path: Path
 ) -> None:
     from mlflow import MlflowClient
 
     uri, parent, _ = fake_sweep
-    s = summarize(MlflowClient(uri), parent)
+    s = summarize_sweep(MlflowClient(uri), parent)
     assert primary_parameter(s) == "sampling.alpha"
     s.sweep.parameters = {"sampling.strategy": s.sweep.parameters["sampling.alpha"]}
     for p, strategy in zip(s.points, ("xx", "xy"), strict=True):
@@ -449,10 +445,10 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
     plan = plan_sweep(exp)
     tags = {
-        "xling.sweep": "strategies",
-        "xling.model": "m",
-        "xling.data_fingerprint": "d",
-        "xling.git_commit": "c",
+        SWEEP: "strategies",
+        MODEL: "m",
+        DATA_FINGERPRINT: "d",
+        GIT_COMMIT: "c",
     }
     parent = _parent_run(exp, plan, uri, "strategies", tags, None)
     ctx = TrialContext(exp, plan, uri, "strategies", parent, {}, "model", tags)
@@ -489,7 +485,7 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
 
     from xling.trainer.paper_claims import claims_table, roles
 
-    s = summarize(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
     assert roles(s.points) == {"xx": 0, "xy": 1, "mixed": 2, "hybrid": 3}
     assert [p.xx_share for p in s.points] == [1.0, 0.0, None, 0.5]
     assert {c.setting for c in s.comparisons} >= {"rank_distance", "top10_own_share"}
@@ -512,7 +508,7 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
 
     uri, parent = strategy_sweep
     client = MlflowClient(uri)
-    s = summarize(client, parent)
+    s = summarize_sweep(client, parent)
     assert s.best == 3 and "alpha_curve.png" in {p.name for p in write_report(s, tmp_path)}
     md = markdown(s)
     assert "By language: best point (strategy=hybrid, alpha=0.5) against zero-shot" in md
@@ -521,7 +517,7 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
     best_xx = max((t for t in s.points[0].trials), key=lambda t: t.metrics["xquad_r.multi.map"])
     client.log_batch(best_xx.run_id, metrics=[Metric("xquad_r_full.multi.map", 0.33, 0, 6)])
     client.log_batch(parent, metrics=[Metric("xquad_r_full.multi.map", 0.30, 0, 0)])
-    s = summarize(client, parent)
+    s = summarize_sweep(client, parent)
     assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full.multi.map": 0.30}
     rows = [
         line
@@ -536,7 +532,7 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
 
     from xling.trainer.full_pool import best_trials
 
-    s = summarize(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
     chosen = {p.index: run for p, run in best_trials(s)}
     assert list(chosen) == [3, 1, 0, 2], (
         "the arms the claims compare, hybrid first: a stopped call has the main one"
@@ -548,7 +544,7 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
 
 def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
     from xling.trainer.paper_claims import roles
-    from xling.trainer.report_sweep import PointSummary
+    from xling.trainer.sweep.summary import PointSummary
 
     def point(i: int, strategy: str, share: float | None) -> PointSummary:
         return PointSummary(i, f"p{i}", {}, [object()], {}, [], strategy, share)  # type: ignore[list-item]
@@ -558,7 +554,7 @@ def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
 
 
 def test_full_pool_needs_the_sweeps_file(
-    fake_sweep: tuple[str, str, Plan], capsys: pytest.CaptureFixture
+    fake_sweep: tuple[str, str, SweepPlan], capsys: pytest.CaptureFixture
 ) -> None:
     from xling.trainer.cli import main
 

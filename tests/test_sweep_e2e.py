@@ -20,6 +20,27 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from xling.trainer.sweep.tags import (
+    ALPHA,
+    BEST_POINT,
+    DATA_FINGERPRINT,
+    EXPERIMENT_KIND,
+    FULL_POOL,
+    GIT_COMMIT,
+    MODEL,
+    PARENT_RUN_ID,
+    POINT,
+    POINT_LABEL,
+    ROLE,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    SAMPLING,
+    SEED,
+    SWEEP_RUN_ID,
+    TRIAL,
+    tag_is,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "manifests/samples/sweep-smoke.yaml"
 pytestmark = pytest.mark.slow
@@ -51,7 +72,7 @@ def _finished_children(uri: str) -> dict[str, int]:
     if exp is None:
         return {}
     runs = client.search_runs(
-        [exp.experiment_id], "tags.`xling.role` = 'trial' and attributes.status = 'FINISHED'"
+        [exp.experiment_id], f"{tag_is(ROLE, ROLE_TRIAL)} and attributes.status = 'FINISHED'"
     )
     return {r.info.run_id: r.info.end_time for r in runs}
 
@@ -96,7 +117,7 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(smoke_swe
     client = MlflowClient(smoke_sweep.uri)
     for run_id, end_time in before.items():
         run = client.get_run(run_id)
-        assert run.info.end_time == end_time, f"trial {run.data.tags['xling.trial']} was run again"
+        assert run.info.end_time == end_time, f"trial {run.data.tags[TRIAL]} was run again"
         steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
         assert sorted(steps) == list(range(1, 7)), "each step logged once"
 
@@ -107,28 +128,28 @@ def test_one_parent_four_nested_children_with_tags_and_system_metrics(smoke_swee
     client = MlflowClient(smoke_sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
     runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("xling.role") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("xling.role") == "trial"]
+    parents = [r for r in runs if r.data.tags.get(ROLE) == ROLE_SWEEP]
+    children = [r for r in runs if r.data.tags.get(ROLE) == ROLE_TRIAL]
     assert len(parents) == 1 and len(children) == 4 and len(runs) == 5
     parent = parents[0]
     assert parent.info.status == "FINISHED"
-    assert exp.tags.get("mlflow.experimentKind") == "custom_model_development"
+    assert exp.tags.get(EXPERIMENT_KIND) == "custom_model_development"
     trials = {}
     for child in children:
         tags = child.data.tags
         assert child.info.status == "FINISHED"
-        assert tags["mlflow.parentRunId"] == parent.info.run_id
-        assert tags["xling.sampling"] == "hybrid" and tags["xling.model"] == "xling/tiny-random"
-        assert tags["xling.data_fingerprint"] == parent.data.tags["xling.data_fingerprint"]
-        assert tags["xling.git_commit"]
-        assert child.data.params["sampling.alpha"] == tags["xling.alpha"]
+        assert tags[PARENT_RUN_ID] == parent.info.run_id
+        assert tags[SAMPLING] == "hybrid" and tags[MODEL] == "xling/tiny-random"
+        assert tags[DATA_FINGERPRINT] == parent.data.tags[DATA_FINGERPRINT]
+        assert tags[GIT_COMMIT]
+        assert child.data.params["sampling.alpha"] == tags[ALPHA]
         assert any(k.startswith("system/") for k in child.data.metrics), "system metrics are on"
-        trials[tags["xling.trial"]] = (float(tags["xling.alpha"]), int(tags["xling.seed"]))
+        trials[tags[TRIAL]] = (float(tags[ALPHA]), int(tags[SEED]))
     assert trials == {"p0-s0": (0.25, 0), "p0-s1": (0.25, 1), "p1-s0": (0.75, 0), "p1-s1": (0.75, 1)}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {f"summary/{name}" for name in PLOTS + REPORT} <= artifacts
     assert "best.xquad_r.multi.map" in parent.data.metrics
-    assert parent.data.tags["xling.best_point"] in {"alpha=0.25", "alpha=0.75"}
+    assert parent.data.tags[BEST_POINT] in {"alpha=0.25", "alpha=0.75"}
 
 
 def test_every_trial_logs_its_model_and_the_best_one_is_registered(smoke_sweep: SmokeSweep) -> None:
@@ -137,24 +158,20 @@ def test_every_trial_logs_its_model_and_the_best_one_is_registered(smoke_sweep: 
     client = MlflowClient(smoke_sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
     runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("xling.role") == "sweep")
+    parent = next(r for r in runs if r.data.tags.get(ROLE) == ROLE_SWEEP)
     children = {r.info.run_id: r for r in runs if r is not parent}
     assert sorted(m.source_run_id for m in client.search_logged_models([exp.experiment_id])) == sorted(
         children
     )
     [version] = client.search_model_versions("name = 'sweep-smoke'")  # trials do not register themselves
     best = children[version.run_id]
-    assert best.data.tags["xling.point_label"] == parent.data.tags["xling.best_point"]
-    rivals = [
-        r
-        for r in children.values()
-        if r.data.tags["xling.point_label"] == best.data.tags["xling.point_label"]
-    ]
+    assert best.data.tags[POINT_LABEL] == parent.data.tags[BEST_POINT]
+    rivals = [r for r in children.values() if r.data.tags[POINT_LABEL] == best.data.tags[POINT_LABEL]]
     metric = "xquad_r.multi.map"
     assert best.data.metrics[metric] == max(r.data.metrics[metric] for r in rivals), (
         "the best seed of the point"
     )
-    assert version.tags["xling.sweep_run_id"] == parent.info.run_id
+    assert version.tags[SWEEP_RUN_ID] == parent.info.run_id
     assert float(version.tags[metric]) == pytest.approx(best.data.metrics[metric], abs=1e-4)
     assert {d.dataset.name for d in client.get_run(best.info.run_id).inputs.dataset_inputs} == {
         "training-pairs",
@@ -168,7 +185,7 @@ def test_summary_statistics_match_a_reference_computation(smoke_sweep: SmokeSwee
     client = MlflowClient(smoke_sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
     runs = client.search_runs([exp.experiment_id])
-    parent = next(r for r in runs if r.data.tags.get("xling.role") == "sweep")
+    parent = next(r for r in runs if r.data.tags.get(ROLE) == ROLE_SWEEP)
     summary = json.loads(
         Path(
             client.download_artifacts(parent.info.run_id, "summary/summary.json", str(smoke_sweep.directory))
@@ -200,7 +217,7 @@ def test_xling_results_prints_the_summary_on_the_parent(smoke_sweep: SmokeSweep)
     assert proc.returncode == 0, out
     client = MlflowClient(smoke_sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
-    parent = client.search_runs([exp.experiment_id], "tags.`xling.role` = 'sweep'")[0]
+    parent = client.search_runs([exp.experiment_id], tag_is(ROLE, ROLE_SWEEP))[0]
     stored = client.download_artifacts(parent.info.run_id, "summary/summary.md", str(smoke_sweep.directory))
     assert out == Path(stored).read_text()
     assert "| 0 | alpha=0.25 | 2 |" in out and "Paired bootstrap over questions and seeds" in out
@@ -222,11 +239,11 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
     assert "| zero-shot | - |" in table and "| alpha=0.25 |" in table and "| alpha=0.75 |" in table
     client = MlflowClient(smoke_sweep.uri)
     exp = client.get_experiment_by_name("sweep-smoke")
-    done = client.search_runs([exp.experiment_id], "tags.`xling.full_pool` = 'evaluated'")
+    done = client.search_runs([exp.experiment_id], tag_is(FULL_POOL, "evaluated"))
     assert len(done) == 2
     for run in done:
         best = max(
-            client.search_runs([exp.experiment_id], f"tags.`xling.point` = '{run.data.tags['xling.point']}'"),
+            client.search_runs([exp.experiment_id], tag_is(POINT, run.data.tags[POINT])),
             key=lambda r: r.data.metrics["xquad_r.multi.map"],
         )
         assert best.info.run_id == run.info.run_id, "the point's best seed by the objective"

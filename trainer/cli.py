@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     for module in (
         "xling.trainer.evaluation",
         "xling.operator.render",
-        "xling.trainer.report_sweep",
+        "xling.trainer.sweep.cli",
         "xling.trainer.plan",
         "xling.trainer.export",
     ):

@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, ModelSpec
+from xling.trainer.sweep.tags import RUN_ID
 
 #: spec.model.pooling -> sentence-transformers' Pooling mode.
 POOLING_MODES = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
@@ -425,7 +426,7 @@ def log_model(
 
 def version_tags(run_id: str, spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, str]:
     """A registry version's tags: the run it came from and its headline metrics."""
-    return {"xling.run_id": run_id, **{k: f"{v:.4f}" for k, v in headline_metrics(spec, metrics).items()}}
+    return {RUN_ID: run_id, **{k: f"{v:.4f}" for k, v in headline_metrics(spec, metrics).items()}}
 
 
 def register_run_model(tracking_uri: str, name: str, run_id: str, tags: Mapping[str, str]) -> str:

@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xling.trainer.paper_claims import roles
-from xling.trainer.report_sweep import FULL_SUFFIX, SweepSummary, full_prefix
+from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
+from xling.trainer.sweep.tags import FULL_POOL
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from xling.trainer.evaluation.protocol import TextEncoder
-    from xling.trainer.report_sweep import PointSummary
     from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
+    from xling.trainer.sweep.summary import PointSummary
 
 
 def best_trials(s: SweepSummary) -> list[tuple[PointSummary, str]]:
@@ -100,6 +101,6 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
             backbone, model_spec = read_sentence_transformers(_logged_model_dir(client, run_id, Path(tmp)))
             encoder = encoder_for(backbone, model_spec, spec.evaluation.batch_size)
             _evaluate_into(client, run_id, spec.optimization.max_steps, spec, suite_name, encoder)
-        client.set_tag(run_id, "xling.full_pool", "evaluated")
+        client.set_tag(run_id, FULL_POOL, "evaluated")
         ran += 1
     return ran

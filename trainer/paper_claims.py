@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from xling.trainer.stats import _t_quantile
 
 if TYPE_CHECKING:
-    from xling.trainer.report_sweep import Comparison, PointSummary, SweepSummary, Table
+    from xling.trainer.sweep.summary import Comparison, PointSummary, SweepSummary
+    from xling.trainer.sweep.tables import Table
 
 #: mAP: a difference whose interval stays above -0.01 counts as "matches" (1 mAP point).
 MATCH_MARGIN = 0.01
@@ -128,7 +129,7 @@ def seeds_needed(o: Outcome, confidence: float) -> str:
 
 
 def claims_table(s: SweepSummary) -> Table | None:
-    from xling.trainer.report_sweep import Table
+    from xling.trainer.sweep.tables import Table
 
     where = roles(s.points)
     if not {"xx", "xy", "hybrid"} <= where.keys() or not s.comparisons:

@@ -16,6 +16,16 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.sweep.tags import (
+    ALPHA,
+    BAD_ROWS_SKIPPED,
+    DATA_FINGERPRINT,
+    GIT_COMMIT,
+    MINED_NEGATIVES,
+    MODEL,
+    SAMPLING,
+    STATUS,
+)
 from xling.trainer.tracking import (
     flatten,
     git_commit,
@@ -159,7 +169,7 @@ def run_experiment(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
     if exp.spec.sweep is not None:
-        from xling.trainer.sweep import run_sweep
+        from xling.trainer.sweep.tune import run_sweep
 
         return run_sweep(exp, tracking_uri, skip_bad_rows)
     from xling.trainer.plan import check_fits
@@ -174,12 +184,12 @@ def run_experiment(
 
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
     experiment_name = spec.tracking.experiment_name or exp.metadata.name
-    tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
-            "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
-            "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+    tags = {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha), MODEL: spec.model.name,
+            DATA_FINGERPRINT: corpus.fingerprint(), GIT_COMMIT: git_commit(),
+            BAD_ROWS_SKIPPED: str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     run_name = spec.tracking.run_name or exp.metadata.name
     run_id = start_run(uri, experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
-    log_training_data(uri, run_id, spec, tags["xling.data_fingerprint"], prepared.mined)
+    log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
     print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     result = _fit(exp, prepared.location, model_path, uri, run_id, env)
@@ -209,7 +219,7 @@ def log_training_data(
                   **{f"removed.{rule}": n for rule, n in mined["removed"].items()}}  # fmt: skip
         client.log_batch(run_id, metrics=[Metric(f"data.mined.{k}", float(v), int(time.time() * 1000), 0)
                                           for k, v in counts.items()])  # fmt: skip
-        client.set_tag(run_id, "xling.mined_negatives", mined["key"])
+        client.set_tag(run_id, MINED_NEGATIVES, mined["key"])
 
 
 def _fit(
@@ -287,5 +297,5 @@ def _finish_run(uri: str, run_id: str, status: str) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    client.set_tag(run_id, "xling.status", status.lower())
+    client.set_tag(run_id, STATUS, status.lower())
     client.set_terminated(run_id, status)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xling.trainer.sweep.tags import K8S_UID, STATUS, tag_is
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -79,7 +81,7 @@ def start_run(
 
     client = MlflowClient(tracking_uri)
     if uid := os.environ.get("XLING_EXPERIMENT_UID"):  # set by the operator: links runs to the resource
-        tags = {**tags, "xling.k8s.uid": uid}
+        tags = {**tags, K8S_UID: uid}
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
@@ -92,20 +94,20 @@ def start_run(
         uid and "'" not in run_name and (again := _run_of(client, exp_id, uid, run_name))
     ):  # the experiment runs again: same run
         client.update_run(again, status="RUNNING")
-        client.log_batch(again, tags=[RunTag("xling.status", "running")])
+        client.log_batch(again, tags=[RunTag(STATUS, "running")])
         return again
     run = client.create_run(exp_id, run_name=run_name, tags=tags)
     items = [Param(k, v) for k, v in params.items()]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i : i + 100])
-    client.log_batch(run.info.run_id, tags=[RunTag("xling.status", "running")])
+    client.log_batch(run.info.run_id, tags=[RunTag(STATUS, "running")])
     return run.info.run_id
 
 
 def _run_of(client: Any, exp_id: str, uid: str, run_name: str) -> str | None:
     """The run an operator-launched experiment (uid) made before under this name (a resumed RayJob)."""
     found = client.search_runs(
-        [exp_id], f"tags.`xling.k8s.uid` = '{uid}' and attributes.run_name = '{run_name}'", max_results=1
+        [exp_id], f"{tag_is(K8S_UID, uid)} and attributes.run_name = '{run_name}'", max_results=1
     )
     return found[0].info.run_id if found else None
 

@@ -4,30 +4,26 @@ Tune V2 pattern: the trainable is a plain function that builds and fits a ``Torc
 and relays the workers' reports to Tune through ``TuneReportCallback``, so ASHA sees them. The trial
 function takes half a CPU; Train's V2 controller takes none.
 
-Trials are planned here, not by Tune's search algorithms: grid points x ``numSamples`` draws (seeded) x
-seeds, so every point gets every seed and a rerun plans the very same trials. Names are stable
-throughout, which makes a restarted sweep continue where it stopped: Tune's experiment
+Trials are planned by ``trials``, not by Tune's search algorithms, so a rerun plans the very same trials.
+Their names are stable throughout, which makes a restarted sweep continue where it stopped: Tune's experiment
 (``<outputDir>/ray/<metadata.name>``) is restored, so finished trials are not rerun; an interrupted
 trial finds its MLflow child run by trial name, and with it its Train run and last checkpoint.
 
 MLflow: one parent run per sweep (found again by its sweep name and plan digest when continuing), one
-nested child run per trial with system metrics on; the parent gets the summary (``report_sweep``).
+nested child run per trial with system metrics on; the parent gets the summary (``summary``, ``report``);
+the tags that tie them together are named in ``tags``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xling.trainer.e5s1 import default_cache_dir
-from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
 from xling.trainer.run import (
     RunResult,
     _finish_run,
@@ -39,7 +35,37 @@ from xling.trainer.run import (
     prepare,
     storage_path,
 )
-from xling.trainer.spec import ExperimentSpec, RetrievalExperiment, SweepParameter
+from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
+from xling.trainer.sweep.report import publish
+from xling.trainer.sweep.summary import is_headline, summarize_sweep
+from xling.trainer.sweep.tables import markdown
+from xling.trainer.sweep.tags import (
+    ALPHA,
+    BAD_ROWS_SKIPPED,
+    DATA_FINGERPRINT,
+    EXPERIMENT_KIND,
+    GIT_COMMIT,
+    MODEL,
+    PARENT_RUN_ID,
+    PLAN_DIGEST,
+    POINT,
+    POINT_LABEL,
+    POINT_VALUES,
+    ROLE,
+    ROLE_SWEEP,
+    ROLE_TRIAL,
+    SAMPLING,
+    SEED,
+    STATUS,
+    SWEEP,
+    SWEEP_RUN_ID,
+    TRIAL,
+    TRIALS,
+    children_of,
+    parents_of_sweep,
+    tag_is,
+)
+from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
 from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, source_tags, start_run
 
 if TYPE_CHECKING:
@@ -51,94 +77,6 @@ if TYPE_CHECKING:
 TRIAL_CPUS = 0.5
 #: Seconds between system-metric samples of a trial (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides).
 SYSTEM_METRICS_INTERVAL_S = 5.0
-#: Tells MLflow's UI that an experiment holds training runs (it shows the runs table, not traces).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-#: What a trial's result depends on: a restored sweep must have been planned from the same values.
-_PLANNED_FIELDS = {"model", "data", "sampling", "loss", "optimization", "distributed", "evaluation"}
-
-
-@dataclass(frozen=True)
-class Point:
-    """One configuration: swept path -> value, and a short label for tables and plots."""
-
-    label: str
-    values: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One (point, seed); ``name`` is stable and names the Tune trial and the MLflow child run."""
-
-    name: str
-    point: int
-    seed: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    points: list[Point]
-    trials: list[Trial]
-    digest: str
-
-    def to_json(self, exp: RetrievalExperiment) -> dict[str, Any]:
-        """What ``summarize`` reads back from the parent run: the sweep as run, its points and trials."""
-        return {
-            "digest": self.digest,
-            "sweep": exp.spec.sweep.model_dump(mode="json", by_alias=True),
-            "points": [asdict(p) for p in self.points],
-            "trials": [asdict(t) for t in self.trials],
-            "experiment": exp.model_dump(mode="json", by_alias=True, exclude_none=True),
-        }
-
-
-def _draw(param: SweepParameter, rng: random.Random) -> Any:
-    if param.choice is not None:
-        return rng.choice(param.choice)
-    if param.uniform is not None:
-        return rng.uniform(*param.uniform)
-    if param.loguniform is not None:
-        low, high = param.loguniform
-        return math.exp(rng.uniform(math.log(low), math.log(high)))
-    raise ValueError("a grid is enumerated, not drawn")
-
-
-def _label(values: dict[str, Any]) -> str:
-    """``alpha=0.25, learningRate=0.001``: the last path segment unless two parameters share it."""
-    leaves = [path.rsplit(".", 1)[-1] for path in values]
-    names = [leaf if leaves.count(leaf) == 1 else path for leaf, path in zip(leaves, values, strict=True)]
-    shown = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values.values()]
-    return ", ".join(f"{n}={v}" for n, v in zip(names, shown, strict=True)) or "base"
-
-
-def plan_sweep(exp: RetrievalExperiment) -> Plan:
-    """Every trial of the sweep, validated against the spec before anything starts."""
-    spec, sweep = exp.spec, exp.spec.sweep
-    if sweep is None:
-        raise ValueError("spec.sweep: not set")
-    sweep.check(spec)
-    grid = {path: p.grid for path, p in sweep.parameters.items() if p.grid is not None}
-    rng = random.Random(sweep.search_seed)
-    points = []
-    for explicit, combo in itertools.product(sweep.points or [{}], itertools.product(*grid.values())):
-        fixed = dict(zip(grid, combo, strict=True))
-        for _ in range(sweep.num_samples):
-            drawn = {
-                path: fixed[path] if path in fixed else _draw(p, rng) for path, p in sweep.parameters.items()
-            }
-            values = {**explicit, **drawn}
-            points.append(Point(_label(values), values))
-    for point in points:  # combinations can break cross-field rules that single values keep
-        try:
-            sweep.trial_spec(spec, point.values, sweep.seeds[0])
-        except ValueError as err:
-            raise ValueError(f"sweep point {point.label}: {err}") from None
-    width = len(str(len(points) - 1))
-    trials = [Trial(f"p{i:0{width}d}-s{seed}", i, seed) for i in range(len(points)) for seed in sweep.seeds]
-    # What the file says (not defaults, which may grow with new spec fields) and the resulting trials.
-    basis = {"spec": spec.model_dump(mode="json", include=_PLANNED_FIELDS, exclude_unset=True),
-             "points": [asdict(p) for p in points], "trials": [asdict(t) for t in trials]}  # fmt: skip
-    digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
-    return Plan(points, trials, digest)
 
 
 @dataclass(frozen=True)
@@ -146,7 +84,7 @@ class TrialContext:
     """What every trial needs from the driver (sent once through the object store)."""
 
     exp: RetrievalExperiment
-    plan: Plan
+    plan: SweepPlan
     tracking_uri: str
     experiment_name: str
     parent_run_id: str
@@ -176,25 +114,25 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     parent = client.get_run(ctx.parent_run_id)
     found = client.search_runs(
         [parent.info.experiment_id],
-        filter_string=f"{children_of(ctx.parent_run_id)} and tags.`xling.trial` = '{trial.name}'",
+        filter_string=f"{children_of(ctx.parent_run_id)} and {tag_is(TRIAL, trial.name)}",
         max_results=1,
     )
     if found and found[0].info.status == "FINISHED":
         return found[0].info.run_id, found[0].data.metrics
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
-        client.set_tag(found[0].info.run_id, "xling.status", "running")
+        client.set_tag(found[0].info.run_id, STATUS, "running")
         return found[0].info.run_id, None
     point = ctx.plan.points[trial.point]
-    tags = {**ctx.tags, "mlflow.parentRunId": ctx.parent_run_id, "xling.role": "trial", "xling.trial": trial.name,
-            "xling.point": str(trial.point), "xling.point_label": point.label,
-            "xling.point_values": json.dumps(point.values), "xling.seed": str(trial.seed),
-            "xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha)}  # fmt: skip
+    tags = {**ctx.tags, PARENT_RUN_ID: ctx.parent_run_id, ROLE: ROLE_TRIAL, TRIAL: trial.name,
+            POINT: str(trial.point), POINT_LABEL: point.label, POINT_VALUES: json.dumps(point.values),
+            SEED: str(trial.seed), SAMPLING: spec.sampling.strategy,
+            ALPHA: str(spec.sampling.alpha)}  # fmt: skip
     params = flatten(spec.model_dump(mode="json"))
     run_id = start_run(
         ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
     )
-    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags["xling.data_fingerprint"], ctx.mined)
+    log_training_data(ctx.tracking_uri, run_id, spec, ctx.tags[DATA_FINGERPRINT], ctx.mined)
     return run_id, None
 
 
@@ -230,7 +168,7 @@ def _trial_name(trial: Any) -> str:
 
 def _parent_run(
     exp: RetrievalExperiment,
-    plan: Plan,
+    plan: SweepPlan,
     uri: str,
     experiment_name: str,
     tags: dict[str, str],
@@ -246,7 +184,7 @@ def _parent_run(
         experiment = client.get_experiment_by_name(experiment_name)
         found = experiment and client.search_runs(
             [experiment.experiment_id],
-            filter_string=f"tags.`xling.sweep` = '{exp.metadata.name}' and tags.`xling.role` = 'sweep'",
+            filter_string=parents_of_sweep(exp.metadata.name),
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
@@ -255,24 +193,22 @@ def _parent_run(
                 f"{stored}: a sweep to continue, but its parent run is not in {uri} (other tracking URI?)"
             )
         run_id = found[0].info.run_id
-        if found[0].data.tags.get("xling.plan_digest") != plan.digest:
+        if found[0].data.tags.get(PLAN_DIGEST) != plan.digest:
             raise ValueError(
                 f"{stored}: a sweep planned from a different spec is stored here; delete it or change metadata.name"
             )
         client.update_run(run_id, status="RUNNING")
-        client.set_tag(run_id, "xling.status", "running")
+        client.set_tag(run_id, STATUS, "running")
     else:
-        parent_tags = {**tags, "xling.role": "sweep", "xling.trials": str(len(plan.trials)),
-                       "xling.plan_digest": plan.digest, "xling.sampling": exp.spec.sampling.strategy}  # fmt: skip
+        parent_tags = {**tags, ROLE: ROLE_SWEEP, TRIALS: str(len(plan.trials)), PLAN_DIGEST: plan.digest,
+                       SAMPLING: exp.spec.sampling.strategy}  # fmt: skip
         run_name = exp.spec.tracking.run_name or exp.metadata.name
         run_id = start_run(
             uri, experiment_name, run_name, flatten(exp.spec.model_dump(mode="json")), parent_tags
         )
         experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:  # else MLflow 3's UI opens on its GenAI overview
-            client.set_experiment_tag(
-                experiment.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development"
-            )
+        if EXPERIMENT_KIND not in experiment.tags:  # else MLflow 3's UI opens on its GenAI overview
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     client.log_dict(run_id, plan.to_json(exp), "sweep/plan.json")
     return run_id
 
@@ -299,11 +235,11 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
         [parent.info.experiment_id],
         filter_string=f"{children_of(ctx.parent_run_id)} and attributes.status != 'FINISHED'",
     ):
-        if run.data.tags["xling.trial"] in errored:
+        if run.data.tags[TRIAL] in errored:
             continue
         max_steps = int(run.data.params.get("optimization.max_steps", -1))
         done = any(m.step == max_steps for m in client.get_metric_history(run.info.run_id, metric))
-        client.set_tag(run.info.run_id, "xling.status", "finished" if done else "stopped")
+        client.set_tag(run.info.run_id, STATUS, "finished" if done else "stopped")
         client.set_terminated(
             run.info.run_id, RunStatus.to_string(RunStatus.FINISHED if done else RunStatus.KILLED)
         )
@@ -343,9 +279,9 @@ def run_sweep(
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
     experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
     storage = storage_path(exp.spec.output_dir)
-    tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
-            "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),
-            "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+    tags = {SWEEP: exp.metadata.name, MODEL: exp.spec.model.name, DATA_FINGERPRINT: corpus.fingerprint(),
+            GIT_COMMIT: git_commit(), BAD_ROWS_SKIPPED: str(prepared.report.total),
+            **source_tags(exp.metadata.name)}  # fmt: skip
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
@@ -355,7 +291,7 @@ def run_sweep(
     grid = _tune(ctx, prepared.location, storage, stored)
     client = MlflowClient(uri)
     _settle_children(client, ctx, grid)
-    summary = summarize(client, parent)
+    summary = summarize_sweep(client, parent)
     publish(client, summary)
     print("\n" + markdown(summary), flush=True)
     errors = [r.error for r in grid if r.error is not None]
@@ -394,8 +330,8 @@ def register_best(uri: str, summary: Any, spec: ExperimentSpec) -> str | None:
         return None
     point, sign = summary.points[summary.best], 1 if spec.sweep.mode == "max" else -1
     trial = max(point.trials, key=lambda t: sign * t.metrics.get(spec.sweep.metric, -sign * math.inf))
-    tags = {**version_tags(trial.run_id, spec, trial.metrics), "xling.sweep_run_id": summary.parent_run_id,
-            "xling.point_label": point.label}  # fmt: skip
+    tags = {**version_tags(trial.run_id, spec, trial.metrics), SWEEP_RUN_ID: summary.parent_run_id,
+            POINT_LABEL: point.label}  # fmt: skip
     version = register_run_model(uri, name, trial.run_id, tags)
     print(f"registered {name} version {version}: best point {point.label}, seed {trial.seed}", flush=True)
     return version

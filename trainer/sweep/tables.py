@@ -1,0 +1,166 @@
+"""A sweep's summary as tables: points with their intervals, comparisons, languages, the full pool.
+
+Each :class:`Table` renders to markdown (the terminal, summary.md) and to HTML (summary.html) alike.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+from xling.trainer.stats import MeanCI, mean_ci
+from xling.trainer.sweep.summary import BY_LANGUAGE, HEADLINE, SweepSummary, full_prefix, short_key
+
+
+@dataclass
+class Table:
+    """One table, rendered to markdown (terminal, summary.md) and HTML (summary.html) alike."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def markdown(self) -> str:
+        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows
+        )
+        return f"<h3>{html.escape(self.title)}</h3><table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(ci: MeanCI | None) -> str:
+    if ci is None or ci.n == 0:
+        return "-"
+    return f"{ci.mean:.4f}" if ci.n == 1 else f"{ci.mean:.4f} ± {ci.half_width:.4f}"
+
+
+def tables(s: SweepSummary) -> list[Table]:
+    """Points (mean ± CI half-width over seeds), zero-shot, and the comparisons between points."""
+    metrics = s.main_metrics()
+    pct = round(100 * s.sweep.confidence)
+    rows = []
+    if s.zero_shot:  # the baseline every point is read against: first
+        rows.append(["-", "zero-shot", "-"] + [_fmt(_single(s.zero_shot.get(k))) for k in metrics] + ["-"])
+    for p in s.points:
+        mark = "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
+        rows.append(
+            [str(p.index), p.label, str(len(p.trials))] + [_fmt(p.stats.get(k)) for k in metrics] + [mark]
+        )
+    out = [
+        Table(
+            f"Points: mean ± {pct}% t-interval half-width over seeds",
+            ["#", "point", "seeds"] + [short_key(k, s.prefix) for k in metrics] + ["feasible"],
+            rows,
+        )
+    ]
+    if s.comparisons:
+        out.append(
+            Table(
+                f"Paired bootstrap over questions and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
+                "languages; t-interval over seeds beside it)",
+                [
+                    "setting",
+                    "A",
+                    "B",
+                    "seeds",
+                    "A - B",
+                    f"{pct}% CI",
+                    "p",
+                    "p (Holm)",
+                    f"{pct}% CI over seeds",
+                ],
+                [
+                    [
+                        c.setting,
+                        s.points[c.a].label,
+                        s.points[c.b].label,
+                        "{}/{}".format(*c.test.seeds),
+                        f"{c.test.diff:+.4f}",
+                        _interval(c.test.low, c.test.high),
+                        f"{c.test.p_value:.4f}",
+                        f"{c.p_holm:.4f}",
+                        _interval(c.test.over_seeds.low, c.test.over_seeds.high),
+                    ]
+                    for c in s.comparisons
+                ],
+            )  # fmt: skip
+        )
+    out += [t for t in (_by_language(s), _full_pool(s)) if t is not None]
+    from xling.trainer.paper_claims import claims_table
+
+    if (claims := claims_table(s)) is not None:
+        out.append(claims)
+    return out
+
+
+def _by_language(s: SweepSummary) -> Table | None:
+    """The best point against zero-shot, language by language: which languages gain or lose."""
+    langs = s.languages()
+    if s.best is None or not langs or not s.zero_shot:
+        return None
+    best, pct = s.points[s.best], round(100 * s.sweep.confidence)
+    rows = []
+    for lang in langs:
+        row = [lang]
+        for metric in BY_LANGUAGE:
+            setting, leaf = metric.split(".", 1)
+            key = f"{s.prefix}.{setting}.{lang}.{leaf}"
+            ci = mean_ci([t.metrics.get(key, math.nan) for t in best.trials], s.sweep.confidence)
+            zero = s.zero_shot.get(key, math.nan)
+            change = ci.mean - zero if ci.n else math.nan
+            row += [_fmt(_single(zero)), _fmt(ci), f"{change:+.4f}" if math.isfinite(change) else "-"]
+        rows.append(row)
+    columns = ["language"] + [f"{m} {w}" for m in BY_LANGUAGE for w in ("zero-shot", "best", "change")]
+    return Table(f"By language: best point ({best.label}) against zero-shot, mean ± {pct}% CI over seeds",
+                 columns, rows)  # fmt: skip
+
+
+def _full_pool(s: SweepSummary) -> Table | None:
+    """Each point's best seed on the whole suite (``xling results --full-pool``), zero-shot first."""
+    full = [p for p in s.points if p.full is not None]
+    if not full and not s.zero_shot_full:
+        return None
+    prefix = full_prefix(s.prefix)
+    keys = [f"{prefix}.{m}" for m in HEADLINE]
+    rows = (
+        [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]]
+        if s.zero_shot_full
+        else []
+    )
+    rows += [[p.label, str(p.full.seed)] + [_fmt(_single(p.full.metrics.get(k))) for k in keys] for p in full]
+    return Table("Full pool: the best seed of each point (by the objective) on the whole suite",
+                 ["point", "seed"] + [short_key(k, prefix) for k in keys], rows)  # fmt: skip
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{low:+.4f}, {high:+.4f}]" if math.isfinite(low) and math.isfinite(high) else "-"
+
+
+def _single(value: float | None) -> MeanCI | None:
+    return (
+        None if value is None or not math.isfinite(value) else MeanCI(value, math.nan, math.nan, math.nan, 1)
+    )
+
+
+def header_lines(s: SweepSummary) -> list[str]:
+    best = s.points[s.best].label if s.best is not None else "none"
+    return [
+        f"Sweep {s.name!r}: {s.finished} of {s.planned} trials finished, {len(s.points)} points x "
+        f"{len(s.sweep.seeds)} seeds; MLflow parent run {s.parent_run_id}",
+        f"Objective: {s.sweep.mode} {s.sweep.metric}; best feasible point: {best}",
+    ]
+
+
+def markdown(s: SweepSummary) -> str:
+    parts = [f"# Sweep {s.name}", "", *header_lines(s), ""]
+    for t in tables(s):
+        parts += [t.markdown(), ""]
+    parts += [f"- {n}" for n in s.notes]
+    return "\n".join(parts).rstrip() + "\n"
