@@ -59,7 +59,8 @@ def run(
     """One ``run_experiment`` on a fresh 2-CPU Ray (worker env fixed at ray.init); MLflow histories by metric."""
     import ray
 
-    from xling.trainer.run import LOCAL_ENV, run_experiment
+    from xling.trainer.driver import LOCAL_ENV
+    from xling.trainer.run import run_experiment
 
     env = {**LOCAL_ENV, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     if kill:
@@ -93,7 +94,7 @@ def history(tmp: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from xling.trainer.run import LOCAL_ENV
+    from xling.trainer.driver import LOCAL_ENV
 
     tmp = tmp_path_factory.mktemp("faults")
     with pytest.MonkeyPatch.context() as mp:  # the driver's env decides e.g. Ray's auth mode

@@ -77,9 +77,9 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     how many evaluations ran."""
     import torch
 
+    from xling.trainer.driver import prepare
     from xling.trainer.export import read_sentence_transformers
     from xling.trainer.model import encoder_for
-    from xling.trainer.run import prepare
 
     spec = exp.spec
     torch.set_num_threads(os.cpu_count() or 1)
