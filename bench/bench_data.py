@@ -238,7 +238,7 @@ def demo_step_seconds(prefetch: int, steps: int, work: Path) -> float:
 
 def demo(steps: int, repeats: int) -> None:
     """The demo's step time with and without prefetching, interleaved rounds, best of each."""
-    from xling.trainer.run import LOCAL_ENV
+    from xling.trainer.driver import LOCAL_ENV
 
     for key, value in LOCAL_ENV.items():
         os.environ.setdefault(key, value)

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from xling.trainer.sweep.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
+from xling.trainer.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
 
 ROOT = Path(__file__).resolve().parents[1]
 

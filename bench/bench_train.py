@@ -130,9 +130,9 @@ def bench_xling(
 
 def flops_per_token(exp: Any) -> float:
     """(2N + 4 N_trainable) of the experiment's model, as the trainer's MFU counts it (trainer/plan.py)."""
+    from xling.trainer.driver import prepare
     from xling.trainer.model import BiEncoder, load_backbone
     from xling.trainer.plan import count_dense_params
-    from xling.trainer.run import prepare
 
     _, path = prepare(exp)
     model = BiEncoder(load_backbone(path, exp.spec.model))
@@ -150,7 +150,7 @@ def bench_sentence_transformers(
     from sentence_transformers.training_args import SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
 
-    from xling.trainer.run import prepare
+    from xling.trainer.driver import prepare
     from xling.trainer.sampling import build_sampler
     from xling.trainer.train_loop import batch_texts
 
@@ -219,7 +219,7 @@ def main() -> None:
     e5 = args.model == "e5-small"
     steps = args.steps or (16 if e5 else 60)
     warmup = args.warmup or (4 if e5 else 8)
-    from xling.trainer.run import LOCAL_ENV
+    from xling.trainer.driver import LOCAL_ENV
 
     extensions = str(ROOT / ".cache" / "torch_extensions")
     for key, value in {

@@ -39,8 +39,9 @@ def main() -> None:
     os.environ.setdefault("XLING_CACHE", str(ROOT / ".cache"))
     import torch
 
+    from xling.trainer.driver import prepare
+    from xling.trainer.job import Job
     from xling.trainer.plan import cpu_peak_flops
-    from xling.trainer.run import prepare
     from xling.trainer.spec import load_experiment
     from xling.trainer.train_loop import Trainer
 
@@ -48,8 +49,7 @@ def main() -> None:
     exp.spec.distributed.cpus_per_worker = args.threads
     exp.spec.evaluation.suites = []
     prepared, path = prepare(exp)
-    config = {"spec": exp.spec.model_dump(by_alias=True), "data": prepared.location, "model_path": path}
-    trainer = Trainer(config, rank=0, world=1)
+    trainer = Trainer(Job(exp.spec, prepared.location, path), rank=0, world=1)
     backbone = trainer.model.backbone
     dropouts = [m for m in backbone.modules() if isinstance(m, torch.nn.Dropout)]
     attention = [m.dropout for m in backbone.modules() if type(m).__name__.endswith("SelfAttention")]

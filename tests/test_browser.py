@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 from test_sweep_e2e import PLOTS, SmokeSweep, run_smoke_sweep
 
-from xling.trainer.sweep.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
+from xling.trainer.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)

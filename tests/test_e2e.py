@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from xling.trainer.sweep.tags import DATA_FINGERPRINT, SAMPLING
+from xling.trainer.tags import DATA_FINGERPRINT, SAMPLING
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -27,7 +27,7 @@ from xling.trainer.model import (
     train_tiny_tokenizer,
 )
 from xling.trainer.spec import ExperimentSpec, ModelSpec
-from xling.trainer.sweep.tags import RUN_ID
+from xling.trainer.tags import RUN_ID
 
 ROOT = Path(__file__).resolve().parents[1]
 E5 = ROOT / ".cache" / "models" / "multilingual-e5-small"

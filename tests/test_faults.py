@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from xling.trainer.sweep.tags import STATUS
+from xling.trainer.tags import STATUS
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -61,7 +61,8 @@ def run(
     """One ``run_experiment`` on a fresh 2-CPU Ray (worker env fixed at ray.init); MLflow histories by metric."""
     import ray
 
-    from xling.trainer.run import LOCAL_ENV, run_experiment
+    from xling.trainer.driver import LOCAL_ENV
+    from xling.trainer.run import run_experiment
 
     env = {**LOCAL_ENV, "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
     if kill:
@@ -95,7 +96,7 @@ def history(tmp: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    from xling.trainer.run import LOCAL_ENV
+    from xling.trainer.driver import LOCAL_ENV
 
     tmp = tmp_path_factory.mktemp("faults")
     with pytest.MonkeyPatch.context() as mp:  # the driver's env decides e.g. Ray's auth mode

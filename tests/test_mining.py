@@ -137,7 +137,7 @@ def tiny_experiment(tmp: Path, workers: int = 1) -> dict:
 def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batches(tmp_path: Path) -> None:
     """``xling mine``'s path with a real (tiny, random: so no score ratio) model, reused on a second run; a fresh process opening the
     run's location (a resumed worker) reads the very same texts and negatives for a step."""
-    from xling.trainer.run import prepare_data
+    from xling.trainer.driver import prepare_data
     from xling.trainer.sampling import build_sampler
     from xling.trainer.spec import parse_experiment
 

@@ -39,7 +39,8 @@ def test_start_run_reuses_the_run_of_the_same_experiment_uid(tmp_path: Path, mon
 def _run(tmp: Path, kill: str | None) -> Any:
     import ray
 
-    from xling.trainer.run import LOCAL_ENV, run_experiment
+    from xling.trainer.driver import LOCAL_ENV
+    from xling.trainer.run import run_experiment
 
     env = {
         **LOCAL_ENV,
@@ -59,7 +60,7 @@ def _run(tmp: Path, kill: str | None) -> Any:
 def test_an_experiment_that_runs_again_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    from xling.trainer.run import LOCAL_ENV
+    from xling.trainer.driver import LOCAL_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in {**LOCAL_ENV, "XLING_CACHE": str(tmp_path / "cache")}.items():
@@ -80,7 +81,7 @@ def test_an_experiment_that_runs_again_resumes_from_its_checkpoint(tmp_path: Pat
 
 
 def test_only_runs_of_built_in_names_go_offline(monkeypatch) -> None:
-    from xling.trainer.run import _local_env, hub_free
+    from xling.trainer.driver import hub_free, local_env
     from xling.trainer.spec import ExperimentSpec
 
     base = {
@@ -91,8 +92,8 @@ def test_only_runs_of_built_in_names_go_offline(monkeypatch) -> None:
     hub = ExperimentSpec.model_validate({**base, "model": {"name": "intfloat/multilingual-e5-large"}})
     assert hub_free(built_in) and not hub_free(hub)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert "HF_HUB_OFFLINE" not in _local_env(hub)  # neither set here nor shipped to the workers
+    assert "HF_HUB_OFFLINE" not in local_env(hub)  # neither set here nor shipped to the workers
     from xling.trainer.sweep.tune import trial_env
 
     assert "HF_HUB_OFFLINE" not in trial_env(hub)  # a sweep's trials too
-    assert _local_env(built_in)["HF_HUB_OFFLINE"] == "1"
+    assert local_env(built_in)["HF_HUB_OFFLINE"] == "1"

@@ -17,9 +17,9 @@ from xling.trainer.sweep.plots import pareto_front, primary_parameter
 from xling.trainer.sweep.report import publish, to_json, write_report
 from xling.trainer.sweep.summary import is_headline, parse_per_query, per_language_keys, summarize_sweep
 from xling.trainer.sweep.tables import markdown
-from xling.trainer.sweep.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
 from xling.trainer.sweep.trials import SweepPlan, plan_sweep
 from xling.trainer.sweep.tune import TrialContext, _child_run, _parent_run, default_concurrency
+from xling.trainer.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "manifests/samples"

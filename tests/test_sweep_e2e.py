@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from xling.trainer.sweep.tags import (
+from xling.trainer.tags import (
     ALPHA,
     BEST_POINT,
     DATA_FINGERPRINT,

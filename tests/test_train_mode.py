@@ -17,6 +17,7 @@ import torch
 
 from xling.trainer.data import prepare_corpus
 from xling.trainer.engine import save_trainer_state
+from xling.trainer.job import Job
 from xling.trainer.model import (
     BiEncoder,
     HFTextEncoder,
@@ -67,9 +68,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def make(
     setup: dict[str, Any], seed: int = 0, rank: int = 0, world: int = 1, grad_cache: bool = False
 ) -> Trainer:
-    config = {"spec": spec_doc(setup["cache"], seed, world, grad_cache), "data": setup["data"],
-              "model_path": setup["model_path"]}  # fmt: skip
-    return Trainer(config, rank=rank, world=world)
+    spec = ExperimentSpec.model_validate(spec_doc(setup["cache"], seed, world, grad_cache))
+    return Trainer(Job(spec, setup["data"], setup["model_path"]), rank=rank, world=world)
 
 
 def first_loss(setup: dict[str, Any], at_start: bool, torch_seed: int, grad_cache: bool) -> float:

@@ -13,14 +13,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
         return 0
-    from xling.trainer.run import run_experiment
-
-    run_experiment(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    if exp.spec.sweep is not None:  # one Ray Tune trial per point and seed
+        from xling.trainer.sweep import run_sweep as drive
+    else:
+        from xling.trainer.run import run_experiment as drive
+    drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from xling.trainer.run import prepare_data
+    from xling.trainer.driver import prepare_data
 
     prepared = prepare_data(load_experiment(args.file), skip_bad_rows=args.skip_bad_rows)
     corpus = prepared.corpus
@@ -30,7 +32,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _mine(args: argparse.Namespace) -> int:
-    from xling.trainer.run import prepare_data
+    from xling.trainer.driver import prepare_data
     from xling.trainer.spec import HardNegativesSpec, MineSpec
 
     exp = load_experiment(args.file)

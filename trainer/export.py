@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, ModelSpec
-from xling.trainer.sweep.tags import RUN_ID
+from xling.trainer.tags import RUN_ID
 
 #: spec.model.pooling -> sentence-transformers' Pooling mode.
 POOLING_MODES = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from xling.trainer.paper_claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
-from xling.trainer.sweep.tags import FULL_POOL
+from xling.trainer.tags import FULL_POOL
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -78,9 +78,9 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     how many evaluations ran."""
     import torch
 
+    from xling.trainer.driver import prepare
     from xling.trainer.export import read_sentence_transformers
     from xling.trainer.model import encoder_for
-    from xling.trainer.run import prepare
 
     spec = exp.spec
     torch.set_num_threads(os.cpu_count() or 1)

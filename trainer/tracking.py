@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from xling.trainer.sweep.tags import K8S_UID, STATUS, tag_is
+from xling.trainer.tags import K8S_UID, STATUS, tag_is
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

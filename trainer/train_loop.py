@@ -29,11 +29,11 @@ from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
+from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
-from xling.trainer.spec import ExperimentSpec
 from xling.trainer.tracking import StepLogger, log_dataset
 
 log = logging.getLogger("xling.train")
@@ -118,19 +118,19 @@ def progress_line(step: int, total: int, loss: float, pairs_per_s: float, starte
 
 
 class Trainer:
-    """State for one rank: spec, data, model, engine, sampler, logger."""
+    """State for one rank of ``job``: spec, data, model, engine, sampler, logger."""
 
-    def __init__(self, config: dict[str, Any], rank: int | None = None, world: int | None = None):
+    def __init__(self, job: Job, rank: int | None = None, world: int | None = None):
         """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
-        self.spec = ExperimentSpec.model_validate(config["spec"])
-        self.config = config
+        self.job = job
+        self.spec = job.spec
         if rank is None or world is None:
             import ray.train
 
             ctx = ray.train.get_context()
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.rank, self.world = rank, world
-        self.corpus: Corpus = open_corpus(config["data"], default_cache_dir() / "prepared")
+        self.corpus: Corpus = open_corpus(job.data, default_cache_dir() / "prepared")
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
@@ -140,11 +140,11 @@ class Trainer:
         spec = self.spec
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
             torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
-        self.tokenize = Tokenize(load_tokenizer(config["model_path"], spec.model), spec.model)
+        self.tokenize = Tokenize(load_tokenizer(job.model_path, spec.model), spec.model)
         dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
 
         def build_model() -> BiEncoder:
-            backbone = load_backbone(config["model_path"], spec.model, dtype=dtype)
+            backbone = load_backbone(job.model_path, spec.model, dtype=dtype)
             if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
@@ -164,7 +164,8 @@ class Trainer:
         self.sampler = build_sampler(self.corpus.index, spec.optimization.global_batch_size, spec.sampling)
         self.batches = Prefetch(self.read_batch, spec.data.prefetch_steps)
         self.composition = Composition()
-        self.logger = StepLogger(config.get("tracking_uri"), config.get("run_id"), self.rank == 0)
+        uri = job.run.uri if job.run else None
+        self.logger = StepLogger(uri, job.run_id, self.rank == 0)
         self.start_step = 0
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -200,7 +201,7 @@ class Trainer:
                 self.engine.export(d / "model", self.rank)  # collective under ZeRO-3; rank 0 writes
             if self.rank == 0:
                 (d / "results.txt").write_text(report)
-                write_checkpoint_meta(d, self.config, metrics)  # what `xling export` needs
+                write_checkpoint_meta(d, self.job.checkpoint_meta(), metrics)  # what `xling export` needs
                 if final:
                     self.publish(d / "model", metrics, report)
             if dist.is_initialized():
@@ -215,10 +216,10 @@ class Trainer:
         from xling.trainer.export import log_model, write_model_card, write_sentence_transformers
 
         write_sentence_transformers(directory, self.spec.model, self.tokenize.tok, self.tokenize.append_eos)
-        write_model_card(directory, self.spec, name=self.config.get("name", "xling-retriever"), metrics=metrics,
-                         composition=self.composition.as_dict(), report=report, run_id=self.config.get("run_id"))  # fmt: skip
-        if self.logger.active:
-            log_model(directory, self.spec, tracking_uri=self.config["tracking_uri"], run_id=self.logger.run_id,
+        write_model_card(directory, self.spec, name=self.job.name or "xling-retriever", metrics=metrics,
+                         composition=self.composition.as_dict(), report=report, run_id=self.job.run_id)  # fmt: skip
+        if self.logger.active and self.job.run:
+            log_model(directory, self.spec, tracking_uri=self.job.run.uri, run_id=self.logger.run_id,
                       metrics=metrics)  # fmt: skip
 
     # ----------------------------------------------------------------------------- evaluation
@@ -248,8 +249,8 @@ class Trainer:
         return out, "\n\n".join(tables)
 
     def _fingerprint(self, step: int) -> str:
-        base = self.config.get("model_fingerprint", "")
-        return base if step == 0 else f"{self.config.get('run_id', 'local')}-step{step}"
+        base = self.job.model_fingerprint
+        return base if step == 0 else f"{self.job.run_id or 'local'}-step{step}"
 
     # ----------------------------------------------------------------------------- training
     def read_batch(self, step: int) -> StepBatch:
@@ -351,6 +352,6 @@ def inject_fault(step: int, rank: int, resumed: bool) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (one call per rank)."""
+    """Ray Train entry point (one call per rank); ``config`` holds the :class:`Job` alone."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    Trainer(config).fit()
+    Trainer(job_of(config)).fit()

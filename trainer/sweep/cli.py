@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from xling.trainer.sweep.report import publish, write_report
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
-from xling.trainer.sweep.tags import parents_of_sweep
+from xling.trainer.tags import parents_of_sweep
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.sweep.plots import save_plots
 from xling.trainer.sweep.summary import SweepSummary
 from xling.trainer.sweep.tables import header_lines, markdown, tables
-from xling.trainer.sweep.tags import BEST_POINT, TRIALS_FINISHED
+from xling.trainer.tags import BEST_POINT, TRIALS_FINISHED
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

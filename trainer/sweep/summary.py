@@ -24,7 +24,7 @@ import numpy as np
 
 from xling.trainer.spec import SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
-from xling.trainer.sweep.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
+from xling.trainer.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

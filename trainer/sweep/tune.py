@@ -1,6 +1,6 @@
 """``xling run`` for a spec with ``sweep``: one Ray Tune trial per (point, seed), each a Ray Train run.
 
-Tune V2 pattern: the trainable is a plain function that builds and fits a ``TorchTrainer`` (``run._fit``)
+Tune V2 pattern: the trainable is a plain function that builds and fits a ``TorchTrainer`` (``driver.fit``)
 and relays the workers' reports to Tune through ``TuneReportCallback``, so ASHA sees them. The trial
 function takes half a CPU; Train's V2 controller takes none.
 
@@ -23,29 +23,27 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.e5s1 import default_cache_dir
-from xling.trainer.run import (
+from xling.trainer.driver import (
     RunResult,
-    _finish_run,
-    _fit,
-    _local_env,
     check_batches,
+    finish_run,
+    fit,
     init_ray,
+    local_env,
     log_training_data,
-    prepare,
+    set_up,
     storage_path,
 )
+from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import is_headline, summarize_sweep
 from xling.trainer.sweep.tables import markdown
-from xling.trainer.sweep.tags import (
+from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
+from xling.trainer.tags import (
     ALPHA,
-    BAD_ROWS_SKIPPED,
     DATA_FINGERPRINT,
     EXPERIMENT_KIND,
-    GIT_COMMIT,
-    MODEL,
     PARENT_RUN_ID,
     PLAN_DIGEST,
     POINT,
@@ -65,8 +63,7 @@ from xling.trainer.sweep.tags import (
     parents_of_sweep,
     tag_is,
 )
-from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
-from xling.trainer.tracking import flatten, git_commit, resolve_tracking_uri, source_tags, start_run
+from xling.trainer.tracking import flatten, start_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -156,7 +153,7 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: DataLocation) -> 
     )
     monitor.start()
     try:
-        result = _fit(exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
+        result = fit(exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
     finally:
         monitor.finish()
     tune.report({**result.metrics, "mlflow_run_id": run_id})
@@ -248,7 +245,7 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
 def trial_env(spec: ExperimentSpec) -> dict[str, str]:
     """What every trial's workers get: the local-run defaults (offline only for hub-free specs), and the cache
     pinned for all trials (models, zero-shot embeddings), since trials run in Tune's trial directories."""
-    return {**_local_env(spec), "XLING_CACHE": str(default_cache_dir().resolve())}
+    return {**local_env(spec), "XLING_CACHE": str(default_cache_dir().resolve())}
 
 
 def run_sweep(
@@ -266,9 +263,8 @@ def run_sweep(
     exp = exp.model_copy(deep=True)
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
         exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
-    prepared, model_path = prepare(exp, skip_bad_rows)  # once for every trial
-    corpus = prepared.corpus
-    print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
+    setup = set_up(exp, tracking_uri, skip_bad_rows)  # once for every trial
+    prepared, corpus = setup.prepared, setup.prepared.corpus
     for point in plan.points:  # every point's batches, not only the base spec's
         try:
             check_batches(
@@ -276,16 +272,13 @@ def run_sweep(
             )
         except ValueError as err:
             raise ValueError(f"sweep point {point.label}: {err}") from None
-    uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
-    experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
+    uri, experiment_name = setup.tracking_uri, setup.experiment_name
     storage = storage_path(exp.spec.output_dir)
-    tags = {SWEEP: exp.metadata.name, MODEL: exp.spec.model.name, DATA_FINGERPRINT: corpus.fingerprint(),
-            GIT_COMMIT: git_commit(), BAD_ROWS_SKIPPED: str(prepared.report.total),
-            **source_tags(exp.metadata.name)}  # fmt: skip
+    tags = {SWEEP: exp.metadata.name, **setup.tags}
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
-    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, model_path, tags, prepared.mined)
+    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, setup.model_path, tags, prepared.mined)
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
     grid = _tune(ctx, prepared.location, storage, stored)
@@ -302,7 +295,7 @@ def run_sweep(
     status = "FAILED" if errors else ("KILLED" if interrupted else "FINISHED")
     if status == "FINISHED":  # an interrupted sweep's best is provisional
         register_best(uri, summary, exp.spec)
-    _finish_run(uri, parent, status)
+    finish_run(uri, parent, status)
     seconds = time.time() - started
     print(f"mlflow sweep run: {parent} ({uri})\ntook {seconds:.0f}s", flush=True)
     if errors:

@@ -1,0 +1,281 @@
+"""What both drivers share (``run``: one training run, ``sweep``: a Ray Tune sweep of them): the local
+environment, the data and model before the first worker, the tags of their MLflow runs, Ray, the storage,
+fitting one ``TorchTrainer`` and closing its MLflow run.
+
+Everything that can fail cheaply (spec, data rows, model name) fails here, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
+from xling.trainer.data.prepare import file_stats
+from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
+from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
+
+if TYPE_CHECKING:
+    from xling.trainer.data.index import CorpusIndex
+
+#: Environment every local run needs on a CPU box; kept if already set, and shipped to the workers.
+LOCAL_ENV = {
+    "DS_ACCELERATOR": "cpu",  # DeepSpeed on CPU (gloo); not set on a GPU node
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # node IP, workers, MASTER_ADDR and dashboard on loopback
+    "RAY_AUTH_MODE": "disabled",  # else Ray writes an auth token under ~/.ray and warns
+    "PYTHONWARNINGS": "ignore::FutureWarning",  # torch warns of deprecated collectives on every ZeRO step
+    "HF_HUB_OFFLINE": "1",  # only for specs that need no hub (hub_free)
+    "TOKENIZERS_PARALLELISM": "false",  # else tokenizers warns (and turns itself off) when Ray forks after use
+    "RAY_TRAIN_V2_ENABLED": "1",  # the Train V2 API (callbacks, fit raising a failed run's error)
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",  # else every print of a worker reaches the console twice
+}
+
+
+@dataclass
+class RunResult:
+    """What a driver returns: its MLflow run (a sweep's parent run), final metrics, last checkpoint."""
+
+    run_id: str
+    metrics: dict[str, Any]
+    checkpoint_path: str | None
+    seconds: float
+
+
+def hub_free(spec: ExperimentSpec) -> bool:
+    """Built-in model and no hub dataset: only then may a run go offline (HF_HUB_OFFLINE=1)."""
+    return spec.model.name.startswith("xling/") and not any(s.type == "hf" for s in spec.data.sources)
+
+
+def local_env(spec: ExperimentSpec) -> dict[str, str]:
+    """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node); offline
+    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load)."""
+    for key, value in LOCAL_ENV.items():
+        if key == "HF_HUB_OFFLINE" and not hub_free(spec):
+            continue
+        if key != "DS_ACCELERATOR" or not _has_gpu():
+            os.environ.setdefault(key, value)
+    return {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prepared, str]:
+    """Prepare (or find) the training corpus and resolve the model: everything before the first worker."""
+    from xling.trainer.model import resolve_model_path
+
+    spec = exp.spec
+    prepared = prepare_data(exp, skip_bad_rows)
+    check_batches(prepared.corpus.index, spec)
+    return prepared, resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+
+
+def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
+    """What the built-in tiny test model trains its tokenizer on: the corpus's first texts."""
+    if model != TINY_MODEL:
+        return None
+    return [p.query or p.passage or "" for g in prepared.corpus.materialize(3000).groups for p in g.values()]
+
+
+def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepared:
+    """The prepared corpus of the spec (``xling data prepare``): built once per preparation key, in the run's
+    storage, and reused by every later run and sweep trial."""
+    spec = exp.spec
+    if skip_bad_rows:
+        spec.data.skip_bad_rows = True
+    prepared = prepare_corpus(spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache())
+    report, corpus = prepared.report, prepared.corpus
+    if report.total:
+        print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
+        for example in report.examples[:3]:
+            print(f"  e.g. {example}", file=sys.stderr)
+    how = "reusing the prepared corpus" if prepared.reused else "prepared"
+    print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
+    if spec.data.drop_eval_overlap:
+        print(
+            f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data"
+        )
+    if spec.data.hard_negatives and spec.data.hard_negatives.mine:
+        from xling.trainer.mining import mine_prepared
+
+        prepared = mine_prepared(
+            prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
+        )
+    return prepared
+
+
+def data_root(output_dir: str) -> str:
+    """Where prepared corpora live: beside Ray Train's storage, so a cluster run's are in its bucket or PVC."""
+    return storage_path(output_dir).removesuffix("/ray") + "/data"
+
+
+def prepared_cache() -> Path:
+    """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file)."""
+    from xling.trainer.e5s1 import default_cache_dir
+
+    return default_cache_dir() / "prepared"
+
+
+def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
+    """Refuse a sampling setup the data cannot fill (no X-X language with a full batch, too few X-Y
+    groups) now, rather than after Ray started and a worker reached that batch."""
+    from xling.trainer.sampling import build_sampler
+
+    build_sampler(index, spec.optimization.global_batch_size, spec.sampling)
+
+
+def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
+    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside)."""
+    suites = [s.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
+              for s in spec.evaluation.suites if s.name != "miracl"]  # fmt: skip
+    if not suites:
+        return None
+
+    def texts() -> list[str]:
+        from xling.trainer.evaluation import load_suite
+
+        out: list[str] = []
+        for suite_spec in suites:
+            for data in load_suite(suite_spec).data.values():
+                out += data.candidate_texts + data.query_texts
+        return out
+
+    key = [(s.name, s.path, file_stats(s.path)) for s in suites]
+    return EvalGuard(json.dumps(key, sort_keys=True), texts)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a driver holds once data and model are ready, before it opens its MLflow run."""
+
+    prepared: Prepared
+    model_path: str
+    tracking_uri: str
+    experiment_name: str
+    tags: dict[str, str]  # of every MLflow run the driver opens (:func:`run_tags`); a driver adds its own
+
+
+def set_up(exp: RetrievalExperiment, tracking_uri: str | None, skip_bad_rows: bool) -> Setup:
+    """Prepare the corpus and the model (:func:`prepare`), and resolve where and under which tags to track."""
+    spec = exp.spec
+    prepared, model_path = prepare(exp, skip_bad_rows)
+    corpus = prepared.corpus
+    print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
+    uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
+    experiment_name = spec.tracking.experiment_name or exp.metadata.name
+    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared))
+
+
+def run_tags(exp: RetrievalExperiment, prepared: Prepared) -> dict[str, str]:
+    """The tags every run of ``exp`` carries: model, data fingerprint and bad rows, code version, source."""
+    return {MODEL: exp.spec.model.name, DATA_FINGERPRINT: prepared.corpus.fingerprint(), GIT_COMMIT: git_commit(),
+            BAD_ROWS_SKIPPED: str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+
+
+def log_training_data(
+    uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None
+) -> None:
+    """The training pairs as the run's MLflow dataset (digest = the corpus fingerprint, source = the sources),
+    and with mined hard negatives, how many were mined and what each false-negative rule removed."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(uri)
+    sources = [s.path for s in spec.data.sources]
+    log_dataset(client, run_id, "training-pairs", fingerprint, sources, "training")
+    if mined is not None:
+        counts = {"negatives": mined["negatives"], "with_negatives": mined["with_negatives"], "passages": mined["passages"],
+                  **{f"removed.{rule}": n for rule, n in mined["removed"].items()}}  # fmt: skip
+        client.log_batch(run_id, metrics=[Metric(f"data.mined.{k}", float(v), int(time.time() * 1000), 0)
+                                          for k, v in counts.items()])  # fmt: skip
+        client.set_tag(run_id, MINED_NEGATIVES, mined["key"])
+
+
+def fit(
+    exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
+    callbacks: list | None = None,
+) -> Any:  # fmt: skip
+    """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from xling.trainer.job import Job, TrackedRun
+    from xling.trainer.model import model_fingerprint
+    from xling.trainer.train_loop import train_loop_per_worker
+
+    spec = exp.spec
+    dist = spec.distributed
+    use_gpu = dist.gpus_per_worker > 0
+    init_ray(env, use_gpu)
+    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
+    storage = storage_path(spec.output_dir)
+    job = Job(
+        spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id)
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=job.train_loop_config(),
+        scaling_config=ScalingConfig(
+            num_workers=dist.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=train_run_name(exp.metadata.name, run_id),
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=dist.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    try:
+        result = trainer.fit()  # Train V2 raises a failed run's error (numWorkers >= 1: never local mode)
+    except Exception:  # an interrupt leaves the run open, to be continued
+        finish_run(uri, run_id, "FAILED")
+        raise
+    finish_run(uri, run_id, "FINISHED")
+    return result
+
+
+def train_run_name(name: str, run_id: str) -> str:
+    """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
+    preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
+    uid = os.environ.get("XLING_EXPERIMENT_UID")
+    return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
+
+
+def init_ray(env: dict[str, str], use_gpu: bool) -> None:
+    """Join the cluster in RAY_ADDRESS (a RayJob's driver), else start a local Ray on this machine."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": env})
+    else:
+        ray.init(runtime_env={"env_vars": env}, num_cpus=None if use_gpu else os.cpu_count())
+
+
+def storage_path(output_dir: str) -> str:
+    """Ray Train storage: a URI (s3://, gs://) as it is, a local path made absolute."""
+    if "://" in output_dir:
+        return output_dir.rstrip("/") + "/ray"
+    return str(Path(output_dir).resolve() / "ray")
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    """End an MLflow run with ``status`` (FINISHED, FAILED, KILLED), and ``xling.status`` to match."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    client.set_tag(run_id, STATUS, status.lower())
+    client.set_terminated(run_id, status)
