@@ -1,8 +1,8 @@
 """What MLflow knows about an experiment's runs: progress for the watchdog, links and results for status.
 
-Contract with the trainer: every MLflow run it starts for a RetrievalExperiment (the parent and each trial)
-carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no ``mlflow.parentRunId`` tag)
-holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
+Contract with the trainer (``xling.trainer.contracts``): every MLflow run it starts for a RetrievalExperiment
+(the parent and each trial) carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no
+``mlflow.parentRunId`` tag) holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from xling.trainer.contracts import UID_TAG
 from xling.trainer.spec import KNOWN_LANGUAGES
 
-UID_TAG = "xling.k8s.uid"
 PARENT_TAG = "mlflow.parentRunId"
 
 

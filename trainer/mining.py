@@ -169,7 +169,7 @@ def _filter(
 def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str] | None = None) -> Prepared:
     """Mine ``spec.data.hardNegatives.mine`` into the prepared corpus (once per key, uploaded beside a
     corpus in a bucket); the result's location and corpus carry the negatives."""
-    from xling.trainer.e5s1 import default_cache_dir
+    from xling.trainer.contracts import embedding_cache_dir
     from xling.trainer.model import encoder_for, model_fingerprint, resolve_model_path
 
     settings = spec.data.hard_negatives.mine
@@ -180,7 +180,7 @@ def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str
     if meta is None:
         started = time.perf_counter()
         meta = mine(corpus, settings, encoder_for(path, spec.model, settings.batch_size), key,
-                    spec.evaluation.cache_dir or default_cache_dir() / "embeddings")  # fmt: skip
+                    embedding_cache_dir(spec.evaluation.cache_dir))  # fmt: skip
         print(f"mine: {meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages "
               f"in {time.perf_counter() - started:.0f}s; removed {meta['removed']}", flush=True)  # fmt: skip
     if "://" in prepared.location.uri:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
@@ -122,7 +123,7 @@ def data_root(output_dir: str) -> str:
 
 def prepared_cache() -> Path:
     """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file)."""
-    from xling.trainer.e5s1 import default_cache_dir
+    from xling.trainer.contracts import default_cache_dir
 
     return default_cache_dir() / "prepared"
 
@@ -173,7 +174,7 @@ def run_experiment(
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
 
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
-    experiment_name = spec.tracking.experiment_name or exp.metadata.name
+    experiment_name = exp.mlflow_experiment_name
     tags = {"xling.sampling": spec.sampling.strategy, "xling.alpha": str(spec.sampling.alpha),
             "xling.model": spec.model.name, "xling.data_fingerprint": corpus.fingerprint(),
             "xling.git_commit": git_commit(), "xling.bad_rows_skipped": str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
@@ -260,7 +261,7 @@ def _fit(
 def train_run_name(name: str, run_id: str) -> str:
     """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
     preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
-    uid = os.environ.get("XLING_EXPERIMENT_UID")
+    uid = os.environ.get(EXPERIMENT_UID_ENV)
     return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
 
 

@@ -76,6 +76,12 @@ def _bad(field: str, message: str) -> SpecError:
     return SpecError(None, message, field=field)
 
 
+#: Value sets other parts take from here (``xling eval``'s flags, the encoder, the evaluation code).
+Pooling = Literal["cls", "mean", "last_token"]
+SuiteName = Literal["xquad-r", "mlqa-r", "miracl"]
+CandidateContext = Literal["sentence", "paragraph"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
 PositiveInt = Annotated[int, Field(ge=1)]
 Lang = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", description="ISO 639-1 language code")]
 
@@ -88,7 +94,7 @@ class ModelSpec(Spec):
         f"multilingual-e5-small) or {TINY_MODEL!r} (tiny random-init BERT for tests)."
     )
     revision: str | None = Field(default=None, description="Hub revision (commit) to pin.")
-    pooling: Literal["cls", "mean", "last_token"] = Field(
+    pooling: Pooling = Field(
         default="mean", description="last_token appends EOS and pads left (decoder LLMs used as encoders)."
     )
     normalize: bool = Field(default=True, description="L2-normalise embeddings, so dot product = cosine.")
@@ -274,12 +280,12 @@ class DistributedSpec(Spec):
 
 
 class EvalSuite(Spec):
-    name: Literal["xquad-r", "mlqa-r", "miracl"]
+    name: SuiteName
     path: str = Field(description="Directory with the suite's files. Relative to the spec file.")
     languages: list[Lang] | None = None
     max_queries: PositiveInt | None = Field(default=None, description="Per language, for quick checks.")
     max_paragraphs: PositiveInt | None = Field(default=None, description="Per language; shrinks the pool.")
-    candidate_context: Literal["sentence", "paragraph"] = "sentence"
+    candidate_context: CandidateContext = "sentence"
 
 
 class EvaluationSpec(Spec):
@@ -288,7 +294,7 @@ class EvaluationSpec(Spec):
         default=False, description="Also evaluate the untrained model (zero-shot baseline)."
     )
     batch_size: PositiveInt = 64
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    index: IndexKind = "flat"
     cache_dir: str | None = Field(default=None, description="Embedding cache; default .cache/embeddings.")
 
 
@@ -823,6 +829,12 @@ class RetrievalExperiment(Spec):
     metadata: Metadata
     spec: ExperimentSpec
     status: dict[str, Any] | None = Field(default=None, description="Written by the operator; ignored here.")
+
+    @property
+    def mlflow_experiment_name(self) -> str:
+        """The MLflow experiment of its runs: tracking.experimentName, else metadata.name (the trainer writes
+        there, the operator reads progress from there)."""
+        return self.spec.tracking.experiment_name or self.metadata.name
 
 
 def _format_errors(err: ValidationError, source: str) -> SpecError:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.e5s1 import default_cache_dir
+from xling.trainer.contracts import CACHE_ENV, default_cache_dir
 from xling.trainer.report_sweep import children_of, is_headline, markdown, publish, summarize
 from xling.trainer.run import (
     RunResult,
@@ -312,7 +312,7 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
 def trial_env(spec: ExperimentSpec) -> dict[str, str]:
     """What every trial's workers get: the local-run defaults (offline only for hub-free specs), and the cache
     pinned for all trials (models, zero-shot embeddings), since trials run in Tune's trial directories."""
-    return {**_local_env(spec), "XLING_CACHE": str(default_cache_dir().resolve())}
+    return {**_local_env(spec), CACHE_ENV: str(default_cache_dir().resolve())}
 
 
 def run_sweep(
@@ -341,7 +341,7 @@ def run_sweep(
         except ValueError as err:
             raise ValueError(f"sweep point {point.label}: {err}") from None
     uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
-    experiment_name = exp.spec.tracking.experiment_name or exp.metadata.name
+    experiment_name = exp.mlflow_experiment_name
     storage = storage_path(exp.spec.output_dir)
     tags = {"xling.sweep": exp.metadata.name, "xling.model": exp.spec.model.name,
             "xling.data_fingerprint": corpus.fingerprint(), "xling.git_commit": git_commit(),

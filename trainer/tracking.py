@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xling.trainer.contracts import EXPERIMENT_UID_ENV, UID_TAG
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -51,7 +53,7 @@ def source_tags(experiment: str) -> dict[str, str]:
     """MLflow's own fields for the run page's Source and Git commit, beside the xling tags. (The UI shows a
     source name's last path segment: no paths in it.)"""
     tags = {"mlflow.source.name": f"xling run {experiment}",
-            "mlflow.source.type": "JOB" if os.environ.get("XLING_EXPERIMENT_UID") else "LOCAL"}  # fmt: skip
+            "mlflow.source.type": "JOB" if os.environ.get(EXPERIMENT_UID_ENV) else "LOCAL"}  # fmt: skip
     if (commit := git_commit(short=False)) != "unknown":
         tags["mlflow.source.git.commit"] = commit
     return tags
@@ -78,8 +80,8 @@ def start_run(
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri)
-    if uid := os.environ.get("XLING_EXPERIMENT_UID"):  # set by the operator: links runs to the resource
-        tags = {**tags, "xling.k8s.uid": uid}
+    if uid := os.environ.get(EXPERIMENT_UID_ENV):  # set by the operator: links runs to the resource
+        tags = {**tags, UID_TAG: uid}
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         location = None
@@ -105,7 +107,7 @@ def start_run(
 def _run_of(client: Any, exp_id: str, uid: str, run_name: str) -> str | None:
     """The run an operator-launched experiment (uid) made before under this name (a resumed RayJob)."""
     found = client.search_runs(
-        [exp_id], f"tags.`xling.k8s.uid` = '{uid}' and attributes.run_name = '{run_name}'", max_results=1
+        [exp_id], f"tags.`{UID_TAG}` = '{uid}' and attributes.run_name = '{run_name}'", max_results=1
     )
     return found[0].info.run_id if found else None
 
