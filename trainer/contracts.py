@@ -27,6 +27,12 @@ def default_cache_dir() -> Path:
     return (repo if (repo / "pyproject.toml").is_file() else Path.cwd()) / ".cache"
 
 
+#: The default of :func:`embedding_cache_dir` in words, for the spec's field description and ``--help``.
+EMBEDDING_CACHE_DEFAULT = (
+    "$XLING_CACHE/embeddings, else .cache/embeddings in the source checkout or the working dir"
+)
+
+
 def embedding_cache_dir(configured: str | Path | None = None) -> Path:
     """The embedding cache: ``configured`` (evaluation.cacheDir, ``xling eval --cache-dir``) when given, else
     ``embeddings`` in :func:`default_cache_dir`, the one default of runs, mining and ``xling eval``."""

@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from xling.trainer.contracts import EMBEDDING_CACHE_DEFAULT
 from xling.trainer.errors import InputError, Problem
 
 API_VERSION = "xling.io/v1alpha1"
@@ -295,7 +296,9 @@ class EvaluationSpec(Spec):
     )
     batch_size: PositiveInt = 64
     index: IndexKind = "flat"
-    cache_dir: str | None = Field(default=None, description="Embedding cache; default .cache/embeddings.")
+    cache_dir: str | None = Field(
+        default=None, description=f"Embedding cache; default {EMBEDDING_CACHE_DEFAULT}."
+    )
 
 
 # --- cluster-side fields (operator) ---
