@@ -29,7 +29,8 @@ from xling.trainer.tracking import (
 if TYPE_CHECKING:
     from xling.trainer.data.index import CorpusIndex
 
-#: Environment every local run needs on a CPU box (see docs/platform notes); kept if already set.
+#: Environment every local run needs on a CPU box (DeepSpeed's CPU accelerator, a local Ray without auth, Ray
+#: Train's V2 API, no hub access for hub-free specs); kept if already set (see _local_env).
 LOCAL_ENV = {
     "DS_ACCELERATOR": "cpu",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",

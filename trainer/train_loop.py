@@ -26,11 +26,11 @@ from xling.trainer.contracts import default_cache_dir, embedding_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
-from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
+from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.spec import ExperimentSpec
