@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from xling.trainer.evaluation.engine import encode_suite, evaluate_lareqa
 from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa
+from xling.trainer.evaluation.lareqa_scoring import encode_suite, evaluate_lareqa
 
 METRICS = ("mono.map", "mono.r1", "cross.map", "cross.r1", "multi.map", "multi.r10", "bias.rank_distance")
 

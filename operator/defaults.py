@@ -60,12 +60,12 @@ class Platform:
     def parse(cls, doc: Any, source: str) -> Platform:
         doc = doc or {}
         if not isinstance(doc, dict) or set(doc) - {"spec", "allowedSecrets", "allowedTrackingHosts"}:
-            raise SpecError(f"{source}: expected keys spec, allowedSecrets, allowedTrackingHosts")
+            raise SpecError(source, "expected keys spec, allowedSecrets, allowedTrackingHosts")
         spec = doc.get("spec") or {}
         extra = set(spec) - set(DEFAULTABLE)
         if extra:
             raise SpecError(
-                f"{source}: spec.{sorted(extra)[0]}: not a platform default (allowed: {DEFAULTABLE})"
+                source, f"not a platform default (allowed: {DEFAULTABLE})", field=f"spec.{sorted(extra)[0]}"
             )
         return cls(
             spec,
@@ -82,7 +82,7 @@ class Platform:
         try:
             return cls.parse(yaml.safe_load(Path(path).read_text()), str(path))
         except (OSError, yaml.YAMLError) as err:
-            raise SpecError(f"{path}: cannot read the platform defaults: {err}") from None
+            raise SpecError(path, f"cannot read the platform defaults: {err}") from None
 
     def apply(self, user_spec: Any) -> Any:
         """The user's spec over the platform's; credential-bearing blocks are not mixed (see _LOCATION)."""

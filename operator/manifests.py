@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from xling.operator.crd import GROUP, MUTABLE_SPEC_FIELDS, VERSION
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
 from xling.trainer.spec import (
     API_VERSION,
     DEFAULT_IMAGE,
@@ -232,7 +233,7 @@ def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], 
     env = [
         {"name": "XLING_EXPERIMENT", "value": owner.name},
         {"name": "XLING_NAMESPACE", "value": owner.namespace},
-        {"name": "XLING_EXPERIMENT_UID", "value": owner.uid},
+        {"name": EXPERIMENT_UID_ENV, "value": owner.uid},
     ]
     tracking, cluster = exp.spec.tracking, exp.spec.cluster
     if tracking.tracking_uri:

@@ -1,8 +1,8 @@
 """What MLflow knows about an experiment's runs: progress for the watchdog, links and results for status.
 
-Contract with the trainer: every MLflow run it starts for a RetrievalExperiment (the parent and each trial)
-carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no ``mlflow.parentRunId`` tag)
-holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
+Contract with the trainer (``xling.trainer.contracts``): every MLflow run it starts for a RetrievalExperiment
+(the parent and each trial) carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no
+``mlflow.parentRunId`` tag) holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xling.trainer.spec import KNOWN_LANGUAGES
-
-UID_TAG = "xling.k8s.uid"
-PARENT_TAG = "mlflow.parentRunId"
+from xling.trainer.tags import K8S_UID, PARENT_RUN_ID, tag_is
 
 
 @dataclass(frozen=True)
@@ -35,7 +33,7 @@ class Report:
 def summarize(experiment_id: str, runs: list[dict[str, Any]]) -> Report:
     """Newest metric over all runs (trials included); final metrics from the parent run."""
     stamps = [m.get("timestamp", 0) for r in runs for m in (r.get("data") or {}).get("metrics", [])]
-    parents = [r for r in runs if PARENT_TAG not in _tags(r)]
+    parents = [r for r in runs if PARENT_RUN_ID not in _tags(r)]
     parent = max(parents, key=lambda r: r["info"].get("start_time", 0), default=None)
     metrics = {m["key"]: float(m["value"]) for m in ((parent or {}).get("data") or {}).get("metrics", [])}
     return Report(
@@ -121,7 +119,7 @@ class Mlflow:
         found = self._call(
             "POST",
             "runs/search",
-            {"experiment_ids": [exp_id], "filter": f"tags.`{UID_TAG}` = '{uid}'", "max_results": 1000},
+            {"experiment_ids": [exp_id], "filter": tag_is(K8S_UID, uid), "max_results": 1000},
         )
         return summarize(exp_id, found.get("runs", []))
 

@@ -305,7 +305,7 @@ def watch_progress(
     mlflow = client(
         tracking.tracking_uri, tracking_credentials(kube, body["metadata"]["namespace"], exp, platform)
     )
-    report = mlflow.report(tracking.experiment_name or exp.metadata.name, body["metadata"].get("uid", ""))
+    report = mlflow.report(exp.mlflow_experiment_name, body["metadata"].get("uid", ""))
     fields = ExperimentStatus()
     conds: list[Cond] = []
     if report is not None:

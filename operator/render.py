@@ -1,7 +1,8 @@
 """``xling render FILE``: print the ConfigMap and RayJob the operator would create, without a cluster.
 
-Validation, platform defaults, cluster checks and manifests are the operator's own, so what is printed is
-exactly what would be applied (or refused); only the owner's uid is a placeholder (the API server assigns it).
+Validation with the platform defaults (``Platform.experiment``, i.e. ``manifests.validate``), cluster checks and
+manifests are the operator's own, so what is printed is exactly what would be applied (or refused); only the
+owner's uid is a placeholder (the API server assigns it).
 The header says how the spec maps to pods. ``--defaults`` reads the platform defaults (Helm's
 ``platformDefaults``), else $XLING_PLATFORM_DEFAULTS.
 """
@@ -17,6 +18,7 @@ import yaml
 from xling.operator import manifests as mf
 from xling.operator.checks import cluster_problems
 from xling.operator.defaults import Platform
+from xling.trainer.errors import Problem, command
 from xling.trainer.spec import KIND, SpecError
 
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
@@ -29,10 +31,10 @@ def render(path: str | Path, namespace: str | None = None, defaults: str | Path 
     try:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     except (OSError, yaml.YAMLError) as err:
-        raise SpecError(f"{path}: cannot read a YAML document: {err}") from None
+        raise SpecError(path, f"cannot read a YAML document: {err}") from None
     body = next((d for d in docs if isinstance(d, dict) and d.get("kind") == KIND), docs[0] if docs else None)
     if not isinstance(body, dict):
-        raise SpecError(f"{path}: no {KIND} document")
+        raise SpecError(path, f"no {KIND} document")
     meta = dict(body.get("metadata") or {})
     meta["namespace"] = namespace or meta.get("namespace") or "default"
     meta.setdefault("uid", UID_PLACEHOLDER)
@@ -41,9 +43,7 @@ def render(path: str | Path, namespace: str | None = None, defaults: str | Path 
     exp = platform.experiment(body)
     if problems := cluster_problems(exp, platform):
         raise SpecError(
-            "\n".join(
-                [f"{path}: the operator would refuse this experiment:"] + [f"  {m}" for _, m in problems]
-            )
+            path, "the operator would refuse this experiment:", problems=[Problem(m) for _, m in problems]
         )
     owner = mf.Owner.from_body(body)
     lines = [
@@ -55,12 +55,9 @@ def render(path: str | Path, namespace: str | None = None, defaults: str | Path 
     return header + yaml.safe_dump_all(docs, sort_keys=False)
 
 
+@command
 def run_render(args: argparse.Namespace) -> int:
-    try:
-        sys.stdout.write(render(args.file, args.namespace, args.defaults))
-    except SpecError as err:
-        print(err, file=sys.stderr)
-        return 2
+    sys.stdout.write(render(args.file, args.namespace, args.defaults))
     return 0
 
 

@@ -193,7 +193,7 @@ def _resume_and_export(rank: int, world: int, model_dir: Path, ckpt: Path) -> tu
     the last two steps exactly (weights, AdamW moments, warmup schedule, dropout RNG). Both export.
     The engine trains with dropout on (checked first), so a stream not restored would change the losses."""
     from xling.trainer.deepspeed_engine import DeepSpeedEngine
-    from xling.trainer.engine import load_trainer_state, save_trainer_state
+    from xling.trainer.optim_engine import load_trainer_state, save_trainer_state
 
     spec = experiment_spec(3, **{"optimization.warmupSteps": 3})
 

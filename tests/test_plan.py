@@ -111,9 +111,9 @@ def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     import torch
     from transformers import AutoConfig, AutoModel
 
-    from xling.trainer.engine import TorchEngine
     from xling.trainer.losses import info_nce
     from xling.trainer.model import BiEncoder
+    from xling.trainer.optim_engine import TorchEngine
     from xling.trainer.plan import cpu_peak_flops, model_flops_utilization, peak_flops
 
     monkeypatch.delenv("XLING_PEAK_TFLOPS", raising=False)

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from xling.trainer.data import prepare_corpus
-from xling.trainer.engine import save_trainer_state
 from xling.trainer.job import Job
 from xling.trainer.model import (
     BiEncoder,
@@ -26,6 +25,7 @@ from xling.trainer.model import (
     load_tokenizer,
     resolve_model_path,
 )
+from xling.trainer.optim_engine import save_trainer_state
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec
 from xling.trainer.train_loop import Prefetch, Trainer
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from xling.trainer.spec import SpecError, load_experiment
+from xling.trainer.errors import command
+from xling.trainer.spec import load_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -87,17 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except SpecError as err:
-        print(err, file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: completed steps and trials are kept; rerun to continue", file=sys.stderr)
-        return 130
+    return command(args.func)(args)
 
 
 if __name__ == "__main__":

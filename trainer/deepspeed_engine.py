@@ -1,4 +1,4 @@
-"""DeepSpeed behind the engine interface of ``xling.trainer.engine`` (ZeRO stages 0-3).
+"""DeepSpeed behind the engine interface of ``xling.trainer.optim_engine`` (ZeRO stages 0-3).
 
 The engine owns model construction, because under ZeRO-3 a model larger than one device must be built
 already partitioned: a live ``HfDeepSpeedConfig`` makes ``from_pretrained`` / ``_from_config`` shard each
@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from xling.trainer.engine import make_optimizer, make_scheduler
+from xling.trainer.optim_engine import make_optimizer, make_scheduler
 from xling.trainer.spec import ExperimentSpec, OffloadSpec
 
 CKPT_DIR, CKPT_TAG = "deepspeed", "state"

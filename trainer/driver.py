@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
@@ -104,9 +105,11 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
         print(
             f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data"
         )
-    if spec.data.hard_negatives and spec.data.hard_negatives.mine:
+    if spec.data.hard_negatives and (mine := spec.data.hard_negatives.mine):
         from xling.trainer.mining import mine_prepared
 
+        if mine.workers > 1:  # its encoders are Ray actors, started as the run's workers will be
+            init_ray(local_env(spec), spec.distributed.gpus_per_worker > 0)
         prepared = mine_prepared(
             prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
         )
@@ -120,7 +123,7 @@ def data_root(output_dir: str) -> str:
 
 def prepared_cache() -> Path:
     """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file)."""
-    from xling.trainer.e5s1 import default_cache_dir
+    from xling.trainer.contracts import default_cache_dir
 
     return default_cache_dir() / "prepared"
 
@@ -171,7 +174,7 @@ def set_up(exp: RetrievalExperiment, tracking_uri: str | None, skip_bad_rows: bo
     corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
-    experiment_name = spec.tracking.experiment_name or exp.metadata.name
+    experiment_name = exp.mlflow_experiment_name
     return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared))
 
 
@@ -249,7 +252,7 @@ def fit(
 def train_run_name(name: str, run_id: str) -> str:
     """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
     preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
-    uid = os.environ.get("XLING_EXPERIMENT_UID")
+    uid = os.environ.get(EXPERIMENT_UID_ENV)
     return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
 
 

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import struct
 import subprocess
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from xling.trainer.contracts import default_cache_dir
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: the "already converted" path must stay cheap
     import torch
@@ -348,14 +349,6 @@ def convert(bin_path: str | Path, tokenizer_json: str | Path, out_dir: str | Pat
         raise E5S1Error(f"{out_dir}: the written model does not reload as converted: {problems}")
     log.info("converted %s -> %s in %.1f s", bin_path, out_dir, time.perf_counter() - start)
     return out_dir
-
-
-def default_cache_dir() -> Path:
-    """``$XLING_CACHE``, else ``.cache`` in the source checkout (editable install), else in the working dir."""
-    if env := os.environ.get("XLING_CACHE"):
-        return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    return (repo if (repo / "pyproject.toml").is_file() else Path.cwd()) / ".cache"
 
 
 def _sha256(path: Path) -> str:

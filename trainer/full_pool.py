@@ -62,13 +62,13 @@ def _logged_model_dir(client: MlflowClient, run_id: str, into: Path) -> Path:
 def _evaluate_into(
     client: MlflowClient, run_id: str, step: int, spec: ExperimentSpec, suite_name: str, encoder: TextEncoder
 ) -> None:
-    from xling.trainer.e5s1 import default_cache_dir
+    from xling.trainer.contracts import embedding_cache_dir
     from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
 
     suite = next(x for x in spec.evaluation.suites if x.name == suite_name)
     whole = suite.model_copy(update={"max_paragraphs": None, "max_queries": None})
     results = evaluate_suite(load_suite(whole), encoder, index=spec.evaluation.index,
-                             cache_dir=spec.evaluation.cache_dir or default_cache_dir() / "embeddings")  # fmt: skip
+                             cache_dir=embedding_cache_dir(spec.evaluation.cache_dir))  # fmt: skip
     print(format_table(results), flush=True)
     log_to_mlflow(dataclasses.replace(results, suite=suite_name + FULL_SUFFIX), client, run_id, step=step)
 

@@ -191,7 +191,7 @@ def mining_encoder(path: str, model: ModelSpec, settings: MineSpec) -> Iterator[
 def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str] | None = None) -> Prepared:
     """Mine ``spec.data.hardNegatives.mine`` into the prepared corpus (once per key, uploaded beside a
     corpus in a bucket); the result's location and corpus carry the negatives."""
-    from xling.trainer.e5s1 import default_cache_dir
+    from xling.trainer.contracts import embedding_cache_dir
     from xling.trainer.model import model_fingerprint, resolve_model_path
 
     settings = spec.data.hard_negatives.mine
@@ -202,13 +202,7 @@ def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str
     if meta is None:
         started = time.perf_counter()
         with mining_encoder(path, spec.model, settings) as encoder:
-            meta = mine(
-                corpus,
-                settings,
-                encoder,
-                key,
-                spec.evaluation.cache_dir or default_cache_dir() / "embeddings",
-            )
+            meta = mine(corpus, settings, encoder, key, embedding_cache_dir(spec.evaluation.cache_dir))
         print(f"mine: {meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages "
               f"in {time.perf_counter() - started:.0f}s; removed {meta['removed']}", flush=True)  # fmt: skip
     if "://" in prepared.location.uri:

@@ -20,10 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec
+from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec, Pooling
 
 log = logging.getLogger(__name__)
-Pooling = Literal["cls", "mean", "last_token"]
 Kind = Literal["query", "passage"]
 
 TINY_SPECIAL = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # XLM-R order, as in e5-small
@@ -200,7 +199,7 @@ def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache
         if tiny_texts is None:
             raise ValueError(f"model.name {TINY_MODEL!r} needs training texts to build its tokenizer")
         texts = list(tiny_texts)
-        from xling.trainer.e5s1 import default_cache_dir
+        from xling.trainer.contracts import default_cache_dir
 
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
         root = Path(cache or default_cache_dir()) / "models" / f"tiny-random-{digest}"

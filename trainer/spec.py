@@ -21,6 +21,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from xling.trainer.contracts import EMBEDDING_CACHE_DEFAULT
+from xling.trainer.errors import InputError, Problem
+
 API_VERSION = "xling.io/v1alpha1"
 KIND = "RetrievalExperiment"
 
@@ -65,6 +68,21 @@ class Spec(BaseModel):
     )
 
 
+class SpecError(InputError):
+    """A spec that cannot run. It names the file (or resource) and every offending field path."""
+
+
+def _bad(field: str, message: str) -> SpecError:
+    """A validator's complaint about ``field``, a path relative to the model it checks (see _format_errors)."""
+    return SpecError(None, message, field=field)
+
+
+#: Value sets other parts take from here (``xling eval``'s flags, the encoder, the evaluation code).
+Pooling = Literal["cls", "mean", "last_token"]
+SuiteName = Literal["xquad-r", "mlqa-r", "miracl"]
+CandidateContext = Literal["sentence", "paragraph"]
+IndexKind = Literal["flat", "ivf", "hnsw"]
+
 PositiveInt = Annotated[int, Field(ge=1)]
 Lang = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", description="ISO 639-1 language code")]
 
@@ -77,7 +95,7 @@ class ModelSpec(Spec):
         f"multilingual-e5-small) or {TINY_MODEL!r} (tiny random-init BERT for tests)."
     )
     revision: str | None = Field(default=None, description="Hub revision (commit) to pin.")
-    pooling: Literal["cls", "mean", "last_token"] = Field(
+    pooling: Pooling = Field(
         default="mean", description="last_token appends EOS and pads left (decoder LLMs used as encoders)."
     )
     normalize: bool = Field(default=True, description="L2-normalise embeddings, so dot product = cosine.")
@@ -268,12 +286,12 @@ class DistributedSpec(Spec):
 
 
 class EvalSuite(Spec):
-    name: Literal["xquad-r", "mlqa-r", "miracl"]
+    name: SuiteName
     path: str = Field(description="Directory with the suite's files. Relative to the spec file.")
     languages: list[Lang] | None = None
     max_queries: PositiveInt | None = Field(default=None, description="Per language, for quick checks.")
     max_paragraphs: PositiveInt | None = Field(default=None, description="Per language; shrinks the pool.")
-    candidate_context: Literal["sentence", "paragraph"] = "sentence"
+    candidate_context: CandidateContext = "sentence"
 
 
 class EvaluationSpec(Spec):
@@ -282,8 +300,10 @@ class EvaluationSpec(Spec):
         default=False, description="Also evaluate the untrained model (zero-shot baseline)."
     )
     batch_size: PositiveInt = 64
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
-    cache_dir: str | None = Field(default=None, description="Embedding cache; default .cache/embeddings.")
+    index: IndexKind = "flat"
+    cache_dir: str | None = Field(
+        default=None, description=f"Embedding cache; default {EMBEDDING_CACHE_DEFAULT}."
+    )
 
 
 # --- cluster-side fields (operator) ---
@@ -476,8 +496,8 @@ class TrackingSpec(Spec):
     @model_validator(mode="after")
     def _no_inline_credentials(self) -> TrackingSpec:
         if self.tracking_uri and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", self.tracking_uri):
-            raise ValueError(
-                "tracking.trackingUri: credentials in the URI; put them in tracking.credentials (a Secret)"
+            raise _bad(
+                "tracking.trackingUri", "credentials in the URI; put them in tracking.credentials (a Secret)"
             )
         return self
 
@@ -511,9 +531,9 @@ class SweepParameter(Spec):
             raise ValueError(f"set exactly one of {', '.join(SWEEP_SPACES)} (got {spaces or 'none'})")
         bounds = self.uniform or self.loguniform
         if bounds is not None and not bounds[0] < bounds[1]:
-            raise ValueError(f"{spaces[0]}: low must be below high, got {bounds}")
+            raise _bad(spaces[0], f"low must be below high, got {bounds}")
         if self.loguniform is not None and self.loguniform[0] <= 0:
-            raise ValueError(f"loguniform: bounds must be > 0, got {self.loguniform}")
+            raise _bad("loguniform", f"bounds must be > 0, got {self.loguniform}")
         return self
 
     @property
@@ -602,9 +622,9 @@ class SweepSpec(Spec):
     @model_validator(mode="after")
     def _seeds_and_samples(self) -> SweepSpec:
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds: need distinct seeds, got {self.seeds}")
+            raise _bad("seeds", f"need distinct seeds, got {self.seeds}")
         if self.num_samples > 1 and not any(p.is_random for p in self.parameters.values()):
-            raise ValueError("numSamples: more than 1 needs a choice, uniform or loguniform parameter")
+            raise _bad("numSamples", "more than 1 needs a choice, uniform or loguniform parameter")
         return self
 
     @property
@@ -642,29 +662,30 @@ class SweepSpec(Spec):
         ]:
             names = _field_path(base, path)
             if names == ["sampling", "seed"]:
-                raise ValueError(f"{where}: sweep sampling.seed through sweep.seeds")
+                raise _bad(where, "sweep sampling.seed through sweep.seeds")
             if names[0] not in SWEEPABLE or names in (["model", "name"], ["model", "revision"]):
-                raise ValueError(
-                    f"{where}: not sweepable (data, weights and evaluation are loaded once per "
-                    f"sweep); sweepable: fields of {', '.join(SWEEPABLE)} except model.name/revision"
+                raise _bad(
+                    where,
+                    "not sweepable (data, weights and evaluation are loaded once per sweep); sweepable: "
+                    f"fields of {', '.join(SWEEPABLE)} except model.name/revision",
                 )
             if where.startswith("sweep.points") and path in self.parameters:
-                raise ValueError(f"{where}: also in sweep.parameters (set a field in one of the two)")
+                raise _bad(where, "also in sweep.parameters (set a field in one of the two)")
         for path, param in self.parameters.items():
             for value in param.grid or param.choice or param.uniform or param.loguniform or ():
                 try:
                     self.trial_spec(base, {path: value}, self.seeds[0])
                 except ValueError as err:
-                    raise ValueError(f"sweep.parameters.{path}: value {value!r}: {err}") from None
+                    raise _bad(f"sweep.parameters.{path}", f"value {value!r}: {err}") from None
         specs: dict[str, int] = {}
         for i, point in enumerate(self.points):
             try:
                 doc = self.trial_spec(base, point, self.seeds[0]).model_dump_json()
             except ValueError as err:
-                raise ValueError(f"sweep.points[{i}]: {err}") from None
+                raise _bad(f"sweep.points[{i}]", str(err)) from None
             if doc in specs:
-                raise ValueError(
-                    f"sweep.points[{i}]: the same spec as sweep.points[{specs[doc]}] (it would run twice)"
+                raise _bad(
+                    f"sweep.points[{i}]", f"the same spec as sweep.points[{specs[doc]}] (it would run twice)"
                 )
             specs[doc] = i
         prefixes = {suite.name.replace("-", "_") for suite in base.evaluation.suites} | {"train", "batches"}
@@ -672,17 +693,11 @@ class SweepSpec(Spec):
             (f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)
         ]:
             if metric.split(".")[0] not in prefixes:
-                raise ValueError(
-                    f"{where}: {metric!r} is not logged: its prefix is none of {sorted(prefixes)}"
-                )
+                raise _bad(where, f"{metric!r} is not logged: its prefix is none of {sorted(prefixes)}")
         if any(c.at_least_zero_shot for c in self.constraints) and not base.evaluation.at_start:
-            raise ValueError(
-                "sweep.constraints: atLeastZeroShot needs evaluation.atStart (the zero-shot scores)"
-            )
+            raise _bad("sweep.constraints", "atLeastZeroShot needs evaluation.atStart (the zero-shot scores)")
         if self.asha is not None and not base.optimization.checkpoint_every:
-            raise ValueError(
-                "sweep.asha: needs optimization.checkpointEvery > 0 (trials report at checkpoints)"
-            )
+            raise _bad("sweep.asha", "needs optimization.checkpointEvery > 0 (trials report at checkpoints)")
 
 
 def _field_path(model: BaseModel, path: str) -> list[str]:
@@ -695,14 +710,14 @@ def _field_path(model: BaseModel, path: str) -> list[str]:
             why = (
                 "is unset in the base spec (set it to sweep its fields)" if node is None else "has no fields"
             )
-            raise ValueError(f"sweep.parameters.{path}: {parent} {why}")
+            raise _bad(f"sweep.parameters.{path}", f"{parent} {why}")
         name = next((n for n in type(node).model_fields if part in (n, to_camel(n))), None)
         if name is None:
-            raise ValueError(f"sweep.parameters.{path}: {where} is not a spec field")
+            raise _bad(f"sweep.parameters.{path}", f"{where} is not a spec field")
         names.append(name)
         node = getattr(node, name)
     if isinstance(node, BaseModel | list | dict):
-        raise ValueError(f"sweep.parameters.{path}: not a single value (sweep one of its fields)")
+        raise _bad(f"sweep.parameters.{path}", "not a single value (sweep one of its fields)")
     return names
 
 
@@ -737,9 +752,10 @@ class ExperimentSpec(Spec):
         needed = dist.num_workers * dist.gpus_per_worker
         have = sum(g.replicas * g.gpus for g in self.cluster.worker_groups)
         if self.cluster.worker_groups and have < needed:
-            raise ValueError(
-                f"cluster.workerGroups: {have} GPUs in total, but distributed needs {needed} "
-                f"({dist.num_workers} workers x {dist.gpus_per_worker})"
+            raise _bad(
+                "cluster.workerGroups",
+                f"{have} GPUs in total, but distributed needs {needed} "
+                f"({dist.num_workers} workers x {dist.gpus_per_worker})",
             )
         return self
 
@@ -748,49 +764,52 @@ class ExperimentSpec(Spec):
         langs = set(self.data.languages)
         strategy = self.sampling.strategy
         if strategy in ("xy", "hybrid") and len(langs) < 2:
-            raise ValueError(
-                f"sampling.strategy: {strategy!r} needs query and passage languages to differ, but "
-                f"data.languages has only {sorted(langs)}"
+            raise _bad(
+                "sampling.strategy",
+                f"{strategy!r} needs query and passage languages to differ, but "
+                f"data.languages has only {sorted(langs)}",
             )
         workers = self.distributed.num_workers
         batch = self.optimization.global_batch_size
         if batch < workers:
-            raise ValueError(
-                f"optimization.globalBatchSize: {batch} is smaller than distributed.numWorkers ({workers})"
+            raise _bad(
+                "optimization.globalBatchSize", f"{batch} is smaller than distributed.numWorkers ({workers})"
             )
         if batch % workers:
-            raise ValueError(
-                f"optimization.globalBatchSize: {batch} must be divisible by distributed.numWorkers ({workers})"
+            raise _bad(
+                "optimization.globalBatchSize",
+                f"{batch} must be divisible by distributed.numWorkers ({workers})",
             )
         if self.optimization.warmup_steps > self.optimization.max_steps:
-            raise ValueError("optimization.warmupSteps: longer than optimization.maxSteps")
+            raise _bad("optimization.warmupSteps", "longer than optimization.maxSteps")
         for i, source in enumerate(self.data.sources):
             extra = set(source.languages or ()) - langs
             if extra:
-                raise ValueError(
-                    f"data.sources[{i}].languages: {sorted(extra)} are not in data.languages {sorted(langs)}"
+                raise _bad(
+                    f"data.sources[{i}].languages",
+                    f"{sorted(extra)} are not in data.languages {sorted(langs)}",
                 )
         for i, suite in enumerate(self.evaluation.suites):
             known = {"xquad-r": XQUAD_R_LANGUAGES, "mlqa-r": MLQA_R_LANGUAGES}.get(suite.name)
             missing = set(suite.languages or ()) - set(known or suite.languages or ())
             if missing:
-                raise ValueError(
-                    f"evaluation.suites[{i}].languages: {sorted(missing)} are not in the {suite.name} data "
-                    f"(it has {', '.join(known or ())})"
+                raise _bad(
+                    f"evaluation.suites[{i}].languages",
+                    f"{sorted(missing)} are not in the {suite.name} data (it has {', '.join(known or ())})",
                 )
         if self.sweep is not None:
             self.sweep.check(self)
         ds = self.distributed.deepspeed
         if ds is not None:
             if ds.offload_param.device != "none" and ds.stage != 3:
-                raise ValueError("distributed.deepspeed.offloadParam: parameter offload needs stage 3")
+                raise _bad("distributed.deepspeed.offloadParam", "parameter offload needs stage 3")
             for name, off in (("offloadOptimizer", ds.offload_optimizer), ("offloadParam", ds.offload_param)):
                 if off.device == "nvme" and not off.nvme_path:
-                    raise ValueError(f"distributed.deepspeed.{name}.nvmePath: required with device 'nvme'")
+                    raise _bad(f"distributed.deepspeed.{name}.nvmePath", "required with device 'nvme'")
         if self.loss.grad_cache.enabled and self.loss.grad_cache.chunk_size > batch // workers:
-            raise ValueError(
-                f"loss.gradCache.chunkSize: {self.loss.grad_cache.chunk_size} exceeds the per-worker batch "
-                f"({batch // workers})"
+            raise _bad(
+                "loss.gradCache.chunkSize",
+                f"{self.loss.grad_cache.chunk_size} exceeds the per-worker batch ({batch // workers})",
             )
         return self
 
@@ -819,32 +838,38 @@ class RetrievalExperiment(Spec):
     spec: ExperimentSpec
     status: dict[str, Any] | None = Field(default=None, description="Written by the operator; ignored here.")
 
+    @property
+    def mlflow_experiment_name(self) -> str:
+        """The MLflow experiment of its runs: tracking.experimentName, else metadata.name (the trainer writes
+        there, the operator reads progress from there)."""
+        return self.spec.tracking.experiment_name or self.metadata.name
 
-class SpecError(ValueError):
-    """A spec that cannot run. The message names the file and every offending field path."""
 
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid RetrievalExperiment ({err.error_count()} error(s))"]
+def _format_errors(err: ValidationError, source: str) -> SpecError:
+    """One problem per pydantic error, at its field path; a validator's SpecError names its field relative to
+    the model it checks, so that field is joined onto the location."""
+    problems = []
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"].removeprefix("Value error, ")
-        # Cross-field validators name their field relative to the model: join it onto the path.
-        head, sep, rest = msg.partition(": ")
-        if sep and re.fullmatch(r"[A-Za-z][\w.\[\]]*", head):
-            path, msg = f"{path}.{head}" if path != "<root>" else head, rest
-        lines.append(f"  {path}: {msg}")
-    return "\n".join(lines)
+        path = ".".join(str(p) for p in e["loc"])
+        cause = (e.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecError):
+            problems += [
+                Problem(p.message, ".".join(filter(None, (path, p.field))) or "<root>")
+                for p in cause.problems
+            ]
+        else:
+            problems.append(Problem(e["msg"].removeprefix("Value error, "), path or "<root>"))
+    return SpecError(source, f"invalid RetrievalExperiment ({err.error_count()} error(s))", problems=problems)
 
 
 def parse_experiment(doc: dict[str, Any], source: str = "<spec>") -> RetrievalExperiment:
     """Validate a parsed document; raise SpecError naming each bad field."""
     if not isinstance(doc, dict):
-        raise SpecError(f"{source}: expected a mapping (a RetrievalExperiment), got {type(doc).__name__}")
+        raise SpecError(source, f"expected a mapping (a RetrievalExperiment), got {type(doc).__name__}")
     try:
         return RetrievalExperiment.model_validate(doc)
     except ValidationError as err:
-        raise SpecError(_format_errors(err, source)) from None
+        raise _format_errors(err, source) from None
 
 
 def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
@@ -870,13 +895,13 @@ def load_experiment(path: str | Path) -> RetrievalExperiment:
     try:
         text = path.read_text()
     except OSError as err:
-        raise SpecError(f"{path}: cannot read: {err.strerror}") from None
+        raise SpecError(path, f"cannot read: {err.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+        raise SpecError(path, f"not valid YAML: {err}") from None
     if not docs:
-        raise SpecError(f"{path}: empty file")
+        raise SpecError(path, "empty file")
     exps = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
     doc = exps[0] if exps else docs[0]
     return resolve_paths(parse_experiment(doc, str(path)), path.parent)

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
 from xling.trainer.tags import K8S_UID, STATUS, tag_is
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -53,7 +54,7 @@ def source_tags(experiment: str) -> dict[str, str]:
     """MLflow's own fields for the run page's Source and Git commit, beside the xling tags. (The UI shows a
     source name's last path segment: no paths in it.)"""
     tags = {"mlflow.source.name": f"xling run {experiment}",
-            "mlflow.source.type": "JOB" if os.environ.get("XLING_EXPERIMENT_UID") else "LOCAL"}  # fmt: skip
+            "mlflow.source.type": "JOB" if os.environ.get(EXPERIMENT_UID_ENV) else "LOCAL"}  # fmt: skip
     if (commit := git_commit(short=False)) != "unknown":
         tags["mlflow.source.git.commit"] = commit
     return tags
@@ -80,7 +81,7 @@ def start_run(
     from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri)
-    if uid := os.environ.get("XLING_EXPERIMENT_UID"):  # set by the operator: links runs to the resource
+    if uid := os.environ.get(EXPERIMENT_UID_ENV):  # set by the operator: links runs to the resource
         tags = {**tags, K8S_UID: uid}
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

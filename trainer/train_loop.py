@@ -22,16 +22,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xling.trainer.contracts import default_cache_dir, embedding_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
-from xling.trainer.e5s1 import default_cache_dir
-from xling.trainer.engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
+from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.tracking import StepLogger, log_dataset
@@ -231,7 +231,7 @@ class Trainer:
         out: dict[str, float] = {}
         tables: list[str] = []
         encoder = HFTextEncoder(self.model, self.tokenize, ev.batch_size, fingerprint=self._fingerprint(step))
-        cache = ev.cache_dir or str(default_cache_dir() / "embeddings")
+        cache = embedding_cache_dir(ev.cache_dir)
         for suite_spec in ev.suites:
             suite = load_suite(suite_spec)
             # A shared disk cache would let ranks disagree on which texts they encode: one rank only.

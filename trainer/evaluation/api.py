@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xling.trainer.evaluation.engine import evaluate_lareqa
 from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa
+from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.miracl import MiraclSuite, evaluate_miracl, load_miracl
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.results import SuiteResults
-from xling.trainer.evaluation.search import IndexKind
-from xling.trainer.spec import EvalSuite
+from xling.trainer.spec import EvalSuite, IndexKind
 
 Suite = LareqaSuite | MiraclSuite
 

@@ -9,15 +9,35 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
+
+from xling.trainer.contracts import EMBEDDING_CACHE_DEFAULT, embedding_cache_dir
+from xling.trainer.errors import InputError, Problem, command
+from xling.trainer.spec import (
+    CandidateContext,
+    EvalSuite,
+    EvaluationSpec,
+    IndexKind,
+    ModelSpec,
+    Pooling,
+    SuiteName,
+)
 
 if TYPE_CHECKING:
     from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.evaluation.results import SuiteResults
 
-SUITES = ("xquad-r", "mlqa-r", "miracl")
 #: The bundled (gzipped) copy of XQuAD-R, so that `xling eval` needs no --data on a fresh clone.
 DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r"}
+
+
+#: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
+ENCODING_FLAGS = {
+    "pooling": ModelSpec.model_fields["pooling"].default,
+    "query_prefix": ModelSpec.model_fields["query_prefix"].default,
+    "passage_prefix": ModelSpec.model_fields["passage_prefix"].default,
+    "max_length": ModelSpec.model_fields["max_passage_length"].default,
+}
 
 
 def _languages(value: str) -> list[str]:
@@ -41,21 +61,33 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "over these flags (which are then ignored, with a note). For any other model they apply, with the "
         "defaults shown.",
     )
-    enc.add_argument("--pooling", choices=("mean", "cls", "last_token"), help="default: mean")
-    enc.add_argument("--query-prefix", help="default: 'query: '")
-    enc.add_argument("--passage-prefix", help="default: 'passage: '")
+    enc.add_argument("--pooling", choices=get_args(Pooling), help=f"default: {ENCODING_FLAGS['pooling']}")
+    enc.add_argument("--query-prefix", help=f"default: {ENCODING_FLAGS['query_prefix']!r}")
+    enc.add_argument("--passage-prefix", help=f"default: {ENCODING_FLAGS['passage_prefix']!r}")
     enc.add_argument(
-        "--max-length", type=int, metavar="N", help="tokens, queries and passages (default: 128)"
+        "--max-length",
+        type=int,
+        metavar="N",
+        help=f"tokens, queries and passages (default: {ENCODING_FLAGS['max_length']})",
     )
-    p.add_argument("--suite", required=True, choices=SUITES)
+    p.add_argument("--suite", required=True, choices=get_args(SuiteName))
     p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
     p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
     p.add_argument("--max-queries", type=int, metavar="N", help="first N queries per language")
     p.add_argument("--max-paragraphs", type=int, metavar="N", help="first N paragraphs (MIRACL: passages)")
-    p.add_argument("--candidate-context", choices=("sentence", "paragraph"), default="sentence")
-    p.add_argument("--index", choices=("flat", "ivf", "hnsw"), default="flat")
+    p.add_argument(
+        "--candidate-context",
+        choices=get_args(CandidateContext),
+        default=EvalSuite.model_fields["candidate_context"].default,
+    )
+    p.add_argument(
+        "--index", choices=get_args(IndexKind), default=EvaluationSpec.model_fields["index"].default
+    )
     p.add_argument("--depth", type=int, default=100, help="length of the top-k lists written to --run-file")
-    p.add_argument("--cache-dir", default=".cache/embeddings", help="embedding cache ('' disables it)")
+    p.add_argument(
+        "--cache-dir",
+        help=f"embedding cache ('' disables it; default: {EMBEDDING_CACHE_DEFAULT}, as for xling run)",
+    )
     p.add_argument("--out", metavar="results.json", help="write every number as JSON")
     p.add_argument("--run-file", metavar="run.trec", help="TREC run (query ids <lang>:<question id>)")
     p.add_argument("--qrels-file", metavar="qrels.trec", help="TREC qrels for --run-file")
@@ -91,15 +123,6 @@ def _log_mlflow(args: argparse.Namespace, results: SuiteResults) -> str:
     return run.info.run_id
 
 
-#: Encoding flags and their defaults for plain Hugging Face models.
-ENCODING_FLAGS = {
-    "pooling": "mean",
-    "query_prefix": "query: ",
-    "passage_prefix": "passage: ",
-    "max_length": 128,
-}
-
-
 def _encoder(args: argparse.Namespace) -> TextEncoder:
     """A sentence-transformers model encodes as its directory says; any other as the flags say."""
     from xling.trainer.export import read_sentence_transformers, sentence_transformers_dir
@@ -124,22 +147,15 @@ def _encoder(args: argparse.Namespace) -> TextEncoder:
     return encoder_for(backbone, spec)
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    """Load the suite (fail fast on bad data), then the model; evaluate, print, write what was asked."""
+def _suite_spec(args: argparse.Namespace) -> EvalSuite:
+    """The flags as the spec's evaluation suite; a value it rejects is reported at its flag."""
     from pydantic import ValidationError
-
-    from xling.trainer.evaluation.api import evaluate_suite, load_suite
-    from xling.trainer.evaluation.errors import EvalDataError
-    from xling.trainer.evaluation.report import format_table, write_results_json
-    from xling.trainer.evaluation.trec import write_qrels, write_run
-    from xling.trainer.spec import EvalSuite
 
     data = args.data or DEFAULT_DATA.get(args.suite)
     if data is None:
-        print(f"xling eval: --data DIR is required for --suite {args.suite}", file=sys.stderr)
-        return 2
+        raise InputError("xling eval", f"--data DIR is required for --suite {args.suite}")
     try:
-        spec = EvalSuite(
+        return EvalSuite(
             name=args.suite,
             path=data,
             languages=args.languages,
@@ -147,18 +163,22 @@ def run_eval(args: argparse.Namespace) -> int:
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
         )
-        suite = load_suite(spec)
-    except (ValidationError, EvalDataError) as err:
-        print(f"xling eval: {err}", file=sys.stderr)
-        return 2
-    try:
-        encoder = _encoder(args)
-    except ValueError as err:
-        print(f"xling eval: {err}", file=sys.stderr)
-        return 2
-    results = evaluate_suite(
-        suite, encoder, index=args.index, cache_dir=args.cache_dir or None, depth=args.depth
-    )
+    except ValidationError as err:
+        problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]
+        raise InputError("xling eval", "invalid flags", problems=problems) from None
+
+
+@command
+def run_eval(args: argparse.Namespace) -> int:
+    """Load the suite (fail fast on bad data), then the model; evaluate, print, write what was asked."""
+    from xling.trainer.evaluation.api import evaluate_suite, load_suite
+    from xling.trainer.evaluation.report import format_table, write_results_json
+    from xling.trainer.evaluation.trec import write_qrels, write_run
+
+    suite = load_suite(_suite_spec(args))
+    encoder = _encoder(args)
+    cache = None if args.cache_dir == "" else embedding_cache_dir(args.cache_dir)
+    results = evaluate_suite(suite, encoder, index=args.index, cache_dir=cache, depth=args.depth)
     print(format_table(results))
     print(f"encode {results.timings['encode_s']:.1f} s, score {results.timings['score_s']:.1f} s")
     if args.out:

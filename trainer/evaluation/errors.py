@@ -1,5 +1,7 @@
 """The one error type for unusable evaluation data."""
 
+from xling.trainer.errors import InputError
 
-class EvalDataError(ValueError):
-    """Evaluation data that cannot be used. The message names the file and the record."""
+
+class EvalDataError(InputError):
+    """Evaluation data that cannot be used: names the file (and line) and the record."""

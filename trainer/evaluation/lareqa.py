@@ -13,13 +13,12 @@ import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from xling.trainer.evaluation.errors import EvalDataError
-
-CandidateContext = Literal["sentence", "paragraph"]
+from xling.trainer.spec import CandidateContext
 
 
 @dataclass(frozen=True)
@@ -90,17 +89,17 @@ def find_file(directory: Path, lang: str) -> Path:
     for name in (f"{lang}.json", f"{lang}.json.gz"):
         if (directory / name).is_file():
             return directory / name
-    raise EvalDataError(f"{directory}: no {lang}.json or {lang}.json.gz")
+    raise EvalDataError(directory, f"no {lang}.json or {lang}.json.gz")
 
 
 def discover_languages(directory: Path) -> list[str]:
     """Language codes of the ``<lang>.json[.gz]`` files in a directory, sorted."""
     if not directory.is_dir():
-        raise EvalDataError(f"{directory}: not a directory")
+        raise EvalDataError(directory, "not a directory")
     names = {p.name.split(".")[0] for p in directory.iterdir() if p.name.endswith((".json", ".json.gz"))}
     langs = sorted(n for n in names if n.isalpha() and n.islower() and 2 <= len(n) <= 3)
     if not langs:
-        raise EvalDataError(f"{directory}: no <lang>.json or <lang>.json.gz files")
+        raise EvalDataError(directory, "no <lang>.json or <lang>.json.gz files")
     return langs
 
 
@@ -110,35 +109,38 @@ def _read_json(path: Path) -> tuple[Any, bytes]:
     try:
         return json.loads(text), text
     except json.JSONDecodeError as err:
-        raise EvalDataError(f"{path}: not valid JSON ({err})") from None
+        raise EvalDataError(path, f"not valid JSON ({err})") from None
 
 
-def _field(record: dict[str, Any], key: str, where: str, kind: type) -> Any:
+def _field(record: dict[str, Any], key: str, path: Path, where: str | None, kind: type) -> Any:
+    """``record[key]``, of type ``kind``; ``where`` is the record's location in the file (None: the root)."""
     if not isinstance(record, dict) or key not in record:
-        raise EvalDataError(f"{where}: missing {key!r}")
+        raise EvalDataError(path, f"missing {key!r}", field=where)
     value = record[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise EvalDataError(f"{where}: {key!r} must be {kind.__name__}, got {type(value).__name__}")
+        raise EvalDataError(path, f"{key!r} must be {kind.__name__}, got {type(value).__name__}", field=where)
     return value
 
 
 def _paragraphs(doc: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
     """Every paragraph in file order, with its location for error messages."""
-    articles = _field(doc, "data", str(path), list)
+    articles = _field(doc, "data", path, None, list)
     out = []
     for a, article in enumerate(articles):
-        paragraphs = _field(article, "paragraphs", f"{path}: data[{a}]", list)
-        out.extend((f"{path}: data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
+        paragraphs = _field(article, "paragraphs", path, f"data[{a}]", list)
+        out.extend((f"data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
     return out
 
 
-def _answer_sentence(breaks: list[Any], start: int, where: str) -> int:
+def _answer_sentence(breaks: list[Any], start: int, path: Path, where: str) -> int:
     for i, span in enumerate(breaks):
         if not (isinstance(span, list | tuple) and len(span) == 2):
-            raise EvalDataError(f"{where}: sentence_breaks[{i}] is not a [start, end] pair")
+            raise EvalDataError(path, f"sentence_breaks[{i}] is not a [start, end] pair", field=where)
         if span[0] <= start < span[1]:
             return i
-    raise EvalDataError(f"{where}: answer_start {start} is outside every sentence (sentence_breaks {breaks})")
+    raise EvalDataError(
+        path, f"answer_start {start} is outside every sentence (sentence_breaks {breaks})", field=where
+    )
 
 
 def load_language(
@@ -157,30 +159,32 @@ def load_language(
     query_texts: list[str] = []
     answer_of: dict[str, int] = {}
     for p, (where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
-        context = _field(par, "context", where, str)
-        sentences = _field(par, "sentences", where, list)
-        breaks = _field(par, "sentence_breaks", where, list)
+        context = _field(par, "context", path, where, str)
+        sentences = _field(par, "sentences", path, where, list)
+        breaks = _field(par, "sentence_breaks", path, where, list)
         if len(sentences) != len(breaks):
-            raise EvalDataError(f"{where}: {len(sentences)} sentences but {len(breaks)} sentence_breaks")
+            raise EvalDataError(
+                path, f"{len(sentences)} sentences but {len(breaks)} sentence_breaks", field=where
+            )
         first = len(cand_ids)
         for s, sentence in enumerate(sentences):
             if not isinstance(sentence, str):
-                raise EvalDataError(f"{where}: sentences[{s}] is not a string")
+                raise EvalDataError(path, f"sentences[{s}] is not a string", field=where)
             cand_ids.append(f"{lang}:{p}:{s}")
             cand_texts.append(sentence if candidate_context == "sentence" else f"{sentence} {context}")
-        for k, qa in enumerate(_field(par, "qas", where, list)):
+        for k, qa in enumerate(_field(par, "qas", path, where, list)):
             qwhere = f"{where}.qas[{k}]"
-            qid = _field(qa, "id", qwhere, str)
+            qid = _field(qa, "id", path, qwhere, str)
             qwhere = f"{qwhere} (id {qid})"
-            answers = _field(qa, "answers", qwhere, list)
+            answers = _field(qa, "answers", path, qwhere, list)
             if not answers:
-                raise EvalDataError(f"{qwhere}: empty 'answers'")
-            start = _field(answers[0], "answer_start", f"{qwhere}.answers[0]", int)
+                raise EvalDataError(path, "empty 'answers'", field=qwhere)
+            start = _field(answers[0], "answer_start", path, f"{qwhere}.answers[0]", int)
             if qid in answer_of:
-                raise EvalDataError(f"{qwhere}: duplicate question id")
-            answer_of[qid] = first + _answer_sentence(breaks, start, qwhere)
+                raise EvalDataError(path, "duplicate question id", field=qwhere)
+            answer_of[qid] = first + _answer_sentence(breaks, start, path, qwhere)
             query_ids.append(qid)
-            query_texts.append(_field(qa, "question", qwhere, str))
+            query_texts.append(_field(qa, "question", path, qwhere, str))
     data = LanguageData(
         language=lang,
         file=path,

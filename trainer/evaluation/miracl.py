@@ -19,8 +19,9 @@ from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.errors import EvalDataError
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.results import MiraclResults
-from xling.trainer.evaluation.search import IndexKind, build_index, search
+from xling.trainer.evaluation.search import build_index, search
 from xling.trainer.evaluation.trec import Qrels, RankedLists, mean_scores, read_qrels, score_run
+from xling.trainer.spec import IndexKind
 
 SPLIT = "dev"
 #: trec_eval -M: the official MIRACL scores look at the top 100 only.
@@ -50,7 +51,7 @@ def _one(directory: Path, pattern: str) -> Path:
     found = sorted(directory.rglob(pattern))
     if len(found) != 1:
         what = "no file" if not found else f"{len(found)} files"
-        raise EvalDataError(f"{directory}: {what} matching {pattern!r}")
+        raise EvalDataError(directory, f"{what} matching {pattern!r}")
     return found[0]
 
 
@@ -61,7 +62,7 @@ def _read_topics(path: Path) -> tuple[list[str], list[str]]:
             continue
         qid, sep, text = line.partition("\t")
         if not sep or not qid or not text.strip():
-            raise EvalDataError(f"{path}:{n}: expected 'qid<TAB>query', got {line!r}")
+            raise EvalDataError(path, f"expected 'qid<TAB>query', got {line!r}", line=n)
         ids.append(qid)
         texts.append(text.strip())
     return ids, texts
@@ -70,7 +71,7 @@ def _read_topics(path: Path) -> tuple[list[str], list[str]]:
 def _read_corpus(directory: Path) -> tuple[list[str], list[str]]:
     files = sorted(p for p in directory.iterdir() if p.name.endswith((".jsonl", ".jsonl.gz")))
     if not files:
-        raise EvalDataError(f"{directory}: no .jsonl or .jsonl.gz corpus files")
+        raise EvalDataError(directory, "no .jsonl or .jsonl.gz corpus files")
     ids: list[str] = []
     texts: list[str] = []
     seen: set[str] = set()
@@ -85,10 +86,10 @@ def _read_corpus(directory: Path) -> tuple[list[str], list[str]]:
                     docid, text, title = str(doc["docid"]), doc["text"], doc.get("title") or ""
                 except (json.JSONDecodeError, KeyError, TypeError) as err:
                     raise EvalDataError(
-                        f"{path}:{n}: not a {{docid, title, text}} record ({err!r})"
+                        path, f"not a {{docid, title, text}} record ({err!r})", line=n
                     ) from None
                 if docid in seen:
-                    raise EvalDataError(f"{path}:{n}: duplicate docid {docid!r}")
+                    raise EvalDataError(path, f"duplicate docid {docid!r}", line=n)
                 seen.add(docid)
                 ids.append(docid)
                 texts.append(f"{title} {text}".strip())
@@ -106,12 +107,12 @@ def load_miracl(
     for a kept query (a cheap stand-in for the full corpus, like MIRACL's hard-negative subsets)."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise EvalDataError(f"{directory}: not a directory")
+        raise EvalDataError(directory, "not a directory")
     if languages is None:
         found = directory.rglob(f"topics.miracl-v1.0-*-{SPLIT}.tsv")
         languages = sorted(p.name.removeprefix("topics.miracl-v1.0-").split("-")[0] for p in found)
         if not languages:
-            raise EvalDataError(f"{directory}: no topics.miracl-v1.0-<lang>-{SPLIT}.tsv files")
+            raise EvalDataError(directory, f"no topics.miracl-v1.0-<lang>-{SPLIT}.tsv files")
     digest = hashlib.sha256(f"{max_queries}|{max_passages}".encode())
     data = {}
     for lang in languages:

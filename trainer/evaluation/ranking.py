@@ -11,7 +11,7 @@ Exact ranks count, over the full pool, the candidates scoring at least as high a
 Ties therefore rank pessimistically, as scikit-learn's ``average_precision_score`` treats them, so AP
 matches it exactly. One GEMM per query chunk serves the counts and the top-k lists alike, which is why
 the flat setting needs no FAISS index. Approximate indexes (``list_ranks``) give positions in a top-k
-list instead: +inf when not retrieved. The engine asks each language's own index for the ``block``
+list instead: +inf when not retrieved. ``lareqa_scoring`` asks each language's own index for the ``block``
 ranks, because a position among one language's items in a pooled top-k list is not that language's
 ranking: its items beyond the pooled cut-off are missing.
 """

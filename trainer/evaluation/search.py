@@ -7,13 +7,14 @@ moves to the GPU (HNSW has no GPU version and stays on the CPU).
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import get_args
 
 import faiss
 import numpy as np
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
-INDEX_KINDS: tuple[IndexKind, ...] = ("flat", "ivf", "hnsw")
+from xling.trainer.spec import IndexKind
+
+INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
 
 
 def _cpu_index(vectors: np.ndarray, kind: IndexKind, depth: int) -> faiss.Index:

@@ -62,7 +62,7 @@ def write_qrels(lists: Iterable[RankedLists], path: str | Path) -> None:
                 fh.writelines(f"{qid} 0 {doc} {grade}\n" for doc, grade in docs.items())
 
 
-def _rows(path: str | Path, width: int) -> Iterator[tuple[str, list[str]]]:
+def _rows(path: str | Path, width: int) -> Iterator[tuple[int, list[str]]]:
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             fields = line.split()
@@ -70,32 +70,32 @@ def _rows(path: str | Path, width: int) -> Iterator[tuple[str, list[str]]]:
                 continue
             if len(fields) != width:
                 raise EvalDataError(
-                    f"{path}:{n}: expected {width} fields, got {len(fields)}: {line.strip()!r}"
+                    path, f"expected {width} fields, got {len(fields)}: {line.strip()!r}", line=n
                 )
-            yield f"{path}:{n}", fields
+            yield n, fields
 
 
 def read_run(path: str | Path) -> Run:
     """``qid Q0 docid rank score tag`` lines; a doc listed twice for one query is an error."""
     run: Run = defaultdict(dict)
-    for where, (qid, _, doc, _, score, _) in _rows(path, 6):
+    for n, (qid, _, doc, _, score, _) in _rows(path, 6):
         if doc in run[qid]:
-            raise EvalDataError(f"{where}: doc {doc!r} listed twice for query {qid!r}")
+            raise EvalDataError(path, f"doc {doc!r} listed twice for query {qid!r}", line=n)
         try:
             run[qid][doc] = float(score)
         except ValueError:
-            raise EvalDataError(f"{where}: score {score!r} is not a number") from None
+            raise EvalDataError(path, f"score {score!r} is not a number", line=n) from None
     return dict(run)
 
 
 def read_qrels(path: str | Path) -> Qrels:
     """``qid iteration docid grade`` lines (TREC qrels; MIRACL's use tabs, which split the same)."""
     qrels: Qrels = defaultdict(dict)
-    for where, (qid, _, doc, grade) in _rows(path, 4):
+    for n, (qid, _, doc, grade) in _rows(path, 4):
         try:
             qrels[qid][doc] = int(grade)
         except ValueError:
-            raise EvalDataError(f"{where}: grade {grade!r} is not an integer") from None
+            raise EvalDataError(path, f"grade {grade!r} is not an integer", line=n) from None
     return dict(qrels)
 
 

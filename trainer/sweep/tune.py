@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.trainer.contracts import CACHE_ENV, default_cache_dir
 from xling.trainer.driver import (
     RunResult,
     check_batches,
@@ -34,7 +35,6 @@ from xling.trainer.driver import (
     set_up,
     storage_path,
 )
-from xling.trainer.e5s1 import default_cache_dir
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import is_headline, summarize_sweep
@@ -245,7 +245,7 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
 def trial_env(spec: ExperimentSpec) -> dict[str, str]:
     """What every trial's workers get: the local-run defaults (offline only for hub-free specs), and the cache
     pinned for all trials (models, zero-shot embeddings), since trials run in Tune's trial directories."""
-    return {**local_env(spec), "XLING_CACHE": str(default_cache_dir().resolve())}
+    return {**local_env(spec), CACHE_ENV: str(default_cache_dir().resolve())}
 
 
 def run_sweep(

@@ -25,8 +25,9 @@ from xling.trainer.evaluation.lareqa import LareqaSuite
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
 from xling.trainer.evaluation.results import BIAS_METRICS, LareqaResults, mean
-from xling.trainer.evaluation.search import IndexKind, build_index, search
+from xling.trainer.evaluation.search import build_index, search
 from xling.trainer.evaluation.trec import RankedLists
+from xling.trainer.spec import IndexKind
 
 #: k of the "share of top-k hits in the query's language" bias view, and of multilingual recall.
 TOP_K = 10

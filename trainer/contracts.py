@@ -1,0 +1,36 @@
+"""Names and defaults that separate parts of xling must agree on, kept in one place.
+
+The operator sets the experiment's uid in the pods' environment, the trainer tags its MLflow runs with it and
+the operator finds the runs by that tag (the tag's name, like every MLflow tag's, is in :mod:`xling.trainer.tags`); the trainer, its workers, ``xling eval`` and the spec's documentation
+share one cache directory. Standard library only: the operator (no torch, no Ray) imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Set by the operator on every Ray pod: the RetrievalExperiment's uid (absent in a local run).
+EXPERIMENT_UID_ENV = "XLING_EXPERIMENT_UID"
+#: Overrides the cache directory (models, prepared corpora, embeddings).
+CACHE_ENV = "XLING_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$XLING_CACHE``, else ``.cache`` in the source checkout (editable install), else in the working dir."""
+    if env := os.environ.get(CACHE_ENV):
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    return (repo if (repo / "pyproject.toml").is_file() else Path.cwd()) / ".cache"
+
+
+#: The default of :func:`embedding_cache_dir` in words, for the spec's field description and ``--help``.
+EMBEDDING_CACHE_DEFAULT = (
+    "$XLING_CACHE/embeddings, else .cache/embeddings in the source checkout or the working dir"
+)
+
+
+def embedding_cache_dir(configured: str | Path | None = None) -> Path:
+    """The embedding cache: ``configured`` (evaluation.cacheDir, ``xling eval --cache-dir``) when given, else
+    ``embeddings`` in :func:`default_cache_dir`, the one default of runs, mining and ``xling eval``."""
+    return Path(configured) if configured else default_cache_dir() / "embeddings"

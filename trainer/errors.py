@@ -1,0 +1,84 @@
+"""The one way a user's mistake reaches the user: an error that says where, and one place that prints it.
+
+A spec, evaluation data or a results file that cannot be used raises :class:`InputError` (or a subclass naming
+the input: ``SpecError``, ``EvalDataError``), which carries the file (or resource), the line where known and the
+field path of each problem; ``str()`` is the text every CLI prints. :func:`command` wraps each CLI handler
+(``xling run``, ``eval``, ``render``, ...) so that they all print and exit alike. Standard library only: the
+operator imports it.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from argparse import Namespace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Exit code of a run refused for its input (argparse uses the same for bad flags).
+EXIT_INPUT = 2
+#: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: at ``field`` (a dotted path as the user writes it, e.g. ``spec.sampling.alpha`` or
+    ``data[0].paragraphs[3]``), or in the input as a whole when ``field`` is None."""
+
+    message: str
+    field: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InputError(ValueError):
+    """Input the user must fix, naming where: ``source`` (file or resource), ``line`` where known, and each
+    problem's field path. With ``problems``, ``message`` heads the list (one problem per line)."""
+
+    def __init__(
+        self,
+        source: str | Path | None,
+        message: str,
+        *,
+        field: str | None = None,
+        line: int | None = None,
+        problems: Sequence[Problem] = (),
+    ):
+        self.source = None if source is None else str(source)
+        self.line = line
+        self.headline = message if problems else None
+        self.problems = tuple(problems) or (Problem(message, field),)
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        if self.headline is None:
+            return ": ".join(part for part in (where, str(self.problems[0])) if part)
+        head = ": ".join(part for part in (where, self.headline) if part)
+        return "\n".join([head] + [f"  {p}" for p in self.problems])
+
+
+def report(err: BaseException) -> int:
+    """Print ``err`` for the user on stderr and return the exit code: an InputError as it reads (it names the
+    file and field), any other error after ``error:``."""
+    if isinstance(err, KeyboardInterrupt):
+        print("interrupted: completed steps and trials are kept; rerun to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(err if isinstance(err, InputError) else f"error: {err}", file=sys.stderr)
+    return EXIT_INPUT
+
+
+def command(handler: Callable[[Namespace], int]) -> Callable[[Namespace], int]:
+    """A CLI handler whose user-facing errors are reported (:func:`report`) instead of raised."""
+
+    @functools.wraps(handler)
+    def run(args: Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:
+            return report(err)
+
+    return run
