@@ -158,18 +158,22 @@ def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batche
 
 @pytest.mark.slow
 def test_mining_on_ray_workers_finds_the_same_negatives(tmp_path: Path) -> None:
-    """Three Ray actors share the encoding (each its own batches, as on a cluster's GPUs): the negatives and
-    their scores are those of mining in one process."""
+    """Two Ray actors share the encoding (each its own batches, as on a cluster's GPUs): the negatives and
+    their scores are those of mining in one process. More actors than the cluster can hold is an error, not
+    a wait that never ends."""
     import ray
 
-    from xling.trainer.run import prepare_data
+    from xling.trainer.driver import prepare_data
     from xling.trainer.spec import parse_experiment
 
     try:
         alone, spread = (
-            prepare_data(parse_experiment(tiny_experiment(tmp_path / str(n), workers=n))) for n in (1, 3)
+            prepare_data(parse_experiment(tiny_experiment(tmp_path / str(n), workers=n))) for n in (1, 2)
         )
         assert ray.is_initialized()  # the sharded run started Ray; the first one did not need it
+        too_many = int(ray.cluster_resources()["CPU"]) + 1
+        with pytest.raises(ValueError, match="data.hardNegatives.mine.workers"):
+            prepare_data(parse_experiment(tiny_experiment(tmp_path / "many", workers=too_many)))
     finally:
         ray.shutdown()
     assert spread.location.negatives == alone.location.negatives  # the key does not depend on the workers

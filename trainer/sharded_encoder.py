@@ -37,7 +37,14 @@ class ShardedEncoder:
     """``encoder_for(path, spec, batch_size)`` on ``workers`` Ray actors; needs a started Ray."""
 
     def __init__(self, path: str, spec: ModelSpec, batch_size: int, workers: int) -> None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        total = ray.cluster_resources()
+        gpus = 1 if total.get("GPU", 0) >= 1 else 0
+        room = int(total.get("GPU", 0) if gpus else total.get("CPU", 0))
+        if workers > room:  # the actors beyond it would wait forever
+            raise ValueError(
+                f"data.hardNegatives.mine.workers: {workers} actors, but the Ray cluster has {room} "
+                f"{'GPUs' if gpus else 'CPUs'}"
+            )
         self.batch_size = batch_size
         self.actors = [
             _Shard.options(num_cpus=1, num_gpus=gpus).remote(path, spec, batch_size) for _ in range(workers)
