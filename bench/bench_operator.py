@@ -3,7 +3,7 @@ and a Validated condition, and report the operator process's peak memory (VmHWM)
 
     .venv/bin/python bench/bench_operator.py [--count 500] [--concurrency 20]
 
-The emulator (tests/k8s_emulator.py) and the operator (python -m xling.operator) run as separate processes,
+The emulator (tests/support/k8s_emulator.py) and the operator (python -m xling.operator) run as separate processes,
 so the memory figure is the operator's alone. Prints one JSON line.
 """
 

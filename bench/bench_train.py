@@ -47,7 +47,7 @@ def experiment(
 ) -> Any:
     from xling.trainer.spec import parse_experiment, resolve_paths
 
-    # a spare restart (see tests/test_faults.py) does not move the median step time
+    # a spare restart (see tests/trainer/test_faults.py) does not move the median step time
     distributed: dict[str, Any] = {"numWorkers": workers, "cpusPerWorker": threads, "maxFailures": 1}
     if zero3:
         distributed["deepspeed"] = {"stage": 3}

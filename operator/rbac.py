@@ -1,7 +1,7 @@
 """Every Kubernetes API call the operator makes, as (verb, API group, resource[/subresource]).
 
 Read off the code (kopf's own watching/patching, :mod:`xling.operator.kube`, kopf's event poster) and checked
-against a recorded run against the emulator (tests/test_operator_integration.py). The Helm chart generates its
+against a recorded run against the emulator (tests/operator/test_integration.py). The Helm chart generates its
 least-privilege Role/ClusterRole from these constants, so nothing here may be broader than what is used.
 """
 

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sweep_e2e import PLOTS, SmokeSweep, run_smoke_sweep
 
+from tests.support import ROOT
+from tests.trainer.sweep.test_sweep_e2e import PLOTS, SmokeSweep, run_smoke_sweep
 from xling.trainer.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
 
-ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 OUTPUTS = Path(os.environ.get("XLING_TEST_OUTPUTS", ROOT / ".cache" / "test-outputs")) / "browser"
 pytestmark = [

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.support import ROOT
 from xling.trainer.tags import DATA_FINGERPRINT, SAMPLING
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 

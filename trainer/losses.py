@@ -3,7 +3,7 @@
 Convention (sentence-transformers' "local anchors"): each rank scores its own queries against the
 passages of every rank, all-gathered with gradients. Each rank's loss is the mean over its local queries;
 DeepSpeed/all-reduce then average gradients over ranks, which equals the gradient of the mean loss over
-the global batch. No world-size factor is needed (tests/test_losses.py checks 2 ranks == 1 process).
+the global batch. No world-size factor is needed (tests/trainer/test_losses.py checks 2 ranks == 1 process).
 
 Candidates are all positives plus all hard negatives of the global batch (the usual reading; the
 hybrid-batch paper's printed formula lists negatives only).

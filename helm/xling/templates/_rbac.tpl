@@ -1,5 +1,5 @@
 {{/*
-The operator's permissions: exactly the API calls it makes (operator/rbac.py lists them; tests/test_helm.py
+The operator's permissions: exactly the API calls it makes (operator/rbac.py lists them; tests/deploy/test_helm.py
 checks that these rules and that list agree). No wildcards.
 */}}
 

@@ -1,0 +1,148 @@
+"""Dropout is on in every training step, whatever ran before it, and its RNG is per rank and replayed.
+
+``from_pretrained`` returns its backbone in eval mode, so a run would train without dropout unless
+something switches it on; an at-start evaluation must neither be that switch nor leave the model in
+another mode than it found. A loss that differs under two torch seeds is the witness that dropout is
+active (the batch is a pure function of the sampling seed and step, so only dropout draws from torch).
+These tests run the real ``Trainer`` in one process (rank and world given, no Ray session).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.support import ROOT
+from xling.trainer.data import prepare_corpus
+from xling.trainer.job import Job
+from xling.trainer.model import (
+    BiEncoder,
+    HFTextEncoder,
+    Tokenize,
+    load_backbone,
+    load_tokenizer,
+    resolve_model_path,
+)
+from xling.trainer.optim_engine import save_trainer_state
+from xling.trainer.spec import TINY_MODEL, ExperimentSpec
+from xling.trainer.train_loop import Prefetch, Trainer
+
+
+def spec_doc(cache: Path, seed: int = 0, workers: int = 1, grad_cache: bool = False) -> dict[str, Any]:
+    """A tiny hybrid run on the bundled NTREX sample, with a small XQuAD-R slice to evaluate.
+    The tiny BERT's config keeps transformers' dropout defaults (0.1)."""
+    suite = {"name": "xquad-r", "path": str(ROOT / "data/demo/xquad-r"), "languages": ["de", "en"],
+             "maxQueries": 4, "maxParagraphs": 4}  # fmt: skip
+    return {
+        "model": {"name": TINY_MODEL, "maxQueryLength": 16, "maxPassageLength": 24},
+        "data": {
+            "languages": ["de", "en"],
+            "sources": [
+                {"type": "ntrex", "path": str(ROOT / "data/demo/ntrex-128"), "maxPairsPerLanguage": 40}
+            ],
+        },
+        "sampling": {"strategy": "hybrid", "seed": seed},
+        "loss": {"gradCache": {"enabled": grad_cache, "chunkSize": 1}},
+        "optimization": {"globalBatchSize": 4, "maxSteps": 4, "learningRate": 1e-3, "warmupSteps": 0},
+        "distributed": {"numWorkers": workers},
+        "evaluation": {"suites": [suite], "cacheDir": str(cache / "embeddings")},  # run by the tests
+    }
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    cache = tmp_path_factory.mktemp("train_mode")
+    prepared = prepare_corpus(ExperimentSpec.model_validate(spec_doc(cache)).data, str(cache / "data"))
+    texts = [p.query for g in prepared.corpus.materialize().groups for p in g.values()]
+    return {
+        "cache": cache,
+        "data": prepared.location,
+        "model_path": resolve_model_path(TINY_MODEL, texts, cache),
+    }
+
+
+def make(
+    setup: dict[str, Any], seed: int = 0, rank: int = 0, world: int = 1, grad_cache: bool = False
+) -> Trainer:
+    spec = ExperimentSpec.model_validate(spec_doc(setup["cache"], seed, world, grad_cache))
+    return Trainer(Job(spec, setup["data"], setup["model_path"]), rank=rank, world=world)
+
+
+def first_loss(setup: dict[str, Any], at_start: bool, torch_seed: int, grad_cache: bool) -> float:
+    """The loss of step 0 on a fresh trainer, after fit's at-start evaluation or without it."""
+    trainer = make(setup, grad_cache=grad_cache)
+    if at_start:
+        trainer.evaluate(0)
+    torch.manual_seed(torch_seed)
+    return trainer.train_step(0)[0]
+
+
+@pytest.mark.parametrize("grad_cache", [False, True])
+def test_dropout_is_on_in_training_with_and_without_at_start_evaluation(
+    setup: dict[str, Any], grad_cache: bool
+) -> None:
+    without = [first_loss(setup, False, seed, grad_cache) for seed in (1, 2)]
+    with_eval = [first_loss(setup, True, seed, grad_cache) for seed in (1, 2)]
+    assert without[0] != without[1], "same loss under two seeds: dropout is off"
+    assert with_eval == without, "the at-start evaluation changed how the model trains"
+
+
+def test_resume_replays_the_dropout_stream(setup: dict[str, Any], tmp_path: Path) -> None:
+    uninterrupted = make(setup)
+    uninterrupted.train_step(0)
+    uninterrupted.engine.save(tmp_path, 0)  # what Trainer.checkpoint writes for one rank
+    save_trainer_state(tmp_path, 1, {}, 0)
+    want = uninterrupted.train_step(1)[0]
+
+    resumed = make(setup)
+    torch.manual_seed(99)  # a wrong stream: only the checkpoint can restore the right one
+    resumed.resume_from(tmp_path)
+    assert resumed.start_step == 1
+    assert resumed.train_step(1)[0] == want
+
+    reseeded = make(setup)
+    reseeded.resume_from(tmp_path)
+    torch.manual_seed(99)
+    assert reseeded.train_step(1)[0] != want, "a resumed run trains without dropout"
+
+
+def test_each_rank_and_seed_draws_its_own_dropout_stream(setup: dict[str, Any]) -> None:
+    def masks(seed: int, rank: int) -> torch.Tensor:
+        make(setup, seed, rank, world=2)
+        return torch.nn.functional.dropout(
+            torch.ones(256), 0.5
+        )  # the next draw a training forward would make
+
+    drawn = {(seed, rank): masks(seed, rank) for seed in (0, 1) for rank in (0, 1)}
+    for a, mask_a in drawn.items():
+        for b, mask_b in drawn.items():
+            assert torch.equal(mask_a, mask_b) == (a == b), (a, b)
+    assert torch.equal(masks(1, 1), drawn[(1, 1)]), "a rank's stream is a function of seed and rank"
+
+
+def test_evaluation_restores_every_submodule_mode(setup: dict[str, Any]) -> None:
+    spec = ExperimentSpec.model_validate(spec_doc(setup["cache"])).model
+    model = BiEncoder(load_backbone(setup["model_path"], spec))  # the wrapper trains, the backbone does not
+    model.backbone.encoder.layer[0].train()
+    before = {name: m.training for name, m in model.named_modules()}
+    assert len(set(before.values())) == 2, "a mixed pattern, so the test can tell"
+    HFTextEncoder(model, Tokenize(load_tokenizer(setup["model_path"], spec), spec)).encode(
+        ["a b", "c"], "query"
+    )
+    assert {name: m.training for name, m in model.named_modules()} == before
+
+
+def test_prefetching_the_next_batches_changes_no_loss(setup: dict[str, Any]) -> None:
+    """Steps read and tokenised ahead in the background thread are the steps read in place."""
+    losses = {}
+    for ahead in (0, 2):
+        trainer = make(setup)
+        trainer.batches = Prefetch(trainer.read_batch, ahead)
+        torch.manual_seed(0)
+        losses[ahead] = [trainer.train_step(step)[0] for step in range(4)]
+        trainer.batches.close()
+        assert (trainer.batches.pool is None) == (ahead == 0)
+    assert losses[0] == losses[2]
