@@ -15,7 +15,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
         return 0
     if exp.spec.sweep is not None:  # one Ray Tune trial per point and seed
-        from xling.trainer.sweep import run_sweep as drive
+        from xling.trainer.sweep.tune import run_sweep as drive
     else:
         from xling.trainer.run import run_experiment as drive
     drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)

@@ -17,9 +17,11 @@ from xling.trainer.tracking import flatten, start_run
 def run_experiment(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
-    """One training run in its own MLflow run; a spec with ``sweep`` is ``xling.trainer.sweep.run_sweep``'s."""
+    """One training run in its own MLflow run; a spec with ``sweep`` is ``xling.trainer.sweep.tune.run_sweep``'s."""
     if exp.spec.sweep is not None:
-        raise ValueError("spec.sweep: a sweep runs through xling.trainer.sweep.run_sweep, not run_experiment")
+        raise ValueError(
+            "spec.sweep: a sweep runs through xling.trainer.sweep.tune.run_sweep, not run_experiment"
+        )
     from xling.trainer.plan import check_fits
 
     started = time.time()
