@@ -30,6 +30,12 @@ EMBEDDING_CACHE_DEFAULT = (
 )
 
 
+def prepared_cache_dir() -> Path:
+    """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file): the
+    driver fills it, every worker of the node reads it."""
+    return default_cache_dir() / "prepared"
+
+
 def embedding_cache_dir(configured: str | Path | None = None) -> Path:
     """The embedding cache: ``configured`` (evaluation.cacheDir, ``xling eval --cache-dir``) when given, else
     ``embeddings`` in :func:`default_cache_dir`, the one default of runs, mining and ``xling eval``."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
+from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
@@ -93,7 +93,9 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     spec = exp.spec
     if skip_bad_rows:
         spec.data.skip_bad_rows = True
-    prepared = prepare_corpus(spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache())
+    prepared = prepare_corpus(
+        spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
+    )
     report, corpus = prepared.report, prepared.corpus
     if report.total:
         print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
@@ -119,13 +121,6 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
 def data_root(output_dir: str) -> str:
     """Where prepared corpora live: beside Ray Train's storage, so a cluster run's are in its bucket or PVC."""
     return storage_path(output_dir).removesuffix("/ray") + "/data"
-
-
-def prepared_cache() -> Path:
-    """The node-local copies of prepared corpora held in a bucket (a memory map needs a local file)."""
-    from xling.trainer.contracts import default_cache_dir
-
-    return default_cache_dir() / "prepared"
 
 
 def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from xling.trainer.contracts import default_cache_dir, embedding_cache_dir
+from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
@@ -130,7 +130,7 @@ class Trainer:
             ctx = ray.train.get_context()
             rank, world = ctx.get_world_rank(), ctx.get_world_size()
         self.rank, self.world = rank, world
-        self.corpus: Corpus = open_corpus(job.data, default_cache_dir() / "prepared")
+        self.corpus: Corpus = open_corpus(job.data, prepared_cache_dir())
         self.device = (
             torch.device("cuda", torch.cuda.current_device())
             if torch.cuda.is_available()
