@@ -49,7 +49,7 @@ def test_shapes_are_exact_counts_of_the_config() -> None:
 
 
 def test_shape_from_a_local_config_matches_the_model(tmp_path: Path) -> None:
-    from test_deepspeed import build, tiny_model_dir
+    from tests.trainer.test_deepspeed import build, tiny_model_dir
 
     path = tiny_model_dir(tmp_path / "qwen2", "qwen2")
     shape = model_shape(str(path))
