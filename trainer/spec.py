@@ -496,9 +496,7 @@ class TrackingSpec(Spec):
     @model_validator(mode="after")
     def _no_inline_credentials(self) -> TrackingSpec:
         if self.tracking_uri and re.match(r"^[a-z][a-z0-9+.-]*://[^/@]*@", self.tracking_uri):
-            raise _bad(
-                "tracking.trackingUri", "credentials in the URI; put them in tracking.credentials (a Secret)"
-            )
+            raise _bad("trackingUri", "credentials in the URI; put them in tracking.credentials (a Secret)")
         return self
 
 

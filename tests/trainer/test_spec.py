@@ -63,6 +63,17 @@ def test_bad_values_name_the_field(path: tuple[str, ...], value: object, expecte
     assert expected in msg and "exp.yaml" in msg
 
 
+def test_a_cross_field_check_names_its_field_once() -> None:
+    """A validator of a section names the field inside it: spec.tracking.trackingUri, not tracking twice."""
+    doc = base()
+    doc["spec"]["tracking"] = {
+        **doc["spec"].get("tracking", {}),
+        "trackingUri": "https://u:pw@mlflow.example",
+    }
+    msg = rejected(doc)
+    assert "spec.tracking.trackingUri" in msg and "tracking.tracking." not in msg
+
+
 def test_unknown_top_level_field() -> None:
     doc = base()
     doc["spec"]["extra"] = 1
