@@ -39,7 +39,7 @@ from xling.trainer.data.store import NEGATIVES, PreparedCorpus, publish_negative
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.search import build_index, search
-from xling.trainer.spec import ExperimentSpec, MineSpec, ModelSpec
+from xling.trainer.spec import ExperimentSpec, MineSpec
 
 RULES = ("positive", "translation", "conflict_key", "skip_top", "score_ratio")
 
@@ -171,17 +171,18 @@ def _filter(
 
 
 @contextmanager
-def mining_encoder(path: str, model: ModelSpec, settings: MineSpec) -> Iterator[TextEncoder]:
-    """The mining model in this process, or on ``settings.workers`` Ray actors (Ray must be started),
-    freed when mining ends so that training gets the GPUs."""
+def mining_encoder(path: str, spec: ExperimentSpec, settings: MineSpec) -> Iterator[TextEncoder]:
+    """The mining model in this process, or on ``settings.workers`` Ray actors (Ray must be started), on
+    GPUs when the run's workers train on them, freed when mining ends so that training gets the GPUs."""
     if settings.workers == 1:
         from xling.trainer.model import encoder_for
 
-        yield encoder_for(path, model, settings.batch_size)
+        yield encoder_for(path, spec.model, settings.batch_size)
         return
     from xling.trainer.sharded_encoder import ShardedEncoder
 
-    encoder = ShardedEncoder(path, model, settings.batch_size, settings.workers)
+    gpus = spec.distributed.gpus_per_worker > 0
+    encoder = ShardedEncoder(path, spec.model, settings.batch_size, settings.workers, gpus)
     try:
         yield encoder
     finally:
@@ -201,7 +202,7 @@ def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str
     meta = mined(corpus, key)
     if meta is None:
         started = time.perf_counter()
-        with mining_encoder(path, spec.model, settings) as encoder:
+        with mining_encoder(path, spec, settings) as encoder:
             meta = mine(corpus, settings, encoder, key, embedding_cache_dir(spec.evaluation.cache_dir))
         print(f"mine: {meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages "
               f"in {time.perf_counter() - started:.0f}s; removed {meta['removed']}", flush=True)  # fmt: skip

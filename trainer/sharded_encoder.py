@@ -1,6 +1,6 @@
 """A TextEncoder whose batches are spread over Ray actors: mining encodes a corpus on every GPU of a cluster.
 
-Each actor holds one copy of the encoder (on its own GPU when the cluster has GPUs). The texts are sorted
+Each actor holds one copy of the encoder (on its own GPU when the run trains on GPUs). The texts are sorted
 by length and cut into batches exactly as :class:`~xling.trainer.model.HFTextEncoder` cuts them, and actor
 ``w`` encodes batches ``w, w + W, …``: every batch holds the same texts as in one process, so the embeddings
 are the same, and the evaluation's cache (``encode_cached``) and fingerprint work unchanged over it.
@@ -8,6 +8,7 @@ are the same, and the evaluation's cache (``encode_cached``) and fingerprint wor
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,20 +35,22 @@ class _Shard:
 
 
 class ShardedEncoder:
-    """``encoder_for(path, spec, batch_size)`` on ``workers`` Ray actors; needs a started Ray."""
+    """``encoder_for(path, spec, batch_size)`` on ``workers`` Ray actors, one GPU each with ``gpus`` (as the
+    run's workers train), else one CPU each; needs a started Ray."""
 
-    def __init__(self, path: str, spec: ModelSpec, batch_size: int, workers: int) -> None:
-        total = ray.cluster_resources()
-        gpus = 1 if total.get("GPU", 0) >= 1 else 0
-        room = int(total.get("GPU", 0) if gpus else total.get("CPU", 0))
-        if workers > room:  # the actors beyond it would wait forever
+    def __init__(self, path: str, spec: ModelSpec, batch_size: int, workers: int, gpus: bool) -> None:
+        unit = "GPU" if gpus else "CPU"
+        room = int(ray.cluster_resources().get(unit, 0))
+        # A local Ray has all it will ever have: actors beyond it would wait forever. A cluster's nodes may
+        # still be joining (RAY_ADDRESS: a RayJob's driver), so there Ray waits for them, as training does.
+        if not os.environ.get("RAY_ADDRESS") and workers > room:
             raise ValueError(
-                f"data.hardNegatives.mine.workers: {workers} actors, but the Ray cluster has {room} "
-                f"{'GPUs' if gpus else 'CPUs'}"
+                f"data.hardNegatives.mine.workers: {workers} actors, but this Ray has {room} {unit}s"
             )
         self.batch_size = batch_size
         self.actors = [
-            _Shard.options(num_cpus=1, num_gpus=gpus).remote(path, spec, batch_size) for _ in range(workers)
+            _Shard.options(num_cpus=1, num_gpus=int(gpus)).remote(path, spec, batch_size)
+            for _ in range(workers)
         ]
         self.fingerprint = ray.get(self.actors[0].fingerprint.remote())
 

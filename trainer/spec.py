@@ -169,8 +169,8 @@ class MineSpec(Spec):
     batch_size: PositiveInt = Field(default=64, description="Texts per encoder batch.")
     workers: PositiveInt = Field(
         default=1,
-        description="Ray actors that encode the corpus, one GPU each when the cluster has GPUs; 1 encodes in "
-        "the driver. The embeddings, hence the negatives, do not depend on it.",
+        description="Ray actors that encode the corpus, one GPU each when the run trains on GPUs "
+        "(distributed.gpusPerWorker > 0); 1 encodes in the driver. The embeddings, hence the negatives, do not depend on it.",
     )
 
 
