@@ -6,6 +6,7 @@ import csv
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -166,23 +167,31 @@ def _own_vs_other(results: LareqaResults, plt: Any) -> Any:
     return fig
 
 
-def save_plots(results: LareqaResults, directory: Path) -> list[Path]:
-    """mAP heatmap and the bias views as PNGs; returns the files written."""
+def write_pngs(
+    subject: Any, plots: list[tuple[str, Callable[[Any, Any], Any]]], directory: Path
+) -> list[Path]:
+    """``directory/<name>.png`` for each ``(name, draw)``, ``draw(subject, plt)`` returning its figure; drawn
+    with matplotlib's file-only backend (no display on a cluster pod). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     paths = []
-    plots = [("map_matrix", _heatmap), ("bias_by_language", _bias_bars)]
-    if results.exact:  # the per-query ranks it shows exist only with exact ranks
-        plots.append(("bias_own_vs_other", _own_vs_other))
     for name, draw in plots:
-        fig = draw(results, plt)
+        fig = draw(subject, plt)
         paths.append(directory / f"{name}.png")
         fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def save_plots(results: LareqaResults, directory: Path) -> list[Path]:
+    """mAP heatmap and the bias views as PNGs; returns the files written."""
+    plots = [("map_matrix", _heatmap), ("bias_by_language", _bias_bars)]
+    if results.exact:  # the per-query ranks it shows exist only with exact ranks
+        plots.append(("bias_own_vs_other", _own_vs_other))
+    return write_pngs(results, plots, directory)
 
 
 def write_artifacts(results: SuiteResults, directory: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from xling.trainer.evaluation.report import write_pngs
 from xling.trainer.sweep.summary import PointSummary, SweepSummary, short_key
 
 
@@ -205,11 +206,6 @@ def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
 
 def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
     """metric vs the swept parameter, Pareto, heatmaps and bias plots (those the metrics allow)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not any(p.trials for p in s.points):
         return []
     x_name = (primary_parameter(s) or "point").rsplit(".", 1)[-1]
@@ -220,10 +216,4 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
         plots += [("pareto", _plot_pareto), ("bias", _plot_bias)]
     if s.languages():
         plots.append(("heatmaps", _plot_heatmaps))
-    paths = []
-    for name, draw in plots:
-        fig = draw(s, plt)
-        paths.append(directory / f"{name}.png")
-        fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
-        plt.close(fig)
-    return paths
+    return write_pngs(s, plots, directory)
