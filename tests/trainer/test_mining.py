@@ -163,7 +163,8 @@ def test_mining_on_ray_workers_finds_the_same_negatives(tmp_path: Path) -> None:
     import ray
 
     from xling.trainer.driver import prepare_data
-    from xling.trainer.spec import parse_experiment
+    from xling.trainer.sharded_encoder import ShardedEncoder
+    from xling.trainer.spec import ModelSpec, parse_experiment
 
     try:
         alone, spread = (
@@ -173,6 +174,9 @@ def test_mining_on_ray_workers_finds_the_same_negatives(tmp_path: Path) -> None:
         too_many = int(ray.cluster_resources()["CPU"]) + 1
         with pytest.raises(ValueError, match="data.hardNegatives.mine.workers"):
             prepare_data(parse_experiment(tiny_experiment(tmp_path / "many", workers=too_many)))
+        # a run that trains on GPUs mines on GPUs, whatever the machine shows: here it has none
+        with pytest.raises(ValueError, match="1 actors, but this Ray has 0 GPUs"):
+            ShardedEncoder("unused", ModelSpec(name="xling/tiny-random"), 16, 1, gpus=True)
     finally:
         ray.shutdown()
     assert spread.location.negatives == alone.location.negatives  # the key does not depend on the workers
