@@ -46,7 +46,7 @@ lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 crds: setup
-	$(BIN)/python -m xling.operator.crd manifests/crds && cp manifests/crds/*.yaml helm/xling/crds/
+	$(BIN)/python -m xling.operator.crd manifests/crds helm/xling/values.schema.json && cp manifests/crds/*.yaml helm/xling/crds/
 
 mlflow: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -1,12 +1,13 @@
 """The RetrievalExperiment CRD, generated from the pydantic spec (the single source of truth).
 
-``python -m xling.operator.crd DIR`` writes ``DIR/retrievalexperiments.xling.io.yaml``; a test fails when the
-committed file is stale. Pydantic's JSON Schema is turned into a *structural* OpenAPI v3 schema, which is what
+``python -m xling.operator.crd DIR [VALUES_SCHEMA]`` writes ``DIR/retrievalexperiments.xling.io.yaml`` (and the
+Helm chart's ``trainer.pod`` schema into VALUES_SCHEMA); a test fails when either committed file is stale. Pydantic's JSON Schema is turned into a *structural* OpenAPI v3 schema, which is what
 the API server accepts: no ``$ref``/``anyOf``-null/``additionalProperties: false``, ``nullable`` instead.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,57 @@ def structural(
     return out
 
 
+def json_schema(node: Any) -> Any:
+    """A structural OpenAPI v3 schema as JSON Schema (draft 4 keeps ``exclusiveMinimum: true`` semantics).
+
+    - ``nullable: true`` allows null;
+    - int-or-string fields take either;
+    - objects with declared properties reject unknown fields, like kubectl's strict field validation, unless
+      they preserve unknown fields. CEL rules (x-kubernetes-validations) are dropped.
+    """
+    if isinstance(node, list):
+        return [json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
+    }
+    if "properties" in node and "properties" in out:
+        out["properties"] = {k: json_schema(v) for k, v in node["properties"].items()}
+    if node.get("x-kubernetes-int-or-string"):
+        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+    if (
+        node.get("type") == "object"
+        and "properties" in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out.setdefault("additionalProperties", False)
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+    return out
+
+
+def pod_values_schema() -> dict[str, Any]:
+    """The Helm chart's ``trainer.pod`` schema: spec.cluster.pod's, so a value the operator would refuse is
+    refused by ``helm install`` already."""
+    pod = openapi_schema()["properties"]["spec"]["properties"]["cluster"]["properties"]["pod"]
+    schema = json_schema(pod)
+    schema.pop("default", None)
+    return {
+        **schema,
+        "description": "spec.cluster.pod defaults of every experiment (PodOverrides, camelCase).",
+    }
+
+
+def write_values_schema(path: Path) -> None:
+    """Put :func:`pod_values_schema` into the chart's values.schema.json (the rest of the file is hand-written)."""
+    doc = json.loads(path.read_text())
+    doc["properties"]["trainer"]["properties"]["pod"] = pod_values_schema()
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+
+
 def _annotations(node: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if node.get("description"):
@@ -273,12 +325,16 @@ def render_crd() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``DIR [VALUES_SCHEMA]``: write the CRD into DIR and, if given, trainer.pod into the chart's values schema."""
     args = sys.argv[1:] if argv is None else argv
     out_dir = Path(args[0] if args else "manifests/crds")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CRD_FILE
     path.write_text(render_crd())
     print(path)
+    if len(args) > 1:
+        write_values_schema(Path(args[1]))
+        print(args[1])
     return 0
 
 

@@ -23,6 +23,7 @@ from xling.trainer.spec import (
     KIND,
     ExperimentSpec,
     RetrievalExperiment,
+    RolePod,
     SweepSpec,
     Toleration,
     WorkerGroupSpec,
@@ -46,6 +47,11 @@ USER_SPEC_ANNOTATION = f"{GROUP}/user-spec"
 #: Pod and container security that passes the ``restricted`` Pod Security Standard (ray images run as 1000).
 RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+#: KubeRay's own default for its submitter pod (``ray job submit`` and ``ray job logs --follow``).
+SUBMITTER_RESOURCES = {"cpu": "1", "memory": "1Gi"}
+#: A gs:// store's service-account key: the Secret's key, and where it is mounted in every Ray pod.
+GCS_KEY = "key.json"
+GCS_KEY_DIR = "/var/run/secrets/xling/gcs"
 
 
 @dataclass(frozen=True)
@@ -225,8 +231,21 @@ def describe_pods(spec: ExperimentSpec) -> list[str]:
     return lines
 
 
+def _unique(items: list[Toleration]) -> list[Toleration]:
+    return [t for i, t in enumerate(items) if t not in items[:i]]
+
+
 def _tolerations(items: list[Toleration]) -> list[dict[str, Any]]:
     return [t.model_dump(by_alias=True, exclude_none=True) for t in items]
+
+
+def gcs_key_secret(spec: ExperimentSpec) -> str | None:
+    """The Secret holding a gs:// store's service-account key: mounted as a file, never put in the environment
+    (Google's libraries read GOOGLE_APPLICATION_CREDENTIALS as a path)."""
+    storage = spec.storage
+    if storage is None or storage.credentials is None or not storage.checkpoint_uri.startswith("gs://"):
+        return None
+    return storage.credentials.name
 
 
 def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -238,13 +257,17 @@ def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], 
     tracking, cluster = exp.spec.tracking, exp.spec.cluster
     if tracking.tracking_uri:
         env.append({"name": "MLFLOW_TRACKING_URI", "value": tracking.tracking_uri})
+    if gcs_key_secret(exp.spec):
+        env.append({"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{GCS_KEY_DIR}/{GCS_KEY}"})
     for var in cluster.env:
         if var.secret_key_ref is not None:
             ref = var.secret_key_ref
             env.append({"name": var.name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
         else:
             env.append({"name": var.name, "value": var.value})
-    secrets = [s for s in (tracking.credentials, exp.spec.storage and exp.spec.storage.credentials) if s]
+    storage = exp.spec.storage
+    as_env = storage and not gcs_key_secret(exp.spec) and storage.credentials
+    secrets = [s for s in (tracking.credentials, as_env) if s]
     names = [s.name for s in secrets + list(cluster.env_from)]
     env_from = [{"secretRef": {"name": name}} for name in dict.fromkeys(names)]
     return env, env_from
@@ -264,11 +287,53 @@ def pvc_claim(spec: ExperimentSpec) -> str | None:
     return storage.checkpoint_uri.removeprefix("pvc://").split("/", 1)[0]
 
 
+def _pod_spec(
+    exp: RetrievalExperiment,
+    role: RolePod,
+    boxes: list[dict[str, Any]],
+    node_selector: dict[str, str],
+    tolerations: list[Toleration],
+) -> dict[str, Any]:
+    """Scheduling, identity and security of one role's pods: the role's settings (``cluster.pod`` merged
+    with ``cluster.pod.<role>``) plus the group's own node selector and tolerations."""
+    cluster, over = exp.spec.cluster, exp.spec.cluster.pod
+    pod: dict[str, Any] = {
+        "containers": boxes,
+        "securityContext": role.security_context or RESTRICTED_POD,
+        # Ray needs no Kubernetes API: a mounted token would only serve whoever gets code into the pod.
+        "automountServiceAccountToken": bool(role.automount_service_account_token),
+    }
+    for box in boxes:
+        box["securityContext"] = role.container_security_context or RESTRICTED_CONTAINER
+    if selector := {**role.node_selector, **node_selector}:
+        pod["nodeSelector"] = selector
+    if every := _unique(role.tolerations + tolerations):
+        pod["tolerations"] = _tolerations(every)
+    if account := role.service_account_name or cluster.service_account_name:
+        pod["serviceAccountName"] = account
+    if role.image_pull_secrets:
+        pod["imagePullSecrets"] = [{"name": n} for n in role.image_pull_secrets]
+    if over.priority_class_name:
+        pod["priorityClassName"] = over.priority_class_name
+    if role.affinity:
+        pod["affinity"] = role.affinity
+    return pod
+
+
+def _metadata_of_pods(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
+    over = exp.spec.cluster.pod
+    meta: dict[str, Any] = {"labels": {**over.labels, **labels(owner)}}
+    if over.annotations:
+        meta["annotations"] = dict(over.annotations)
+    return meta
+
+
 def _pod_template(
     exp: RetrievalExperiment,
     owner: Owner,
     container: str,
     resources: dict[str, Any],
+    role: RolePod,
     node_selector: dict[str, str],
     tolerations: list[Toleration],
     shm_limit: str | None,
@@ -283,6 +348,10 @@ def _pod_template(
     if claim := pvc_claim(exp.spec):
         mounts.append({"name": "checkpoints", "mountPath": CHECKPOINT_MOUNT})
         volumes.append({"name": "checkpoints", "persistentVolumeClaim": {"claimName": claim}})
+    if key := gcs_key_secret(exp.spec):
+        mounts.append({"name": "gcs-key", "mountPath": GCS_KEY_DIR, "readOnly": True})
+        items = [{"key": GCS_KEY, "path": GCS_KEY}]
+        volumes.append({"name": "gcs-key", "secret": {"secretName": key, "items": items}})
     mounts.append({"name": "dshm", "mountPath": "/dev/shm"})  # NCCL and Ray's object store need a big one
     empty_dir: dict[str, Any] = {"medium": "Memory"}
     if shm_limit:
@@ -295,39 +364,44 @@ def _pod_template(
         "env": env,
         "resources": resources,
         "volumeMounts": mounts + list(over.volume_mounts),
-        "securityContext": over.container_security_context or RESTRICTED_CONTAINER,
     }
     if env_from:
         box["envFrom"] = env_from
-    pod: dict[str, Any] = {
-        "containers": [box],
-        "volumes": volumes + list(over.volumes),
-        "securityContext": over.security_context or RESTRICTED_POD,
-    }
-    if node_selector:
-        pod["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        pod["tolerations"] = _tolerations(tolerations)
-    if cluster.service_account_name:
-        pod["serviceAccountName"] = cluster.service_account_name
-    if over.image_pull_secrets:
-        pod["imagePullSecrets"] = [{"name": n} for n in over.image_pull_secrets]
-    if over.priority_class_name:
-        pod["priorityClassName"] = over.priority_class_name
-    if over.affinity:
-        pod["affinity"] = over.affinity
+    pod = _pod_spec(exp, role, [box], node_selector, tolerations)
+    pod["volumes"] = volumes + list(over.volumes)
     if over.topology_spread_constraints:
         pod["topologySpreadConstraints"] = list(over.topology_spread_constraints)
-    meta: dict[str, Any] = {"labels": {**over.labels, **labels(owner)}}
-    if over.annotations:
-        meta["annotations"] = dict(over.annotations)
-    return {"metadata": meta, "spec": pod}
+    return {"metadata": _metadata_of_pods(exp, owner), "spec": pod}
+
+
+def submitter_template(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
+    """The pod that runs ``ray job submit`` (KubeRay fills in its command, address and auth token): the trainer
+    image, restricted security, and the submitter's scheduling, pull secrets and service account, so it runs
+    where Ray pods run (KubeRay's default has none of these: a restricted namespace rejects it)."""
+    cluster = exp.spec.cluster
+    box = {
+        "name": "ray-job-submitter",
+        "image": cluster.image or DEFAULT_IMAGE,
+        "imagePullPolicy": cluster.image_pull_policy,
+        "resources": {"requests": SUBMITTER_RESOURCES, "limits": SUBMITTER_RESOURCES},
+    }
+    pod = _pod_spec(exp, cluster.pod.role("submitter"), [box], {}, [])
+    pod["restartPolicy"] = "Never"
+    return {"metadata": _metadata_of_pods(exp, owner), "spec": pod}
+
+
+def gpu_toleration(group: WorkerGroupSpec) -> list[Toleration]:
+    """GPU nodes are commonly tainted with their resource name; a GPU pod tolerates that taint."""
+    if not group.gpus:
+        return []
+    return [Toleration(key=group.gpu_resource, operator="Exists", effect="NoSchedule")]
 
 
 def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
     cluster = exp.spec.cluster
     head = cluster.head
     head_res = {"cpu": head.cpu, "memory": head.memory}
+    workers = cluster.pod.role("workers")
     groups = []
     for g in worker_groups(exp.spec):
         limits: dict[str, Any] = {"cpu": g.cpu, "memory": g.memory}
@@ -338,8 +412,9 @@ def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
             owner,
             "ray-worker",
             {"requests": {"cpu": g.cpu, "memory": g.memory}, "limits": limits},
+            workers,
             g.node_selector,
-            g.tolerations,
+            g.tolerations + gpu_toleration(g),
             g.shared_memory,
         )
         groups.append(
@@ -357,12 +432,16 @@ def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
         owner,
         "ray-head",
         {"requests": head_res, "limits": head_res},
+        cluster.pod.role("head"),
         head.node_selector,
         head.tolerations,
         head.shared_memory,
     )
     return {
         "rayVersion": cluster.ray_version,
+        # The dashboard and job API run code with the experiment's credentials: a token (a Secret KubeRay
+        # creates; it hands it to the Ray pods and the submitter) is required for every request.
+        "authOptions": {"mode": "token"},
         "headGroupSpec": {
             # No Ray CPUs or GPUs on the head: ranks and trial drivers must land on worker pods.
             "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0", "num-cpus": "0"},
@@ -370,6 +449,19 @@ def ray_cluster_spec(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
         },
         "workerGroupSpecs": groups,
     }
+
+
+def cleanup(spec: ExperimentSpec) -> dict[str, Any]:
+    """When the finished cluster goes: all of it at once (default), or the GPU workers at once and the head
+    ``ttlSecondsAfterFinished`` later, for its logs (KubeRay's deletionRules, which exclude
+    shutdownAfterJobFinishes)."""
+    keep = spec.ttl_seconds_after_finished
+    if not keep:
+        return {"shutdownAfterJobFinishes": True, "ttlSecondsAfterFinished": 0}
+    ends = [{"jobStatus": "SUCCEEDED"}, {"jobStatus": "FAILED"}, {"jobDeploymentStatus": "Failed"}]
+    stages = (("DeleteWorkers", 0), ("DeleteCluster", keep))
+    rules = [{"policy": p, "condition": {**end, "ttlSeconds": t}} for end in ends for p, t in stages]
+    return {"shutdownAfterJobFinishes": False, "deletionStrategy": {"deletionRules": rules}}
 
 
 def mutable_rayjob_fields(spec: ExperimentSpec) -> dict[str, Any]:
@@ -387,11 +479,11 @@ def rayjob(exp: RetrievalExperiment, owner: Owner) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "entrypoint": ENTRYPOINT,
         "submissionMode": "K8sJobMode",
-        "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": exp.spec.ttl_seconds_after_finished,
+        **cleanup(exp.spec),
         "backoffLimit": 0,
         **{k: v for k, v in mutable.items() if v is not None},
         "rayClusterSpec": ray_cluster_spec(exp, owner),
+        "submitterPodTemplate": submitter_template(exp, owner),
     }
     meta = _metadata(rayjob_name(owner.name), owner, exp.metadata.labels)
     meta["annotations"] = {APPLIED_ANNOTATION: json.dumps(mutable, sort_keys=True)}

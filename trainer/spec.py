@@ -381,31 +381,70 @@ class EnvVar(Spec):
         return self
 
 
-class PodOverrides(Spec):
-    """Pod-template settings for every Ray pod (head, workers, submitter), merged over the platform's defaults.
+class RolePod(Spec):
+    """Scheduling and identity of Ray pods: in ``cluster.pod`` for every pod, in ``cluster.pod.head``,
+    ``.workers`` or ``.submitter`` for one role only (lists add up, maps merge, the role's single values win).
 
-    Modelled on Kubeflow Trainer's pod overrides; the objects are Kubernetes' own (validated by the API server
-    when KubeRay creates the pods)."""
+    The objects are Kubernetes' own (validated by the API server when KubeRay creates the pods)."""
 
-    annotations: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, description="E.g. for tainted GPU nodes.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = Field(default=None, description="Affinity (node, pod, anti-affinity).")
+    service_account_name: K8sName | None = None
+    automount_service_account_token: bool | None = Field(
+        default=None,
+        description="Mount the ServiceAccount's API token. Default: false (Ray needs no Kubernetes API).",
+    )
+    image_pull_secrets: list[K8sName] = Field(default_factory=list)
     security_context: dict[str, Any] | None = Field(
         default=None, description="PodSecurityContext. Default: the restricted Pod Security Standard."
     )
     container_security_context: dict[str, Any] | None = Field(
         default=None,
-        description="SecurityContext of the Ray container. Default: restricted (drop ALL, no escalation).",
+        description="SecurityContext of the container. Default: restricted (drop ALL, no escalation).",
     )
-    image_pull_secrets: list[K8sName] = Field(default_factory=list)
+
+
+class PodOverrides(RolePod):
+    """Pod-template settings for every Ray pod (head, workers, submitter), merged over the platform's defaults,
+    plus per-role settings on top. Modelled on Kubeflow Trainer's pod overrides."""
+
+    annotations: dict[str, str] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
     priority_class_name: str | None = None
-    affinity: dict[str, Any] | None = None
     topology_spread_constraints: list[dict[str, Any]] = Field(default_factory=list)
     volumes: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra volumes (Kubernetes Volume objects)."
+        default_factory=list, description="Extra volumes (Kubernetes Volume objects) of head and workers."
     )
     volume_mounts: list[dict[str, Any]] = Field(
-        default_factory=list, description="Extra mounts in the Ray container."
+        default_factory=list, description="Extra mounts in the Ray container of head and workers."
     )
+    head: RolePod = Field(default_factory=RolePod, description="Only the head pod.")
+    workers: RolePod = Field(
+        default_factory=RolePod, description="Only the worker pods (e.g. GPU tolerations)."
+    )
+    submitter: RolePod = Field(
+        default_factory=RolePod, description="Only the pod that submits the Ray job (KubeRay's K8sJobMode)."
+    )
+
+    def role(self, name: Literal["head", "workers", "submitter"]) -> RolePod:
+        """The settings one role's pods get: these shared ones with the role's on top."""
+        own: RolePod = getattr(self, name)
+
+        def pick(field: str) -> Any:
+            mine = getattr(own, field)
+            return getattr(self, field) if mine is None else mine
+
+        return RolePod(
+            tolerations=self.tolerations + own.tolerations,
+            node_selector={**self.node_selector, **own.node_selector},
+            image_pull_secrets=list(dict.fromkeys([*self.image_pull_secrets, *own.image_pull_secrets])),
+            **{
+                f: pick(f)
+                for f in RolePod.model_fields
+                if f not in ("tolerations", "node_selector", "image_pull_secrets")
+            },
+        )
 
 
 class WorkerGroupSpec(Spec):
@@ -458,8 +497,9 @@ class StorageSpec(Spec):
     )
     credentials: SecretRef | None = Field(
         default=None,
-        description="For s3:// or gs://: a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT_URL) "
-        "or GOOGLE_APPLICATION_CREDENTIALS content; unset = the pods' ambient identity.",
+        description="For s3://: a Secret with AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY (AWS_ENDPOINT_URL), "
+        "passed as environment. For gs://: a Secret whose key `key.json` is a service-account key, mounted as "
+        "a file that GOOGLE_APPLICATION_CREDENTIALS names. Unset = the pods' ambient identity.",
     )
 
 
@@ -741,8 +781,21 @@ class ExperimentSpec(Spec):
     deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
     suspend: bool = Field(default=False, description="True deletes the Ray cluster; false again resumes.")
     ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = Field(
-        default=3600, description="Keep the finished Ray cluster this long (for logs), then delete it."
+        default=0,
+        description="0: the whole Ray cluster is deleted when the job finishes, so its GPUs are free at once. "
+        "N > 0: the GPU workers still go at once, the head (logs, dashboard) N seconds later (KubeRay's "
+        "deletionStrategy; it cannot be combined with suspend, so not with Kueue either).",
     )
+
+    @model_validator(mode="after")
+    def _head_kept_only_unsuspended(self) -> ExperimentSpec:
+        if self.suspend and self.ttl_seconds_after_finished:
+            raise _bad(
+                "ttlSecondsAfterFinished",
+                "keeping the head after the job (> 0) uses KubeRay's deletionStrategy, which KubeRay does not "
+                "allow on a suspended RayJob; set it to 0 to suspend",
+            )
+        return self
 
     @model_validator(mode="after")
     def _cluster_fits(self) -> ExperimentSpec:

@@ -72,7 +72,7 @@ def test_rayjob_basics_and_owner():
     assert meta["labels"][mf.EXPERIMENT_LABEL] == "exp"
     assert spec["entrypoint"] == "xling run /etc/xling/experiment.yaml"
     assert spec["shutdownAfterJobFinishes"] is True and spec["backoffLimit"] == 0
-    assert spec["ttlSecondsAfterFinished"] == 3600 and spec["suspend"] is False
+    assert spec["ttlSecondsAfterFinished"] == 0 and spec["suspend"] is False
     assert "activeDeadlineSeconds" not in spec and spec["preRunningDeadlineSeconds"] == 3600
     head = spec["rayClusterSpec"]["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
@@ -89,13 +89,12 @@ def test_deadlines_suspend_ttl_and_default_worker_group():
     exp = _exp(
         deadlines={"totalSeconds": 7200, "toRunningSeconds": 600},
         suspend=True,
-        ttlSecondsAfterFinished=60,
         distributed={"numWorkers": 32, "gpusPerWorker": 1, "cpusPerWorker": 7.5},
         optimization={"globalBatchSize": 64},
     )
     spec = mf.rayjob(exp, OWNER)["spec"]
     assert (spec["activeDeadlineSeconds"], spec["preRunningDeadlineSeconds"]) == (7200, 600)
-    assert spec["suspend"] is True and spec["ttlSecondsAfterFinished"] == 60
+    assert spec["suspend"] is True and spec["ttlSecondsAfterFinished"] == 0
     (group,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     # 32 ranks of one GPU each: 4 pods (nodes) of 8 GPUs and 8 ranks, CPU and memory sized per GPU.
     assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (4, 4, 4)

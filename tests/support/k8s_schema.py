@@ -6,6 +6,8 @@ import copy
 import functools
 from typing import Any
 
+from xling.operator.crd import json_schema
+
 
 def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     """RBAC rules as (apiGroup, resource[/subresource], verb) triples."""
@@ -18,37 +20,9 @@ def grants(rules: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
     }
 
 
-def to_json_schema(node: Any) -> Any:
-    """A structural OpenAPI v3 schema as JSON Schema (draft 4 keeps `exclusiveMinimum: true` semantics).
-
-    - `nullable: true` allows null;
-    - int-or-string fields take either;
-    - objects with declared properties reject unknown fields, like kubectl's strict field validation, unless
-      they preserve unknown fields. CEL rules (x-kubernetes-validations) are not evaluated here: the spec's
-      pydantic validators mirror them (checked below with parse_experiment).
-    """
-    if isinstance(node, list):
-        return [to_json_schema(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {
-        k: to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"
-    }
-    if "properties" in node and "properties" in out:
-        out["properties"] = {k: to_json_schema(v) for k, v in node["properties"].items()}
-    if node.get("x-kubernetes-int-or-string"):
-        out.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
-    if (
-        node.get("type") == "object"
-        and "properties" in node
-        and not node.get("x-kubernetes-preserve-unknown-fields")
-    ):
-        out.setdefault("additionalProperties", False)
-    if node.get("nullable") and "type" in out:
-        out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
-    return out
+#: A structural OpenAPI v3 schema as JSON Schema (the operator's own converter, which also writes the chart's
+#: values schema for trainer.pod).
+to_json_schema = json_schema
 
 
 @functools.cache
