@@ -49,6 +49,7 @@ class ConditionReason(StrEnum):
     PARTIAL_NODE = "PartialNode"
     TRACKING_HOST_NOT_ALLOWED = "TrackingHostNotAllowed"
     SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_NOT_READABLE = "SecretNotReadable"
     GPU_RESOURCE_NOT_FOUND = "GpuResourceNotFound"
     CLAIM_NOT_FOUND = "ClaimNotFound"
     CLAIM_NOT_SHARED = "ClaimNotShared"
@@ -61,6 +62,7 @@ class ConditionReason(StrEnum):
     CLUSTER_READY = "ClusterReady"
     # Running / Succeeded / Failed: one per KubeRay jobStatus.
     JOB_NEW = "Job"  # KubeRay's JobStatusNew is the empty string, hence the bare word
+    JOB_SUBMITTING = "JobSubmitting"  # the cluster is up, the submitter has not submitted the Ray job yet
     JOB_PENDING = "JobPending"
     JOB_RUNNING = "JobRunning"
     JOB_STOPPED = "JobStopped"
@@ -282,11 +284,21 @@ def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
         ]
     if deploy == "Running":
         # The job stays Running until KubeRay reports Complete/Failed, also once the Ray job itself ended.
-        running = job != "PENDING"
-        job_reason = R.JOB_RUNNING if job == "" else _JOB_REASONS.get(job, R.UNKNOWN_RAYJOB_STATE)
+        # KubeRay says Running as soon as it created the submitter; no jobStatus yet means nothing was
+        # submitted (the submitter pod may be refused by Pod Security, or unable to pull its image).
+        if job == "":
+            why = message or (
+                "the Ray cluster is ready, the job is not submitted yet; if this lasts, `kubectl describe job "
+                "<rayJobName>` shows why the submitter pod does not run (Pod Security, image pull)"
+            )
+            return [
+                c(T.CLUSTER_READY, True, R.CLUSTER_READY, f"{cluster} is ready"),
+                c(T.RUNNING, False, R.JOB_SUBMITTING, why),
+                c(T.SUSPENDED, False, R.NOT_SUSPENDED),
+            ]
         return [
             c(T.CLUSTER_READY, True, R.CLUSTER_READY, f"{cluster} is ready"),
-            c(T.RUNNING, running, job_reason, message),
+            c(T.RUNNING, job != "PENDING", _JOB_REASONS.get(job, R.UNKNOWN_RAYJOB_STATE), message),
             c(T.SUSPENDED, False, R.NOT_SUSPENDED),
         ]
     if deploy in ("Suspending", "Suspended"):

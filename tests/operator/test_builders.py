@@ -275,6 +275,8 @@ def test_merge_conditions_moves_transition_time_only_on_flips():
             "Running",
         ),
         ({"jobDeploymentStatus": "Running", "jobStatus": "PENDING"}, {"Running": "False"}, "Initializing"),
+        # the submitter has not submitted anything (e.g. its pod is refused): not Running, however long
+        ({"jobDeploymentStatus": "Running"}, {"ClusterReady": "True", "Running": "False"}, "Initializing"),
         ({"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}, {"Succeeded": "True"}, "Succeeded"),
         ({"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}, {"Failed": "True"}, "Failed"),
         ({"jobDeploymentStatus": "Failed", "reason": "DeadlineExceeded"}, {"Failed": "True"}, "Failed"),

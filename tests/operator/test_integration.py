@@ -331,6 +331,27 @@ async def test_operator_restart_creates_no_duplicates(cluster: Cluster) -> None:
     assert len(rayjob_creates) == len(after) == 1 and len(c.all(RAYJOBS)) == 1
 
 
+async def test_a_secret_the_operator_may_not_read_is_refused_once_not_retried(cluster: Cluster) -> None:
+    """Helm's secrets.restrictRbac: the operator may get only the allowed Secrets; any other one a spec names
+    is a Validated=False condition naming the field, not an exception kopf retries forever."""
+    c = cluster
+    c.k8s.readable_secrets = frozenset({"mlflow-auth"})
+    for name in ("hf", "mlflow-auth"):
+        secret = {"metadata": {"name": name, "namespace": "default"}, "data": {}}
+        assert await c.request("POST", "/api/v1/namespaces/default/secrets", secret) == 201
+    async with operator(c):
+        await c.create(experiment("locked", cluster={"envFrom": [{"name": "hf"}]}))
+        await until(lambda: c.cond("locked", "Validated").get("reason") == "SecretNotReadable")
+        message = c.cond("locked", "Validated")["message"]
+        assert message.startswith("spec.cluster.envFrom[0]: ") and "secrets.allowed" in message
+        assert c.status("locked")["phase"] == "Invalid" and c.get(RAYJOBS, "locked") is None
+        asked = len([e for e in c.k8s.log if e[:3] == ("get", "", "secrets")])
+        await c.create(experiment("open", cluster={"envFrom": [{"name": "mlflow-auth"}]}))
+        await until(lambda: c.get(RAYJOBS, "open"), what="the RayJob of an allowed Secret")
+        await asyncio.sleep(0.5)
+        assert len([e for e in c.k8s.log if e[:3] == ("get", "", "secrets")]) == asked + 1  # no retries
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 async def test_kubectl_apply_samples_makes_rayjobs(cluster: Cluster, tmp_path: Path) -> None:
     c = cluster

@@ -116,6 +116,8 @@ def merge_diff(old: Any, new: Any) -> Any:
 class Emulator(kmock.KubernetesEmulator):
     #: False: the cluster has no KubeRay (no ray.io API) until :meth:`install_kuberay`.
     kuberay: bool = True
+    #: Restricted RBAC (Helm secrets.restrictRbac): only these Secrets may be read, others answer 403.
+    readable_secrets: frozenset[str] | None = None
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _guard: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     #: The newest resourceVersion handed out; watches from versions below ``_compacted`` get 410 Gone.
@@ -242,6 +244,18 @@ class Emulator(kmock.KubernetesEmulator):
         if request.resource is not None and request.resource.group == "ray.io" and not self.kuberay:
             raise kmock.KubernetesError(
                 status=404, reason="NotFound", message="the server could not find the requested resource"
+            )
+        if (
+            self.readable_secrets is not None
+            and request.resource is not None
+            and request.resource.plural == "secrets"
+            and request.action == kmock.action.FETCH
+            and request.name not in self.readable_secrets
+        ):
+            raise kmock.KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message=f'secrets "{request.name}" is forbidden: cannot get resource "secrets" in the namespace',
             )
         if request.resource is None or request.action not in (
             kmock.action.CREATE,
