@@ -67,16 +67,24 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
 
 
 def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> list[Problem]:
-    """Referenced Secrets exist; a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it); some
+    """Referenced Secrets exist (and may be read: a 403 is a refusal); a pvc:// claim exists and is ReadWriteMany (pods on many nodes mount it); some
     node offers each GPU resource the pods request (skipped when the operator may not list nodes)."""
-    problems: list[Problem] = [
-        (
-            Reason.SECRET_NOT_FOUND,
-            f"spec: Secret {name!r} (referenced by the spec) does not exist in {namespace}",
-        )
-        for name in mf.secret_names(exp.spec)
-        if kube.read_secret(namespace, name) is None
-    ]
+    problems: list[Problem] = []
+    for name, field in mf.secret_fields(exp.spec).items():
+        try:
+            if kube.read_secret(namespace, name) is None:
+                problems.append(
+                    (Reason.SECRET_NOT_FOUND, f"{field}: Secret {name!r} does not exist in {namespace}")
+                )
+        except PermissionError:  # restricted RBAC (Helm secrets.restrictRbac): refused, not retried forever
+            problems.append(
+                (
+                    Reason.SECRET_NOT_READABLE,
+                    f"{field}: the operator may not read Secret {name!r} in {namespace} (403), so it cannot "
+                    "check it before allocating pods; add it to the chart's secrets.allowed (restrictRbac "
+                    "grants get on those Secrets only)",
+                )
+            )
     wanted = {g.gpu_resource for g in mf.worker_groups(exp.spec) if g.gpus}
     offered = kube.node_resources() if wanted else None
     if offered is not None and (missing := sorted(wanted - offered)):

@@ -2,7 +2,8 @@
 
 kopf watches and patches its own resource; every other call goes through here, so ``rbac.API_CALLS`` can be
 read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
-sync. Each method is one request; 404 reads come back as None, 409 creates as :class:`Conflict`.
+sync. Each method is one request; 404 reads come back as None, 409 creates as :class:`Conflict`, 403s as
+PermissionError.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Kube:
                 return None
             if err.status == 409:
                 raise Conflict(err.reason) from None
+            if err.status == 403:  # RBAC: the caller decides (a refusal, a skipped check), never a retry loop
+                raise PermissionError(f"403 Forbidden: {err.reason}") from None
             raise
         return json.loads(resp.data or b"null")
 
@@ -111,10 +114,8 @@ class Kube:
         """Every resource name some node can allocate (e.g. nvidia.com/gpu); None when not allowed to list."""
         try:
             nodes = self._json(self.core.list_node) or {}
-        except ApiException as err:
-            if err.status == 403:
-                return None
-            raise
+        except PermissionError:
+            return None
         return {
             r for n in nodes.get("items") or [] for r in ((n.get("status") or {}).get("allocatable") or {})
         }

@@ -273,11 +273,19 @@ def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], 
     return env, env_from
 
 
-def secret_names(spec: ExperimentSpec) -> list[str]:
-    """Every Secret the pods reference, for the preflight."""
-    refs = [spec.tracking.credentials, spec.storage and spec.storage.credentials, *spec.cluster.env_from]
-    refs += [v.secret_key_ref for v in spec.cluster.env]
-    return list(dict.fromkeys(r.name for r in refs if r))
+def secret_fields(spec: ExperimentSpec) -> dict[str, str]:
+    """Every Secret the pods reference, for the preflight: name -> the first spec field that names it."""
+    refs = [
+        ("spec.tracking.credentials", spec.tracking.credentials),
+        ("spec.storage.credentials", spec.storage and spec.storage.credentials),
+        *((f"spec.cluster.envFrom[{i}]", r) for i, r in enumerate(spec.cluster.env_from)),
+        *((f"spec.cluster.env[{i}].secretKeyRef", v.secret_key_ref) for i, v in enumerate(spec.cluster.env)),
+    ]
+    out: dict[str, str] = {}
+    for field, ref in refs:
+        if ref:
+            out.setdefault(ref.name, field)
+    return out
 
 
 def pvc_claim(spec: ExperimentSpec) -> str | None:
