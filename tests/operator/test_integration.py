@@ -24,7 +24,7 @@ import yaml
 
 import xling.operator.handlers  # noqa: F401  (registers the handlers)
 from tests.support import ROOT
-from tests.support.k8s_emulator import Emulator, experiment, kubeconfig
+from tests.support.k8s_emulator import Emulator, experiment, kubeconfig, kuberay_submitter_pod
 from xling.operator import rbac
 from xling.operator import reconcile as rc
 from xling.operator.crd import GROUP, PLURAL, VERSION
@@ -350,6 +350,36 @@ async def test_a_secret_the_operator_may_not_read_is_refused_once_not_retried(cl
         await until(lambda: c.get(RAYJOBS, "open"), what="the RayJob of an allowed Secret")
         await asyncio.sleep(0.5)
         assert len([e for e in c.k8s.log if e[:3] == ("get", "", "secrets")]) == asked + 1  # no retries
+
+
+async def test_the_submitter_pod_passes_restricted_pod_security_and_waits_are_not_running(
+    cluster: Cluster,
+) -> None:
+    """KubeRay's default submitter pod has no security context, pull secrets or scheduling; the operator's
+    template has the restricted ones and the submitter's own settings. Until it submits, the experiment is not
+    Running."""
+    c = cluster
+    c.k8s.restricted_namespaces = frozenset({"default"})  # pod-security.kubernetes.io/enforce: restricted
+    pods = "/api/v1/namespaces/default/pods"
+    async with operator(c):
+        pod = {"imagePullSecrets": ["regcred"], "submitter": {"nodeSelector": {"pool": "cpu"}}}
+        await c.create(experiment("psa", cluster={"pod": pod}))
+        job = await until(lambda: c.get(RAYJOBS, "psa"), what="the RayJob")
+        submitter = kuberay_submitter_pod(job)  # what KubeRay's Job makes of the RayJob
+        assert await c.request("POST", pods, submitter) == 201
+        assert submitter["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert submitter["spec"]["nodeSelector"] == {"pool": "cpu"}
+        assert submitter["spec"]["automountServiceAccountToken"] is False
+        default = {**job, "spec": {k: v for k, v in job["spec"].items() if k != "submitterPodTemplate"}}
+        assert (
+            await c.request("POST", pods, kuberay_submitter_pod(default)) == 403
+        )  # the emulator's PSA bites
+
+        await c.kuberay("psa", jobDeploymentStatus="Running", rayClusterName="psa-raycluster-x")
+        await until(lambda: c.cond("psa", "Running").get("reason") == "JobSubmitting")
+        assert c.cond("psa", "Running")["status"] == "False" and c.status("psa")["phase"] == "Initializing"
+        await c.kuberay("psa", jobDeploymentStatus="Running", jobStatus="RUNNING")
+        await until(lambda: c.status("psa").get("phase") == "Running")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

@@ -44,6 +44,7 @@ def declare(k8s: kmock.KubernetesEmulator) -> None:
         ("secrets", "Secret"),
         ("events", "Event"),
         ("persistentvolumeclaims", "PersistentVolumeClaim"),
+        ("pods", "Pod"),
     )
     for plural, kind in core:
         res[f"v1/{plural}"] = kmock.ResourceInfo(
@@ -118,6 +119,8 @@ class Emulator(kmock.KubernetesEmulator):
     kuberay: bool = True
     #: Restricted RBAC (Helm secrets.restrictRbac): only these Secrets may be read, others answer 403.
     readable_secrets: frozenset[str] | None = None
+    #: Namespaces enforcing the ``restricted`` Pod Security Standard: pods that break it answer 403.
+    restricted_namespaces: frozenset[str] = frozenset()
     _counter: itertools.count = attrs.field(factory=lambda: itertools.count(1), init=False)
     _guard: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
     #: The newest resourceVersion handed out; watches from versions below ``_compacted`` get 410 Gone.
@@ -257,6 +260,17 @@ class Emulator(kmock.KubernetesEmulator):
                 reason="Forbidden",
                 message=f'secrets "{request.name}" is forbidden: cannot get resource "secrets" in the namespace',
             )
+        if (
+            request.resource is not None
+            and request.resource.plural == "pods"
+            and request.action == kmock.action.CREATE
+            and (problems := self._pod_security(request.namespace, request.data))
+        ):
+            raise kmock.KubernetesError(
+                status=403,
+                reason="Forbidden",
+                message=f'pods is forbidden: violates PodSecurity "restricted:latest": {"; ".join(problems)}',
+            )
         if request.resource is None or request.action not in (
             kmock.action.CREATE,
             kmock.action.UPDATE,
@@ -270,6 +284,13 @@ class Emulator(kmock.KubernetesEmulator):
             if request.action != kmock.action.CREATE and key in self.objects and self.objects[key].deleted:
                 await self._collect_garbage()  # only when something vanished: the scan is O(objects)
             return response
+
+    def _pod_security(self, namespace: str | None, pod: Any) -> list[str]:
+        """Pod Security admission in the namespaces labelled ``pod-security.kubernetes.io/enforce: restricted``
+        (:attr:`restricted_namespaces`: KMock cannot create Namespaces over HTTP)."""
+        if namespace not in self.restricted_namespaces or not isinstance(pod, dict):
+            return []
+        return restricted_violations(pod)
 
     def _live_uids(self) -> set[str]:
         return {
@@ -381,6 +402,60 @@ if __name__ == "__main__":
     import sys
 
     asyncio.run(_serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0))
+
+
+# --- what the admission and KubeRay do to pods ----------------------------------------------------------------
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    """What the ``restricted`` Pod Security Standard refuses in a pod (its container and pod-level checks)."""
+    spec = pod.get("spec") or {}
+    pod_sc = spec.get("securityContext") or {}
+    out = [f"host namespaces ({k}=true)" for k in ("hostNetwork", "hostPID", "hostIPC") if spec.get(k)]
+    for box in (spec.get("initContainers") or []) + (spec.get("containers") or []):
+        sc, name = box.get("securityContext") or {}, box.get("name")
+        if sc.get("privileged"):
+            out.append(f"privileged (container {name!r})")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"allowPrivilegeEscalation != false (container {name!r})")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+            out.append(f'unrestricted capabilities (container {name!r} must drop ["ALL"])')
+        if (
+            not sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+            or sc.get("runAsUser", pod_sc.get("runAsUser")) == 0
+        ):
+            out.append(f"runAsNonRoot != true (container {name!r})")
+        seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"seccompProfile (container {name!r} must be RuntimeDefault or Localhost)")
+    return out
+
+
+def kuberay_submitter_pod(rayjob: dict[str, Any]) -> dict[str, Any]:
+    """The pod KubeRay's submitter Job gets in K8sJobMode (KubeRay 1.7, ``GetDefaultSubmitterTemplate`` and
+    ``getSubmitterTemplate``): the RayJob's submitterPodTemplate with KubeRay's command, or, without one,
+    KubeRay's default: the head's image, 1 CPU and 1Gi, and nothing else (no security context, pull secrets
+    or service account)."""
+    spec = rayjob["spec"]
+    template = copy.deepcopy(spec.get("submitterPodTemplate") or {})
+    if not template:
+        head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        res = {"cpu": "1", "memory": "1Gi"}
+        box = {
+            "name": "ray-job-submitter",
+            "image": head["image"],
+            "resources": {"requests": res, "limits": res},
+        }
+        template = {"spec": {"restartPolicy": "Never", "containers": [box]}}
+    box = template["spec"]["containers"][0]
+    box.setdefault("command", ["/bin/bash", "-ce", "--"])
+    box.setdefault(
+        "args", [f"ray job submit --address http://$RAY_DASHBOARD_ADDRESS -- {spec['entrypoint']}"]
+    )
+    name = rayjob["metadata"]["name"]
+    meta = template.setdefault("metadata", {})
+    meta.update(generateName=f"{name}-", labels={**(meta.get("labels") or {}), "job-name": name})
+    return template
 
 
 # --- test objects -------------------------------------------------------------------------------------------
