@@ -60,7 +60,7 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
             (
                 Reason.TRACKING_HOST_NOT_ALLOWED,
                 f"spec.tracking.trackingUri: {uri}: the host is not in the platform's allowedTrackingHosts "
-                f"({', '.join(sorted(platform.allowed_tracking_hosts))})",
+                f"({', '.join(sorted(platform.allowed_tracking_hosts or ())) or 'none: the list is empty'})",
             )
         )
     return problems

@@ -9,6 +9,9 @@ The file (``$XLING_PLATFORM_DEFAULTS``, a ConfigMap the chart mounts) is YAML::
       tracking: {trackingUri: http://xling-mlflow.xling.svc:5000}
     allowedSecrets: [mlflow-auth]               # Secrets the operator itself may read, besides labelled ones
     allowedTrackingHosts: [xling-mlflow.xling.svc]   # hosts an experiment may send metrics/credentials to
+
+An allow-list fails closed: a file without hosts allows no http(s) tracking server (``["*"]`` allows any).
+Only without a file at all (``xling render`` with no defaults, tests) is nothing restricted.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ def merge(base: Any, over: Any) -> Any:
 class Platform:
     spec: dict[str, Any] = field(default_factory=dict)
     allowed_secrets: frozenset[str] = frozenset()
-    allowed_tracking_hosts: frozenset[str] = frozenset()
+    #: None: no defaults file, nothing restricted; otherwise the hosts allowed ("*": any), empty = none.
+    allowed_tracking_hosts: frozenset[str] | None = None
 
     @classmethod
     def parse(cls, doc: Any, source: str) -> Platform:
@@ -70,7 +74,7 @@ class Platform:
         return cls(
             spec,
             frozenset(doc.get("allowedSecrets") or ()),
-            frozenset(doc.get("allowedTrackingHosts") or ()),
+            frozenset(doc.get("allowedTrackingHosts") or ()),  # missing or empty: no host (fail closed)
         )
 
     @classmethod
@@ -100,6 +104,7 @@ class Platform:
         return validate({**body, "spec": self.apply(body.get("spec"))})
 
     def tracking_host_allowed(self, uri: str | None) -> bool:
-        if not uri or not self.allowed_tracking_hosts or "://" not in uri or uri.startswith("sqlite:"):
+        hosts = self.allowed_tracking_hosts
+        if not uri or hosts is None or "*" in hosts or "://" not in uri or uri.startswith("sqlite:"):
             return True
-        return (urlsplit(uri).hostname or "") in self.allowed_tracking_hosts
+        return (urlsplit(uri).hostname or "") in hosts
