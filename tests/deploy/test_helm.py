@@ -486,8 +486,9 @@ def test_operator_cli_accepts_the_charts_arguments(case: str, rendered: dict) ->
 class FakeApiServer(ThreadingHTTPServer):
     """Just enough of an API server for the helm test script: discovery, SelfSubjectAccessReview, /health."""
 
-    def __init__(self, served: dict[str, list[str]], allowed: set[tuple[str, str, str]]) -> None:
-        self.served, self.allowed, self.reviews = served, allowed, []
+    def __init__(self, served: dict[str, list[str]], allowed: set[tuple[str, ...]]) -> None:
+        """``allowed``: (group, resource, verb) for any object, (group, resource, verb, name) for one."""
+        self.served, self.allowed, self.reviews, self.names = served, allowed, [], []
         super().__init__(("127.0.0.1", 0), _FakeApiHandler)
 
 
@@ -522,7 +523,10 @@ class _FakeApiHandler(BaseHTTPRequestHandler):
         resource = attrs["resource"] + (f"/{attrs['subresource']}" if attrs.get("subresource") else "")
         key = (attrs.get("group", ""), resource, attrs["verb"])
         self.server.reviews.append((attrs["namespace"], *key))
-        review["status"] = {"allowed": key in self.server.allowed}
+        self.server.names.append(attrs.get("name"))
+        # as RBAC: a grant without resourceNames allows any object; one with them only the named objects
+        allowed = key in self.server.allowed or (*key, attrs.get("name")) in self.server.allowed
+        review["status"] = {"allowed": allowed}
         self._send(201, review)
 
     def log_message(self, *args: Any) -> None:
@@ -623,12 +627,10 @@ def test_platform_defaults_metrics_and_network_policy(tmp_path: Path) -> None:
     )
     assert by_kind(docs, "ServiceMonitor") and one(docs, "Service", f"{RELEASE}-xling-operator-metrics")
     (policy,) = by_kind(docs, "NetworkPolicy")
-    assert policy["spec"]["ingress"][0]["from"][1]["podSelector"]["matchLabels"] == {
-        "app.kubernetes.io/managed-by": "xling-operator"
-    }
+    assert policy["spec"]["ingress"][0]["from"][1] == {"namespaceSelector": watched_namespaces([NAMESPACE])}
     (role,) = by_kind(docs, "Role")
     (secrets,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
-    assert secrets["resourceNames"] == ["mlflow-auth"]
+    assert secrets["resourceNames"] == ["mlflow-auth", "s3"]  # the platform's storage Secret is read too
 
 
 def test_notes_warn_when_no_trainer_image_or_storage_is_set(tmp_path: Path) -> None:
@@ -638,4 +640,112 @@ def test_notes_warn_when_no_trainer_image_or_storage_is_set(tmp_path: Path) -> N
     set_up = render_notes(tmp_path / "b", values)
     assert (
         "WARNING" not in set_up.replace("WARNING: the ray.io/v1 RayJob API", "") and "reg/xling:1" in set_up
+    )
+
+
+# --- issue 22: pod settings, restricted Secrets, who reaches MLflow, tracking hosts ------------------------------
+
+
+def watched_namespaces(names: list[str]) -> dict[str, Any]:
+    """The MLflow policy's namespace selector: by the name the API server sets, which no user can change."""
+    return {"matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": names}]}
+
+
+def defaults_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return yaml.safe_load(
+        one(docs, "ConfigMap", f"{RELEASE}-xling-operator-defaults")["data"]["defaults.yaml"]
+    )
+
+
+def test_trainer_pod_values_schema_is_the_specs(tmp_path: Path) -> None:
+    from tests.support.k8s_emulator import experiment
+    from xling.operator.crd import pod_values_schema
+    from xling.operator.defaults import Platform
+    from xling.operator.manifests import Owner, rayjob
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["trainer"]["properties"]["pod"] == pod_values_schema(), (
+        "stale: run `make crds` (python -m xling.operator.crd manifests/crds helm/xling/values.schema.json)"
+    )
+    taint = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    pod = {"workers": {"tolerations": [taint], "nodeSelector": {"pool": "gpu"}}, "imagePullSecrets": ["reg"]}
+    docs = render(tmp_path, {"trainer": {"pod": pod}})
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(defaults_of(docs)))
+    exp = Platform.load(path).experiment(experiment(distributed={"numWorkers": 8, "gpusPerWorker": 1}))
+    worker = rayjob(exp, Owner("exp", "default", "u"))["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert worker["template"]["spec"]["nodeSelector"] == {"pool": "gpu"}
+    assert taint in worker["template"]["spec"]["tolerations"]
+    assert worker["template"]["spec"]["imagePullSecrets"] == [{"name": "reg"}]
+    for bad, field in (
+        ({"tolerations": [{"key": "a", "effect": "Sometimes"}]}, "effect"),
+        ({"bogus": 1}, "bogus"),
+    ):
+        proc = helm(
+            "template",
+            RELEASE,
+            str(CHART),
+            "-f",
+            values_file(tmp_path, {"trainer": {"pod": bad}}),
+            check=False,
+        )
+        assert proc.returncode != 0 and field in proc.stderr, proc.stderr
+
+
+def test_restricted_secrets_include_the_storage_secret_and_helm_test_checks_each(tmp_path: Path) -> None:
+    values = {
+        "secrets": {"allowed": ["mlflow-auth"], "restrictRbac": True},
+        "trainer": {"storage": {"checkpointUri": "s3://ckpt", "credentialsSecret": "s3"}},
+    }
+    docs = render(tmp_path, values)
+    role = one(docs, "Role", f"{RELEASE}-xling-operator")
+    (secrets,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
+    assert secrets["resourceNames"] == ["mlflow-auth", "s3"]
+    # what a real API server grants: the unrestricted rules for any object, the Secrets only by name
+    allowed: set[tuple[str, ...]] = grants([r for r in role["rules"] if "resourceNames" not in r])
+    allowed |= {("", "secrets", "get", name) for name in secrets["resourceNames"]}
+    served = {"xling.io/v1alpha1": ["retrievalexperiments"], "ray.io/v1": ["rayjobs"]}
+    server = FakeApiServer(served, allowed)
+    proc = run_test_hook(tmp_path, docs, server)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (
+        "ok    can get secrets/s3.core" in proc.stdout
+        and "ok    can get secrets/mlflow-auth.core" in proc.stdout
+    )
+    (tmp_path / "b").mkdir()
+    nothing = render(tmp_path / "b", {"secrets": {"restrictRbac": True}})  # no names: no Secret at all
+    assert not [
+        r for r in one(nothing, "Role", f"{RELEASE}-xling-operator")["rules"] if "secrets" in r["resources"]
+    ]
+
+
+def test_mlflow_admits_namespaces_not_pod_labels(rendered: dict) -> None:
+    def sources(case: str) -> list[dict[str, Any]]:
+        (policy,) = by_kind(rendered[case], "NetworkPolicy")
+        (rule,) = policy["spec"]["ingress"]
+        return rule["from"]
+
+    release = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": RELEASE}}}
+    assert sources("default") == [release, {"namespaceSelector": watched_namespaces([NAMESPACE])}]
+    assert sources("two-namespaces")[1] == {"namespaceSelector": watched_namespaces(["team-a", "team-b"])}
+    assert sources("cluster-wide")[1] == {
+        "namespaceSelector": {"matchLabels": {"xling.io/experiments": "true"}}
+    }
+    assert not by_kind(rendered["mlflow-off"], "NetworkPolicy")
+
+
+def test_tracking_hosts_fail_closed_without_mlflow(tmp_path: Path, rendered: dict) -> None:
+    from xling.operator.defaults import Platform
+
+    assert defaults_of(rendered["mlflow-off"])["allowedTrackingHosts"] == []
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(defaults_of(rendered["mlflow-off"])))
+    assert not Platform.load(path).tracking_host_allowed("http://anywhere.example:5000")
+    external = {
+        "mlflow": {"enabled": False},
+        "trainer": {"trackingUri": "https://mlflow.corp.example:8443/x"},
+    }
+    assert defaults_of(render(tmp_path, external))["allowedTrackingHosts"] == ["mlflow.corp.example"]
+    assert "WARNING: no MLflow host is allowed" in render_notes(
+        tmp_path / "n", {"mlflow": {"enabled": False}}
     )

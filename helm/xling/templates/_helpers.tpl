@@ -108,3 +108,23 @@ app.kubernetes.io/component: {{ .component }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* Secrets the operator reads under secrets.restrictRbac: the allowed ones and the platform's storage Secret. */}}
+{{- define "xling.readableSecrets" -}}
+{{- $names := .Values.secrets.allowed }}
+{{- with .Values.trainer.storage.credentialsSecret }}{{- $names = append $names . }}{{- end }}
+{{- toJson ($names | uniq) }}
+{{- end }}
+
+{{/* Hosts experiments may send metrics (and the operator credentials) to: tracking.allowedHosts, the host of
+trainer.trackingUri and the bundled MLflow's. Empty allows none (the operator fails closed). */}}
+{{- define "xling.trackingHosts" -}}
+{{- $hosts := .Values.tracking.allowedHosts }}
+{{- with .Values.trainer.trackingUri }}
+{{- $hosts = append $hosts (regexReplaceAll ":[0-9]+$" (urlParse .).host "") }}
+{{- end }}
+{{- if .Values.mlflow.enabled }}
+{{- $hosts = append $hosts (printf "%s.%s.svc" (include "xling.mlflowName" .) .Release.Namespace) }}
+{{- end }}
+{{- toJson ($hosts | uniq) }}
+{{- end }}

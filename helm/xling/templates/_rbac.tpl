@@ -26,13 +26,17 @@ checks that these rules and that list agree). No wildcards.
   resources: [configmaps]
   verbs: [get, create, patch]
 # Preflight: the Secrets an experiment references exist; data is used only from opted-in Secrets (label
-# xling.io/operator-readable=true or secrets.allowed). restrictRbac: only the named ones.
+# xling.io/operator-readable=true or secrets.allowed). restrictRbac: only the named ones (secrets.allowed and
+# trainer.storage.credentialsSecret); any other Secret a spec names is refused as SecretNotReadable.
+{{- $names := include "xling.readableSecrets" . | fromJsonArray }}
+{{- if or (not .Values.secrets.restrictRbac) $names }}
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]
-  {{- if and .Values.secrets.restrictRbac .Values.secrets.allowed }}
-  resourceNames: {{ toJson .Values.secrets.allowed }}
+  {{- if .Values.secrets.restrictRbac }}
+  resourceNames: {{ toJson $names }}
   {{- end }}
+{{- end }}
 # Preflight: a pvc:// checkpoint claim exists and is ReadWriteMany.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
