@@ -1,24 +1,42 @@
 """Prometheus metrics of the operator: experiments by phase, reconcile errors, time from creation to Running.
 
 Served by ``prometheus_client`` on ``--metrics-port`` (Helm: operator.metrics; a ServiceMonitor is optional).
-Updated from status writes, so they cost no extra API calls.
+The phase gauge is counted at scrape time from the experiments the operator lists and watches (its kopf index),
+so a restarted operator reports every experiment at once, without waiting for a status write.
 """
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections import Counter as Tally
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+#: (namespace, phase) of every experiment the operator knows, phase "" when it has none yet.
+PhaseSource = Callable[[], Iterable[tuple[str, str]]]
+
+
+class _Phases(Collector):
+    def __init__(self, source: PhaseSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "xling_experiments", "RetrievalExperiments by phase", labels=["namespace", "phase"]
+        )
+        for (namespace, phase), count in sorted(Tally(self.source()).items()):
+            family.add_metric([namespace, phase or "Pending"], count)
+        yield family
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, phases: PhaseSource = tuple, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry = registry or CollectorRegistry()
-        self.phases = Gauge(
-            "xling_experiments", "RetrievalExperiments by phase", ["namespace", "phase"], registry=registry
-        )
+        registry.register(_Phases(phases))
         self.errors = Counter(
             "xling_reconcile_errors_total",
             "Reconciles that raised, by handler",
@@ -31,29 +49,14 @@ class Metrics:
             buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
             registry=registry,
         )
-        self._phase_of: dict[tuple[str, str], str] = {}
 
-    def observe(self, namespace: str, name: str, old: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
-        """After a status write (``old`` body, status ``patch``): move the experiment between the phase gauges,
-        and time its first Running."""
+    def observe(self, old: Mapping[str, Any], patch: Mapping[str, Any]) -> None:
+        """After a status write (``old`` body, status ``patch``): time the experiment's first Running."""
         old_phase = (old.get("status") or {}).get("phase")
-        phase = patch.get("phase", old_phase)
-        key = (namespace, name)
-        previous = self._phase_of.get(key)
-        if phase != previous:
-            if previous:
-                self.phases.labels(namespace, previous).dec()
-            if phase:
-                self.phases.labels(namespace, phase).inc()
-                self._phase_of[key] = phase
         created = (old.get("metadata") or {}).get("creationTimestamp")
-        if phase == "Running" and old_phase not in ("Running", "Suspended") and created:
+        if patch.get("phase") == "Running" and old_phase not in ("Running", "Suspended") and created:
             start = datetime.datetime.fromisoformat(created.replace("Z", "+00:00"))
             self.to_running.observe((datetime.datetime.now(datetime.UTC) - start).total_seconds())
-
-    def forget(self, namespace: str, name: str) -> None:
-        if previous := self._phase_of.pop((namespace, name), None):
-            self.phases.labels(namespace, previous).dec()
 
     def serve(self, port: int) -> None:
         start_http_server(port, registry=self.registry)

@@ -450,13 +450,15 @@ def test_platform_defaults_file_is_checked_and_empty_defaults_keep_platform_list
 def test_metrics_count_phases_and_time_to_running():
     from xling.operator.metrics import Metrics
 
-    m = Metrics()
-    body = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Pending"}}
-    m.observe("ns", "a", {"metadata": body["metadata"]}, {"phase": "Pending"})
-    m.observe("ns", "a", body, {"phase": "Running"})
+    known = [("ns", "Running"), ("ns", "Running"), ("ns", ""), ("other", "Failed")]
+    m = Metrics(phases=lambda: known)
     value = m.registry.get_sample_value
-    assert value("xling_experiments", {"namespace": "ns", "phase": "Running"}) == 1
-    assert value("xling_experiments", {"namespace": "ns", "phase": "Pending"}) == 0
+    assert value("xling_experiments", {"namespace": "ns", "phase": "Running"}) == 2
+    assert value("xling_experiments", {"namespace": "ns", "phase": "Pending"}) == 1  # no phase written yet
+    assert value("xling_experiments", {"namespace": "other", "phase": "Failed"}) == 1
+    body = {"metadata": {"creationTimestamp": "2026-01-01T00:00:00Z"}, "status": {"phase": "Pending"}}
+    m.observe(body, {"phase": "Running"})
+    m.observe({**body, "status": {"phase": "Running"}}, {"phase": "Running"})
     assert value("xling_time_to_running_seconds_count") == 1
-    m.forget("ns", "a")
-    assert value("xling_experiments", {"namespace": "ns", "phase": "Running"}) == 0
+    known.pop()  # deleted: gone from the operator's index, so from the gauge
+    assert value("xling_experiments", {"namespace": "other", "phase": "Failed"}) is None

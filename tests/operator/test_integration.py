@@ -121,11 +121,16 @@ async def cluster(
 
 @contextlib.asynccontextmanager
 async def operator(
-    c: Cluster, watchdog_interval: float = 60.0, platform: Platform | None = None
+    c: Cluster,
+    watchdog_interval: float = 60.0,
+    platform: Platform | None = None,
+    memo: kopf.Memo | None = None,
 ) -> AsyncIterator[None]:
-    """Run the operator until the block ends; return once it watches both resources."""
+    """Run the operator until the block ends; return once it watches both resources. ``memo``: to look into
+    what the operator keeps (its metrics)."""
     stop, ready = asyncio.Event(), asyncio.Event()
-    memo = kopf.Memo(watchdog_interval=watchdog_interval, platform=platform or Platform())
+    memo = memo if memo is not None else kopf.Memo()
+    memo.update(watchdog_interval=watchdog_interval, platform=platform or Platform())
     task = asyncio.create_task(
         kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready, memo=memo)
     )
@@ -380,6 +385,36 @@ async def test_the_submitter_pod_passes_restricted_pod_security_and_waits_are_no
         assert c.cond("psa", "Running")["status"] == "False" and c.status("psa")["phase"] == "Initializing"
         await c.kuberay("psa", jobDeploymentStatus="Running", jobStatus="RUNNING")
         await until(lambda: c.status("psa").get("phase") == "Running")
+
+
+async def test_a_restarted_operator_counts_every_experiment_at_once(cluster: Cluster) -> None:
+    """The phase gauge comes from what the operator lists, not from status writes (none after a restart)."""
+    c = cluster
+    async with operator(c):
+        for name in ("one", "two"):
+            await c.create(experiment(name))
+        await until(lambda: all(c.status(n).get("phase") == "Pending" for n in ("one", "two")))
+    memo = kopf.Memo()
+    before = len(c.k8s.log)
+    async with operator(c, memo=memo):
+        await until(lambda: ("get", GROUP, PLURAL) in c.k8s.requests_made(since=before), what="resume")
+        value = memo.metrics.registry.get_sample_value
+        await until(lambda: value("xling_experiments", {"namespace": "default", "phase": "Pending"}) == 2)
+        assert ("patch", GROUP, f"{PLURAL}/status") not in c.k8s.requests_made(since=before)
+
+
+async def test_deleting_an_experiment_never_waits_for_the_operator(cluster: Cluster) -> None:
+    """No finalizer: with the operator gone, an experiment (or its namespace) is deleted at once and its
+    children follow by ownerReference."""
+    c = cluster
+    async with operator(c, watchdog_interval=0.1):
+        await c.create(experiment("gone"))
+        await until(lambda: c.get(RAYJOBS, "gone"), what="the RayJob")
+        await asyncio.sleep(0.3)  # a few watchdog rounds
+        assert not c.get(REXP, "gone")["metadata"].get("finalizers")
+    await c.delete(REXP, "gone")  # the operator is stopped
+    await until(lambda: c.get(REXP, "gone") is None, timeout=2, what="the deletion")
+    await until(lambda: c.get(RAYJOBS, "gone") is None and c.get("v1/configmaps", "gone-spec") is None)
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
