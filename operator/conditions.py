@@ -60,6 +60,7 @@ class ConditionReason(StrEnum):
     CLUSTER_WAITING = "ClusterWaiting"
     CLUSTER_RETRYING = "ClusterRetrying"
     CLUSTER_READY = "ClusterReady"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
     # Running / Succeeded / Failed: one per KubeRay jobStatus.
     JOB_NEW = "Job"  # KubeRay's JobStatusNew is the empty string, hence the bare word
     JOB_SUBMITTING = "JobSubmitting"  # the cluster is up, the submitter has not submitted the Ray job yet
@@ -255,8 +256,28 @@ def phase_of(conditions: Iterable[Mapping[str, Any]], job_deployment_status: str
     return "Pending"
 
 
-def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
-    """Map a RayJob's ``status`` (jobDeploymentStatus + jobStatus + reason/message) to our conditions."""
+#: Container waiting reasons that mean the image will not come by itself (the kubelet only backs off).
+_PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"})
+
+
+def image_pull_failure(pods: Iterable[Mapping[str, Any]]) -> str:
+    """Which pods cannot pull their image, with the kubelet's reason and message; empty when none."""
+    found = []
+    for pod in pods:
+        status = pod.get("status") or {}
+        for box in (status.get("initContainerStatuses") or []) + (status.get("containerStatuses") or []):
+            waiting = (box.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") in _PULL_FAILURES:
+                why = f" ({waiting['message']})" if waiting.get("message") else ""
+                found.append(
+                    f"pod {pod['metadata']['name']}, container {box.get('name')}: {waiting['reason']}{why}"
+                )
+    return "; ".join(found)
+
+
+def from_rayjob(status: Mapping[str, Any] | None, pull_failure: str = "") -> list[Cond]:
+    """Map a RayJob's ``status`` (jobDeploymentStatus + jobStatus + reason/message) to our conditions;
+    ``pull_failure`` (:func:`image_pull_failure` of its pods) says why a starting one cannot start."""
     status = status or {}
     deploy = status.get("jobDeploymentStatus") or "New"
     job = status.get("jobStatus") or ""
@@ -268,6 +289,12 @@ def from_rayjob(status: Mapping[str, Any] | None) -> list[Cond]:
         return Cond(t, "True" if s else "False", r, m)
 
     T, R = ConditionType, ConditionReason
+    if pull_failure and (deploy in _STARTING_REASONS or (deploy == "Running" and job == "")):
+        return [  # the pods wait for an image that will not come: say so now, not at the pre-running deadline
+            Cond(T.CLUSTER_READY, "False", R.IMAGE_PULL_FAILED, pull_failure, warn=deploy != "Running"),
+            Cond(T.RUNNING, "False", R.IMAGE_PULL_FAILED, pull_failure, warn=True),
+            c(T.SUSPENDED, False, R.NOT_SUSPENDED),
+        ]
     if starting := _STARTING_REASONS.get(deploy):
         why = {"Retrying": "RayJob is retrying with a new cluster"}.get(deploy, f"{cluster} is starting")
         blocker = cluster_blocker(status.get("rayClusterStatus"))

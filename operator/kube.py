@@ -124,6 +124,11 @@ class Kube:
     def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self._json(self.core.read_namespaced_persistent_volume_claim, name, namespace)
 
+    # --- Pods (v1): why the pods of a starting experiment do not start (an image that cannot be pulled) ---
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        pods = self._json(self.core.list_namespaced_pod, namespace, label_selector=selector) or {}
+        return pods.get("items") or []
+
     # --- RayJobs (ray.io/v1) ---
     def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any]:
         """Raises NotInstalled when the cluster serves no RayJob API (a 404 on create means that)."""

@@ -37,6 +37,7 @@ CLIENT_CALLS: frozenset[ApiCall] = frozenset(
             "secrets",
         ),  # preflight: referenced Secrets exist; data only of opted-in MLflow credentials
         ("get", "", "persistentvolumeclaims"),  # preflight: a pvc:// claim exists and is ReadWriteMany
+        ("list", "", "pods"),  # watchdog: image pulls that fail while the Ray cluster starts
         ("list", "", "nodes"),  # preflight of GPU runs: some node offers the GPU resource (cluster-scoped)
         ("create", "ray.io", "rayjobs"),
         ("get", "ray.io", "rayjobs"),

@@ -44,6 +44,7 @@ class KubeLike(Protocol):
     def read_secret(self, namespace: str, name: str) -> dict[str, Any] | None: ...
     def read_secret_data(self, namespace: str, name: str) -> tuple[dict[str, str], dict[str, str]]: ...
     def read_pvc(self, namespace: str, name: str) -> dict[str, Any] | None: ...
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]: ...
     def node_resources(self) -> set[str] | None: ...
     def create_rayjob(self, body: dict[str, Any]) -> dict[str, Any] | None: ...
     def read_rayjob(self, namespace: str, name: str) -> dict[str, Any] | None: ...
@@ -216,8 +217,13 @@ def owner_of(rayjob: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
     return None
 
 
-def mirror_rayjob(rayjob: Mapping[str, Any], deleted: bool) -> Callable[[Mapping[str, Any]], StatusUpdate]:
-    """How a RayJob event changes its owner's status (decided against the owner's fresh body)."""
+def mirror_rayjob(
+    rayjob: Mapping[str, Any], deleted: bool, pull_failure: str | None = None
+) -> Callable[[Mapping[str, Any]], StatusUpdate]:
+    """How a RayJob event changes its owner's status (decided against the owner's fresh body).
+
+    ``pull_failure``: what its pods say about image pulls; None when they were not looked at (a watch event),
+    and then a reported pull failure stays until the pods are looked at again or the cluster comes up."""
     status = rayjob.get("status") or {}
 
     def update(owner: Mapping[str, Any]) -> StatusUpdate:
@@ -229,8 +235,16 @@ def mirror_rayjob(rayjob: Mapping[str, Any], deleted: bool) -> Callable[[Mapping
         if deleted:
             return StatusUpdate(cnd.rayjob_deleted())
         dashboard = status.get("dashboardURL")
+        conds = cnd.from_rayjob(status, pull_failure or "")
+        if pull_failure is None:
+            held = {
+                c.get("type")
+                for c in ostatus.get("conditions") or []
+                if c.get("reason") == Reason.IMAGE_PULL_FAILED
+            }
+            conds = [c for c in conds if not (c.type in held and c.status == "False")]
         return StatusUpdate(
-            cnd.from_rayjob(status),
+            conds,
             ExperimentStatus(
                 job_deployment_status=status.get("jobDeploymentStatus"),
                 job_status=status.get("jobStatus"),
@@ -244,13 +258,24 @@ def mirror_rayjob(rayjob: Mapping[str, Any], deleted: bool) -> Callable[[Mapping
 
 
 def resync(kube: KubeLike, body: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], StatusUpdate] | None:
-    """Level-based mirror: re-read the RayJob, so a lost watch event never leaves a stale phase."""
+    """Level-based mirror: re-read the RayJob, so a lost watch event never leaves a stale phase; while it
+    starts, look at its pods too, so an image that cannot be pulled is reported at once."""
     status = body.get("status") or {}
     name = status.get("rayJobName")
     if not name or status.get("phase") in cnd.TERMINAL_PHASES:
         return None
-    rayjob = kube.read_rayjob(body["metadata"]["namespace"], name)
-    return mirror_rayjob(rayjob or {}, deleted=rayjob is None)
+    namespace, experiment = body["metadata"]["namespace"], body["metadata"]["name"]
+    rayjob = kube.read_rayjob(namespace, name)
+    pull_failure = None
+    if rayjob is not None and status.get("phase") in ("Pending", "Initializing"):  # pods that cannot start
+        pods = kube.list_pods(namespace, f"{mf.EXPERIMENT_LABEL}={experiment}")
+        ours = [
+            p
+            for p in pods
+            if ((p.get("metadata") or {}).get("labels") or {}).get(mf.EXPERIMENT_LABEL) == experiment
+        ]
+        pull_failure = cnd.image_pull_failure(ours)
+    return mirror_rayjob(rayjob or {}, deleted=rayjob is None, pull_failure=pull_failure)
 
 
 def _age_seconds(iso: str, now: datetime.datetime) -> float:

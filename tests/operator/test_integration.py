@@ -214,6 +214,9 @@ async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster
 
         await c.kuberay("life", jobDeploymentStatus="Initializing", rayClusterName="life-raycluster-x")
         await until(lambda: c.status("life").get("phase") == "Initializing")
+        await until(
+            lambda: ("list", "", "pods") in c.operator_calls(), what="the watchdog's look at the pods"
+        )
         await c.kuberay(
             "life", jobDeploymentStatus="Running", jobStatus="RUNNING", dashboardURL="life-head-svc:8265"
         )
@@ -415,6 +418,41 @@ async def test_deleting_an_experiment_never_waits_for_the_operator(cluster: Clus
     await c.delete(REXP, "gone")  # the operator is stopped
     await until(lambda: c.get(REXP, "gone") is None, timeout=2, what="the deletion")
     await until(lambda: c.get(RAYJOBS, "gone") is None and c.get("v1/configmaps", "gone-spec") is None)
+
+
+async def test_an_image_that_cannot_be_pulled_is_reported_at_once(cluster: Cluster) -> None:
+    """Not an hour later at the pre-running deadline: the watchdog looks at the pods of a starting experiment."""
+    c = cluster
+    async with operator(c, watchdog_interval=0.1):
+        await c.create(experiment("pull", cluster={"image": "registry.example/xling:typo"}))
+        job = await until(lambda: c.get(RAYJOBS, "pull"), what="the RayJob")
+        await c.kuberay("pull", jobDeploymentStatus="Initializing", rayClusterName="pull-raycluster-x")
+        head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+        waiting = {
+            "reason": "ImagePullBackOff",
+            "message": 'Back-off pulling image "registry.example/xling:typo"',
+        }
+        pod = {  # what the kubelet reports for the head pod KubeRay created from the template
+            "metadata": {"name": "pull-raycluster-x-head", "labels": head["metadata"]["labels"]},
+            "spec": head["spec"],
+            "status": {"containerStatuses": [{"name": "ray-head", "state": {"waiting": waiting}}]},
+        }
+        assert await c.request("POST", "/api/v1/namespaces/default/pods", pod) == 201
+        await until(lambda: c.cond("pull", "ClusterReady").get("reason") == "ImagePullFailed")
+        message = c.cond("pull", "ClusterReady")["message"]
+        assert (
+            "pod pull-raycluster-x-head, container ray-head: ImagePullBackOff" in message
+            and "typo" in message
+        )
+        assert c.status("pull")["phase"] == "Initializing"
+        await until(lambda: ("Warning", "ImagePullFailed") in c.events("pull"))
+        await c.kuberay("pull", jobDeploymentStatus="Initializing", message="still starting")  # a watch event
+        await asyncio.sleep(0.3)
+        assert c.cond("pull", "ClusterReady")["reason"] == "ImagePullFailed"  # kept: the pods still fail
+        path = "/api/v1/namespaces/default/pods/pull-raycluster-x-head"
+        running = {"status": {"containerStatuses": [{"name": "ray-head", "state": {"running": {}}}]}}
+        assert await c.request("PATCH", path, running, MERGE) == 200
+        await until(lambda: c.cond("pull", "ClusterReady").get("reason") == "ClusterInitializing")
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")

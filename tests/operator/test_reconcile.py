@@ -94,6 +94,9 @@ class FakeKube:
     def read_pvc(self, ns, name):
         return self._read("pvc", ns, name)
 
+    def list_pods(self, ns, selector):
+        return [p for (kind, n, _), p in self.objects.items() if kind == "pod" and n == ns]
+
     def node_resources(self):
         return self.nodes
 

@@ -41,6 +41,10 @@ checks that these rules and that list agree). No wildcards.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
   verbs: [get]
+# Watchdog: the pods of a starting experiment, for image pulls that fail (reported at once, not at a deadline).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list]
 # kopf reports handler progress and errors as Events on the experiment.
 - apiGroups: [""]
   resources: [events]
