@@ -7,6 +7,7 @@ the objects the spec references. Each problem is ``(reason, "spec.<field>: <why>
 
 from __future__ import annotations
 
+import re
 from typing import Any, Protocol
 
 from xling.operator import manifests as mf
@@ -54,6 +55,23 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
                     f"(spec.cluster.gpuNode.gpus); use a multiple of {per_node}",
                 )
             )
+    version = re.match(r"^(\d+)\.(\d+)", spec.cluster.ray_version)
+    if not version or (int(version[1]), int(version[2])) < mf.MIN_RAY_FOR_AUTH:
+        problems.append(
+            (
+                Reason.RAY_TOO_OLD,
+                f"spec.cluster.rayVersion: {spec.cluster.ray_version!r}: the Ray job API is protected by a token "
+                f"(KubeRay authOptions), which needs Ray {'.'.join(map(str, mf.MIN_RAY_FOR_AUTH))} or later",
+            )
+        )
+    if spec.ttl_seconds_after_finished and mf.KUEUE_QUEUE_LABEL in exp.metadata.labels:
+        problems.append(
+            (
+                Reason.HEAD_KEPT_UNDER_KUEUE,
+                "spec.ttlSecondsAfterFinished: keeping the head uses KubeRay's deletion rules, and KubeRay refuses "
+                "a suspended RayJob with them, while Kueue suspends every RayJob it queues; set it to 0",
+            )
+        )
     uri = spec.tracking.tracking_uri
     if not platform.tracking_host_allowed(uri):
         problems.append(

@@ -48,6 +48,8 @@ class ConditionReason(StrEnum):
     GPUS_IDLE = "GpusIdle"
     PARTIAL_NODE = "PartialNode"
     TRACKING_HOST_NOT_ALLOWED = "TrackingHostNotAllowed"
+    RAY_TOO_OLD = "RayTooOld"
+    HEAD_KEPT_UNDER_KUEUE = "HeadKeptUnderKueue"
     SECRET_NOT_FOUND = "SecretNotFound"
     SECRET_NOT_READABLE = "SecretNotReadable"
     GPU_RESOURCE_NOT_FOUND = "GpuResourceNotFound"

@@ -47,6 +47,10 @@ USER_SPEC_ANNOTATION = f"{GROUP}/user-spec"
 #: Pod and container security that passes the ``restricted`` Pod Security Standard (ray images run as 1000).
 RESTRICTED_POD = {"runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"}}
 RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+#: KubeRay's token authentication of the dashboard and job API needs this Ray version or later.
+MIN_RAY_FOR_AUTH = (2, 52)
+#: Kueue's queue label: Kueue then suspends the RayJob until its quota is free.
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 #: KubeRay's own default for its submitter pod (``ray job submit`` and ``ray job logs --follow``).
 SUBMITTER_RESOURCES = {"cpu": "1", "memory": "1Gi"}
 #: A gs:// store's service-account key: the Secret's key, and where it is mounted in every Ray pod.

@@ -12,6 +12,8 @@ from tests.support import FIXTURES
 from tests.support.k8s_emulator import experiment, restricted_violations
 from tests.support.k8s_schema import cel_failures
 from xling.operator import manifests as mf
+from xling.operator.checks import cluster_problems
+from xling.operator.defaults import Platform
 from xling.trainer.spec import SpecError
 
 OWNER = mf.Owner("exp", "team-a", "0f0f0f0f-1111-2222-3333-444455556666")
@@ -136,9 +138,23 @@ def test_keeping_the_head_for_logs_deletes_the_workers_at_once(kuberay_schema):
         assert rules[end, "DeleteWorkers"] == 0 and rules[end, "DeleteCluster"] == 600
 
 
-def test_keeping_the_head_cannot_be_combined_with_suspend():
+def test_keeping_the_head_cannot_be_combined_with_suspend_or_kueue():
     with pytest.raises(SpecError, match="spec.ttlSecondsAfterFinished: keeping the head"):
         mf.validate(experiment(ttlSecondsAfterFinished=600, suspend=True))
+    body = experiment(ttlSecondsAfterFinished=600)
+    body["metadata"]["labels"] = {mf.KUEUE_QUEUE_LABEL: "gpus"}
+    ((reason, message),) = cluster_problems(mf.validate(body), Platform())
+    assert reason == "HeadKeptUnderKueue" and message.startswith("spec.ttlSecondsAfterFinished: ")
+    body["spec"]["ttlSecondsAfterFinished"] = 0
+    assert not cluster_problems(mf.validate(body), Platform())
+
+
+def test_a_ray_too_old_for_token_auth_is_refused():
+    ((reason, message),) = cluster_problems(
+        mf.validate(experiment(cluster={"rayVersion": "2.51.1"})), Platform()
+    )
+    assert reason == "RayTooOld" and message.startswith("spec.cluster.rayVersion: '2.51.1'")
+    assert not cluster_problems(mf.validate(experiment(cluster={"rayVersion": "2.52.0"})), Platform())
 
 
 def test_a_gs_key_is_a_mounted_file_that_google_application_credentials_names(kuberay_schema):
