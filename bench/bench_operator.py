@@ -23,10 +23,9 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.append(str(ROOT))  # last: the repository's operator/ folder must not shadow the stdlib's operator
 
-from k8s_emulator import experiment, kubeconfig  # noqa: E402
-
+from tests.support.k8s_emulator import experiment, kubeconfig  # noqa: E402
 from xling.operator.conditions import ConditionType  # noqa: E402
 from xling.operator.crd import GROUP, PLURAL, VERSION  # noqa: E402
 
@@ -77,7 +76,7 @@ async def _done(session: aiohttp.ClientSession, base: str, count: int) -> tuple[
 async def bench(count: int, concurrency: int) -> dict[str, object]:
     tmp = Path(tempfile.mkdtemp(prefix="xling-bench-"))
     emulator = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "k8s_emulator.py"), str(_free_port())],
+        [sys.executable, "-m", "tests.support.k8s_emulator", str(_free_port())],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,

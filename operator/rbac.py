@@ -11,7 +11,8 @@ from xling.operator.crd import GROUP, PLURAL
 
 ApiCall = tuple[str, str, str]
 
-#: kopf: discovering and watching the resources it serves; progress annotations and the finalizer.
+#: kopf: discovering and watching the resources it serves; progress annotations (and removing the finalizer
+#: of an older release).
 KOPF_CALLS: frozenset[ApiCall] = frozenset(
     {
         ("list", "apiextensions.k8s.io", "customresourcedefinitions"),

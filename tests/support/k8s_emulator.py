@@ -3,7 +3,7 @@
 KMock stores objects and serves CRUD/watch, but has no uid, resourceVersion, generation, generateName,
 /status isolation, optimistic concurrency or ownerReference garbage collection (see ../shared/docs/
 platform.md, section 7). The operator relies on all of these, so :class:`Emulator` adds them, plus the shims
-kubectl needs (201 on create, kind on lists). Run it standalone with ``python tests/support/k8s_emulator.py`` (prints
+kubectl needs (201 on create, kind on lists). Run it standalone with ``python -m tests.support.k8s_emulator`` (prints
 the URL) for the benchmark or by hand with kubectl.
 """
 

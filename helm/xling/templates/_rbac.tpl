@@ -5,7 +5,7 @@ checks that these rules and that list agree). No wildcards.
 
 {{/* Rules on namespaced resources, granted in every watched namespace (Role) or everywhere (ClusterRole). */}}
 {{- define "xling.rbac.namespacedRules" -}}
-# RetrievalExperiments: kopf lists, watches and patches them (progress annotations, finalizer).
+# RetrievalExperiments: kopf lists, watches and patches them (progress annotations; an old release's finalizer).
 - apiGroups: [xling.io]
   resources: [retrievalexperiments]
   verbs: [get, list, watch, patch]
