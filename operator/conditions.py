@@ -291,9 +291,16 @@ def from_rayjob(status: Mapping[str, Any] | None, pull_failure: str = "") -> lis
         return Cond(t, "True" if s else "False", r, m)
 
     T, R = ConditionType, ConditionReason
-    if pull_failure and (deploy in _STARTING_REASONS or (deploy == "Running" and job == "")):
-        return [  # the pods wait for an image that will not come: say so now, not at the pre-running deadline
-            Cond(T.CLUSTER_READY, "False", R.IMAGE_PULL_FAILED, pull_failure, warn=deploy != "Running"),
+    submitting = deploy == "Running" and job == ""  # the cluster is up; the submitter's pod may not be
+    if pull_failure and (deploy in _STARTING_REASONS or submitting):
+        # the pods wait for an image that will not come: say so now, not at the pre-running deadline
+        ready = (
+            c(T.CLUSTER_READY, True, R.CLUSTER_READY, f"{cluster} is ready")
+            if submitting
+            else Cond(T.CLUSTER_READY, "False", R.IMAGE_PULL_FAILED, pull_failure, warn=True)
+        )
+        return [
+            ready,
             Cond(T.RUNNING, "False", R.IMAGE_PULL_FAILED, pull_failure, warn=True),
             c(T.SUSPENDED, False, R.NOT_SUSPENDED),
         ]
