@@ -64,13 +64,9 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
                 f"(KubeRay authOptions), which needs Ray {'.'.join(map(str, mf.MIN_RAY_FOR_AUTH))} or later",
             )
         )
-    if spec.ttl_seconds_after_finished and mf.KUEUE_QUEUE_LABEL in exp.metadata.labels:
+    if spec.ttl_seconds_after_finished and (spec.suspend or mf.KUEUE_QUEUE_LABEL in exp.metadata.labels):
         problems.append(
-            (
-                Reason.HEAD_KEPT_UNDER_KUEUE,
-                "spec.ttlSecondsAfterFinished: keeping the head uses KubeRay's deletion rules, and KubeRay refuses "
-                "a suspended RayJob with them, while Kueue suspends every RayJob it queues; set it to 0",
-            )
+            (Reason.HEAD_KEPT_NOT_SUSPENDABLE, f"spec.ttlSecondsAfterFinished: {mf.NOT_SUSPENDABLE}")
         )
     uri = spec.tracking.tracking_uri
     if not platform.tracking_host_allowed(uri):

@@ -49,7 +49,7 @@ class ConditionReason(StrEnum):
     PARTIAL_NODE = "PartialNode"
     TRACKING_HOST_NOT_ALLOWED = "TrackingHostNotAllowed"
     RAY_TOO_OLD = "RayTooOld"
-    HEAD_KEPT_UNDER_KUEUE = "HeadKeptUnderKueue"
+    HEAD_KEPT_NOT_SUSPENDABLE = "HeadKeptNotSuspendable"
     SECRET_NOT_FOUND = "SecretNotFound"
     SECRET_NOT_READABLE = "SecretNotReadable"
     GPU_RESOURCE_NOT_FOUND = "GpuResourceNotFound"

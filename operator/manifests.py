@@ -51,6 +51,11 @@ RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"dro
 MIN_RAY_FOR_AUTH = (2, 52)
 #: Kueue's queue label: Kueue then suspends the RayJob until its quota is free.
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+#: Why an experiment that keeps its head after the job cannot be suspended (refused at creation and on edit).
+NOT_SUSPENDABLE = (
+    "keeping the head after the job (> 0) uses KubeRay's deletion rules, and KubeRay refuses a suspended RayJob "
+    "with them (spec.suspend, or Kueue's queue label: Kueue suspends the RayJobs it queues); set it to 0"
+)
 #: KubeRay's own default for its submitter pod (``ray job submit`` and ``ray job logs --follow``).
 SUBMITTER_RESOURCES = {"cpu": "1", "memory": "1Gi"}
 #: A gs:// store's service-account key: the Secret's key, and where it is mounted in every Ray pod.

@@ -203,7 +203,12 @@ def reconcile(kube: KubeLike, body: Mapping[str, Any], platform: Platform | None
             )
         return StatusUpdate(verdict, names, observes_spec=True)
     _check_owner(current_rj, owner)
-    if patch := mf.mutable_patch(current_rj, exp.spec):  # always: even while an immutable edit is refused
+    patch = mf.mutable_patch(current_rj, exp.spec)  # applied even while an immutable edit is refused
+    if patch and patch["spec"].get("suspend") and (current_rj.get("spec") or {}).get("deletionStrategy"):
+        why = f"spec.suspend: not applied, the job runs on: ttlSecondsAfterFinished: {mf.NOT_SUSPENDABLE}"
+        cond = Cond(Type.VALIDATED, "False", Reason.HEAD_KEPT_NOT_SUSPENDABLE, why)
+        return StatusUpdate([cond], names, observes_spec=True)
+    if patch:
         kube.patch_rayjob(owner.namespace, names.ray_job_name, patch)
     return StatusUpdate(verdict, names, observes_spec=True)
 

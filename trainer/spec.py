@@ -788,16 +788,6 @@ class ExperimentSpec(Spec):
     )
 
     @model_validator(mode="after")
-    def _head_kept_only_unsuspended(self) -> ExperimentSpec:
-        if self.suspend and self.ttl_seconds_after_finished:
-            raise _bad(
-                "ttlSecondsAfterFinished",
-                "keeping the head after the job (> 0) uses KubeRay's deletionStrategy, which KubeRay does not "
-                "allow on a suspended RayJob; set it to 0 to suspend",
-            )
-        return self
-
-    @model_validator(mode="after")
     def _cluster_fits(self) -> ExperimentSpec:
         dist = self.distributed
         needed = dist.num_workers * dist.gpus_per_worker

@@ -8,13 +8,13 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.operator.test_reconcile import FakeKube, _cond, _edit_spec, _reconcile
 from tests.support import FIXTURES
 from tests.support.k8s_emulator import experiment, restricted_violations
 from tests.support.k8s_schema import cel_failures
 from xling.operator import manifests as mf
 from xling.operator.checks import cluster_problems
 from xling.operator.defaults import Platform
-from xling.trainer.spec import SpecError
 
 OWNER = mf.Owner("exp", "team-a", "0f0f0f0f-1111-2222-3333-444455556666")
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -139,14 +139,34 @@ def test_keeping_the_head_for_logs_deletes_the_workers_at_once(kuberay_schema):
 
 
 def test_keeping_the_head_cannot_be_combined_with_suspend_or_kueue():
-    with pytest.raises(SpecError, match="spec.ttlSecondsAfterFinished: keeping the head"):
-        mf.validate(experiment(ttlSecondsAfterFinished=600, suspend=True))
-    body = experiment(ttlSecondsAfterFinished=600)
-    body["metadata"]["labels"] = {mf.KUEUE_QUEUE_LABEL: "gpus"}
-    ((reason, message),) = cluster_problems(mf.validate(body), Platform())
-    assert reason == "HeadKeptUnderKueue" and message.startswith("spec.ttlSecondsAfterFinished: ")
-    body["spec"]["ttlSecondsAfterFinished"] = 0
-    assert not cluster_problems(mf.validate(body), Platform())
+    for body in (
+        experiment(ttlSecondsAfterFinished=600, suspend=True),
+        experiment(ttlSecondsAfterFinished=600),
+    ):
+        if not body["spec"].get("suspend"):
+            body["metadata"]["labels"] = {mf.KUEUE_QUEUE_LABEL: "gpus"}
+        ((reason, message),) = cluster_problems(mf.validate(body), Platform())
+        assert reason == "HeadKeptNotSuspendable" and message.startswith("spec.ttlSecondsAfterFinished: ")
+        body["spec"]["ttlSecondsAfterFinished"] = 0
+        assert not cluster_problems(mf.validate(body), Platform())
+
+
+def test_a_running_experiment_that_keeps_its_head_is_not_suspended_but_an_older_one_is():
+    kube = FakeKube()
+    kube.add_experiment(experiment(ttlSecondsAfterFinished=600))
+    _reconcile(kube)
+    _edit_spec(kube, ttlSecondsAfterFinished=600, suspend=True)
+    _reconcile(kube)
+    cond = _cond(kube, "Validated")
+    assert cond["reason"] == "HeadKeptNotSuspendable" and cond["message"].startswith(
+        "spec.suspend: not applied"
+    )
+    assert kube.objects[("rayjob", "default", "exp")]["spec"]["suspend"] is False  # KubeRay would refuse it
+    older = kube.objects[("rayjob", "default", "exp")]["spec"]  # as an earlier release made it (TTL 3600)
+    del older["deletionStrategy"]
+    older.update(shutdownAfterJobFinishes=True, ttlSecondsAfterFinished=3600)
+    _reconcile(kube)
+    assert older["suspend"] is True and _cond(kube, "Validated")["status"] == "True"
 
 
 def test_a_ray_too_old_for_token_auth_is_refused():
