@@ -24,6 +24,13 @@ from xling.trainer.spec import KIND, SpecError
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
 
 
+class _Plain(yaml.SafeDumper):
+    """Every mapping written out where it occurs: no ``&id001``/``*id001`` for objects the builders share."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def render(path: str | Path, namespace: str | None = None, defaults: str | Path | None = None) -> str:
     """Multi-document YAML: ConfigMap, then RayJob. Raises SpecError like ``xling run`` does, and for what
     the operator would refuse (Validated=False)."""
@@ -52,7 +59,7 @@ def render(path: str | Path, namespace: str | None = None, defaults: str | Path 
     lines += [f"  {line}" for line in mf.describe_pods(exp.spec)]
     header = "".join(f"# {line}\n" for line in lines)
     docs = [mf.configmap(exp, owner, body.get("spec")), mf.rayjob(exp, owner)]
-    return header + yaml.safe_dump_all(docs, sort_keys=False)
+    return header + yaml.dump_all(docs, Dumper=_Plain, sort_keys=False)
 
 
 @command

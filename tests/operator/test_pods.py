@@ -9,12 +9,13 @@ import pytest
 import yaml
 
 from tests.operator.test_reconcile import FakeKube, _cond, _edit_spec, _reconcile
-from tests.support import FIXTURES
+from tests.support import FIXTURES, ROOT
 from tests.support.k8s_emulator import experiment, restricted_violations
 from tests.support.k8s_schema import cel_failures
 from xling.operator import manifests as mf
 from xling.operator.checks import cluster_problems
 from xling.operator.defaults import Platform
+from xling.operator.render import render
 
 OWNER = mf.Owner("exp", "team-a", "0f0f0f0f-1111-2222-3333-444455556666")
 GPU_TAINT = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
@@ -191,3 +192,15 @@ def test_a_gs_key_is_a_mounted_file_that_google_application_credentials_names(ku
         assert "envFrom" not in box  # the key's content never becomes an environment variable
     s3 = _pods(_job(kuberay_schema, storage={"checkpointUri": "s3://b", "credentials": {"name": "s3"}}))
     assert s3["head"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3"}}]
+
+
+def test_render_prints_every_object_in_full(tmp_path):
+    """Head requests and limits, and the pods' security contexts, are shared objects in the builders: `xling
+    render` writes each out where it occurs (no YAML anchors a reader must resolve)."""
+    text = render(ROOT / "manifests" / "samples" / "multinode-gpu.yaml", defaults=None)
+    assert "&id" not in text and "*id" not in text
+    (_, job) = yaml.safe_load_all(text)
+    assert job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["resources"]["limits"] == {
+        "cpu": "1",
+        "memory": "1Gi",
+    }
