@@ -206,7 +206,7 @@ def _look(memo: kopf.Memo, body: Mapping[str, Any], now: datetime.datetime) -> N
         return rc.watch_progress(memo.kube, fresh, now, platform=memo.platform)
 
     try:
-        if (mirror := rc.resync(memo.kube, body)) is not None:  # a lost RayJob event is caught here
+        if (mirror := rc.resync(memo.kube, body, now)) is not None:  # a lost RayJob event is caught here
             _write(memo, namespace, name, uid, mirror)
         if rc.needs_watch(body.get("status") or {}):
             _write(memo, namespace, name, uid, update)

@@ -262,15 +262,35 @@ def mirror_rayjob(
     return update
 
 
-def resync(kube: KubeLike, body: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], StatusUpdate] | None:
+def unsubmitted_for(rayjob: Mapping[str, Any], limit: int | None, now: datetime.datetime) -> int | None:
+    """Seconds since a RayJob started, when its Ray job is still not submitted past ``limit`` (None otherwise).
+
+    KubeRay's preRunningDeadlineSeconds stops counting once it created the submitter (jobDeploymentStatus
+    Running), so a submitter pod that never runs would hold the cluster's GPUs forever."""
+    status = rayjob.get("status") or {}
+    if not limit or status.get("jobDeploymentStatus") != "Running" or status.get("jobStatus"):
+        return None
+    age = _age_seconds(status["startTime"], now) if status.get("startTime") else 0.0
+    return int(age) if age > limit else None
+
+
+def resync(
+    kube: KubeLike, body: Mapping[str, Any], now: datetime.datetime | None = None
+) -> Callable[[Mapping[str, Any]], StatusUpdate] | None:
     """Level-based mirror: re-read the RayJob, so a lost watch event never leaves a stale phase; while it
-    starts, look at its pods too, so an image that cannot be pulled is reported at once."""
+    starts, look at its pods too, so an image that cannot be pulled is reported at once; and end a RayJob whose
+    job is not submitted within deadlines.toRunningSeconds (with ``now``: the watchdog)."""
     status = body.get("status") or {}
     name = status.get("rayJobName")
     if not name or status.get("phase") in cnd.TERMINAL_PHASES:
         return None
     namespace, experiment = body["metadata"]["namespace"], body["metadata"]["name"]
     rayjob = kube.read_rayjob(namespace, name)
+    limit = ((body.get("spec") or {}).get("deadlines") or {}).get("toRunningSeconds")
+    if now is not None and rayjob is not None and (age := unsubmitted_for(rayjob, limit, now)):
+        current = (rayjob.get("spec") or {}).get("activeDeadlineSeconds")
+        if current is None or current > age:  # KubeRay fails it (DeadlineExceeded) and frees the GPUs
+            kube.patch_rayjob(namespace, name, {"spec": {"activeDeadlineSeconds": age}})
     pull_failure = None
     if rayjob is not None and status.get("phase") in ("Pending", "Initializing"):  # pods that cannot start
         pods = kube.list_pods(namespace, f"{mf.EXPERIMENT_LABEL}={experiment}")

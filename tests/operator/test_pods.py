@@ -4,6 +4,8 @@ API token in Ray pods. Every RayJob is checked against KubeRay v1.7.0's schema a
 
 from __future__ import annotations
 
+import datetime
+
 import jsonschema
 import pytest
 import yaml
@@ -13,6 +15,7 @@ from tests.support import FIXTURES, ROOT
 from tests.support.k8s_emulator import experiment, restricted_violations
 from tests.support.k8s_schema import cel_failures
 from xling.operator import manifests as mf
+from xling.operator import reconcile as rc
 from xling.operator.checks import cluster_problems
 from xling.operator.defaults import Platform
 from xling.operator.render import render
@@ -204,3 +207,23 @@ def test_render_prints_every_object_in_full(tmp_path):
         "cpu": "1",
         "memory": "1Gi",
     }
+
+
+def test_a_job_never_submitted_is_ended_at_the_to_running_deadline():
+    """KubeRay stops the pre-running deadline once the submitter exists; the watchdog ends a RayJob whose
+    submitter never submits (a refused or unpullable pod) instead of letting it hold its GPUs."""
+    now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+    kube = FakeKube()
+    kube.add_experiment(experiment(deadlines={"toRunningSeconds": 600}))
+    _reconcile(kube)
+    job = kube.objects[("rayjob", "default", "exp")]
+
+    def look(start: str, **status: str) -> None:
+        job["status"] = {"jobDeploymentStatus": "Running", "startTime": start, **status}
+        rc.resync(kube, kube.read_experiment("default", "exp"), now)
+
+    look("2026-01-01T11:55:00Z")  # 300 s: still within the deadline
+    look("2026-01-01T11:00:00Z", jobStatus="RUNNING")  # submitted: KubeRay's own deadlines apply
+    assert "activeDeadlineSeconds" not in job["spec"]
+    look("2026-01-01T11:48:20Z")  # 700 s without a submitted job
+    assert job["spec"]["activeDeadlineSeconds"] == 700
