@@ -93,7 +93,9 @@ class BiEncoder(nn.Module):
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden, attention_mask, self.pooling)
+        # pooled and normalised in fp32: a bf16 mean over hundreds of tokens, and bf16 unit vectors,
+        # lose the small cosine differences the contrastive loss learns from
+        emb = pool(hidden.float(), attention_mask, self.pooling)
         return F.normalize(emb, dim=-1) if self.normalize else emb
 
     def _buckets(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
