@@ -262,7 +262,10 @@ class OffloadSpec(Spec):
 
 
 class DeepSpeedSpec(Spec):
-    stage: Literal[0, 1, 2, 3] = 0
+    stage: Literal[0, 1, 2, 3] | Literal["auto"] = Field(
+        default=0,
+        description="ZeRO stage; auto: the least-sharded of 0, 2, 3 whose memory fits the GPUs (xling plan).",
+    )
     offload_optimizer: OffloadSpec = Field(default_factory=OffloadSpec)
     offload_param: OffloadSpec = Field(default_factory=OffloadSpec)
     overlap_comm: bool = True

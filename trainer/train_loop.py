@@ -32,7 +32,7 @@ from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
-from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
+from xling.trainer.plan import auto_stage, count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.tracking import StepLogger, log_dataset
 
@@ -123,7 +123,7 @@ class Trainer:
     def __init__(self, job: Job, rank: int | None = None, world: int | None = None):
         """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.job = job
-        self.spec = job.spec
+        self.spec = auto_stage(job.spec, job.model_path)  # still auto only where the driver saw no GPU
         if rank is None or world is None:
             import ray.train
 
