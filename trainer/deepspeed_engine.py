@@ -144,10 +144,11 @@ class DeepSpeedEngine:
             yield
         self.ds.allreduce_gradients()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
+        """The optimizer step; DeepSpeed's gradient norm (None without clipping), not read here: a
+        device tensor's ``float()`` would wait for the step."""
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.ds.get_global_grad_norm()
 
     @property
     def lr(self) -> float:
