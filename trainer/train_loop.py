@@ -79,6 +79,8 @@ class StepBatch:
     queries: dict[str, torch.Tensor]
     passages: dict[str, torch.Tensor]
     valid: list[bool]  # which hard negatives count (empty without hard negatives)
+    tokens: int  # real (non-padding) tokens of the queries and passages
+    slots: int  # token positions the encoder computes for them, padding included
 
 
 class Prefetch:
@@ -260,20 +262,20 @@ class Trainer:
             self.corpus, plan, self.rank, self.world, self.spec.loss.hard_negatives
         )
         q_in, p_in = self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage")
+        masks = (q_in["attention_mask"], p_in["attention_mask"])
+        tokens = int(sum(int(m.sum()) for m in masks))  # counted here, off the step's critical path
+        slots = sum(self.model.token_slots(m, self.device.type) for m in masks)
         if self.device.type == "cuda":  # page-locked: the step's copies to the GPU do not block it
             q_in, p_in = ({k: v.pin_memory() for k, v in x.items()} for x in (q_in, p_in))
-        return StepBatch(plan, q_in, p_in, valid)
+        return StepBatch(plan, q_in, p_in, valid, tokens, slots)
 
     def train_step(self, step: int) -> StepResult:
         """One optimizer step. Nothing here waits for the device: the loss and the gradient norm stay
         device tensors (``float()`` on them would sync every step; the loop reads them at log steps), and
-        the token counts come from the batch's host-side masks before they are copied over."""
+        the prefetch thread counted the batch's tokens from its host-side masks."""
         spec = self.spec
         batch = self.batches.get(step, spec.optimization.max_steps)
         self.composition.add(batch.plan)
-        masks = (batch.queries["attention_mask"], batch.passages["attention_mask"])
-        tokens = int(sum(m.sum() for m in masks))
-        slots = sum(self.model.token_slots(m, self.device.type) for m in masks)
         cuda = self.device.type == "cuda"  # pinned in the prefetch thread: the copies overlap compute
         q_in = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.queries.items()}
         p_in = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.passages.items()}
@@ -290,7 +292,7 @@ class Trainer:
             loss = loss_fn(self.engine(**q_in), self.engine(**p_in))
             self.engine.backward(loss)
         grad_norm = self.engine.step()
-        return StepResult(loss.detach(), grad_norm, b, tokens, slots)
+        return StepResult(loss.detach(), grad_norm, b, batch.tokens, batch.slots)
 
     def fit(self) -> None:
         spec, opt = self.spec, self.spec.optimization
