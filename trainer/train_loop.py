@@ -26,6 +26,7 @@ from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
+from xling.trainer.errors import InputError
 from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.job import Job, job_of
@@ -126,6 +127,9 @@ class Trainer:
         """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.job = job
         self.spec = auto_stage(job.spec, job.model_path)  # still auto only where the driver saw no GPU
+        ds = self.spec.distributed.deepspeed
+        if self.spec.distributed.compile and ds is not None and ds.stage == 3:  # stage: auto chose ZeRO-3
+            raise InputError(None, "not with ZeRO-3, which stage: auto chose here", field="distributed.compile")
         if rank is None or world is None:
             import ray.train
 
@@ -149,7 +153,10 @@ class Trainer:
             backbone = load_backbone(job.model_path, spec.model, dtype=dtype)
             if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
+            model = BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
+            if spec.distributed.compile:  # in place: parameter names, checkpoints and export are unchanged
+                backbone.compile(dynamic=True)  # texts are padded to each batch's longest: shapes vary
+            return model
 
         if spec.distributed.deepspeed is not None:  # builds the model itself: partitioned under ZeRO-3
             from xling.trainer.deepspeed_engine import DeepSpeedEngine

@@ -214,3 +214,41 @@ def test_the_log_reads_the_window_once_and_counts_padding(setup: dict[str, Any])
         trainer.dense_params, 200, 2.0, trainer.peak_flops, trainer.trainable_params
     )
     assert m["train.mfu"] == pytest.approx(want, rel=0.01)
+
+
+# ---------------------------------------------------------------------------- distributed.compile (issue 26)
+
+
+def test_compiled_encoder_encodes_as_eager_and_trains(setup: dict[str, Any]) -> None:
+    """``distributed.compile`` compiles the backbone in place (inductor; on CPU too, though it is meant
+    for launch-bound GPUs): the same embeddings as eager, the same parameter names for checkpoints, and
+    steps that train (inductor draws its own dropout masks, so training losses differ from eager's)."""
+    trainers = {}
+    for compiled in (False, True):
+        doc = spec_doc(setup["cache"])
+        doc["distributed"]["compile"] = compiled
+        trainers[compiled] = Trainer(
+            Job(ExperimentSpec.model_validate(doc), setup["data"], setup["model_path"]), 0, 1
+        )
+        assert (trainers[compiled].model.backbone._compiled_call_impl is not None) == compiled
+    eager, compiled = trainers[False], trainers[True]
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())  # no _orig_mod prefix
+    queries = eager.read_batch(0).queries
+    with torch.no_grad():
+        want = eager.model.eval()(**queries)
+        got = compiled.model.eval()(**queries)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    compiled.model.train()
+    before = [p.detach().clone() for p in compiled.model.parameters()]
+    losses = [compiled.train_step(step).loss.item() for step in range(2)]
+    assert all(0 < x < 10 for x in losses)
+    assert any(not torch.equal(a, p) for a, p in zip(before, compiled.model.parameters(), strict=True))
+    for t in trainers.values():
+        t.batches.close()
+
+
+def test_compile_is_refused_with_zero3() -> None:
+    doc = spec_doc(Path("/nonexistent"))
+    doc["distributed"] |= {"compile": True, "deepspeed": {"stage": 3}}
+    with pytest.raises(ValueError, match=r"distributed\.compile: not with ZeRO-3"):
+        ExperimentSpec.model_validate(doc)
