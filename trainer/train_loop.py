@@ -129,7 +129,9 @@ class Trainer:
         self.spec = auto_stage(job.spec, job.model_path)  # still auto only where the driver saw no GPU
         ds = self.spec.distributed.deepspeed
         if self.spec.distributed.compile and ds is not None and ds.stage == 3:  # stage: auto chose ZeRO-3
-            raise InputError(None, "not with ZeRO-3, which stage: auto chose here", field="distributed.compile")
+            raise InputError(
+                None, "not with ZeRO-3, which stage: auto chose here", field="distributed.compile"
+            )
         if rank is None or world is None:
             import ray.train
 
