@@ -143,7 +143,7 @@ for m in pydantic yaml transformers tokenizers; do
   has $m || { say "cannot run any section without $m"; SKIP=(--sections ""); }
 done
 if ! has ray || ! has mlflow; then SKIP+=(--skip "train=needs ray and mlflow" --skip "zero3=needs ray and mlflow"); fi
-has deepspeed || SKIP+=(--skip "zero3=needs deepspeed")
+has deepspeed || SKIP+=(--skip "zero3=needs deepspeed" --skip "step=needs deepspeed")
 has faiss || SKIP+=(--skip "eval=needs faiss")
 
 # e5-small: staged wheels -> $XLING_CACHE/wheels (outside the checkout), then the project's own conversion
