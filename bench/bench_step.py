@@ -62,7 +62,9 @@ def _gpu_checks() -> Any:
     return mod
 
 
-def spec_doc(mode: str, model: str, batch: int, precision: str, stage: int | str | None) -> dict[str, Any]:
+def spec_doc(
+    mode: str, model: str, batch: int, precision: str, stage: int | str | None, output_dir: str
+) -> dict[str, Any]:
     """The experiment every case shares: MLQA (GPU mode, queries 32 / passages 128 tokens) or the bundled
     NTREX sample (CPU mode, 16 / 32), in-batch negatives only, no evaluation."""
     gpu = mode == "gpu"
@@ -88,7 +90,7 @@ def spec_doc(mode: str, model: str, batch: int, precision: str, stage: int | str
                              "maxGradNorm": MAX_GRAD_NORM, "weightDecay": 0.0, "logEvery": 1000},
             "distributed": distributed,
             "evaluation": {"suites": []},
-            "outputDir": str(Path(tempfile.gettempdir()) / "xling-bench-step"),
+            "outputDir": output_dir,  # the prepared corpus
         },
     }  # fmt: skip
 
@@ -229,7 +231,7 @@ class Bench:
         self.args, self.batch = args, batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.exp = lambda stage: parse_experiment(
-            spec_doc(args.mode, model, batch, args.precision, stage), "b"
+            spec_doc(args.mode, model, batch, args.precision, stage, args.output_dir), "b"
         )
         prepared, self.model_path = prepare(self.exp(None))
         self.data = prepared.location
@@ -352,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-mem", type=float, default=141.0, help="GiB per GPU for the plan on a CPU")
     parser.add_argument("--work", default=None, help="where the bench model is built (gpu mode)")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--output-dir", default=str(Path(tempfile.gettempdir()) / "xling-bench-step"),
+                        help="where the prepared corpus goes")  # fmt: skip
     args = parser.parse_args(argv)
     gpu = args.mode == "gpu"
     args.precision = args.precision or ("bf16" if gpu else "fp32")

@@ -28,7 +28,23 @@ def test_cpu_mode_runs_every_case_on_the_same_batches(
 ) -> None:
     out = tmp_path / "results.json"
     assert (
-        bs.main(["--mode", "cpu", "--warmup", "1", "--steps", "2", "--threads", "1", "--json", str(out)]) == 0
+        bs.main(
+            [
+                "--mode",
+                "cpu",
+                "--warmup",
+                "1",
+                "--steps",
+                "2",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+                "--output-dir",
+                str(tmp_path / "runs"),
+            ]
+        )
+        == 0
     )
     results = {r["case"]: r for r in json.loads(out.read_text())}
     assert set(results) == set(bs.CASES) - {"ref-bf16"}  # no bf16 reference in an fp32 run
