@@ -3,12 +3,17 @@
 # peak memory vs `xling plan`), XQuAD-R evaluation (GPU faiss if it installs, else CPU faiss). One CUDA GPU;
 # without one it prints "no CUDA GPU: skipped" and exits 0. Total budget: GPU_CHECKS_BUDGET_S (default 460 s).
 #   bash bench/gpu.sh            # find/prepare a Python env, then run bench/gpu_checks.py, print a summary
-#   bash bench/gpu.sh --stage    # only take in a staged part (bench/gpu_stage.py) and say what is still missing
+#   bash bench/gpu.sh --stage    # only take in the carried part(s) (bench/gpu_stage.py) and say what is still missing
+# Staged parts arrive in .gpu/stage/ of the checkout (carried, one or two a call) and are kept, with everything
+# built from them, under $XLING_GPU_DIR (default /tmp/xling-gpu): outside the checkout, the one place that
+# survives between device calls.
 set -euo pipefail
 START=$(date +%s)
 BUDGET=${GPU_CHECKS_BUDGET_S:-460}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-GPU=$REPO/.gpu
+# Between device calls only files outside the checkout survive: parts, packages and the e5 model live here
+GPU=${XLING_GPU_DIR:-/tmp/xling-gpu}
+CARRIED=$REPO/.gpu/stage   # what this call carried (bench/gpu_stage.py's MANIFEST and part(s))
 MODE=${1:-run}
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 say() { echo "gpu.sh: $*"; }
@@ -22,12 +27,28 @@ fi
 say "GPU: $GPU_NAME ($(date -u +%F)), $(nproc) cores"
 df -h "$REPO" /tmp 2>/dev/null | sed 's/^/gpu.sh: /' || true
 
-# ---- staged parts (bench/gpu_stage.py): reassemble once all are here
+# ---- staged parts (bench/gpu_stage.py): take in what this call carried, reassemble once all are here
+mkdir -p "$GPU/stage"
+if [ -f "$CARRIED/MANIFEST" ]; then
+  if [ -f "$GPU/stage/MANIFEST" ] && ! cmp -s "$CARRIED/MANIFEST" "$GPU/stage/MANIFEST"; then
+    say "a new MANIFEST: the parts of the old one are dropped"
+    rm -rf "$GPU/stage" "$GPU/unpacked" "$GPU/site" && mkdir -p "$GPU/stage"
+  fi
+  cp "$CARRIED/MANIFEST" "$GPU/stage/MANIFEST"
+  while read -r kind sum name; do
+    [ "$kind" = part ] && [ -f "$CARRIED/$name" ] || continue
+    if echo "$sum  $CARRIED/$name" | sha256sum -c --quiet - >/dev/null 2>&1; then
+      cp "$CARRIED/$name" "$GPU/stage/$name" && say "took in $name"
+    else
+      say "$name: sha256 differs from the MANIFEST: not taken"
+    fi
+  done <"$CARRIED/MANIFEST"
+fi
 stage_status() {  # prints missing part names; returns 0 when complete
   local missing=0
   while read -r kind sum name; do
     [ "$kind" = part ] || continue
-    if [ ! -f "$GPU/stage/$name" ] || ! echo "$sum  $GPU/stage/$name" | sha256sum -c --quiet - 2>/dev/null; then
+    if [ ! -f "$GPU/stage/$name" ] || ! echo "$sum  $GPU/stage/$name" | sha256sum -c --quiet - >/dev/null 2>&1; then
       echo "$name"; missing=1
     fi
   done <"$GPU/stage/MANIFEST"
@@ -35,10 +56,17 @@ stage_status() {  # prints missing part names; returns 0 when complete
 }
 if [ -f "$GPU/stage/MANIFEST" ] && ! cmp -s "$GPU/stage/MANIFEST" "$GPU/unpacked/MANIFEST" 2>/dev/null; then
   if missing=$(stage_status); then
-    say "all staged parts here: unpacking"
-    rm -rf "$GPU/unpacked" && mkdir -p "$GPU/unpacked"
-    cat "$GPU"/stage/part-* | tar -x -C "$GPU/unpacked"
-    cp "$GPU/stage/MANIFEST" "$GPU/unpacked/MANIFEST"
+    read -r _ tar_sum _ < <(grep '^tar ' "$GPU/stage/MANIFEST")
+    cat "$GPU"/stage/part-* >"$GPU/stage.tar"
+    if echo "$tar_sum  $GPU/stage.tar" | sha256sum -c --quiet - >/dev/null 2>&1; then
+      say "all staged parts here, the reassembled tar matches its sha256: unpacking"
+      rm -rf "$GPU/unpacked" "$GPU/site" && mkdir -p "$GPU/unpacked"
+      tar -x -C "$GPU/unpacked" -f "$GPU/stage.tar"
+      cp "$GPU/stage/MANIFEST" "$GPU/unpacked/MANIFEST"
+    else
+      say "the reassembled tar does not match the MANIFEST's sha256: not unpacked"
+    fi
+    rm -f "$GPU/stage.tar"
   else
     say "staged parts still missing: $(echo "$missing" | tr '\n' ' ')"
   fi
@@ -115,11 +143,12 @@ for m in pydantic yaml transformers tokenizers; do
   has $m || { say "cannot run any section without $m"; SKIP=(--sections ""); }
 done
 if ! has ray || ! has mlflow; then SKIP+=(--skip "train=needs ray and mlflow" --skip "zero3=needs ray and mlflow"); fi
-has deepspeed || SKIP+=(--skip "zero3=needs deepspeed")
+has deepspeed || SKIP+=(--skip "zero3=needs deepspeed" --skip "step=needs deepspeed")
 has faiss || SKIP+=(--skip "eval=needs faiss")
 
-# e5-small: staged wheels -> .cache/wheels, then the project's own conversion
-if [ -d "$GPU/unpacked/e5" ]; then mkdir -p "$REPO/.cache/wheels" && cp -n "$GPU"/unpacked/e5/*.whl "$REPO/.cache/wheels/" || true; fi
+# e5-small: staged wheels -> $XLING_CACHE/wheels (outside the checkout), then the project's own conversion
+export XLING_CACHE=$GPU/cache
+if [ -d "$GPU/unpacked/e5" ]; then mkdir -p "$XLING_CACHE/wheels" && cp -n "$GPU"/unpacked/e5/*.whl "$XLING_CACHE/wheels/" || true; fi
 if ! has pydantic || ! E5=$(cd /tmp && timeout 120 "$PY" -c 'import sys; from xling.trainer.e5s1 import main; sys.exit(main(["ensure"]))' 2>/tmp/e5.err | tail -1) || [ -z "$E5" ]; then
   say "multilingual-e5-small unavailable ($(tail -c 300 /tmp/e5.err 2>/dev/null | tr '\n' ' ')): train and eval skipped"
   SKIP+=(--skip "train=no multilingual-e5-small (stage its wheels: bench/gpu_stage.py)" --skip "eval=no multilingual-e5-small")

@@ -1,8 +1,12 @@
 """The GPU checks ``bench/gpu.sh`` runs: three sections, each in its own process with its own time limit.
 
 1. ``train``: multilingual-e5-small, hybrid batches, bf16, one GPU, through ``xling run``'s own entry point
-   (:func:`xling.trainer.run.run_experiment`) on a spec derived from ``manifests/samples/demo.yaml``;
-   tokens/s and MFU read back from MLflow (a sqlite store in the work directory).
+   (:func:`xling.trainer.run.run_experiment`) on a spec derived from ``manifests/samples/demo.yaml``, with
+   its XQuAD-R slice evaluated before and after: tokens/s and MFU read back from MLflow (a sqlite store in
+   the work directory), and whether it learned (the loss falls, pooled mAP rises).
+   ``step``: ``bench/bench_step.py``'s GPU mode: xling's step against its plain-PyTorch and raw-DeepSpeed
+   references on the same batches (the 1.28B encoder below, :data:`STEP_CASES`): per case pairs/s, the
+   xling/reference ratio, the plan's step time against the measured one, and whether the loss fell.
 2. ``zero3``: a random-init XLM-R-shaped encoder of about 1.3B parameters (1.2B non-embedding: hidden 2048,
    24 layers, 16 heads, FFN 8192, vocabulary 32768) under DeepSpeed ZeRO-3 on one GPU in bf16, a short run;
    tokens/s, MFU and peak allocated GPU memory (``train.gpu_mem_gb``) against ``xling plan``'s estimate for
@@ -36,9 +40,16 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "manifests" / "samples" / "demo.yaml"
-SECTIONS = ("train", "zero3", "eval")
+SECTIONS = ("train", "step", "zero3", "eval")
 #: Seconds each section may take at most (less when the total budget runs short).
-SECTION_LIMIT_S = {"train": 150, "zero3": 240, "eval": 120}
+#: Together the default budget (460 s), leaving the rest of a 10-minute device call to the install (not yet
+#: timed on a GPU: estimates).
+SECTION_LIMIT_S = {"train": 120, "step": 150, "zero3": 130, "eval": 60}
+#: bench_step.py runs of the step section, (batch, cases): issue 26's targets at batch 256 (stage auto
+#: against plain bf16 PyTorch, ZeRO-3 against raw DeepSpeed) and 64 (ZeRO-3's overhead).
+STEP_CASES = ((256, "ref-bf16,xling-auto,ds-zero3,xling-zero3"), (64, "ds-zero3,xling-zero3"))
+#: The pooled (all languages at once) XQuAD-R mAP the train section reads before and after training.
+POOLED_MAP = "xquad_r.multi.map"
 #: The ~1B encoder: XLM-R's architecture (post-LN, learned positions 514, pad id 1) at this size.
 BIG_SHAPE = {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
              "intermediate_size": 8192, "vocab_size": 32768}  # fmt: skip
@@ -56,7 +67,8 @@ def demo_doc() -> dict[str, Any]:
 
 
 def train_doc(steps: int = 60, batch: int = 256, work: str = "runs") -> dict[str, Any]:
-    """demo.yaml on one GPU in bf16: no evaluation (section 3 has it), no model registration."""
+    """demo.yaml on one GPU in bf16, its XQuAD-R slice evaluated before and after (does it learn?), no model
+    registration."""
     doc = demo_doc()
     spec = doc["spec"]
     doc["metadata"]["name"] = "gpu-check-e5-small"
@@ -64,13 +76,13 @@ def train_doc(steps: int = 60, batch: int = 256, work: str = "runs") -> dict[str
         maxSteps=steps, globalBatchSize=batch, warmupSteps=min(10, steps), logEvery=10
     )
     spec["distributed"] = {"numWorkers": 1, "gpusPerWorker": 1, "cpusPerWorker": 8, "precision": "bf16"}
-    spec["evaluation"] = {"atStart": False, "suites": []}
+    spec["evaluation"]["atStart"] = True  # the zero-shot mAP, against which the trained one must rise
     spec["tracking"] = {}
     spec["outputDir"] = str(Path(work) / "runs")
     return doc
 
 
-def zero3_doc(model_dir: str, steps: int = 30, batch: int = 64, work: str = "runs") -> dict[str, Any]:
+def zero3_doc(model_dir: str, steps: int = 15, batch: int = 64, work: str = "runs") -> dict[str, Any]:
     """The big encoder on the demo's data, ZeRO-3 on one GPU, bf16, all weights trained."""
     doc = train_doc(steps, batch, work)
     doc["metadata"]["name"] = "gpu-check-xlmr-1b-zero3"
@@ -78,6 +90,7 @@ def zero3_doc(model_dir: str, steps: int = 30, batch: int = 64, work: str = "run
     spec["model"] = {"name": model_dir, "pooling": "mean", "maxQueryLength": 32, "maxPassageLength": 128}
     spec["optimization"].update(warmupSteps=min(5, steps), logEvery=5)
     spec["distributed"]["deepspeed"] = {"stage": 3}
+    spec["evaluation"] = {"atStart": False, "suites": []}  # a random-init model: nothing to learn in 30 steps
     return doc
 
 
@@ -172,11 +185,27 @@ def read_metrics(uri: str, run_id: str) -> dict[str, Any]:
 
     client = MlflowClient(uri)
     out: dict[str, Any] = {}
-    for key in METRICS:
+    for key in (*METRICS, POOLED_MAP):
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         vals = [m.value for m in hist]
         if vals:
-            out[key] = {"steady": steady(vals), "last": vals[-1], "max": max(vals), "windows": len(vals)}
+            out[key] = {"steady": steady(vals), "first": vals[0], "last": vals[-1], "max": max(vals),
+                        "windows": len(vals)}  # fmt: skip
+    return out
+
+
+def learned(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Did the run learn? The loss of the first logged window against the last, pooled mAP before
+    (step 0, zero-shot) against after."""
+    loss, pooled = metrics.get("train.loss", {}), metrics.get(POOLED_MAP, {})
+    out: dict[str, Any] = {
+        "loss": (loss.get("first"), loss.get("last")),
+        "map": (pooled.get("first"), pooled.get("last")),
+    }
+    out["loss_fell"] = None if None in out["loss"] else out["loss"][1] < out["loss"][0]
+    out["map_rose"] = (
+        None if None in out["map"] or pooled.get("windows", 0) < 2 else out["map"][1] > out["map"][0]
+    )
     return out
 
 
@@ -210,7 +239,24 @@ def section_train(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     doc = train_doc(args.train_steps, args.train_batch, str(work))
     out = run_training(doc, work)
     out["spec"] = {"steps": args.train_steps, "globalBatchSize": args.train_batch, "precision": "bf16"}
+    out["learned"] = learned(out["metrics"])
     return out
+
+
+def section_step(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """bench/bench_step.py in GPU mode for each of :data:`STEP_CASES`; its results, case by case."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "bench_step.py")
+    bench_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_step)
+    runs = []
+    for batch, cases in STEP_CASES:
+        out = work / f"step-{batch}.json"
+        bench_step.main(["--mode", "gpu", "--batch", str(batch), "--cases", cases, "--work", str(work),
+                         "--json", str(out)])  # fmt: skip
+        runs += json.loads(out.read_text())
+    return {"results": runs, "pairs": [list(p) for p in bench_step.RATIOS]}
 
 
 def section_zero3(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -263,7 +309,7 @@ def section_eval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "n_queries": res.get("n_queries"), "wall_s": round(time.time() - t0, 1)}  # fmt: skip
 
 
-RUNNERS = {"train": section_train, "zero3": section_zero3, "eval": section_eval}
+RUNNERS = {"train": section_train, "step": section_step, "zero3": section_zero3, "eval": section_eval}
 
 
 def run_section(args: argparse.Namespace) -> int:
@@ -307,6 +353,12 @@ def summary_lines(results: dict[str, dict[str, Any]], info: dict[str, Any]) -> l
                          f"tokens/s {_fmt(tok.get('steady'), ',.0f')} (median of windows after the first), "
                          f"MFU {_fmt(mfu.get('steady'))}, pairs/s {_fmt(m.get('train.pairs_per_s', {}).get('steady'), ',.0f')}, "
                          f"peak alloc {_fmt(m.get('train.gpu_mem_gb', {}).get('max'))} GiB, run {r['wall_s']} s")  # fmt: skip
+            if learn := r.get("learned"):
+                (l0, l1), (m0, m1) = learn["loss"], learn["map"]
+                lines.append(f"[train] learning: loss {_fmt(l0, '.4f')} -> {_fmt(l1, '.4f')} (fell: {learn['loss_fell']}), "
+                             f"pooled XQuAD-R mAP {_fmt(m0, '.4f')} -> {_fmt(m1, '.4f')} (rose: {learn['map_rose']})")  # fmt: skip
+        elif name == "step":
+            lines += step_lines(r["results"], r["pairs"])
         elif name == "zero3":
             p = r["plan"]
             lines.append(f"[zero3] XLM-R-shaped {p['total_params'] / 1e9:.2f}B ({p['dense_params'] / 1e9:.2f}B non-embedding), "
@@ -319,6 +371,28 @@ def summary_lines(results: dict[str, dict[str, Any]], info: dict[str, Any]) -> l
             lines.append(f"[eval] XQuAD-R e5-small, {r['faiss']}: mAP {r['map']}, times {r['timings_s']}, "
                          f"{r.get('n_queries')} queries, {r['wall_s']} s")  # fmt: skip
     lines.append("=" * 78)
+    return lines
+
+
+def step_lines(results: list[dict[str, Any]], pairs: list[list[str]]) -> list[str]:
+    """Per batch and xling/reference pair: both figures, their ratio, the plan against the measurement,
+    and whether each loss fell."""
+    by = {(r["batch"], r["case"]): r for r in results}
+    lines = []
+    for (batch, case), r in sorted(by.items()):
+        plan = r.get("plan_step_s")
+        lines.append(f"[step] batch {batch} {case}: {r['pairs_per_s']:,.1f} pairs/s, MFU {r['mfu']:.3f}, "
+                     f"{r['step_s']:.3f} s/step vs plan {_fmt(plan, '.3f')} s (measured/plan "
+                     f"{_fmt(r['step_s'] / plan if plan else None, '.2f')}), loss {r['loss_first']:.4f} -> "
+                     f"{r['loss_last']:.4f} ({'fell' if r['loss_last'] < r['loss_first'] else 'did not fall'}) "
+                     f"{r.get('detail', '')}")  # fmt: skip
+    for batch in sorted({b for b, _ in by}):
+        for num, den in pairs:
+            if (batch, num) in by and (batch, den) in by:
+                x, ref = by[(batch, num)]["pairs_per_s"], by[(batch, den)]["pairs_per_s"]
+                lines.append(
+                    f"[step] batch {batch} {num} / {den}: {x:,.1f} / {ref:,.1f} pairs/s = {x / ref:.3f}"
+                )
     return lines
 
 
@@ -384,7 +458,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--train-batch", type=int, default=256)
-    ap.add_argument("--zero3-steps", type=int, default=30)
+    ap.add_argument("--zero3-steps", type=int, default=15)
     ap.add_argument("--zero3-batch", type=int, default=64)
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)

@@ -12,15 +12,17 @@ on a machine with PyPI access (the dev box), this script
 2. writes them into one tar and splits it into parts of ``--part-mib`` MiB under ``.gpu/stage/``
    (git-ignored), with a ``MANIFEST`` (sha256 of the tar and of every part).
 
-Then carry one part per device call, back to back while the machine stays warm (ignored files a call left
-there stay for the next)::
+Then carry one part per device call, back to back while the machine stays warm. Ignored files in the
+checkout do not survive from one call to the next, so each call's ``bench/gpu.sh`` checks the part it
+carried against the MANIFEST and copies it to ``$XLING_GPU_DIR`` (default ``/tmp/xling-gpu``), outside
+the checkout, where the parts, the installed packages and the converted e5-small stay::
 
     run(carry=[".gpu/stage/MANIFEST", ".gpu/stage/part-00"], command="bash bench/gpu.sh --stage")
     ...                                                       # one call per part
     run(carry=[".gpu/stage/MANIFEST", ".gpu/stage/part-NN"], command="bash bench/gpu.sh")
 
-``bench/gpu.sh`` reassembles the tar once every part listed in the manifest is there, checks the sha256s and
-installs. Without the parts it still runs, and says what is missing and which sections it skips.
+``bench/gpu.sh`` reassembles the tar there once every part listed in the manifest is, checks the sha256s
+(each part's and the tar's) and installs. Without the parts it still runs, and says what is missing and which sections it skips.
 
     python bench/gpu_stage.py [--part-mib 38] [--no-e5]
 """
@@ -166,41 +168,52 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def write_parts(members: list[tuple[Path, str]], stage: Path, part_bytes: int) -> list[str]:
+    """One uncompressed tar of ``members`` (file, name in the tar), cut into parts of ``part_bytes`` under
+    ``stage`` with a ``MANIFEST``: ``tar SHA256 SIZE``, then ``part SHA256 NAME`` per part. Returns the
+    MANIFEST's lines."""
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    tar = stage.parent / "stage.tar"
+    with tarfile.open(tar, "w") as tf:  # wheels are zips already: no compression
+        for path, name in members:
+            tf.add(path, name)
+    size = tar.stat().st_size
+    lines = [f"tar {sha256(tar)} {size}"]
+    with tar.open("rb") as f:
+        for i in range(-(-size // part_bytes)):
+            out = stage / f"part-{i:02d}"
+            out.write_bytes(f.read(part_bytes))
+            lines.append(f"part {sha256(out)} {out.name}")
+    tar.unlink()
+    (stage / "MANIFEST").write_text("\n".join(lines) + "\n")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--part-mib", type=int, default=38, help="part size; + the ~22 MiB tree must stay < 64 MiB"
+        "--part-mib", type=int, default=38, help="part size; + the ~23 MiB tree must stay < 64 MiB"
     )
     ap.add_argument(
         "--no-e5", action="store_true", help="leave out e5-small's wheels (sections 1 and 3 skip)"
+    )
+    ap.add_argument(
+        "--e5-dir", type=Path, default=ROOT / ".cache" / "wheels", help="where `make model` put them"
     )
     args = ap.parse_args(argv)
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
     versions = pins()
     wheels = closure(ROOTS, DEVICE_HAS, versions, DOWNLOADS)
     sdists = [download(f"{n}=={versions[n]}", DOWNLOADS, binary=False) for n in SDISTS]
-    e5 = [] if args.no_e5 else [ROOT / ".cache" / "wheels" / w for w in E5_WHEELS]
+    e5 = [] if args.no_e5 else [args.e5_dir / w for w in E5_WHEELS]
     if missing := [p for p in e5 if not p.is_file()]:
         print(f"missing {missing}: run `make model` first, or pass --no-e5", file=sys.stderr)
         return 1
-    if STAGE.exists():
-        shutil.rmtree(STAGE)
-    STAGE.mkdir(parents=True)
-    tar = STAGE.parent / "stage.tar"
-    with tarfile.open(tar, "w") as tf:  # wheels are zips already: no compression
-        for p in wheels + sdists:
-            tf.add(p, f"wheels/{p.name}")
-        for p in e5:
-            tf.add(p, f"e5/{p.name}")
-    size, part = tar.stat().st_size, args.part_mib << 20
-    lines = [f"tar {sha256(tar)} {size}"]
-    with tar.open("rb") as f:
-        for i in range(-(-size // part)):
-            out = STAGE / f"part-{i:02d}"
-            out.write_bytes(f.read(part))
-            lines.append(f"part {sha256(out)} {out.name}")
-    tar.unlink()
-    (STAGE / "MANIFEST").write_text("\n".join(lines) + "\n")
+    members = [(p, f"wheels/{p.name}") for p in wheels + sdists] + [(p, f"e5/{p.name}") for p in e5]
+    lines = write_parts(members, STAGE, args.part_mib << 20)
+    size = int(lines[0].split()[2])
     print(f"{len(wheels)} wheels, {len(sdists)} sdist(s), {len(e5)} e5 wheels: {size / 2**20:.0f} MiB in "
           f"{len(lines) - 1} parts under {STAGE.relative_to(ROOT)}")  # fmt: skip
     for p in wheels + sdists:

@@ -76,7 +76,7 @@ def main() -> None:
             use(v)
             loads.append(os.getloadavg()[0])
             c, t = time.process_time(), time.perf_counter()
-            _, _, tokens = trainer.train_step(step)
+            tokens = trainer.train_step(step).tokens
             dt, dc = time.perf_counter() - t, time.process_time() - c
             step += 1
             wall[v].append(dt)

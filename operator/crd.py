@@ -53,11 +53,16 @@ SPEC_RULES: list[dict[str, str]] = [
 #: Rules attached to a nested object (evaluated only where that object is present and not null).
 NESTED_RULES: dict[str, list[dict[str, str]]] = {
     "DeepSpeedSpec": [
+        {  # int-or-string carries no enum: the values are checked here
+            "rule": "string(self.stage) in ['0', '1', '2', '3', 'auto']",
+            "message": "deepspeed.stage must be 0, 1, 2, 3 or auto",
+            "fieldPath": ".stage",
+        },
         {
-            "rule": "self.offloadParam.device == 'none' || self.stage == 3",
+            "rule": "self.offloadParam.device == 'none' || string(self.stage) == '3'",
             "message": "deepspeed.offloadParam needs stage 3",
             "fieldPath": ".offloadParam.device",
-        }
+        },
     ],
 }
 ROOT_RULES = [

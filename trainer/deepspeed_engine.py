@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from xling.trainer.optim_engine import make_optimizer, make_scheduler
+from xling.trainer.plan import PlanError
 from xling.trainer.spec import ExperimentSpec, OffloadSpec
 
 CKPT_DIR, CKPT_TAG = "deepspeed", "state"
@@ -42,6 +43,11 @@ def deepspeed_config(spec: ExperimentSpec, world: int) -> dict[str, Any]:
     ds = dist_spec.deepspeed
     if ds is None:
         raise ValueError("distributed.deepspeed is not set")
+    if ds.stage == "auto":  # plan.auto_stage resolves it wherever the model shape and device size are known
+        raise PlanError(
+            "distributed.deepspeed.stage: auto: neither the driver nor this worker could size the devices "
+            "(GPU memory unknown: set XLING_GPU_MEM_GB) or the model; give the stage (0, 1, 2 or 3)"
+        )
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.stage >= 1:
         zero |= {"overlap_comm": ds.overlap_comm, "reduce_bucket_size": ds.reduce_bucket_size,
@@ -138,10 +144,11 @@ class DeepSpeedEngine:
             yield
         self.ds.allreduce_gradients()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor | float | None:
+        """The optimizer step; DeepSpeed's gradient norm (None without clipping), not read here: a
+        device tensor's ``float()`` would wait for the step."""
         self.ds.step()
-        norm = self.ds.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        return self.ds.get_global_grad_norm()
 
     @property
     def lr(self) -> float:

@@ -209,9 +209,10 @@ def fit(
 
     from xling.trainer.job import Job, TrackedRun
     from xling.trainer.model import model_fingerprint
+    from xling.trainer.plan import auto_stage
     from xling.trainer.train_loop import train_loop_per_worker
 
-    spec = exp.spec
+    spec = auto_stage(exp.spec, model_path)  # stage: auto -> the ZeRO stage that fits, printed with why
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
     init_ray(env, use_gpu)

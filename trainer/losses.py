@@ -7,6 +7,10 @@ the global batch. No world-size factor is needed (tests/trainer/test_losses.py c
 
 Candidates are all positives plus all hard negatives of the global batch (the usual reading; the
 hybrid-batch paper's printed formula lists negatives only).
+
+The loss runs in fp32 (at least) whatever the encoder's dtype: at temperature 0.05 a bf16 logit near 20
+is resolved in steps of 0.125, so cosines closer than about 0.006 tie and the loss sits at ln(batch)
+(issue 26: 4.15625 at every step of a bf16 run).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in fp32, or fp64 if it is that already (the hand-computed reference tests run in fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def info_nce(
     q: torch.Tensor,
     p: torch.Tensor,
@@ -48,6 +57,8 @@ def info_nce(
     play no part in that direction).
     """
     rank, _ = _world()
+    q, p = _fp32(q), _fp32(p)
+    negatives = None if negatives is None else _fp32(negatives)
     b = q.shape[0]
     all_p = gather_with_grad(p)
     candidates = all_p if negatives is None else torch.cat([all_p, gather_with_grad(negatives)])

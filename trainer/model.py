@@ -82,9 +82,7 @@ class BiEncoder(nn.Module):
         self._dense: int | None = None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        buckets = (
-            self._buckets(attention_mask) if self.length_buckets and input_ids.device.type == "cpu" else None
-        )
+        buckets = self._plan(attention_mask, input_ids.device.type)
         if buckets is None:
             return self._encode(input_ids, attention_mask)
         order = torch.cat([idx for idx, _ in buckets])
@@ -93,8 +91,19 @@ class BiEncoder(nn.Module):
 
     def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        emb = pool(hidden, attention_mask, self.pooling)
+        # pooled and normalised in fp32: a bf16 mean over hundreds of tokens, and bf16 unit vectors,
+        # lose the small cosine differences the contrastive loss learns from
+        emb = pool(hidden.float(), attention_mask, self.pooling)
         return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    def token_slots(self, attention_mask: torch.Tensor, device_type: str) -> int:
+        """Token positions a forward on ``device_type`` computes for this batch, padding included: the
+        tokens the device actually processed (the trainer's MFU counts these)."""
+        buckets = self._plan(attention_mask, device_type)
+        return attention_mask.numel() if buckets is None else sum(len(idx) * n for idx, n in buckets)
+
+    def _plan(self, mask: torch.Tensor, device_type: str) -> list[tuple[torch.Tensor, int]] | None:
+        return self._buckets(mask) if self.length_buckets and device_type == "cpu" else None
 
     def _buckets(self, mask: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
         if self._dense is None:  # non-embedding parameters; ZeRO-3 ones are empty here: never bucket

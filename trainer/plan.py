@@ -8,8 +8,9 @@ Everything is arithmetic on the model's shape, so it runs before any worker star
   needs_all_cold`` prints), activations from the transformer's saved tensors per token, plus the
   GradCache buffers, DeepSpeed's communication buckets and a fixed runtime overhead;
 - FLOPs per step are 6N per token, 8N with GradCache, +2N with activation checkpointing (N: non-embedding
-  parameters); step time is those FLOPs at a stated fraction of peak, or the ZeRO-3 parameter traffic
-  if that takes longer.
+  parameters); step time is the slowest of those FLOPs at a stated fraction of peak, the host's kernel
+  launches (small models are launch-bound) and ZeRO-3's per-module fetches and parameter traffic, plus
+  the optimizer step's memory traffic (constants calibrated on issue 26's H200 measurements).
 
 ``check_fits`` is what ``xling run`` calls to refuse a run that cannot fit. The FLOP and peak helpers also
 feed the trainer's per-step MFU metric.
@@ -56,6 +57,10 @@ KNOWN_SHAPES: dict[str, tuple[str, dict[str, int]]] = {
     "facebook/xlm-roberta-xxl": _shape(
         "xlm-roberta-xl", 250880, 4096, 48, 32, 16384, max_position_embeddings=514
     ),
+    # bench/gpu_checks.py's randomly initialised encoder, whose GPU step issue 26 measured
+    "xling/xlm-roberta-1.3b-bench": _shape(
+        "xlm-roberta", 32768, 2048, 24, 16, 8192, max_position_embeddings=514, type_vocab_size=1
+    ),
     "xling/xlm-roberta-30b": _shape("xlm-roberta", 250002, 7168, 48, 56, 28672, max_position_embeddings=514),
     "intfloat/e5-mistral-7b-instruct": _shape("mistral", 32000, 4096, 32, 32, 14336, num_key_value_heads=8),
     "Qwen/Qwen3-Embedding-8B": _shape(
@@ -70,6 +75,16 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "
 CPU_PROBE_SHAPES = ((1024, 1024, 1024), (1024, 768, 3072))
 CPU_PROBE_REPEATS = 3
 RUNTIME_OVERHEAD_GIB = 2.0  # CUDA context and NCCL per GPU
+#: Step-time terms beyond FLOPs, calibrated on issue 26's H200 measurements (tests/trainer/test_plan.py
+#: holds them): the host time to launch one transformer layer's kernels in one forward or backward pass
+#: of eager PyTorch (e5-small: 75-84 ms a step at any batch, 12 layers x 4 passes); what one ZeRO-3
+#: parameter fetch costs beyond its bytes (hooks, the gather's launch and its stream waits: raw DeepSpeed
+#: ZeRO-3 took 0.76 s where ZeRO-2 took 0.29 s for the 1.28B bench model on one GPU, ~590 fetches a step);
+#: and the optimizer step's memory traffic (fp32 master, two moments, gradient: read and written).
+LAUNCH_S_PER_LAYER_PASS = 1.5e-3
+ZERO3_FETCH_S = 1.4e-3
+OPTIMIZER_BYTES_PER_PARAM = 36
+HBM_GBS = 3000.0  # effective device-memory bandwidth of an H100/H200-class GPU (GB/s)
 USABLE_FRACTION = 0.95  # allocator fragmentation: a plan that needs the last 5% will not run
 
 
@@ -91,6 +106,9 @@ class ModelShape:
     layers: int
     ffn: int
     gated_mlp: bool  # SwiGLU-style MLPs keep three ffn-wide tensors, not two
+    module_params: tuple[
+        int, ...
+    ] = ()  # the direct parameters of each module that has any (ZeRO-3 fetch units)
 
     @property
     def dense_params(self) -> int:
@@ -118,12 +136,12 @@ def model_shape(name: str, revision: str | None = None, trust_remote_code: bool 
     embedding = sum(
         p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()
     )
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()]
     return ModelShape(
         name=name, model_class=type(model).__name__, total_params=sum(p.numel() for p in model.parameters()),
-        embedding_params=embedding, largest_layer_params=largest, hidden=config.hidden_size,
+        embedding_params=embedding, largest_layer_params=max(sizes), hidden=config.hidden_size,
         layers=config.num_hidden_layers, ffn=config.intermediate_size,
-        gated_mlp=getattr(config, "hidden_act", "") == "silu",
+        gated_mlp=getattr(config, "hidden_act", "") == "silu", module_params=tuple(n for n in sizes if n),
     )  # fmt: skip
 
 
@@ -230,13 +248,20 @@ class Plan:
     flops_per_token: float
     flops_per_step: float
     compute_time_s: float
+    launch_time_s: float
     allgather_gb_per_gpu: float
+    zero3_fetches: int
     comm_time_s: float
+    optimizer_time_s: float
     step_time_s: float
     mfu: float
     peak_tflops: float
     fits: bool
     notes: list[str]
+
+
+#: The stages ``stage: auto`` tries, least sharded first (ZeRO-1 saves less than ZeRO-2 for the same traffic).
+AUTO_STAGES = (0, 2, 3)
 
 
 def make_plan(
@@ -250,10 +275,66 @@ def make_plan(
     intra_node_gbs: float = 450.0,
     shape: ModelShape | None = None,
 ) -> Plan:
-    """Memory per GPU, FLOPs and step time of ``spec`` on ``gpus`` devices of ``gpu_mem_gb`` GiB each."""
+    """Memory per GPU, FLOPs and step time of ``spec`` on ``gpus`` devices of ``gpu_mem_gb`` GiB each.
+
+    With ``distributed.deepspeed.stage: auto`` the plan is that of the least-sharded stage of
+    :data:`AUTO_STAGES` that fits (sharding costs time: ZeRO-3 re-gathers every layer in every forward
+    and backward, 2.6x ZeRO-2's step for the 1.28B bench model on one H200), with a note that says why;
+    if none fits, that of ZeRO-3, which does not fit."""
     shape = shape or model_shape(spec.model.name, spec.model.revision, spec.model.trust_remote_code)
+    args = (gpus, gpu_mem_gb, mfu, peak_tflops, gpus_per_node, inter_node_gbs, intra_node_gbs, shape)
+    ds = spec.distributed.deepspeed
+    if ds is None or ds.stage != "auto":
+        return _stage_plan(spec, ds.stage if ds else -1, *args)
+    # optimizer offload needs a ZeRO stage >= 1
+    stages = [s for s in AUTO_STAGES if s > 0 or ds.offload_optimizer.device == "none"]
+    plans = [_stage_plan(spec, s, *args) for s in stages]
+    chosen = next((p for p in plans if p.fits), plans[-1])
+    usable = USABLE_FRACTION * gpu_mem_gb
+    tried = ", ".join(f"ZeRO-{p.zero_stage} {p.memory_per_gpu_gb:.1f} GiB" for p in plans)
+    if chosen.fits:
+        why = (
+            "the least-sharded stage that fits" if chosen is plans[0] else "the less-sharded ones do not fit"
+        )
+        chosen.notes.insert(
+            0, f"stage auto: ZeRO-{chosen.zero_stage}, {why} ({tried}; {usable:.1f} GiB usable)"
+        )
+    else:
+        chosen.notes.insert(0, f"stage auto: no stage fits ({tried}; {usable:.1f} GiB usable)")
+    return chosen
+
+
+def resolve_stage(spec: ExperimentSpec, plan: Plan) -> ExperimentSpec:
+    """``spec`` with ``stage: auto`` replaced by the stage ``plan`` chose (the spec itself otherwise);
+    refuses (PlanError naming the field) a spec that fits at no stage."""
+    ds = spec.distributed.deepspeed
+    if ds is None or ds.stage != "auto":
+        return spec
+    if not plan.fits:
+        raise PlanError(
+            f"distributed.deepspeed.stage: auto: the experiment fits at no ZeRO stage on {plan.gpus} GPU(s) "
+            f"of {plan.gpu_mem_gb:g} GiB\n" + format_plan(plan, spec.model.name)
+        )
+    distributed = spec.distributed.model_copy(
+        update={"deepspeed": ds.model_copy(update={"stage": plan.zero_stage})}
+    )
+    return spec.model_copy(update={"distributed": distributed})
+
+
+def _stage_plan(
+    spec: ExperimentSpec,
+    stage: int,
+    gpus: int,
+    gpu_mem_gb: float,
+    mfu: float,
+    peak_tflops: float,
+    gpus_per_node: int,
+    inter_node_gbs: float,
+    intra_node_gbs: float,
+    shape: ModelShape,
+) -> Plan:
+    """make_plan at one ZeRO stage (-1: no DeepSpeed)."""
     dist, ds, loss, opt = spec.distributed, spec.distributed.deepspeed, spec.loss, spec.optimization
-    stage = ds.stage if ds else -1
     per_node = min(gpus, gpus_per_node)
     nodes = math.ceil(gpus / per_node)
     n, notes = shape.total_params, []
@@ -310,30 +391,44 @@ def make_plan(
                  "comm_buffers": buffers, "runtime": RUNTIME_OVERHEAD_GIB * GiB}  # fmt: skip
     total = sum(breakdown.values())
 
-    # compute and ZeRO-3 parameter traffic
+    # time: compute, kernel launches and ZeRO-3 fetches overlap (the slowest sets the pace), then the
+    # optimizer step
     tokens = opt.global_batch_size * (q_len + texts * p_len)
     fpt = flops_per_token(shape.dense_params, loss.grad_cache.enabled, dist.activation_checkpointing)
     flops = fpt * tokens
     compute_s = flops / (gpus * peak_tflops * 1e12 * mfu)
-    gather_gb, comm_s = 0.0, 0.0
+    if loss.grad_cache.enabled:  # per chunk: pass 1 forward, pass 2 forward and backward
+        calls = math.ceil(per_gpu_batch / chunk) + math.ceil(per_gpu_batch * texts / chunk)
+        fwd, bwd = 2 * calls, calls
+    else:  # the query and the passage forward, and the backward through each
+        fwd, bwd = 2, 2
+    launch_s = LAUNCH_S_PER_LAYER_PASS * shape.layers * (fwd + bwd)
+    gather_gb, comm_s, fetches = 0.0, 0.0, 0
+    if stage == 3:  # every module above the persistence threshold is fetched in each pass
+        fetched = sum(1 for m in shape.module_params if m >= ds.param_persistence_threshold)
+        fetches = fetched * (fwd + bwd)
+        comm_s = fetches * ZERO3_FETCH_S
     if stage == 3 and gpus > 1:
-        if loss.grad_cache.enabled:  # pass 1 forwards + pass 2 forward and backward, per chunk
-            calls = math.ceil(per_gpu_batch / chunk) + math.ceil(per_gpu_batch * texts / chunk)
-            fwd, bwd = 2 * calls, calls
-        else:  # query and passage forwards, each re-gathered in backward
-            fwd, bwd = 2, 2
         per_gather = 2 * n * (gpus - 1) / gpus  # 16-bit parameters arriving at each GPU
         inter = inter_node_gbs if nodes > 1 else intra_node_gbs
         bwd_bw = (
             intra_node_gbs if (nodes == 1 or ds.hpz_partition_size > 1) else inter
         )  # hpZ: intra-node copy
         gather_gb = per_gather * (fwd + bwd) / 1e9
-        comm_s = per_gather * (fwd / inter + bwd / bwd_bw) / 1e9
-        if comm_s > compute_s:
-            notes.append(
-                f"communication-bound: ZeRO-3 all-gathers take {comm_s:.1f} s vs {compute_s:.1f} s of compute; "
-                "raise gradCache.chunkSize, set hpzPartitionSize to the GPUs per node, or use fewer, larger GPUs"
+        comm_s += per_gather * (fwd / inter + bwd / bwd_bw) / 1e9
+    if comm_s > max(compute_s, launch_s):
+        notes.append(
+            f"communication-bound: ZeRO-3 fetches take {comm_s:.2f} s vs {compute_s:.2f} s of compute; "
+            + (
+                "a stage that gathers nothing fits (stage: auto)"
+                if gpus == 1
+                else "raise gradCache.chunkSize, set hpzPartitionSize to the GPUs per node, or use fewer, "
+                "larger GPUs"
             )
+        )
+    # replicated: every GPU updates all parameters; ZeRO 1-3: its partition
+    optimizer_s = OPTIMIZER_BYTES_PER_PARAM * n / (gpus if stage >= 1 else 1) / (HBM_GBS * 1e9)
+    step_s = max(compute_s, launch_s, comm_s) + optimizer_s
     fits = total <= USABLE_FRACTION * gpu_mem_gb * GiB
     if not fits:
         notes.append(
@@ -345,7 +440,8 @@ def make_plan(
         zero_stage=stage, memory_breakdown_gb={k: round(v / GiB, 2) for k, v in breakdown.items()},
         memory_per_gpu_gb=round(total / GiB, 2), host_memory_per_node_gb=round(host / GiB, 1),
         tokens_per_step=tokens, flops_per_token=fpt, flops_per_step=flops, compute_time_s=compute_s,
-        allgather_gb_per_gpu=round(gather_gb, 1), comm_time_s=comm_s, step_time_s=max(compute_s, comm_s), mfu=mfu,
+        launch_time_s=launch_s, allgather_gb_per_gpu=round(gather_gb, 1), zero3_fetches=fetches,
+        comm_time_s=comm_s, optimizer_time_s=optimizer_s, step_time_s=step_s, mfu=mfu,
         peak_tflops=peak_tflops, fits=fits, notes=notes,
     )  # fmt: skip
 
@@ -384,8 +480,10 @@ def format_plan(p: Plan, source: str) -> str:
         )
     lines += [
         f"  FLOPs/step   {p.flops_per_step:.3e} ({p.flops_per_token / p.dense_params:.0f}N x {p.tokens_per_step} tokens)",
-        f"  step time    {p.step_time_s:.2f} s (compute {p.compute_time_s:.2f} s at {p.mfu:.0%} of "
-        f"{p.peak_tflops:g} TFLOP/s per GPU; ZeRO-3 all-gathers {p.allgather_gb_per_gpu:g} GB/GPU, {p.comm_time_s:.2f} s)",
+        f"  step time    {p.step_time_s:.3f} s = the slowest of compute {p.compute_time_s:.3f} s (at {p.mfu:.0%} of "
+        f"{p.peak_tflops:g} TFLOP/s per GPU), kernel launches {p.launch_time_s:.3f} s and ZeRO-3 fetches "
+        f"{p.comm_time_s:.3f} s ({p.zero3_fetches} fetches, {p.allgather_gb_per_gpu:g} GB/GPU), "
+        f"+ optimizer {p.optimizer_time_s:.3f} s",
         f"  verdict      {'FITS' if p.fits else 'DOES NOT FIT'}",
     ]
     lines += [f"  note: {n}" for n in p.notes]
@@ -411,33 +509,41 @@ def _local_gpu_memory_gb() -> float | None:
     return None
 
 
-def check_fits(exp: RetrievalExperiment) -> Plan | None:
-    """Refuse (PlanError) a run that cannot fit, before any worker starts.
-
-    GPU runs are checked against this node's GPU memory (or ``XLING_GPU_MEM_GB`` on a GPU-less head
-    node); CPU runs against host memory, as all workers share it. Returns None when it cannot tell
-    (unknown model shape offline, or GPU size unknown)."""
-    spec = exp.spec
+def local_plan(spec: ExperimentSpec, model: str | None = None) -> Plan | None:
+    """The plan of ``spec`` on the devices this process sees: its node's GPU memory (or
+    ``XLING_GPU_MEM_GB`` on a GPU-less head node) for GPU runs; for CPU runs, host memory shared by all
+    workers. ``model`` is a local model dir to read the shape from (default: the spec's model name).
+    None if it cannot tell (unknown model shape offline, or GPU size unknown)."""
     dist = spec.distributed
-    gpu_run = dist.gpus_per_worker > 0
     try:
-        shape = model_shape(spec.model.name, spec.model.revision, spec.model.trust_remote_code)
+        shape = model_shape(model or spec.model.name, spec.model.revision, spec.model.trust_remote_code)
     except (ValueError, OSError):
         return None
-    if gpu_run:
+    if dist.gpus_per_worker > 0:
         mem = _local_gpu_memory_gb()
         if mem is None:
             return None
-        plan = make_plan(spec, dist.num_workers * dist.gpus_per_worker, mem, shape=shape)
-    else:  # every worker is a "device" whose memory is a share of this host's
-        host = _host_memory_gb()
-        plan = make_plan(
-            spec, dist.num_workers, host / dist.num_workers, shape=shape, gpus_per_node=dist.num_workers
-        )
+        return make_plan(spec, dist.num_workers * dist.gpus_per_worker, mem, shape=shape)
+    # every worker is a "device" whose memory is a share of this host's
+    host = _host_memory_gb()
+    return make_plan(
+        spec, dist.num_workers, host / dist.num_workers, shape=shape, gpus_per_node=dist.num_workers
+    )
+
+
+def check_fits(exp: RetrievalExperiment) -> Plan | None:
+    """Refuse (PlanError) a run that cannot fit, before any worker starts; the plan, or None when it
+    cannot tell (see :func:`local_plan`)."""
+    spec = exp.spec
+    plan = local_plan(spec)
+    if plan is None:
+        return None
+    resolve_stage(spec, plan)  # a stage: auto that fits nowhere is refused naming the field
     if not plan.fits:
+        dist = spec.distributed
         where = (
             "GPU"
-            if gpu_run
+            if dist.gpus_per_worker > 0
             else f"worker (host memory {_host_memory_gb():.0f} GiB shared by {dist.num_workers})"
         )
         raise PlanError(
@@ -445,6 +551,18 @@ def check_fits(exp: RetrievalExperiment) -> Plan | None:
             f"{where}, has {plan.gpu_mem_gb:.1f} GiB\n" + format_plan(plan, exp.metadata.name)
         )
     return plan
+
+
+def auto_stage(spec: ExperimentSpec, model: str | None = None) -> ExperimentSpec:
+    """``spec`` with ``stage: auto`` resolved on the devices this process sees, the choice and why
+    logged; unchanged where it cannot tell (a GPU-less head node: the workers, which see their GPUs,
+    resolve it the same way, as every rank's plan is the same arithmetic)."""
+    ds = spec.distributed.deepspeed
+    if ds is None or ds.stage != "auto" or (plan := local_plan(spec, model)) is None:
+        return spec
+    resolved = resolve_stage(spec, plan)
+    print(f"xling: {plan.notes[0]}", flush=True)
+    return resolved
 
 
 # ------------------------------------------------------------------------------------------ CLI

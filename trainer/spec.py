@@ -262,7 +262,10 @@ class OffloadSpec(Spec):
 
 
 class DeepSpeedSpec(Spec):
-    stage: Literal[0, 1, 2, 3] = 0
+    stage: Literal[0, 1, 2, 3] | Literal["auto"] = Field(
+        default=0,
+        description="ZeRO stage; auto: the least-sharded of 0, 2, 3 whose memory fits the GPUs (xling plan).",
+    )
     offload_optimizer: OffloadSpec = Field(default_factory=OffloadSpec)
     offload_param: OffloadSpec = Field(default_factory=OffloadSpec)
     overlap_comm: bool = True
@@ -282,6 +285,11 @@ class DistributedSpec(Spec):
         description="DeepSpeed settings; unset = plain PyTorch (one worker or gradient all-reduce).",
     )
     activation_checkpointing: bool = False
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the encoder: fewer kernel launches for small encoders on GPUs (a first "
+        "step that compiles; not with ZeRO-3).",
+    )
     max_failures: Annotated[int, Field(ge=0)] = 0
 
 
@@ -844,6 +852,8 @@ class ExperimentSpec(Spec):
         if ds is not None:
             if ds.offload_param.device != "none" and ds.stage != 3:
                 raise _bad("distributed.deepspeed.offloadParam", "parameter offload needs stage 3")
+            if self.distributed.compile and ds.stage == 3:
+                raise _bad("distributed.compile", "not with ZeRO-3 (its per-module hooks break the graph)")
             for name, off in (("offloadOptimizer", ds.offload_optimizer), ("offloadParam", ds.offload_param)):
                 if off.device == "nvme" and not off.nvme_path:
                     raise _bad(f"distributed.deepspeed.{name}.nvmePath", "required with device 'nvme'")

@@ -26,13 +26,14 @@ from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
+from xling.trainer.errors import InputError
 from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
-from xling.trainer.plan import count_dense_params, model_flops_utilization, peak_flops
+from xling.trainer.plan import auto_stage, count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.tracking import StepLogger, log_dataset
 
@@ -79,6 +80,8 @@ class StepBatch:
     queries: dict[str, torch.Tensor]
     passages: dict[str, torch.Tensor]
     valid: list[bool]  # which hard negatives count (empty without hard negatives)
+    tokens: int  # real (non-padding) tokens of the queries and passages
+    slots: int  # token positions the encoder computes for them, padding included
 
 
 class Prefetch:
@@ -123,7 +126,12 @@ class Trainer:
     def __init__(self, job: Job, rank: int | None = None, world: int | None = None):
         """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.job = job
-        self.spec = job.spec
+        self.spec = auto_stage(job.spec, job.model_path)  # still auto only where the driver saw no GPU
+        ds = self.spec.distributed.deepspeed
+        if self.spec.distributed.compile and ds is not None and ds.stage == 3:  # stage: auto chose ZeRO-3
+            raise InputError(
+                None, "not with ZeRO-3, which stage: auto chose here", field="distributed.compile"
+            )
         if rank is None or world is None:
             import ray.train
 
@@ -147,7 +155,10 @@ class Trainer:
             backbone = load_backbone(job.model_path, spec.model, dtype=dtype)
             if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
+            model = BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)
+            if spec.distributed.compile:  # in place: parameter names, checkpoints and export are unchanged
+                backbone.compile(dynamic=True)  # texts are padded to each batch's longest: shapes vary
+            return model
 
         if spec.distributed.deepspeed is not None:  # builds the model itself: partitioned under ZeRO-3
             from xling.trainer.deepspeed_engine import DeepSpeedEngine
@@ -259,18 +270,26 @@ class Trainer:
         queries, passages, negatives, valid = batch_texts(
             self.corpus, plan, self.rank, self.world, self.spec.loss.hard_negatives
         )
-        return StepBatch(
-            plan, self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage"), valid
-        )
+        q_in, p_in = self.tokenize(queries, "query"), self.tokenize(passages + negatives, "passage")
+        masks = (q_in["attention_mask"], p_in["attention_mask"])
+        tokens = int(sum(int(m.sum()) for m in masks))  # counted here, off the step's critical path
+        slots = sum(self.model.token_slots(m, self.device.type) for m in masks)
+        if self.device.type == "cuda":  # page-locked: the step's copies to the GPU do not block it
+            q_in, p_in = ({k: v.pin_memory() for k, v in x.items()} for x in (q_in, p_in))
+        return StepBatch(plan, q_in, p_in, valid, tokens, slots)
 
-    def train_step(self, step: int) -> tuple[float, int, int]:
+    def train_step(self, step: int) -> StepResult:
+        """One optimizer step. Nothing here waits for the device: the loss and the gradient norm stay
+        device tensors (``float()`` on them would sync every step; the loop reads them at log steps), and
+        the prefetch thread counted the batch's tokens from its host-side masks."""
         spec = self.spec
         batch = self.batches.get(step, spec.optimization.max_steps)
         self.composition.add(batch.plan)
-        q_in = {k: v.to(self.device) for k, v in batch.queries.items()}
-        p_in = {k: v.to(self.device) for k, v in batch.passages.items()}
+        cuda = self.device.type == "cuda"  # pinned in the prefetch thread: the copies overlap compute
+        q_in = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.queries.items()}
+        p_in = {k: v.to(self.device, non_blocking=cuda) for k, v in batch.passages.items()}
         b = len(q_in["input_ids"])
-        mask = torch.tensor(batch.valid, device=self.device) if batch.valid else None
+        mask = torch.tensor(batch.valid).to(self.device, non_blocking=cuda) if batch.valid else None
 
         def loss_fn(q: torch.Tensor, p_all: torch.Tensor) -> torch.Tensor:
             negs = p_all[b:] if mask is not None else None
@@ -281,9 +300,8 @@ class Trainer:
         else:
             loss = loss_fn(self.engine(**q_in), self.engine(**p_in))
             self.engine.backward(loss)
-        self.engine.step()
-        tokens = int(q_in["attention_mask"].sum() + p_in["attention_mask"].sum())
-        return float(loss.detach()), b, tokens
+        grad_norm = self.engine.step()
+        return StepResult(loss.detach(), grad_norm, b, batch.tokens, batch.slots)
 
     def fit(self) -> None:
         spec, opt = self.spec, self.spec.optimization
@@ -292,39 +310,20 @@ class Trainer:
             _, table = self.evaluate(0)
             if self.rank == 0:
                 print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
-        started, window_t, window_pairs, window_tokens, window_steps = time.time(), time.time(), 0, 0, 0
+        started = time.time()
+        window = Window()
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
             inject_fault(step, self.rank, resumed=self.start_step > 0)
-            loss, pairs, tokens = self.train_step(step)
-            window_pairs += pairs * self.world
-            window_tokens += tokens * self.world
-            window_steps += 1
+            window.add(self.train_step(step), self.world)
             done = step + 1
             if done % opt.log_every == 0 or done == opt.max_steps:
-                elapsed = max(time.time() - window_t, 1e-9)
-                metrics = {"train.loss": loss, "train.lr": self.engine.lr, "train.pairs_per_s": window_pairs / elapsed,
-                           "train.tokens_per_s": window_tokens / elapsed, **self.composition.metrics(),
-                           # model FLOPs (6N per real token; less with frozen layers) over the peak of all ranks' devices
-                           "train.mfu": model_flops_utilization(self.dense_params, window_tokens, elapsed, self.peak_flops * self.world,
-                                                                self.trainable_params)}  # fmt: skip
-                # time a step waited for its texts and tokens (near 0 when prefetching keeps up)
-                metrics["train.data_wait_s"] = self.batches.waited_s / window_steps
-                if self.device.type == "cuda":
-                    metrics["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                metrics = window.metrics(self)  # the one device sync of the window
                 self.logger.log(done, metrics)
                 if self.rank == 0:
-                    print(
-                        progress_line(done, opt.max_steps, loss, metrics["train.pairs_per_s"], started),
-                        flush=True,
-                    )
-                window_t, window_pairs, window_tokens, window_steps, self.batches.waited_s = (
-                    time.time(),
-                    0,
-                    0,
-                    0,
-                    0.0,
-                )
+                    print(progress_line(done, opt.max_steps, metrics["train.loss"], metrics["train.pairs_per_s"],
+                                        started), flush=True)  # fmt: skip
+                window, self.batches.waited_s = Window(), 0.0
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
         self.batches.close()
@@ -335,6 +334,61 @@ class Trainer:
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
         self.checkpoint(opt.max_steps, final, final=True, report=table)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step leaves for the log: device tensors (read at log steps only) and host-side counts."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | float | None  # None: the engine does not compute one (no clipping)
+    pairs: int  # this rank's queries
+    tokens: int  # real (non-padding) tokens of this rank's queries and passages
+    slots: int  # token positions the device computed, padding included
+
+
+class Window:
+    """The steps since the last log step. Losses are summed on the device, so reading them costs one
+    sync per window, not one per step; counts are summed over all ranks (every rank sees the same shapes
+    of its own slice: the rank-0 counts times the world)."""
+
+    def __init__(self) -> None:
+        self.started = time.time()
+        self.steps, self.pairs, self.tokens, self.slots = 0, 0, 0, 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.grad_norm: torch.Tensor | float | None = None
+
+    def add(self, r: StepResult, world: int) -> None:
+        self.steps += 1
+        self.pairs, self.tokens, self.slots = (
+            self.pairs + r.pairs * world,
+            self.tokens + r.tokens * world,
+            self.slots + r.slots * world,
+        )
+        self.loss_sum = self.loss_sum + r.loss
+        self.grad_norm = r.grad_norm
+
+    def metrics(self, trainer: Trainer) -> dict[str, Any]:
+        elapsed = max(time.time() - self.started, 1e-9)
+        out = {
+            "train.loss": float(self.loss_sum) / self.steps,  # the mean over the window's steps
+            "train.lr": trainer.engine.lr,
+            "train.pairs_per_s": self.pairs / elapsed,
+            "train.tokens_per_s": self.tokens / elapsed,
+            # model FLOPs (6N per token the device computed, padding included; less with frozen layers)
+            # over the peak of all ranks' devices, and the share of those tokens that were padding
+            "train.mfu": model_flops_utilization(trainer.dense_params, self.slots, elapsed,
+                                                 trainer.peak_flops * trainer.world, trainer.trainable_params),
+            "train.padding_share": 1 - self.tokens / max(self.slots, 1),
+            # time a step waited for its texts and tokens (near 0 when prefetching keeps up)
+            "train.data_wait_s": trainer.batches.waited_s / self.steps,
+            **trainer.composition.metrics(),
+        }  # fmt: skip
+        if self.grad_norm is not None:  # the last step's norm before clipping
+            out["train.grad_norm"] = float(self.grad_norm)
+        if trainer.device.type == "cuda":
+            out["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
 
 
 def inject_fault(step: int, rank: int, resumed: bool) -> None:

@@ -61,7 +61,9 @@ def test_specs_validate_and_plan_fits_one_h200(tmp_path):
     train = gc.experiment(gc.train_doc(work=str(tmp_path)))
     dist = train.spec.distributed
     assert (dist.gpus_per_worker, dist.precision, dist.deepspeed) == (1, "bf16", None)
-    assert train.spec.sampling.strategy == "hybrid" and not train.spec.evaluation.suites
+    assert train.spec.sampling.strategy == "hybrid"
+    # it shows learning: XQuAD-R before (zero-shot) and after
+    assert train.spec.evaluation.at_start and Path(train.spec.evaluation.suites[0].path).is_dir()
     assert Path(train.spec.data.sources[0].path).is_dir()  # resolved against manifests/samples/
 
     model = tmp_path / "xlmr"
@@ -105,6 +107,28 @@ def test_orchestrator_reports_skips_and_failures(tmp_path, capsys):
     assert "[train] FAILED/SKIPPED: skipped: no model" in out
     assert "[zero3] FAILED/SKIPPED: skipped: needs deepspeed" in out
     assert (tmp_path / "summary.json").is_file()
+
+
+def test_learning_and_step_lines():
+    metrics = {
+        "train.loss": {"first": 2.1, "last": 1.2},
+        gc.POOLED_MAP: {"first": 0.41, "last": 0.47, "windows": 2},
+    }
+    assert gc.learned(metrics) == {
+        "loss": (2.1, 1.2),
+        "map": (0.41, 0.47),
+        "loss_fell": True,
+        "map_rose": True,
+    }
+    assert gc.learned({})["map_rose"] is None
+    results = [{"case": c, "batch": 256, "pairs_per_s": v, "mfu": 0.4, "step_s": 256 / v, "plan_step_s": 0.8,
+                "loss_first": 4.2, "loss_last": 4.0, "detail": ""} for c, v in (("xling-auto", 400.0), ("ref-bf16", 440.0))]  # fmt: skip
+    lines = gc.step_lines(results, [["xling-auto", "ref-bf16"], ["xling-zero3", "ds-zero3"]])
+    assert "[step] batch 256 xling-auto / ref-bf16: 400.0 / 440.0 pairs/s = 0.909" in lines
+    assert any(
+        "xling-auto" in x and "vs plan 0.800 s (measured/plan 0.80)" in x and "(fell)" in x for x in lines
+    )
+    assert not any("xling-zero3 /" in x for x in lines)  # only pairs with both sides
 
 
 @pytest.mark.parametrize("name", ["train", "zero3", "eval"])

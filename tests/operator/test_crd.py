@@ -108,6 +108,12 @@ CEL_CASES = [
         {"distributed": {"deepspeed": {"stage": 2, "offloadParam": {"device": "cpu"}}}},
         "offloadParam needs stage 3",
     ),
+    (
+        {"distributed": {"deepspeed": {"stage": "auto", "offloadParam": {"device": "cpu"}}}},
+        "offloadParam needs stage 3",
+    ),
+    ({"distributed": {"deepspeed": {"stage": "fast"}}}, "stage must be 0, 1, 2, 3 or auto"),
+    ({"distributed": {"deepspeed": {"stage": 4}}}, "stage must be 0, 1, 2, 3 or auto"),
 ]
 
 

@@ -176,13 +176,11 @@ def _step(engine: Any, rank: int, world: int, seed: int, left: bool = False) -> 
     return loss.detach()
 
 
-def _equivalence(
-    rank: int, world: int, model_dir: Path, stage: int, kind: str = "bert"
-) -> tuple[float, dict]:
+def _equivalence(rank: int, world: int, model_dir: Path, spec: Any, kind: str = "bert") -> tuple[float, dict]:
     from xling.trainer.deepspeed_engine import DeepSpeedEngine
 
-    engine = DeepSpeedEngine(build(model_dir, POOLING[kind]), experiment_spec(stage))
-    if stage == 3:  # built partitioned: each rank holds only its slice of every weight
+    engine = DeepSpeedEngine(build(model_dir, POOLING[kind]), spec)
+    if engine.stage == 3:  # built partitioned: each rank holds only its slice of every weight
         assert all(p.numel() == 0 and p.ds_numel > 0 for p in engine.module.parameters())
     loss = _step(engine, rank, world, seed=1, left=POOLING[kind] == "last_token")
     torch.distributed.all_reduce(loss)
@@ -240,7 +238,9 @@ def zero3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _zero3_session(rank: int, world: int, twins: dict[str, Path], dropout: Path, ckpt: Path) -> tuple:
-    equivalence = {kind: _equivalence(rank, world, path, 3, kind) for kind, path in twins.items()}
+    equivalence = {
+        kind: _equivalence(rank, world, path, experiment_spec(3), kind) for kind, path in twins.items()
+    }
     return equivalence, _resume_and_export(rank, world, dropout, ckpt)
 
 
@@ -310,3 +310,23 @@ def test_zero3_checkpoint_consolidates_shard_by_shard_into_a_sentence_transforme
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=0, atol=0)
     assert SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(["the cat"]).shape == (1, 16)
+
+
+def _low_stages_session(rank: int, world: int, model_dir: Path) -> dict[int, tuple[float, dict]]:
+    """``stage: auto`` as the trainer resolves it (plan.auto_stage: a tiny model on CPU needs no
+    sharding: ZeRO-0), and ZeRO-2, each through DeepSpeedEngine on 2 gloo ranks."""
+    from xling.trainer.plan import auto_stage
+
+    auto = auto_stage(experiment_spec("auto"), str(model_dir))
+    return {spec.distributed.deepspeed.stage: _equivalence(rank, world, model_dir, spec)
+            for spec in (auto, experiment_spec(2))}  # fmt: skip
+
+
+def test_auto_resolves_to_zero0_and_zero0_and_zero2_equal_single_process(tmp_path: Path) -> None:
+    model_dir = tiny_model_dir(tmp_path / "bert")
+    want_loss, want_grads = reference(model_dir)
+    for by_stage in spawn(_low_stages_session, model_dir):
+        assert sorted(by_stage) == [0, 2]
+        for loss, grads in by_stage.values():
+            assert loss == pytest.approx(want_loss, rel=1e-5)
+            assert_grads_close(grads, want_grads)

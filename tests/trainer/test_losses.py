@@ -122,3 +122,57 @@ def test_two_ranks_equal_single_process() -> None:
     torch.testing.assert_close(torch.cat([out[0][1], out[1][1]]), q1.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.cat([out[0][2], out[1][2]]), p1.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(torch.cat([out[0][3], out[1][3]]), n1.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------- bf16 embeddings (issue 26)
+
+
+def close_bf16_pairs(b: int = 64, d: int = 64, spread: float = 0.005) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 unit queries and positives around one direction: every cosine is within about 0.005 of
+    every other, below what a bf16 logit at temperature 0.05 resolves (steps of 0.125, i.e. 0.006),
+    yet each query is closest to its own positive."""
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(d, generator=g), dim=0)
+    u = torch.randn(b, d, generator=g) * spread
+    q = F.normalize(base + u, dim=-1).bfloat16()
+    p = F.normalize(base + u + 0.2 * spread * torch.randn(b, d, generator=g), dim=-1).bfloat16()
+    return q, p
+
+
+def test_bf16_embeddings_get_an_fp32_loss_and_gradient() -> None:
+    q, p = close_bf16_pairs()
+    cos = q.double() @ p.double().T
+    assert cos.max() - cos.min() < 0.006  # the bf16 logits would all tie
+    q1, p1 = q.clone().requires_grad_(), p.clone().requires_grad_()
+    loss = info_nce(q1, p1, temperature=0.05)
+    loss.backward()
+    q2, p2 = q.double().requires_grad_(), p.double().requires_grad_()
+    want = info_nce(q2, p2, temperature=0.05)
+    want.backward()
+    assert want.item() < math.log(64) - 0.02  # the positives are closest: the exact loss is below ln b
+    assert loss.item() == pytest.approx(want.item(), abs=1e-4)
+    # the gradient is the exact one (to bf16 rounding of the result), not that of tied logits
+    for got, exact in ((q1.grad, q2.grad), (p1.grad, p2.grad)):
+        assert got.abs().sum() > 0
+        assert F.cosine_similarity(got.double().flatten(), exact.flatten(), dim=0) > 0.99
+
+
+def test_bf16_encoder_pools_and_normalises_in_fp32() -> None:
+    """A bf16 backbone's token states are mean-pooled and normalised in fp32, so the embeddings keep
+    differences a bf16 mean and bf16 unit vectors would round away."""
+    from types import SimpleNamespace
+
+    from xling.trainer.model import BiEncoder
+
+    g = torch.Generator().manual_seed(1)
+    hidden = (1 + 1e-3 * torch.randn(2, 50, 16, generator=g)).bfloat16()
+
+    class Backbone(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return SimpleNamespace(last_hidden_state=hidden)
+
+    mask = torch.ones(2, 50, dtype=torch.long)
+    emb = BiEncoder(Backbone(), "mean", normalize=True)(torch.zeros(2, 50, dtype=torch.long), mask)
+    assert emb.dtype == torch.float32
+    want = F.normalize(hidden.double().mean(1), dim=-1)
+    torch.testing.assert_close(emb.double(), want, rtol=0, atol=1e-6)
