@@ -200,10 +200,10 @@ def log_training_data(
 
 def fit(
     exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
-    callbacks: list | None = None,
+    callbacks: list | None = None, trial: str | None = None,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
-    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``trial`` names that trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -228,7 +228,7 @@ def fit(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=train_run_name(exp.metadata.name, run_id),
+            name=train_run_name(exp.metadata.name, run_id, trial),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=dist.max_failures),
@@ -244,11 +244,14 @@ def fit(
     return result
 
 
-def train_run_name(name: str, run_id: str) -> str:
-    """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
-    preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
+def train_run_name(name: str, run_id: str, trial: str | None = None) -> str:
+    """The Ray Train run name, and so its folder in the storage. Under the operator it is fixed by the
+    experiment's uid, so a suspended, preempted or head-lost experiment that runs again finds its checkpoints
+    and resumes; locally it is per MLflow run. A sweep trial adds its stable name (``p0-s1``): otherwise every
+    trial of the experiment would be one Train run, each resuming from the snapshot of the one before."""
     uid = os.environ.get(EXPERIMENT_UID_ENV)
-    return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
+    base = f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
+    return f"{base}-{trial}" if trial else base
 
 
 def init_ray(env: dict[str, str], use_gpu: bool) -> None:

@@ -153,7 +153,9 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: DataLocation) -> 
     )
     monitor.start()
     try:
-        result = fit(exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
+        result = fit(
+            exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()], trial.name
+        )
     finally:
         monitor.finish()
     tune.report({**result.metrics, "mlflow_run_id": run_id})
