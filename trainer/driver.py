@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
+from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir, staged_model_cache_dir
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
@@ -123,6 +123,28 @@ def data_root(output_dir: str) -> str:
     return storage_path(output_dir).removesuffix("/ray") + "/data"
 
 
+def model_root(output_dir: str) -> str:
+    """Where staged models live (:func:`stage`): beside the prepared corpora."""
+    return storage_path(output_dir).removesuffix("/ray") + "/models"
+
+
+def workers_elsewhere() -> bool:
+    """Under the operator (it sets the experiment's uid on every Ray pod) or joined to a Ray cluster: the
+    workers run on other machines and cannot read this one's disk."""
+    return bool(os.environ.get(EXPERIMENT_UID_ENV) or os.environ.get("RAY_ADDRESS"))
+
+
+def stage(model_path: str, spec: ExperimentSpec) -> DataLocation | None:
+    """The model of ``model_path`` staged once to the run's shared storage when the workers run elsewhere and
+    it is a directory on this machine (the way Kubeflow Trainer's model initializer fills a shared volume
+    before the trainer starts); None when the workers can load ``model_path`` themselves."""
+    if not workers_elsewhere():
+        return None
+    from xling.trainer.model import stage_model
+
+    return stage_model(model_path, model_root(spec.output_dir), staged_model_cache_dir())
+
+
 def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
     """Refuse a sampling setup the data cannot fill (no X-X language with a full batch, too few X-Y
     groups) now, rather than after Ray started and a worker reached that batch."""
@@ -160,17 +182,20 @@ class Setup:
     tracking_uri: str
     experiment_name: str
     tags: dict[str, str]  # of every MLflow run the driver opens (:func:`run_tags`); a driver adds its own
+    staged_model: DataLocation | None = None  # where the workers load the model from (:func:`stage`)
 
 
 def set_up(exp: RetrievalExperiment, tracking_uri: str | None, skip_bad_rows: bool) -> Setup:
-    """Prepare the corpus and the model (:func:`prepare`), and resolve where and under which tags to track."""
+    """Prepare the corpus and the model (:func:`prepare`, :func:`stage`), and resolve where and under which
+    tags to track."""
     spec = exp.spec
     prepared, model_path = prepare(exp, skip_bad_rows)
+    staged_model = stage(model_path, spec)
     corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
     experiment_name = exp.mlflow_experiment_name
-    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared))
+    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared), staged_model)
 
 
 def run_tags(exp: RetrievalExperiment, prepared: Prepared) -> dict[str, str]:
@@ -200,10 +225,11 @@ def log_training_data(
 
 def fit(
     exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
-    callbacks: list | None = None, trial: str | None = None,
+    callbacks: list | None = None, trial: str | None = None, staged_model: DataLocation | None = None,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
-    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``trial`` names that trial."""
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``trial`` names that trial;
+    ``staged_model`` is where the workers load the model from (:func:`stage`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -217,9 +243,8 @@ def fit(
     init_ray(env, use_gpu)
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
-    job = Job(
-        spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id)
-    )
+    job = Job(spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id),
+              staged_model)  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.train_loop_config(),

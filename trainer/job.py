@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xling.trainer.data.store import DataLocation
+from xling.trainer.contracts import staged_model_cache_dir
+from xling.trainer.data.store import DataLocation, locate
 from xling.trainer.spec import ExperimentSpec
 
 #: The one key of ``train_loop_config``.
@@ -34,10 +35,18 @@ class Job:
     model_fingerprint: str = ""  # names the zero-shot embeddings in the evaluation cache
     name: str | None = None  # the experiment's name (the model card's title)
     run: TrackedRun | None = None
+    staged_model: DataLocation | None = None  # the model's copy in the run's storage (``model.stage_model``)
 
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run else None
+
+    def local_model_path(self) -> str:
+        """What this node loads: a node-local copy of the staged model (the driver's disk is not this
+        node's), else ``model_path`` (a hub name, or a local run's directory)."""
+        return (
+            str(locate(self.staged_model, staged_model_cache_dir())) if self.staged_model else self.model_path
+        )
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What every checkpoint records of its job (``xling export`` reads it back): JSON, no data location."""
