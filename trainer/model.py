@@ -256,7 +256,7 @@ def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(
         path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
-    if config.model_type in ("bert", "xlm-roberta", "roberta"):
+    if config.model_type in ("bert", "xlm-roberta", "xlm-roberta-xl", "roberta"):
         kwargs["add_pooling_layer"] = False  # retrieval pools itself; an unused pooler gets no gradient
     model = AutoModel.from_pretrained(
         path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype, **kwargs
