@@ -98,7 +98,9 @@ def test_run_that_cannot_fit_is_refused_before_anything_starts(
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "big.yaml"
     cpu = {"numWorkers": 2, "gpusPerWorker": 0, "cpusPerWorker": 0.5, "deepspeed": {"stage": 3}}
-    file.write_text(yaml.safe_dump(experiment("Qwen/Qwen2.5-32B", distributed=cpu)))  # a checkpoint, not a shape
+    file.write_text(
+        yaml.safe_dump(experiment("Qwen/Qwen2.5-32B", distributed=cpu))
+    )  # a checkpoint, not a shape
     assert main(["run", str(file)]) == 2
     err = capsys.readouterr().err
     assert "refused before starting any worker" in err and "DOES NOT FIT" in err
