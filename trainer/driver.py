@@ -112,9 +112,8 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
 
         if mine.workers > 1:  # its encoders are Ray actors, started as the run's workers will be
             init_ray(local_env(spec), spec.distributed.gpus_per_worker > 0)
-        prepared = mine_prepared(
-            prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
-        )
+        texts = tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
+        prepared = mine_prepared(prepared, spec, texts, model_root(spec))
     return prepared
 
 
@@ -123,26 +122,24 @@ def data_root(output_dir: str) -> str:
     return storage_path(output_dir).removesuffix("/ray") + "/data"
 
 
-def model_root(output_dir: str) -> str:
-    """Where staged models live (:func:`stage`): beside the prepared corpora."""
-    return storage_path(output_dir).removesuffix("/ray") + "/models"
-
-
-def workers_elsewhere() -> bool:
-    """Under the operator (it sets the experiment's uid on every Ray pod) or joined to a Ray cluster: the
-    workers run on other machines and cannot read this one's disk."""
-    return bool(os.environ.get(EXPERIMENT_UID_ENV) or os.environ.get("RAY_ADDRESS"))
+def model_root(spec: ExperimentSpec) -> str | None:
+    """Where a model on this machine's disk is staged (beside the prepared corpora) when the workers run
+    elsewhere: under the operator (it sets the experiment's uid on every Ray pod) or joined to a Ray cluster.
+    None when they share this machine's disk (a local run)."""
+    if not (os.environ.get(EXPERIMENT_UID_ENV) or os.environ.get("RAY_ADDRESS")):
+        return None
+    return storage_path(spec.output_dir).removesuffix("/ray") + "/models"
 
 
 def stage(model_path: str, spec: ExperimentSpec) -> DataLocation | None:
     """The model of ``model_path`` staged once to the run's shared storage when the workers run elsewhere and
     it is a directory on this machine (the way Kubeflow Trainer's model initializer fills a shared volume
     before the trainer starts); None when the workers can load ``model_path`` themselves."""
-    if not workers_elsewhere():
+    if (root := model_root(spec)) is None:
         return None
     from xling.trainer.model import stage_model
 
-    return stage_model(model_path, model_root(spec.output_dir), staged_model_cache_dir())
+    return stage_model(model_path, root, staged_model_cache_dir())
 
 
 def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:

@@ -42,11 +42,7 @@ class Job:
         return self.run.id if self.run else None
 
     def local_model_path(self) -> str:
-        """What this node loads: a node-local copy of the staged model (the driver's disk is not this
-        node's), else ``model_path`` (a hub name, or a local run's directory)."""
-        return (
-            str(locate(self.staged_model, staged_model_cache_dir())) if self.staged_model else self.model_path
-        )
+        return local_model_path(self.model_path, self.staged_model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What every checkpoint records of its job (``xling export`` reads it back): JSON, no data location."""
@@ -56,6 +52,12 @@ class Job:
     def train_loop_config(self) -> dict[str, Job]:
         """The dict Ray Train's ``train_loop_config`` must be."""
         return {JOB_KEY: self}
+
+
+def local_model_path(model_path: str, staged: DataLocation | None) -> str:
+    """What a worker or mining actor loads: a node-local copy of the staged model (the driver's disk is not
+    this node's), else ``model_path`` (a hub name, or a local run's directory)."""
+    return str(locate(staged, staged_model_cache_dir())) if staged else model_path
 
 
 def job_of(config: dict[str, Any]) -> Job:

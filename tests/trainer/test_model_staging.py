@@ -93,3 +93,33 @@ def test_workers_train_the_staged_model_when_the_drivers_copy_is_gone(tmp_path: 
     assert MlflowClient(uri).get_run(result.run_id).info.status == "FINISHED"
     staged = list((tmp_path / "runs" / "models").iterdir())
     assert len(staged) == 1 and (staged[0] / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_mining_actors_on_other_nodes_encode_with_the_staged_model(tmp_path: Path) -> None:
+    """``mine.workers > 1`` encodes on Ray actors, which a cluster places on worker nodes (the head has no Ray
+    CPUs): they too load the staged copy, not the driver's path."""
+    import ray
+
+    import xling.trainer.model as model
+    from tests.trainer.test_mining import tiny_experiment
+    from xling.trainer.driver import prepare_data
+    from xling.trainer.spec import parse_experiment
+
+    stage_model = model.stage_model
+
+    def stage_then_lose_the_drivers_copy(path: str, root: str, cache: Path):
+        staged = stage_model(path, root, cache)
+        shutil.rmtree(path)  # what an actor on another node sees of the driver's disk
+        return staged
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XLING_CACHE", str(tmp_path / "driver-cache"))
+        mp.setenv("XLING_EXPERIMENT_UID", UID)  # what the operator sets on every Ray pod
+        mp.setattr(model, "stage_model", stage_then_lose_the_drivers_copy)
+        try:
+            mined = prepare_data(parse_experiment(tiny_experiment(tmp_path, workers=2))).mined
+        finally:
+            ray.shutdown()
+    assert mined["negatives"] > 0
+    assert len(list((tmp_path / "runs" / "models").iterdir())) == 1
