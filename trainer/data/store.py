@@ -249,7 +249,7 @@ def locate(location: DataLocation, cache: Path) -> Path:
             cache,
         )
     if meta is None or meta["fingerprint"] != location.fingerprint:
-        found = meta["fingerprint"] if meta else "no prepared corpus"
+        found = meta["fingerprint"] if meta else "nothing (is the storage shared with this node?)"
         raise ValueError(f"{location.uri}: expected {location.fingerprint}, found {found}")
     return directory
 
