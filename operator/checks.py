@@ -27,6 +27,8 @@ class PreflightKube(Protocol):
 def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Problem]:
     spec, dist = exp.spec, exp.spec.distributed
     problems: list[Problem] = []
+    if plan_only := spec.model.plan_only():
+        problems.append((Reason.PLAN_ONLY_MODEL, f"spec.model.name: {plan_only}"))
     if spec.storage is None and mf.pod_count(spec) > 1:
         problems.append(
             (

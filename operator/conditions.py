@@ -45,6 +45,7 @@ class ConditionReason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     IMMUTABLE_FIELD_CHANGED = "ImmutableFieldChanged"
     SHARED_STORAGE_REQUIRED = "SharedStorageRequired"
+    PLAN_ONLY_MODEL = "PlanOnlyModel"
     GPUS_IDLE = "GpusIdle"
     PARTIAL_NODE = "PartialNode"
     TRACKING_HOST_NOT_ALLOWED = "TrackingHostNotAllowed"

@@ -6,11 +6,13 @@ import argparse
 import sys
 
 from xling.trainer.errors import command
-from xling.trainer.spec import load_experiment
+from xling.trainer.spec import SpecError, load_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
     exp = load_experiment(args.file)
+    if problem := exp.spec.model.plan_only():
+        raise SpecError(args.file, problem, field="spec.model.name")
     if args.check:
         print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
         return 0

@@ -36,6 +36,12 @@ def prepared_cache_dir() -> Path:
     return default_cache_dir() / "prepared"
 
 
+def staged_model_cache_dir() -> Path:
+    """The node-local copies of models staged in a bucket (``model.stage_model``): every worker of a node
+    loads the one copy."""
+    return default_cache_dir() / "staged-models"
+
+
 def embedding_cache_dir(configured: str | Path | None = None) -> Path:
     """The embedding cache: ``configured`` (evaluation.cacheDir, ``xling eval --cache-dir``) when given, else
     ``embeddings`` in :func:`default_cache_dir`, the one default of runs, mining and ``xling eval``."""

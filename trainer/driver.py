@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
+from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir, staged_model_cache_dir
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
@@ -112,15 +112,34 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
 
         if mine.workers > 1:  # its encoders are Ray actors, started as the run's workers will be
             init_ray(local_env(spec), spec.distributed.gpus_per_worker > 0)
-        prepared = mine_prepared(
-            prepared, spec, tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
-        )
+        texts = tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
+        prepared = mine_prepared(prepared, spec, texts, model_root(spec))
     return prepared
 
 
 def data_root(output_dir: str) -> str:
     """Where prepared corpora live: beside Ray Train's storage, so a cluster run's are in its bucket or PVC."""
     return storage_path(output_dir).removesuffix("/ray") + "/data"
+
+
+def model_root(spec: ExperimentSpec) -> str | None:
+    """Where a model on this machine's disk is staged (beside the prepared corpora) when the workers run
+    elsewhere: under the operator (it sets the experiment's uid on every Ray pod) or joined to a Ray cluster.
+    None when they share this machine's disk (a local run)."""
+    if not (os.environ.get(EXPERIMENT_UID_ENV) or os.environ.get("RAY_ADDRESS")):
+        return None
+    return storage_path(spec.output_dir).removesuffix("/ray") + "/models"
+
+
+def stage(model_path: str, spec: ExperimentSpec) -> DataLocation | None:
+    """The model of ``model_path`` staged once to the run's shared storage when the workers run elsewhere and
+    it is a directory on this machine (the way Kubeflow Trainer's model initializer fills a shared volume
+    before the trainer starts); None when the workers can load ``model_path`` themselves."""
+    if (root := model_root(spec)) is None:
+        return None
+    from xling.trainer.model import stage_model
+
+    return stage_model(model_path, root, staged_model_cache_dir())
 
 
 def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
@@ -160,17 +179,20 @@ class Setup:
     tracking_uri: str
     experiment_name: str
     tags: dict[str, str]  # of every MLflow run the driver opens (:func:`run_tags`); a driver adds its own
+    staged_model: DataLocation | None = None  # where the workers load the model from (:func:`stage`)
 
 
 def set_up(exp: RetrievalExperiment, tracking_uri: str | None, skip_bad_rows: bool) -> Setup:
-    """Prepare the corpus and the model (:func:`prepare`), and resolve where and under which tags to track."""
+    """Prepare the corpus and the model (:func:`prepare`, :func:`stage`), and resolve where and under which
+    tags to track."""
     spec = exp.spec
     prepared, model_path = prepare(exp, skip_bad_rows)
+    staged_model = stage(model_path, spec)
     corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
     uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
     experiment_name = exp.mlflow_experiment_name
-    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared))
+    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared), staged_model)
 
 
 def run_tags(exp: RetrievalExperiment, prepared: Prepared) -> dict[str, str]:
@@ -200,10 +222,11 @@ def log_training_data(
 
 def fit(
     exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
-    callbacks: list | None = None,
+    callbacks: list | None = None, trial: str | None = None, staged_model: DataLocation | None = None,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
-    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``trial`` names that trial;
+    ``staged_model`` is where the workers load the model from (:func:`stage`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -218,9 +241,8 @@ def fit(
     init_ray(env, use_gpu)
     resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
     storage = storage_path(spec.output_dir)
-    job = Job(
-        spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id)
-    )
+    job = Job(spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id),
+              staged_model)  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.train_loop_config(),
@@ -229,7 +251,7 @@ def fit(
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(
-            name=train_run_name(exp.metadata.name, run_id),
+            name=train_run_name(exp.metadata.name, run_id, trial),
             storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=dist.max_failures),
@@ -245,11 +267,14 @@ def fit(
     return result
 
 
-def train_run_name(name: str, run_id: str) -> str:
-    """The Ray Train run name. Under the operator it is fixed by the experiment's uid, so a suspended,
-    preempted or head-lost experiment that runs again finds its checkpoints and resumes; locally it is per run."""
+def train_run_name(name: str, run_id: str, trial: str | None = None) -> str:
+    """The Ray Train run name, and so its folder in the storage. Under the operator it is fixed by the
+    experiment's uid, so a suspended, preempted or head-lost experiment that runs again finds its checkpoints
+    and resumes; locally it is per MLflow run. A sweep trial adds its stable name (``p0-s1``): otherwise every
+    trial of the experiment would be one Train run, each resuming from the snapshot of the one before."""
     uid = os.environ.get(EXPERIMENT_UID_ENV)
-    return f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
+    base = f"{name}-{uid[:8]}" if uid else f"{name}-{run_id[:8]}"
+    return f"{base}-{trial}" if trial else base
 
 
 def init_ray(env: dict[str, str], use_gpu: bool) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xling.trainer.data.store import DataLocation
+from xling.trainer.contracts import staged_model_cache_dir
+from xling.trainer.data.store import DataLocation, locate
 from xling.trainer.spec import ExperimentSpec
 
 #: The one key of ``train_loop_config``.
@@ -34,10 +35,14 @@ class Job:
     model_fingerprint: str = ""  # names the zero-shot embeddings in the evaluation cache
     name: str | None = None  # the experiment's name (the model card's title)
     run: TrackedRun | None = None
+    staged_model: DataLocation | None = None  # the model's copy in the run's storage (``model.stage_model``)
 
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run else None
+
+    def local_model_path(self) -> str:
+        return local_model_path(self.model_path, self.staged_model)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """What every checkpoint records of its job (``xling export`` reads it back): JSON, no data location."""
@@ -47,6 +52,12 @@ class Job:
     def train_loop_config(self) -> dict[str, Job]:
         """The dict Ray Train's ``train_loop_config`` must be."""
         return {JOB_KEY: self}
+
+
+def local_model_path(model_path: str, staged: DataLocation | None) -> str:
+    """What a worker or mining actor loads: a node-local copy of the staged model (the driver's disk is not
+    this node's), else ``model_path`` (a hub name, or a local run's directory)."""
+    return str(locate(staged, staged_model_cache_dir())) if staged else model_path
 
 
 def job_of(config: dict[str, Any]) -> Job:

@@ -171,27 +171,39 @@ def _filter(
 
 
 @contextmanager
-def mining_encoder(path: str, spec: ExperimentSpec, settings: MineSpec) -> Iterator[TextEncoder]:
+def mining_encoder(
+    path: str, spec: ExperimentSpec, settings: MineSpec, model_root: str | None = None
+) -> Iterator[TextEncoder]:
     """The mining model in this process, or on ``settings.workers`` Ray actors (Ray must be started), on
-    GPUs when the run's workers train on them, freed when mining ends so that training gets the GPUs."""
+    GPUs when the run's workers train on them, freed when mining ends so that training gets the GPUs. With
+    ``model_root`` (the actors run on other nodes) a model on this machine's disk is staged there first."""
     if settings.workers == 1:
         from xling.trainer.model import encoder_for
 
         yield encoder_for(path, spec.model, settings.batch_size)
         return
+    from xling.trainer.contracts import staged_model_cache_dir
+    from xling.trainer.model import stage_model
     from xling.trainer.sharded_encoder import ShardedEncoder
 
     gpus = spec.distributed.gpus_per_worker > 0
-    encoder = ShardedEncoder(path, spec.model, settings.batch_size, settings.workers, gpus)
+    staged = stage_model(path, model_root, staged_model_cache_dir()) if model_root else None
+    encoder = ShardedEncoder(path, spec.model, settings.batch_size, settings.workers, gpus, staged)
     try:
         yield encoder
     finally:
         encoder.close()
 
 
-def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str] | None = None) -> Prepared:
+def mine_prepared(
+    prepared: Prepared,
+    spec: ExperimentSpec,
+    tiny_texts: list[str] | None = None,
+    model_root: str | None = None,
+) -> Prepared:
     """Mine ``spec.data.hardNegatives.mine`` into the prepared corpus (once per key, uploaded beside a
-    corpus in a bucket); the result's location and corpus carry the negatives."""
+    corpus in a bucket); the result's location and corpus carry the negatives. ``model_root``: where to
+    stage the model for mining actors on other nodes (:func:`mining_encoder`)."""
     from xling.trainer.contracts import embedding_cache_dir
     from xling.trainer.model import model_fingerprint, resolve_model_path
 
@@ -202,7 +214,7 @@ def mine_prepared(prepared: Prepared, spec: ExperimentSpec, tiny_texts: list[str
     meta = mined(corpus, key)
     if meta is None:
         started = time.perf_counter()
-        with mining_encoder(path, spec, settings) as encoder:
+        with mining_encoder(path, spec, settings, model_root) as encoder:
             meta = mine(corpus, settings, encoder, key, embedding_cache_dir(spec.evaluation.cache_dir))
         print(f"mine: {meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages "
               f"in {time.perf_counter() - started:.0f}s; removed {meta['removed']}", flush=True)  # fmt: skip

@@ -8,7 +8,9 @@ sharded across ranks when a process group is up, so a ZeRO-3 model larger than o
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from xling.trainer.data.store import FORMAT, META, DataLocation, store_once
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec, Pooling
 
 log = logging.getLogger(__name__)
@@ -216,6 +219,34 @@ def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache
     return name
 
 
+def stage_model(path: str, root: str, cache: Path) -> DataLocation | None:
+    """A model directory on this machine's disk (a built-in model, a converted one, a local path) copied once,
+    by content, into ``root`` in the run's shared storage, as the prepared corpus is (``data.store``): on a
+    cluster the workers run on other nodes and load a node-local copy of it (``Job.local_model_path``). A hub
+    name is not staged (None): every worker downloads it."""
+    source = Path(path)
+    if not source.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(p for p in source.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(source)}\0{f.stat().st_size}\0".encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                digest.update(chunk)
+    fingerprint = f"model-{digest.hexdigest()[:16]}"
+
+    def build(staging: Path) -> dict[str, Any]:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+        meta = {"format": FORMAT, "fingerprint": fingerprint, "source": str(source)}
+        (staging / META).write_text(json.dumps(meta))
+        return meta
+
+    target = f"{root.rstrip('/')}/{fingerprint}"
+    _, reused = store_once(target, cache, build)
+    print(f"model: {'staged copy found' if reused else 'staged'} {path} at {target}", flush=True)
+    return DataLocation(target, fingerprint)
+
+
 def load_tokenizer(path: str, spec: ModelSpec | None = None) -> Any:
     from transformers import AutoTokenizer
 
@@ -234,7 +265,7 @@ def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32
     config = AutoConfig.from_pretrained(
         path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
     )
-    if config.model_type in ("bert", "xlm-roberta", "roberta"):
+    if config.model_type in ("bert", "xlm-roberta", "xlm-roberta-xl", "roberta"):
         kwargs["add_pooling_layer"] = False  # retrieval pools itself; an unused pooler gets no gradient
     model = AutoModel.from_pretrained(
         path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype, **kwargs

@@ -44,7 +44,8 @@ def _shape(
 _E5_SMALL = _shape("bert", 250037, 384, 12, 12, 1536)
 _XLMR_LARGE = _shape("xlm-roberta", 250002, 1024, 24, 16, 4096, max_position_embeddings=514)
 #: Shapes known without hub access: (model_type, config kwargs). ``xling/xlm-roberta-30b`` is the
-#: hypothetical 30B XLM-R-shaped encoder of the design notes (no such checkpoint exists).
+#: hypothetical 30B XLM-R-shaped encoder of the design notes (no such checkpoint exists: plan-only, refused by
+#: ``xling run`` and the operator, ``ModelSpec.plan_only``).
 KNOWN_SHAPES: dict[str, tuple[str, dict[str, int]]] = {
     TINY_MODEL: _shape("bert", 2000, 32, 2, 2, 64),
     DEMO_MODEL: _E5_SMALL,

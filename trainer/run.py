@@ -36,7 +36,7 @@ def run_experiment(
     log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
     print(f"mlflow: {uri} experiment={setup.experiment_name!r} run_id={run_id}", flush=True)
 
-    result = fit(exp, prepared.location, setup.model_path, uri, run_id, env)
+    result = fit(exp, prepared.location, setup.model_path, uri, run_id, env, staged_model=setup.staged_model)
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
     report = Path(ckpt or "/nonexistent") / "results.txt"

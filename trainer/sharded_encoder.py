@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
+from xling.trainer.data.store import DataLocation
 from xling.trainer.evaluation.protocol import Kind
+from xling.trainer.job import local_model_path
 from xling.trainer.spec import ModelSpec
 
 
@@ -22,10 +24,10 @@ from xling.trainer.spec import ModelSpec
 class _Shard:
     """One worker's encoder (torch is imported in the actor, not in the driver)."""
 
-    def __init__(self, path: str, spec: ModelSpec, batch_size: int) -> None:
+    def __init__(self, path: str, spec: ModelSpec, batch_size: int, staged: DataLocation | None) -> None:
         from xling.trainer.model import encoder_for
 
-        self.encoder = encoder_for(path, spec, batch_size)
+        self.encoder = encoder_for(local_model_path(path, staged), spec, batch_size)
 
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
@@ -36,9 +38,13 @@ class _Shard:
 
 class ShardedEncoder:
     """``encoder_for(path, spec, batch_size)`` on ``workers`` Ray actors, one GPU each with ``gpus`` (as the
-    run's workers train), else one CPU each; needs a started Ray."""
+    run's workers train), else one CPU each; needs a started Ray. With ``staged`` (``model.stage_model``) the
+    actors load their node's copy of it, not ``path`` on the driver's disk."""
 
-    def __init__(self, path: str, spec: ModelSpec, batch_size: int, workers: int, gpus: bool) -> None:
+    def __init__(
+        self, path: str, spec: ModelSpec, batch_size: int, workers: int, gpus: bool,
+        staged: DataLocation | None = None,
+    ) -> None:  # fmt: skip
         unit = "GPU" if gpus else "CPU"
         room = int(ray.cluster_resources().get(unit, 0))
         # A local Ray has all it will ever have: actors beyond it would wait forever. A cluster's nodes may
@@ -49,7 +55,7 @@ class ShardedEncoder:
             )
         self.batch_size = batch_size
         self.actors = [
-            _Shard.options(num_cpus=1, num_gpus=int(gpus)).remote(path, spec, batch_size)
+            _Shard.options(num_cpus=1, num_gpus=int(gpus)).remote(path, spec, batch_size, staged)
             for _ in range(workers)
         ]
         self.fingerprint = ray.get(self.actors[0].fingerprint.remote())

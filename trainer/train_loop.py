@@ -148,11 +148,12 @@ class Trainer:
         spec = self.spec
         if self.device.type == "cpu":  # Ray sets OMP_NUM_THREADS=1 for workers; use the CPUs asked for
             torch.set_num_threads(max(1, int(spec.distributed.cpus_per_worker)))
-        self.tokenize = Tokenize(load_tokenizer(job.model_path, spec.model), spec.model)
+        model_path = job.local_model_path()
+        self.tokenize = Tokenize(load_tokenizer(model_path, spec.model), spec.model)
         dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
 
         def build_model() -> BiEncoder:
-            backbone = load_backbone(job.model_path, spec.model, dtype=dtype)
+            backbone = load_backbone(model_path, spec.model, dtype=dtype)
             if spec.distributed.activation_checkpointing:  # reentrant breaks a shared encoder under ZeRO
                 backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model = BiEncoder(backbone, spec.model.pooling, spec.model.normalize, spec.model.length_buckets)

@@ -51,6 +51,19 @@ def test_multi_pod_run_without_shared_storage_is_refused_naming_the_field():
     assert ("rayjob", "default", "exp") not in kube.objects and events[0].type == "Warning"
 
 
+def test_a_model_only_xling_plan_knows_is_refused_before_any_gpu():
+    kube = FakeKube()
+    body = experiment(model={"name": "xling/xlm-roberta-30b"})
+    kube.add_experiment(body)
+    _reconcile(kube)
+    cond = _cond(kube, "Validated")
+    assert cond["status"] == "False" and cond["reason"] == "PlanOnlyModel"
+    assert cond["message"].startswith("spec.model.name: 'xling/xlm-roberta-30b' is a model shape")
+    assert ("rayjob", "default", "exp") not in kube.objects
+    for name in ("xling/tiny-random", "xling/multilingual-e5-small", "FacebookAI/xlm-roberta-large"):
+        assert mf.validate(experiment(model={"name": name})).spec.model.plan_only() is None, name
+
+
 def test_platform_storage_default_is_used_and_a_read_write_once_claim_is_refused():
     kube = FakeKube()
     body = experiment(storage={"checkpointUri": "pvc://ckpt/xling"})

@@ -18,6 +18,7 @@ from xling.trainer.spec import parse_experiment
 
 GiB = 2**30
 SAMPLES = ROOT / "manifests" / "samples"
+PLANS = ROOT / "manifests" / "plans"  # plan-only: their models are shapes, not checkpoints
 
 
 def experiment(model: str = "xling/xlm-roberta-30b", **spec: Any) -> dict[str, Any]:
@@ -93,11 +94,13 @@ def test_cli_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 def test_run_that_cannot_fit_is_refused_before_anything_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A 30B model on 2 CPU workers of this box: refused before data, MLflow or Ray."""
+    """A 32B model on 2 CPU workers of this box: refused before data, MLflow or Ray."""
     monkeypatch.chdir(tmp_path)
     file = tmp_path / "big.yaml"
     cpu = {"numWorkers": 2, "gpusPerWorker": 0, "cpusPerWorker": 0.5, "deepspeed": {"stage": 3}}
-    file.write_text(yaml.safe_dump(experiment(distributed=cpu)))
+    file.write_text(
+        yaml.safe_dump(experiment("Qwen/Qwen2.5-32B", distributed=cpu))
+    )  # a checkpoint, not a shape
     assert main(["run", str(file)]) == 2
     err = capsys.readouterr().err
     assert "refused before starting any worker" in err and "DOES NOT FIT" in err
@@ -165,7 +168,7 @@ def test_every_shipped_sample_plans_and_renders(
 
 def test_the_30b_sample_is_the_documented_plan(capsys: pytest.CaptureFixture[str]) -> None:
     """docs/distributed.md's 30B encoder: fits on its 16 GPUs, not on 8 (exit status 1, with the advice)."""
-    sample = str(SAMPLES / "xlmr-30b.yaml")
+    sample = str(PLANS / "xlmr-30b.yaml")
     assert main(["plan", sample, "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["model"] == "xling/xlm-roberta-30b" and plan["gpus"] == 16 and plan["zero_stage"] == 3
@@ -291,3 +294,17 @@ def test_step_time_is_within_1_5x_of_the_h200_measurements(
     assert 1 / 1.5 <= plan.step_time_s / seconds <= 1.5, (
         f"{what}: plan {plan.step_time_s:.3f} s, measured {seconds:.3f} s"
     )
+
+
+@pytest.mark.parametrize("command", [["run", "--check"], ["run"], ["render"]])
+def test_a_plan_only_model_is_refused_by_everything_but_plan(
+    command: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xling/xlm-roberta-30b`` is a shape (no checkpoint exists): a run would allocate its GPUs and then
+    fail in every worker, so ``xling run`` (``--check`` too) and ``xling render`` (the operator's checks)
+    refuse it, naming the field; ``xling plan`` takes it."""
+    sample = str(PLANS / "xlmr-30b.yaml")
+    assert main([command[0], sample, *command[1:]]) == 2
+    err = capsys.readouterr().err
+    assert "spec.model.name: 'xling/xlm-roberta-30b' is a model shape that only `xling plan` knows" in err
+    assert main(["plan", sample]) == 0

@@ -61,9 +61,7 @@ from xling.trainer.data.store import (
     ROWS,
     DataLocation,
     PreparedCorpus,
-    publish,
-    read_meta,
-    remote_meta,
+    store_once,
 )
 from xling.trainer.spec import KNOWN_LANGUAGES, DataSource, DataSpec
 
@@ -156,19 +154,8 @@ def prepare_corpus(
     report = (report if report is not None else RowReport()) if spec.skip_bad_rows else None
     key = preparation_key(spec, guard)
     target = f"{root.rstrip('/')}/{key}"
-    remote = "://" in root
     cache = cache or Path(tempfile.gettempdir()) / "xling-prepared"
-    meta = remote_meta(target) if remote else read_meta(Path(target))
-    reused = meta is not None
-    if meta is None:
-        staging_parent = cache if remote else Path(target).parent
-        staging_parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{key}.tmp-", dir=staging_parent))
-        meta = _build(spec, staging, guard, report)
-        if remote:  # upload, then keep the local copy as this node's cached one
-            publish(staging, target, keep_local=cache / meta["fingerprint"])
-        else:
-            publish(staging, target)
+    meta, reused = store_once(target, cache, lambda staging: _build(spec, staging, guard, report))
     location = DataLocation(target, meta["fingerprint"])
     corpus = open_corpus(location, cache)
     if report is None:

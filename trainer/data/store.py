@@ -21,7 +21,8 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,8 @@ ROW_SCHEMA = pa.schema([
 
 @dataclass(frozen=True)
 class DataLocation:
-    """What a worker gets instead of the data: where the prepared corpus is and what it must hold."""
+    """What a worker gets instead of the data (or of a staged model): where the directory is in the run's
+    storage and what it must hold (:func:`locate` makes the node-local copy)."""
 
     uri: str  # a local directory or a pyarrow filesystem URI (s3://, gs://, file://)
     fingerprint: str
@@ -153,6 +155,27 @@ def read_meta(directory: Path) -> dict[str, Any] | None:
     return meta if meta.get("format") == FORMAT else None
 
 
+def store_once(
+    target: str, cache: Path, build: Callable[[Path], dict[str, Any]]
+) -> tuple[dict[str, Any], bool]:
+    """The meta of the complete directory at ``target`` (a local path or a URI), and whether it was there
+    already; else ``build`` fills a staging directory (writing ``meta.json`` with ``format`` and
+    ``fingerprint``), which is published there. A URI's staging directory is kept as this node's copy in
+    ``cache``. Prepared corpora and staged models (``model.stage_model``) are stored this way."""
+    remote = "://" in target
+    meta = remote_meta(target) if remote else read_meta(Path(target))
+    if meta is not None:
+        return meta, True
+    staging_parent = cache if remote else Path(target).parent
+    staging_parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{target.rstrip('/').rsplit('/', 1)[-1]}.tmp-", dir=staging_parent)
+    )
+    meta = build(staging)
+    publish(staging, target, keep_local=cache / meta["fingerprint"] if remote else None)
+    return meta, False
+
+
 def publish(staging: Path, target: str, keep_local: Path | None = None) -> None:
     """Move a finished staging directory to ``target`` (a local path or a URI: uploaded, and the staging
     directory kept as ``keep_local``). A concurrent preparer that got there first wins: its corpus has the
@@ -164,6 +187,7 @@ def publish(staging: Path, target: str, keep_local: Path | None = None) -> None:
         if fs.get_file_info(f"{path}/{META}").type == pyarrow.fs.FileType.NotFound:
             local = pyarrow.fs.LocalFileSystem()
             meta = (staging / META).rename(staging.parent / f"{staging.name}.{META}")  # uploaded last
+            fs.create_dir(path)  # pyarrow makes the folders of nested files only (a bucket needs none)
             pyarrow.fs.copy_files(str(staging), path, source_filesystem=local, destination_filesystem=fs)
             pyarrow.fs.copy_files(
                 str(meta), f"{path}/{META}", source_filesystem=local, destination_filesystem=fs
@@ -209,8 +233,8 @@ def remote_meta(uri: str) -> dict[str, Any] | None:
 
 
 def locate(location: DataLocation, cache: Path) -> Path:
-    """A local directory holding the prepared corpus of ``location``: the directory itself, or a copy in
-    ``cache`` made once per node (the workers of a node wait on a lock; one copies)."""
+    """A local directory holding the prepared corpus (or staged model) of ``location``: the directory itself,
+    or a copy in ``cache`` made once per node (the workers of a node wait on a lock; one copies)."""
     if "://" not in location.uri:
         directory = Path(location.uri)
     else:
@@ -225,10 +249,8 @@ def locate(location: DataLocation, cache: Path) -> Path:
             cache,
         )
     if meta is None or meta["fingerprint"] != location.fingerprint:
-        found = meta["fingerprint"] if meta else "no prepared corpus"
-        raise ValueError(
-            f"{location.uri}: expected the prepared corpus {location.fingerprint}, found {found}"
-        )
+        found = meta["fingerprint"] if meta else "nothing (is the storage shared with this node?)"
+        raise ValueError(f"{location.uri}: expected {location.fingerprint}, found {found}")
     return directory
 
 
@@ -244,6 +266,7 @@ def _fetch(uri: str, directory: Path, cache: Path) -> None:
         if not directory.is_dir():
             fs, path = pyarrow.fs.FileSystem.from_uri(uri)
             staging = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+            staging.mkdir(exist_ok=True)  # pyarrow makes the folders of nested files only
             pyarrow.fs.copy_files(path, str(staging), source_filesystem=fs,
                                   destination_filesystem=pyarrow.fs.LocalFileSystem())  # fmt: skip
             staging.rename(directory)

@@ -89,6 +89,7 @@ class TrialContext:
     model_path: str
     tags: dict[str, str]
     mined: dict | None = None  # mined hard negatives' counts, logged to every trial
+    staged_model: DataLocation | None = None  # the model in the run's storage (``driver.stage``)
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
         spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
@@ -153,7 +154,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: DataLocation) -> 
     )
     monitor.start()
     try:
-        result = fit(exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()])
+        result = fit(
+            exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()], trial.name,
+            ctx.staged_model,
+        )  # fmt: skip
     finally:
         monitor.finish()
     tune.report({**result.metrics, "mlflow_run_id": run_id})
@@ -278,7 +282,8 @@ def run_sweep(
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
-    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, setup.model_path, tags, prepared.mined)
+    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, setup.model_path, tags, prepared.mined,
+                       setup.staged_model)  # fmt: skip
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
     grid = _tune(ctx, prepared.location, storage, stored)

@@ -164,7 +164,7 @@ def test_a_uri_root_is_uploaded_and_copied_once_per_node(tmp_path: Path, spec: D
     assert corpus.directory == node / prepared.location.fingerprint
     assert corpus.materialize().groups == PairCorpus(groups()).groups
     assert prepare_corpus(spec, f"file://{bucket}", cache=tmp_path / "other").reused
-    with pytest.raises(ValueError, match="expected the prepared corpus 0000"):
+    with pytest.raises(ValueError, match="expected 0000"):
         open_corpus(DataLocation(prepared.location.uri, "0000"), tmp_path / "node2")
 
 
