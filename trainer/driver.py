@@ -128,7 +128,7 @@ def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
     groups) now, rather than after Ray started and a worker reached that batch."""
     from xling.trainer.sampling import build_sampler
 
-    build_sampler(index, spec.optimization.global_batch_size, spec.sampling)
+    build_sampler(index, spec.optimization.global_batch_size, spec.sampling, spec.optimization.max_steps)
 
 
 def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:

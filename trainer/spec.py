@@ -207,6 +207,13 @@ class SamplingSpec(Spec):
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default=0.5, description="Probability that a hybrid batch is X-X-mono."
     )
+    alpha_schedule: Literal["bernoulli", "exact"] = Field(
+        default="bernoulli",
+        description="How hybrid batches realise alpha. bernoulli: one coin per batch (the realised X-X share "
+        "varies by seed: 0.35-0.5 at alpha 0.5 over 40 steps); exact: round(alpha * maxSteps) X-X batches in "
+        "a seeded random order, so every seed trains on the nominal mix. bernoulli is the default because the "
+        "published tables were made with it; the research samples use exact.",
+    )
     language_weighting: Literal["uniform", "size"] = Field(
         default="uniform", description="How the X-X batch language is drawn: uniformly or by data size."
     )

@@ -161,7 +161,9 @@ class Trainer:
         self.trainable_params = count_dense_params(
             self.model, trainable_only=True
         )  # freezeLayers: less backward
-        self.sampler = build_sampler(self.corpus.index, spec.optimization.global_batch_size, spec.sampling)
+        self.sampler = build_sampler(
+            self.corpus.index, spec.optimization.global_batch_size, spec.sampling, spec.optimization.max_steps
+        )
         self.batches = Prefetch(self.read_batch, spec.data.prefetch_steps)
         self.composition = Composition()
         uri = job.run.uri if job.run else None
