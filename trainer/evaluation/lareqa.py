@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 
 from xling.trainer.evaluation.errors import EvalDataError
-from xling.trainer.spec import CandidateContext
+from xling.trainer.spec import CandidateContext, ClusterUnit
+
+#: The clusters above the question that per_query.json labels every query with (sweep.bootstrapUnit).
+CLUSTER_UNITS: tuple[ClusterUnit, ...] = ("paragraph", "article")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class LanguageData:
     #: question id -> local index of its answer sentence, for every question whose paragraph is kept
     #: (max_queries shortens the query list, never the relevant sets).
     answer_of: dict[str, int]
+    #: question id -> (article, paragraph) position in the file: the units the bootstrap resamples.
+    place_of: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,26 @@ class LareqaSuite:
         return np.repeat(
             np.arange(len(self.languages)), [len(self.data[lang].candidate_ids) for lang in self.languages]
         )
+
+    def clusters(self, unit: ClusterUnit) -> dict[str, int]:
+        """Question id -> its cluster: the connected component of questions that share a paragraph (or an
+        article) in any language. Translations of a question always share one; on XQuAD-R, whose files are
+        parallel, a paragraph cluster is one paragraph; on MLQA-R it joins paragraphs that translations link."""
+        parent: dict[str, str] = {}
+
+        def root(q: str) -> str:
+            while parent.setdefault(q, q) != q:
+                parent[q] = parent[parent[q]]
+                q = parent[q]
+            return q
+
+        for lang in self.languages:
+            first: dict[tuple[int, ...], str] = {}
+            for qid, (article, paragraph) in self.data[lang].place_of.items():
+                key = (article,) if unit == "article" else (article, paragraph)
+                parent[root(qid)] = root(first.setdefault(key, qid))
+        labels: dict[str, int] = {}
+        return {q: labels.setdefault(root(q), len(labels)) for q in sorted(parent)}
 
     def relevant(self, lang: str) -> np.ndarray:
         """Pooled indices of each query's relevant candidates, shape (queries, languages), -1 = none."""
@@ -122,13 +147,13 @@ def _field(record: dict[str, Any], key: str, path: Path, where: str | None, kind
     return value
 
 
-def _paragraphs(doc: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Every paragraph in file order, with its location for error messages."""
+def _paragraphs(doc: Any, path: Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """Every paragraph in file order, with its article's index and its location for error messages."""
     articles = _field(doc, "data", path, None, list)
     out = []
     for a, article in enumerate(articles):
         paragraphs = _field(article, "paragraphs", path, f"data[{a}]", list)
-        out.extend((f"data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
+        out.extend((a, f"data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
     return out
 
 
@@ -158,7 +183,8 @@ def load_language(
     query_ids: list[str] = []
     query_texts: list[str] = []
     answer_of: dict[str, int] = {}
-    for p, (where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
+    place_of: dict[str, tuple[int, int]] = {}
+    for p, (article, where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
         context = _field(par, "context", path, where, str)
         sentences = _field(par, "sentences", path, where, list)
         breaks = _field(par, "sentence_breaks", path, where, list)
@@ -183,6 +209,7 @@ def load_language(
             if qid in answer_of:
                 raise EvalDataError(path, "duplicate question id", field=qwhere)
             answer_of[qid] = first + _answer_sentence(breaks, start, path, qwhere)
+            place_of[qid] = (article, p)
             query_ids.append(qid)
             query_texts.append(_field(qa, "question", path, qwhere, str))
     data = LanguageData(
@@ -193,6 +220,7 @@ def load_language(
         query_ids=query_ids[:max_queries],
         query_texts=query_texts[:max_queries],
         answer_of=answer_of,
+        place_of=place_of,
     )
     return data, hashlib.sha256(raw).hexdigest()
 

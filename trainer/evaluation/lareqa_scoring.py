@@ -21,7 +21,7 @@ import numpy as np
 
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
-from xling.trainer.evaluation.lareqa import LareqaSuite
+from xling.trainer.evaluation.lareqa import CLUSTER_UNITS, LareqaSuite
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
 from xling.trainer.evaluation.results import BIAS_METRICS, LareqaResults, mean
@@ -90,6 +90,7 @@ def _language_row(
     top: tuple[np.ndarray, np.ndarray],
     depth: int,
     exact: bool,
+    clusters: dict[str, dict[str, int]],
 ) -> _LanguageRow:
     lang = suite.languages[i]
     pool_rank, block_rank = ranks
@@ -111,6 +112,7 @@ def _language_row(
         "best_other_rank": best_other,
         "rank_distance": metrics.rank_distance(pool_rank) if exact else np.full(len(qids), np.nan),
         "top10_own_share": metrics.top_k_language_share(ids, suite.candidate_language, i, TOP_K),
+        **{unit: np.array([of[q] for q in suite.data[lang].query_ids]) for unit, of in clusters.items()},
     }
     return _LanguageRow(
         map_row=map_row,
@@ -178,6 +180,7 @@ def evaluate_lareqa(
     if not exact:
         pooled = build_index(pool, index, k)
         blocks = [build_index(c, index, k) for c in cands]
+    clusters = {unit: suite.clusters(unit) for unit in CLUSTER_UNITS}
     rows = []
     for i, lang in enumerate(suite.languages):
         relevant = suite.relevant(lang)
@@ -187,7 +190,9 @@ def evaluate_lareqa(
             scores, ids = search(pooled, queries[i], k)
             pool_rank = list_ranks(ids, relevant)
             block_rank = _block_list_ranks(blocks, bounds, queries[i], relevant, k)
-        rows.append(_language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth, exact))
+        rows.append(
+            _language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth, exact, clusters)
+        )
     t2 = time.perf_counter()
     langs = list(suite.languages)
     return LareqaResults(

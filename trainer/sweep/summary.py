@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.trainer.spec import SamplingSpec, SweepSpec
+from xling.trainer.spec import ClusterUnit, SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
 from xling.trainer.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 
@@ -106,6 +106,8 @@ class SweepSummary:
     notes: list[str]
     best: int | None
     zero_shot_full: dict[str, float] = field(default_factory=dict)
+    #: what the comparisons' bootstrap resampled: sweep.bootstrapUnit, or question where the runs lack it
+    bootstrap_unit: str = "question"
 
     @property
     def finished(self) -> int:
@@ -187,6 +189,14 @@ class PerQuery:
     query_ids: list[str]
     language: np.ndarray
     ap: dict[str, np.ndarray]
+    #: unit (paragraph, article) -> each query's cluster; absent in evaluations logged before they were
+    clusters: dict[str, list[int]] = field(default_factory=dict)
+
+    def units(self, unit: ClusterUnit) -> list[str] | None:
+        """Each query's bootstrap unit, or None where this evaluation did not log that unit."""
+        if unit == "question":
+            return self.question_ids
+        return [str(c) for c in self.clusters[unit]] if unit in self.clusters else None
 
     @property
     def question_ids(self) -> list[str]:
@@ -214,7 +224,8 @@ def parse_per_query(doc: dict[str, Any]) -> PerQuery:
     for bias in ("rank_distance", "top10_own_share"):  # logged since the research sweep (older runs: absent)
         if bias in doc:
             scores[bias] = np.array(doc[bias], dtype=np.float64)
-    return PerQuery(list(doc["query_ids"]), language, scores)
+    clusters = {unit: list(doc[unit]) for unit in ("paragraph", "article") if unit in doc}
+    return PerQuery(list(doc["query_ids"]), language, scores, clusters)
 
 
 def load_per_query(client: MlflowClient, run_id: str, suite: str) -> PerQuery | None:
@@ -256,7 +267,7 @@ def _violations(point: PointSummary, sweep: SweepSpec, zero: dict[str, float], k
 
 def _comparisons(
     client: MlflowClient, points: list[PointSummary], suite: str, sweep: SweepSpec, notes: list[str]
-) -> list[Comparison]:
+) -> tuple[list[Comparison], ClusterUnit]:
     """Hierarchical bootstrap (each point's seeds, then questions) between every two points, per setting,
     Holm-corrected per setting. Every finished trial's per-query AP is a row: training noise (between
     seeds) and test-set noise (between questions) both reach the intervals and p-values."""
@@ -272,16 +283,24 @@ def _comparisons(
             f"Bootstrap: {missing} trial(s) logged no per-query AP (eval/{suite}/step-N/{PER_QUERY_FILE})."
         )
     indices = sorted(per_point)
+    unit = sweep.bootstrap_unit
     if len(indices) < 2:
-        return []
+        return [], unit
     first = per_point[indices[0]][0]
     if any(q.query_ids != first.query_ids for i in indices for q in per_point[i]):
         notes.append("Bootstrap skipped: the trials were evaluated on different queries.")
-        return []
+        return [], unit
     single = [points[i].label for i in indices if len(per_point[i]) == 1]
     if single:
         notes.append(f"One seed only ({', '.join(single)}): their comparisons leave training noise out.")
     pairs = [(str(a), str(b)) for a, b in combinations(indices, 2)]
+    units = first.units(unit)
+    if units is None:
+        notes.append(
+            f"Bootstrap over questions, not {unit}s (sweep.bootstrapUnit): the trials' {PER_QUERY_FILE} has "
+            f"no {unit} ids, so the intervals are too narrow where questions on one {unit} share difficulty."
+        )
+        unit, units = "question", first.question_ids
     out = []
     for setting in SETTINGS:
         if any(setting not in q.ap for i in indices for q in per_point[i]):
@@ -292,7 +311,7 @@ def _comparisons(
         tests = hierarchical_bootstrap(
             scores,
             pairs,
-            first.question_ids,
+            units,
             first.language,
             resamples=sweep.bootstrap_samples,
             confidence=sweep.confidence,
@@ -302,7 +321,7 @@ def _comparisons(
             Comparison(setting, int(a), int(b), tests[(a, b)], q)
             for (a, b), q in zip(pairs, adjusted, strict=True)
         ]
-    return out
+    return out, unit
 
 
 def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
@@ -341,8 +360,9 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         p.violations = _violations(p, sweep, zero, keys)
     notes: list[str] = []
     comparisons: list[Comparison] = []
+    unit: str = "question"
     if f"{prefix}.multi.map" in keys:  # a LAReQA suite (XQuAD-R, MLQA-R): per-query AP exists
-        comparisons = _comparisons(client, points, prefix.replace("_", "-"), sweep, notes)
+        comparisons, unit = _comparisons(client, points, prefix.replace("_", "-"), sweep, notes)
     sign = 1 if sweep.mode == "max" else -1
     ranked = [p for p in points if p.feasible and sweep.metric in p.stats and p.stats[sweep.metric].n]
     best = max(ranked, key=lambda p: sign * p.stats[sweep.metric].mean).index if ranked else None
@@ -362,4 +382,5 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         zero_shot_full={
             k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")
         },
+        bootstrap_unit=unit,
     )

@@ -63,7 +63,7 @@ def tables(s: SweepSummary) -> list[Table]:
     if s.comparisons:
         out.append(
             Table(
-                f"Paired bootstrap over questions and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
+                f"Paired bootstrap over {s.bootstrap_unit}s and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
                 "languages; t-interval over seeds beside it)",
                 [
                     "setting",
