@@ -624,6 +624,12 @@ class SweepSpec(Spec):
         default=10_000, description="Resamples of the bootstrap between points (seeds, then questions)."
     )
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    equivalence_margin: Annotated[float, Field(gt=0.0)] = Field(
+        default=0.005,
+        description="mAP: a claim that one arm 'matches or beats' another holds when the difference's interval "
+        "lies above -margin (and excludes the alternative arm's gap). 0.005 is below the smallest gap the "
+        "hybrid-batch paper reports as a difference (LaBSE mono, 0.0075), so a 'match' cannot hide one.",
+    )
     bootstrap_unit: ClusterUnit = Field(
         default="paragraph",
         description="What the bootstrap resamples as one unit: questions share their paragraph's difficulty "
