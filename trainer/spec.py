@@ -302,11 +302,37 @@ class EvalSuite(Spec):
     candidate_context: CandidateContext = "sentence"
 
 
+class CenteringSpec(Spec):
+    """The language-mean centering baseline: the untrained model with each language's mean embedding
+    subtracted (and rows re-normalised), means estimated from unlabelled NTREX-128 sentences that are neither
+    training nor test data. A baseline without training: what a trained arm must beat to show that it
+    learnt more than removing a per-language offset."""
+
+    path: str = Field(description="NTREX-128 directory (newstest2019-ref.<code>.txt[.gz]).")
+    sentences: PositiveInt = Field(default=120, description="Lines per language the means are taken over.")
+    first_line: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="0-based first line: keep the lines apart from any NTREX suite or training source.",
+    )
+
+
 class EvaluationSpec(Spec):
     suites: list[EvalSuite] = Field(default_factory=list)
     at_start: bool = Field(
         default=False, description="Also evaluate the untrained model (zero-shot baseline)."
     )
+    centering: CenteringSpec | None = Field(
+        default=None,
+        description="With atStart: also evaluate the zero-shot model with language-mean centering on every "
+        "LAReQA suite (logged as <suite>_centered at step 0, and a row of every report).",
+    )
+
+    @model_validator(mode="after")
+    def _centering_at_start(self) -> EvaluationSpec:
+        if self.centering is not None and not self.at_start:
+            raise _bad("centering", "is a baseline of the untrained model: it needs atStart: true")
+        return self
+
     batch_size: PositiveInt = 64
     index: IndexKind = "flat"
     cache_dir: str | None = Field(
@@ -901,6 +927,8 @@ def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
         source.path = fix(source.path)
     for suite in exp.spec.evaluation.suites:
         suite.path = fix(suite.path)
+    if exp.spec.evaluation.centering is not None:
+        exp.spec.evaluation.centering.path = fix(exp.spec.evaluation.centering.path)
     model = exp.spec.model
     if not model.name.startswith("xling/"):
         model.name = fix(model.name)

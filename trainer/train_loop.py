@@ -227,7 +227,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> tuple[dict[str, float], str]:
         """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables."""
-        from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
+        from xling.trainer.evaluation import evaluate_with_centering, format_table, load_suite, log_to_mlflow
 
         ev = self.spec.evaluation
         out: dict[str, float] = {}
@@ -237,17 +237,20 @@ class Trainer:
         for suite_spec in ev.suites:
             suite = load_suite(suite_spec)
             # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
-            results = evaluate_suite(
-                suite, encoder, index=ev.index, cache_dir=cache if self.world == 1 else None
-            )
+            # The centering baseline is a property of the untrained model: at step 0 only.
+            evaluated = evaluate_with_centering(
+                suite, encoder, ev.centering if step == 0 else None, index=ev.index,
+                cache_dir=cache if self.world == 1 else None,
+            )  # fmt: skip
             if self.rank == 0:
-                prefix = suite_spec.name.replace("-", "_")
                 if self.logger.active:
-                    log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
                     log_dataset(self.logger.client, self.logger.run_id, suite_spec.name, suite.fingerprint,
                                 [suite_spec.path], "evaluation")  # fmt: skip
-                out.update(results.flat_metrics(prefix))
-                tables.append(format_table(results))
+                for results in evaluated:
+                    if self.logger.active:
+                        log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
+                    out.update(results.flat_metrics(results.suite.replace("-", "_")))
+                    tables.append(format_table(results))
         return out, "\n\n".join(tables)
 
     def _fingerprint(self, step: int) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
+from xling.trainer.evaluation.centering import LanguageMeans
 from xling.trainer.evaluation.lareqa import CLUSTER_UNITS, LareqaSuite
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
@@ -168,10 +169,17 @@ def evaluate_lareqa(
     index: IndexKind = "flat",
     cache_dir: str | Path | None = None,
     depth: int = 100,
+    centering: LanguageMeans | None = None,
 ) -> LareqaResults:
-    """Encode (or read from the cache) every language, then score all settings."""
+    """Encode (or read from the cache) every language, then score all settings; with ``centering``, each
+    language's mean is subtracted first (the language-mean centering baseline)."""
     t0 = time.perf_counter()
     cands, queries = encode_suite(suite, encoder, cache_dir)
+    if centering is not None:
+        cands = [centering.center(c, lang, "passage") for c, lang in zip(cands, suite.languages, strict=True)]
+        queries = [
+            centering.center(q, lang, "query") for q, lang in zip(queries, suite.languages, strict=True)
+        ]
     t1 = time.perf_counter()
     pool = np.vstack(cands)
     bounds = np.cumsum([0] + [len(c) for c in cands])
@@ -209,7 +217,8 @@ def evaluate_lareqa(
         multi_map=np.array([r.multi_map for r in rows]),
         multi_r10=np.array([r.multi_r10 for r in rows]),
         bias={lang: r.bias for lang, r in zip(langs, rows, strict=True)},
-        fingerprints={"encoder": encoder.fingerprint, "data": suite.fingerprint},
+        fingerprints={"encoder": encoder.fingerprint, "data": suite.fingerprint}
+        | ({"centering": centering.source} if centering else {}),
         timings={"encode_s": t1 - t0, "score_s": t2 - t1},
         per_query={key: np.concatenate([r.per_query[key] for r in rows]) for key in rows[0].per_query},
         ranked=[r.ranked for r in rows],

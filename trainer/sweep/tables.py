@@ -10,7 +10,15 @@ import math
 from dataclasses import dataclass
 
 from xling.trainer.stats import MeanCI, mean_ci
-from xling.trainer.sweep.summary import BY_LANGUAGE, HEADLINE, SweepSummary, full_prefix, short_key
+from xling.trainer.sweep.summary import (
+    BY_LANGUAGE,
+    HEADLINE,
+    HIGHER_IS_BETTER,
+    Comparison,
+    SweepSummary,
+    full_prefix,
+    short_key,
+)
 
 
 @dataclass
@@ -48,6 +56,9 @@ def tables(s: SweepSummary) -> list[Table]:
     rows = []
     if s.zero_shot:  # the baseline every point is read against: first
         rows.append(["-", "zero-shot", "-"] + [_fmt(_single(s.zero_shot.get(k))) for k in metrics] + ["-"])
+    if s.centered:  # the baseline without training that a trained arm must beat
+        label = "zero-shot + language-mean centering"
+        rows.append(["-", label, "-"] + [_fmt(_single(s.centered.get(k))) for k in metrics] + ["-"])
     for p in s.points:
         mark = "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
         rows.append(
@@ -92,12 +103,33 @@ def tables(s: SweepSummary) -> list[Table]:
                 ],
             )  # fmt: skip
         )
-    out += [t for t in (_by_language(s), _full_pool(s)) if t is not None]
+    out += [t for t in (_against_centering(s), _by_language(s), _full_pool(s)) if t is not None]
     from xling.trainer.paper_claims import claims_table
 
     if (claims := claims_table(s)) is not None:
         out.append(claims)
     return out
+
+
+def _against_centering(s: SweepSummary) -> Table | None:
+    """Does each point beat the untrained model with language-mean centering? Paired bootstrap, Holm."""
+    if not s.against_centering:
+        return None
+    alpha, pct = 1 - s.sweep.confidence, round(100 * s.sweep.confidence)
+
+    def verdict(c: Comparison) -> str:
+        better = c.test.diff > 0 if c.setting in HIGHER_IS_BETTER else c.test.diff < 0
+        if c.p_holm >= alpha:
+            return "not separable"
+        return "beats centering" if better else "below centering"
+
+    return Table(
+        f"Against language-mean centering (means: {s.centering_source}): point - baseline, paired bootstrap "
+        f"over {s.bootstrap_unit}s and seeds, {pct}% CI, Holm per setting",
+        ["setting", "point", "point - centering", f"{pct}% CI", "p (Holm)", "verdict"],
+        [[c.setting, s.points[c.a].label, f"{c.test.diff:+.4f}", _interval(c.test.low, c.test.high),
+          f"{c.p_holm:.4f}", verdict(c)] for c in s.against_centering],
+    )  # fmt: skip
 
 
 def _by_language(s: SweepSummary) -> Table | None:

@@ -445,7 +445,9 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     uri = f"sqlite:///{tmp_path_factory.mktemp('strategy-sweep')}/mlflow.db"
     points = [{"sampling.strategy": "xx"}, {"sampling.strategy": "xy"}, {"sampling.strategy": "mixed"},
               {"sampling.strategy": "hybrid", "sampling.alpha": 0.5}]  # fmt: skip
-    exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
+    evaluation = experiment({}).spec.evaluation.model_dump(mode="json", by_alias=True, exclude_none=True)
+    evaluation["centering"] = {"path": "ntrex", "sentences": 120, "firstLine": 1000}
+    exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500}, evaluation=evaluation)
     plan = plan_sweep(exp)
     tags = {
         SWEEP: "strategies",
@@ -477,9 +479,14 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         }
         final |= {f"xquad_r.bias.{lang}.rank_distance": 50 - 200 * d for lang in LANGS}
         zero = {k: 0.3 for k in final if k.endswith("map")}
+        # the centering baseline: between X-X/X-Y and hybrid on AP, no better than any on rank distance
+        zero |= {"xquad_r_centered.multi.map": 0.45, "xquad_r_centered.bias.rank_distance": 60.0}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
                          + [Metric(k, v, 1, 6) for k, v in final.items()])  # fmt: skip
         client.log_dict(run_id, doc, "eval/xquad-r/step-6/per_query.json")
+        base = _per_query(0.05, np.random.default_rng(5))
+        base |= {"rank_distance": [60.0] * 100, "top10_own_share": [0.5] * 100, "paragraph": doc["paragraph"]}
+        client.log_dict(run_id, base, "eval/xquad-r-centered/step-0/per_query.json")
         client.set_terminated(run_id, "FINISHED")
     return uri, parent
 
@@ -503,6 +510,28 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
     )
     mono, scale = verdicts["X-X-mono beats X-Y on monolingual mAP"]
     assert mono == "not separable at this scale" and ("seeds per arm" in scale or "more questions" in scale)
+    centering = "beats language-mean centering (multi mAP and rank distance)"
+    assert verdicts[f"Hybrid {centering}"][0] == "reproduced"
+    assert verdicts[f"X-X-mono {centering}"][0] == "not reproduced: centering is better"
+    assert verdicts[f"Mixed {centering}"][0] == "not reproduced: centering is better"
+
+
+def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
+    strategy_sweep: tuple[str, str],
+) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    assert s.centered["xquad_r.multi.map"] == 0.45 and "xquad_r_centered.multi.map" not in s.points[0].stats
+    assert s.centering_source == "NTREX-128 lines 1001-1120 (120 per language)"
+    multi = {c.a: c for c in s.against_centering if c.setting == "multi"}
+    assert set(multi) == {0, 1, 2, 3} and multi[3].test.seeds == (3, 1), "the baseline is one evaluation"
+    assert multi[3].test.low > 0 > multi[0].test.high and multi[2].test.diff == pytest.approx(-0.15, abs=0.01)
+    md = markdown(s)
+    assert "| - | zero-shot + language-mean centering | - | 0.4500 |" in md
+    assert "Against language-mean centering (means: NTREX-128 lines 1001-1120" in md
+    assert "| multi | strategy=hybrid, alpha=0.5 | +0.05" in md and "| beats centering |" in md
+    assert to_json(s)["centering"]["metrics"]["xquad_r.multi.map"] == 0.45
 
 
 def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
