@@ -327,11 +327,26 @@ class EvaluationSpec(Spec):
         "LAReQA suite (logged as <suite>_centered at step 0, and a row of every report).",
     )
 
+    curve_points: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Learning curve: evaluate at this many evenly spaced steps, the start (atStart) and the end "
+        "included (0: start and end only). Whether an arm's lead holds later in training shows only in a curve.",
+    )
+
     @model_validator(mode="after")
-    def _centering_at_start(self) -> EvaluationSpec:
+    def _baselines_at_start(self) -> EvaluationSpec:
         if self.centering is not None and not self.at_start:
             raise _bad("centering", "is a baseline of the untrained model: it needs atStart: true")
+        if self.curve_points and (self.curve_points < 3 or not self.at_start):
+            raise _bad(
+                "curvePoints", "a curve needs atStart: true and at least 3 points (start, middle, end)"
+            )
         return self
+
+    def curve_steps(self, max_steps: int) -> list[int]:
+        """The steps strictly between start and end at which the learning curve evaluates."""
+        n = self.curve_points - 1
+        return sorted({round(k * max_steps / n) for k in range(1, n)} - {0, max_steps}) if n > 0 else []
 
     batch_size: PositiveInt = 64
     index: IndexKind = "flat"

@@ -298,6 +298,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
         started, window_t, window_pairs, window_tokens, window_steps = time.time(), time.time(), 0, 0, 0
+        curve = set(spec.evaluation.curve_steps(opt.max_steps)) if spec.evaluation.suites else set()
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
             inject_fault(step, self.rank, resumed=self.start_step > 0)
@@ -330,6 +331,10 @@ class Trainer:
                     0,
                     0.0,
                 )
+            if done in curve:  # a learning-curve point: logged at its step, not reported to Ray
+                _, table = self.evaluate(done)
+                if self.rank == 0:
+                    print(f"\nStep {done}:\n{table}\n", flush=True)
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
         self.batches.close()

@@ -77,6 +77,8 @@ class PointSummary:
     strategy: str = ""
     xx_share: float | None = None  # probability of an X-X-mono batch: the hybrid alpha axis (xy 0, xx 1)
     full: TrialRecord | None = None  # the best seed, where it was evaluated on the full pool
+    #: learning curve (evaluation.curvePoints): metric -> [(step, mean and CI over seeds)], steps ascending
+    curves: dict[str, list[tuple[int, MeanCI]]] = field(default_factory=dict)
 
     @property
     def feasible(self) -> bool:
@@ -356,6 +358,28 @@ def _comparisons(
     return out, against, unit
 
 
+def curve_keys(prefix: str) -> tuple[str, str]:
+    """The metrics a learning curve draws: the pooled task and language bias."""
+    return f"{prefix}.multi.map", f"{prefix}.bias.rank_distance"
+
+
+def learning_curves(
+    client: MlflowClient, trials: list[TrialRecord], keys: list[str], confidence: float
+) -> dict[str, list[tuple[int, MeanCI]]]:
+    """Each key's value at every evaluated step, over the trials (seeds): empty unless some step lies
+    between the start and the end (a run with evaluation.curvePoints)."""
+    out = {}
+    for key in keys:
+        by_step: dict[int, list[float]] = {}
+        for t in trials:
+            last = {m.step: m.value for m in client.get_metric_history(t.run_id, key)}  # the latest per step
+            for step, value in last.items():
+                by_step.setdefault(step, []).append(value)
+        if len(by_step) > 2:
+            out[key] = [(step, mean_ci(v, confidence)) for step, v in sorted(by_step.items())]
+    return out
+
+
 def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     """Everything the report shows, recomputed from the parent run (its spec, its plan) and the trials."""
     parent = client.get_run(parent_run_id)
@@ -398,6 +422,9 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
                                    sampling.xx_share, full))  # fmt: skip
     for p in points:
         p.violations = _violations(p, sweep, zero, keys)
+        p.curves = learning_curves(
+            client, p.trials, [k for k in curve_keys(prefix) if k in keys], sweep.confidence
+        )
     notes: list[str] = []
     comparisons: list[Comparison] = []
     against: list[Comparison] = []

@@ -16,6 +16,7 @@ from xling.trainer.sweep.summary import (
     HIGHER_IS_BETTER,
     Comparison,
     SweepSummary,
+    curve_keys,
     full_prefix,
     short_key,
 )
@@ -103,7 +104,7 @@ def tables(s: SweepSummary) -> list[Table]:
                 ],
             )  # fmt: skip
         )
-    out += [t for t in (_against_centering(s), _by_language(s), _full_pool(s)) if t is not None]
+    out += [t for t in (_against_centering(s), _curves(s), _by_language(s), _full_pool(s)) if t is not None]
     from xling.trainer.paper_claims import claims_table
 
     if (claims := claims_table(s)) is not None:
@@ -130,6 +131,21 @@ def _against_centering(s: SweepSummary) -> Table | None:
         [[c.setting, s.points[c.a].label, f"{c.test.diff:+.4f}", _interval(c.test.low, c.test.high),
           f"{c.p_holm:.4f}", verdict(c)] for c in s.against_centering],
     )  # fmt: skip
+
+
+def _curves(s: SweepSummary) -> Table | None:
+    """The learning curves as numbers: each point at each evaluated step (learning_curves.png draws them)."""
+    keys = [k for k in curve_keys(s.prefix) if any(k in p.curves for p in s.points)]
+    if not keys:
+        return None
+    rows = []
+    for p in s.points:
+        at = {k: dict(p.curves.get(k, [])) for k in keys}
+        for step in sorted({step for k in keys for step in at[k]}):
+            rows.append([p.label, str(step)] + [_fmt(at[k].get(step)) for k in keys])
+    pct = round(100 * s.sweep.confidence)
+    return Table(f"Learning curves: mean ± {pct}% t-interval half-width over seeds",
+                 ["point", "step"] + [short_key(k, s.prefix) for k in keys], rows)  # fmt: skip
 
 
 def _by_language(s: SweepSummary) -> Table | None:

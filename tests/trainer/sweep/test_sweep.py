@@ -481,7 +481,10 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         zero = {k: 0.3 for k in final if k.endswith("map")}
         # the centering baseline: between X-X/X-Y and hybrid on AP, no better than any on rank distance
         zero |= {"xquad_r_centered.multi.map": 0.45, "xquad_r_centered.bias.rank_distance": 60.0}
+        # a learning curve (evaluation.curvePoints 3): the arms part by step 3
+        middle = {"xquad_r.multi.map": 0.35 + d / 2, "xquad_r.bias.rank_distance": 55 - 100 * d}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
+                         + [Metric(k, v, 0, 3) for k, v in middle.items()]
                          + [Metric(k, v, 1, 6) for k, v in final.items()])  # fmt: skip
         client.log_dict(run_id, doc, "eval/xquad-r/step-6/per_query.json")
         base = _per_query(0.05, np.random.default_rng(5))
@@ -514,6 +517,19 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
     assert verdicts[f"Hybrid {centering}"][0] == "reproduced"
     assert verdicts[f"X-X-mono {centering}"][0] == "not reproduced: centering is better"
     assert verdicts[f"Mixed {centering}"][0] == "not reproduced: centering is better"
+
+
+def test_learning_curves_over_seeds_in_the_report(strategy_sweep: tuple[str, str], tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    hybrid = s.points[3].curves["xquad_r.multi.map"]
+    assert [step for step, _ in hybrid] == [0, 3, 6]
+    assert hybrid[1][1].mean == pytest.approx(0.35 + (0.1 + 0.002) / 2) and hybrid[1][1].n == 3
+    assert "xquad_r.bias.rank_distance" not in s.points[3].curves, "two evaluations (3, 6) are no curve"
+    assert "learning_curves.png" in {p.name for p in write_report(s, tmp_path)}
+    md = markdown(s)
+    assert "### Learning curves" in md and "| strategy=hybrid, alpha=0.5 | 3 | 0.4010 ± " in md
 
 
 def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
