@@ -69,7 +69,7 @@ def evaluate_with_centering(
     as suite ``<name>-centered`` (metrics ``<name>_centered.*``); the suite's embeddings are encoded once."""
     out = [evaluate_suite(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)]
     if centering is not None and isinstance(suite, LareqaSuite):
-        means = language_means(encoder, centering, suite.languages)
+        means = language_means(encoder, centering, suite.languages, cache_dir)
         base = evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth, centering=means)
         out.append(replace(base, suite=f"{suite.name}{CENTERED}"))
     return out

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.errors import EvalDataError
-from xling.trainer.evaluation.protocol import Kind, TextEncoder, checked_embeddings
+from xling.trainer.evaluation.protocol import Kind, TextEncoder
 from xling.trainer.spec import CenteringSpec
 
 KINDS: tuple[Kind, ...] = ("query", "passage")
@@ -44,8 +45,11 @@ class LanguageMeans:
         return np.ascontiguousarray(x / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
-def language_means(encoder: TextEncoder, spec: CenteringSpec, languages: Sequence[str]) -> LanguageMeans:
-    """Encode ``spec.sentences`` NTREX-128 lines per language as queries and as passages; average each."""
+def language_means(
+    encoder: TextEncoder, spec: CenteringSpec, languages: Sequence[str], cache_dir: str | Path | None = None
+) -> LanguageMeans:
+    """Encode ``spec.sentences`` NTREX-128 lines per language as queries and as passages (through the
+    embedding cache: every trial of a sweep starts from the same weights); average each."""
     from xling.trainer.data.builders import ntrex_sentences
 
     lines = range(spec.first_line, spec.first_line + spec.sentences)
@@ -56,7 +60,7 @@ def language_means(encoder: TextEncoder, spec: CenteringSpec, languages: Sequenc
     means = {}
     for language, sentences in texts.items():
         for kind in KINDS:
-            emb = checked_embeddings(encoder.encode(sentences, kind), len(sentences), f"centering {language}")
+            emb = encode_cached(encoder, sentences, kind, tag=f"centering.{language}", cache_dir=cache_dir)
             means[(language, kind)] = emb.mean(axis=0)
     source = f"{spec.path} lines {lines.start + 1}-{lines.stop} (NTREX-128, {spec.sentences} per language)"
     return LanguageMeans(spec.path, source, means)
