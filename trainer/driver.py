@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
-from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.spec import TINY_MODEL, DistributedSpec, ExperimentSpec, RetrievalExperiment
 from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
@@ -198,12 +198,18 @@ def log_training_data(
         client.set_tag(run_id, MINED_NEGATIVES, mined["key"])
 
 
+def worker_resources(dist: DistributedSpec, gpu_share: float = 1.0) -> dict[str, float]:
+    """What each Ray Train worker asks for; ``gpu_share`` < 1: sweep trials that share a GPU."""
+    gpus = dist.gpus_per_worker * gpu_share
+    return {"CPU": dist.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+
+
 def fit(
     exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
-    callbacks: list | None = None,
+    callbacks: list | None = None, gpu_share: float = 1.0,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
-    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports."""
+    ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``gpu_share``: its GPU fraction."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -215,7 +221,7 @@ def fit(
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
     init_ray(env, use_gpu)
-    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
+    resources = worker_resources(dist, gpu_share)
     storage = storage_path(spec.output_dir)
     job = Job(
         spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id)

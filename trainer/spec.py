@@ -665,6 +665,11 @@ class SweepSpec(Spec):
         default=10_000, description="Resamples of the bootstrap between points (seeds, then questions)."
     )
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    trials_per_gpu: PositiveInt = Field(
+        default=1,
+        description="Trials that share one GPU at once, each asking Ray for 1/n of it: a small model (e5-small) "
+        "leaves most of a GPU idle between its steps and in evaluation. Needs one worker with one GPU per trial.",
+    )
     equivalence_margin: Annotated[float, Field(gt=0.0)] = Field(
         default=0.005,
         description="mAP: a claim that one arm 'matches or beats' another holds when the difference's interval "
@@ -757,6 +762,13 @@ class SweepSpec(Spec):
             raise _bad("sweep.constraints", "atLeastZeroShot needs evaluation.atStart (the zero-shot scores)")
         if self.asha is not None and not base.optimization.checkpoint_every:
             raise _bad("sweep.asha", "needs optimization.checkpointEvery > 0 (trials report at checkpoints)")
+        dist = base.distributed
+        if self.trials_per_gpu > 1 and (dist.num_workers, dist.gpus_per_worker) != (1, 1):
+            raise _bad(
+                "sweep.trialsPerGpu",
+                f"shares one GPU between trials: needs distributed.numWorkers 1 and gpusPerWorker 1, not "
+                f"{dist.num_workers} and {dist.gpus_per_worker}",
+            )
 
 
 def _field_path(model: BaseModel, path: str) -> list[str]:

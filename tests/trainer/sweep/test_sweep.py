@@ -149,7 +149,25 @@ def test_default_concurrency_from_gpus_or_cpus() -> None:
     assert default_concurrency({"CPU": 64.0, "GPU": 2.0}, [spec]) == 1
 
 
-@pytest.mark.parametrize(("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 6, 18)])
+def test_trials_share_one_gpu_with_a_fraction_each() -> None:
+    """research-gpu-1.yaml: e5-small leaves most of an H200 idle, so four trials share it (a quarter each)."""
+    from xling.trainer.driver import worker_resources
+
+    exp = load_experiment(SAMPLES / "research-gpu-1.yaml")
+    dist, sweep = exp.spec.distributed, exp.spec.sweep
+    assert sweep.trials_per_gpu == 4 and default_concurrency({"CPU": 16.0, "GPU": 1.0}, [exp.spec], 4) == 4
+    assert worker_resources(dist, 1 / sweep.trials_per_gpu) == {"CPU": dist.cpus_per_worker, "GPU": 0.25}
+    assert worker_resources(dist) == {"CPU": dist.cpus_per_worker, "GPU": 1}
+    assert worker_resources(experiment({}).spec.distributed, 0.25) == {"CPU": 1.0}, "no GPU: none asked for"
+    with pytest.raises(
+        SpecError, match="sweep.trialsPerGpu: shares one GPU between trials: needs distributed"
+    ):
+        experiment({"trialsPerGpu": 2})  # the smoke sample trains on CPU
+
+
+@pytest.mark.parametrize(
+    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 4, 12), ("research-gpu-1", 4, 20)]
+)
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     exp = load_experiment(SAMPLES / f"{name}.yaml")
     plan = plan_sweep(exp)
@@ -157,16 +175,22 @@ def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     assert sweep_trials(exp.spec.sweep) == trials, "the operator sizes the cluster for the same plan"
 
 
-def test_research_sweep_runs_every_strategy_and_the_alpha_curve_once() -> None:
+def test_research_sweep_runs_every_strategy_with_the_baselines_and_the_new_inference() -> None:
     exp = load_experiment(SAMPLES / "research.yaml")
     plan = plan_sweep(exp)
     specs = [exp.spec.sweep.trial_spec(exp.spec, p.values, 0) for p in plan.points]
     assert [(s.sampling.strategy, s.sampling.xx_share) for s in specs] == [
-        ("xx", 1.0), ("xy", 0.0), ("mixed", None), ("hybrid", 0.25), ("hybrid", 0.5), ("hybrid", 0.75),
+        ("xx", 1.0), ("xy", 0.0), ("mixed", None), ("hybrid", 0.5),
     ]  # fmt: skip
-    assert plan.points[3].label == "strategy=hybrid, alpha=0.25"
+    assert plan.points[3].label == "strategy=hybrid, alpha=0.5"
     assert {s.model.name for s in specs} == {"xling/multilingual-e5-small"}
     assert default_concurrency({"CPU": 2.0}, specs) == 2, "two 1-core trials at once on 2 cores"
+    assert {s.sampling.alpha_schedule for s in specs} == {"exact"}
+    ev, sweep = exp.spec.evaluation, exp.spec.sweep
+    assert ev.curve_steps(exp.spec.optimization.max_steps) == [53, 107] and ev.centering is not None
+    assert (sweep.bootstrap_unit, sweep.equivalence_margin) == ("paragraph", 0.005)
+    # at least one pass over the pool's 5,328 groups, give or take the last batches
+    assert exp.spec.optimization.max_steps * exp.spec.optimization.global_batch_size >= 0.95 * 5328
 
 
 def test_explicit_points_cross_the_parameter_grids() -> None:
