@@ -132,22 +132,33 @@ def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
 
 
 def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
-    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside)."""
+    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside), and
+    the sentences the centering baseline takes its means from (it must see no training text either)."""
     suites = [s.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
               for s in spec.evaluation.suites if s.name != "miracl"]  # fmt: skip
+    centering = spec.evaluation.centering
     if not suites:
         return None
 
     def texts() -> list[str]:
+        from xling.trainer.data.builders import ntrex_sentences
         from xling.trainer.evaluation import load_suite
 
         out: list[str] = []
         for suite_spec in suites:
-            for data in load_suite(suite_spec).data.values():
+            loaded = load_suite(suite_spec)
+            for data in loaded.data.values():
                 out += data.candidate_texts + data.query_texts
+            if centering is not None:
+                lines = range(centering.first_line, centering.first_line + centering.sentences)
+                out += [
+                    t for ts in ntrex_sentences(centering.path, loaded.languages, lines).values() for t in ts
+                ]
         return out
 
     key = [(s.name, s.path, file_stats(s.path)) for s in suites]
+    if centering is not None:
+        key.append(("centering", centering.path, [centering.first_line, centering.sentences]))
     return EvalGuard(json.dumps(key, sort_keys=True), texts)
 
 

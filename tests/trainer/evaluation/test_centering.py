@@ -136,3 +136,19 @@ def test_xling_eval_prints_and_writes_the_centering_baseline(
     saved = json.loads(Path("res-centered.json").read_text())
     assert saved["suite"] == "xquad-r-centered" and "xquad_r_centered.multi.map" in saved["metrics"]
     assert "xquad_r.multi.map" in json.loads(Path("res.json").read_text())["metrics"]
+
+
+def test_training_never_sees_the_centering_sentences() -> None:
+    """The baseline's means must come from text that is neither test nor training data: the driver's
+    overlap guard drops training rows that contain them, as it does for the evaluation suites."""
+    from xling.trainer.driver import eval_guard
+    from xling.trainer.spec import load_experiment
+
+    spec = load_experiment(ROOT / "manifests/samples/smoke.yaml").spec  # centres on NTREX lines 1901-1940
+    guard = eval_guard(spec)
+    assert guard is not None and '"centering"' in guard.key
+    lines = ntrex_sentences(NTREX, ["ar", "es"], range(1900, 1940))
+    texts = set(guard.texts())
+    assert set(lines["ar"]) | set(lines["es"]) <= texts
+    without = spec.model_copy(update={"evaluation": spec.evaluation.model_copy(update={"centering": None})})
+    assert not set(lines["ar"]) & set(eval_guard(without).texts())
