@@ -79,7 +79,7 @@ def _bad(field: str, message: str) -> SpecError:
 
 #: Value sets other parts take from here (``xling eval``'s flags, the encoder, the evaluation code).
 Pooling = Literal["cls", "mean", "last_token"]
-SuiteName = Literal["xquad-r", "mlqa-r", "miracl"]
+SuiteName = Literal["xquad-r", "mlqa-r", "miracl", "ntrex-r"]
 CandidateContext = Literal["sentence", "paragraph"]
 IndexKind = Literal["flat", "ivf", "hnsw"]
 ClusterUnit = Literal["question", "paragraph", "article"]
@@ -298,8 +298,15 @@ class EvalSuite(Spec):
     path: str = Field(description="Directory with the suite's files. Relative to the spec file.")
     languages: list[Lang] | None = None
     max_queries: PositiveInt | None = Field(default=None, description="Per language, for quick checks.")
-    max_paragraphs: PositiveInt | None = Field(default=None, description="Per language; shrinks the pool.")
+    max_paragraphs: PositiveInt | None = Field(
+        default=None, description="Per language; shrinks the pool (ntrex-r: the number of lines)."
+    )
     candidate_context: CandidateContext = "sentence"
+    first_line: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="ntrex-r only: the 0-based first NTREX-128 line of the suite (keep it apart from "
+        "evaluation.centering's lines).",
+    )
 
 
 class CenteringSpec(Spec):
@@ -337,6 +344,19 @@ class EvaluationSpec(Spec):
     def _baselines_at_start(self) -> EvaluationSpec:
         if self.centering is not None and not self.at_start:
             raise _bad("centering", "is a baseline of the untrained model: it needs atStart: true")
+        for i, suite in enumerate(self.suites):
+            c = self.centering
+            end = suite.first_line + suite.max_paragraphs if suite.max_paragraphs else math.inf
+            if (
+                suite.name == "ntrex-r"
+                and c
+                and suite.first_line < c.first_line + c.sentences
+                and c.first_line < end
+            ):
+                raise _bad(
+                    f"suites[{i}].firstLine",
+                    f"the {suite.name} lines overlap centering's (lines {c.first_line + 1}-{c.first_line + c.sentences})",
+                )
         if self.curve_points and (self.curve_points < 3 or not self.at_start):
             raise _bad(
                 "curvePoints", "a curve needs atStart: true and at least 3 points (start, middle, end)"
@@ -861,7 +881,11 @@ class ExperimentSpec(Spec):
                     f"{sorted(extra)} are not in data.languages {sorted(langs)}",
                 )
         for i, suite in enumerate(self.evaluation.suites):
-            known = {"xquad-r": XQUAD_R_LANGUAGES, "mlqa-r": MLQA_R_LANGUAGES}.get(suite.name)
+            known = {
+                "xquad-r": XQUAD_R_LANGUAGES,
+                "mlqa-r": MLQA_R_LANGUAGES,
+                "ntrex-r": XQUAD_R_LANGUAGES,
+            }.get(suite.name)
             missing = set(suite.languages or ()) - set(known or suite.languages or ())
             if missing:
                 raise _bad(

@@ -114,6 +114,11 @@ def _contained(lines: list[str], language: str) -> dict[int, list[int]]:
     return found
 
 
+def ntrex_doc_ids(path: str | Path) -> list[str]:
+    """The news document of every NTREX-128 line (DOCUMENT_IDS.tsv)."""
+    return _lines(_find(Path(path), "DOCUMENT_IDS.tsv"))
+
+
 def ntrex_sentences(path: str | Path, languages: Collection[str], lines: range) -> dict[str, list[str]]:
     """Lines ``lines`` (0-based) of each language's NTREX-128 file: the same source sentences, translated."""
     root, out = Path(path), {}

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from xling.trainer.evaluation.results import SuiteResults
 
 #: The bundled (gzipped) copy of XQuAD-R, so that `xling eval` needs no --data on a fresh clone.
-DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r"}
+DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r", "ntrex-r": "data/demo/ntrex-128"}
 
 
 #: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
@@ -75,7 +75,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
     p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
     p.add_argument("--max-queries", type=int, metavar="N", help="first N queries per language")
-    p.add_argument("--max-paragraphs", type=int, metavar="N", help="first N paragraphs (MIRACL: passages)")
+    p.add_argument("--max-paragraphs", type=int, metavar="N",
+                   help="first N paragraphs (MIRACL: passages; ntrex-r: lines)")  # fmt: skip
+    p.add_argument("--first-line", type=int, default=0, metavar="N",
+                   help="ntrex-r: 0-based first NTREX-128 line (default 0)")  # fmt: skip
     p.add_argument(
         "--candidate-context",
         choices=get_args(CandidateContext),
@@ -178,6 +181,7 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             max_queries=args.max_queries,
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
+            first_line=args.first_line,
         )
     except ValidationError as err:
         problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]

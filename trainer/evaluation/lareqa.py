@@ -51,6 +51,9 @@ class LareqaSuite:
     data: dict[str, LanguageData]
     fingerprint: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: a query's own-language relevant candidate is its own text (a parallel-sentence suite, ntrex-r):
+    #: left out of its relevant set and of its ranking, so only translations count
+    self_match: bool = False
 
     @cached_property
     def offsets(self) -> dict[str, int]:
@@ -97,11 +100,20 @@ class LareqaSuite:
         labels: dict[str, int] = {}
         return {q: labels.setdefault(root(q), len(labels)) for q in sorted(parent)}
 
+    def own_copy(self, lang: str) -> np.ndarray | None:
+        """With ``self_match``: each query's own text in the pool (to be ranked out), else None."""
+        if not self.self_match:
+            return None
+        answer_of, offset = self.data[lang].answer_of, self.offsets[lang]
+        return np.array([offset + answer_of[q] for q in self.data[lang].query_ids], dtype=np.int64)
+
     def relevant(self, lang: str) -> np.ndarray:
         """Pooled indices of each query's relevant candidates, shape (queries, languages), -1 = none."""
         ids = self.data[lang].query_ids
         out = np.full((len(ids), len(self.languages)), -1, dtype=np.int64)
         for j, other in enumerate(self.languages):
+            if self.self_match and other == lang:
+                continue
             answer_of, offset = self.data[other].answer_of, self.offsets[other]
             for i, qid in enumerate(ids):
                 if qid in answer_of:
@@ -257,3 +269,36 @@ def load_lareqa(
         fingerprint=digest.hexdigest()[:16],
         options={"max_paragraphs": max_paragraphs, "max_queries": max_queries, "path": str(directory)},
     )
+
+
+def load_ntrex_suite(
+    name: str, directory: str | Path, *, languages: list[str] | None, first_line: int, lines: int | None
+) -> LareqaSuite:
+    """A pooled parallel-sentence suite from NTREX-128 (news, out of the QA domain): every line is a query
+    in every language, relevant are its translations in the other languages (its own text is ranked out),
+    candidates are the same lines in all languages. Clusters for the bootstrap: the line (paragraph) and
+    its news document (article)."""
+    from xling.trainer.data.builders import NTREX_LANGUAGES, ntrex_doc_ids, ntrex_sentences
+
+    directory = Path(directory)
+    langs = list(languages or sorted(NTREX_LANGUAGES.values()))
+    try:
+        doc_ids = ntrex_doc_ids(directory)
+        stop = len(doc_ids) if lines is None else first_line + lines
+        if stop > len(doc_ids) or first_line >= stop:
+            raise ValueError(f"lines {first_line + 1}-{stop} are not within its {len(doc_ids)} lines")
+        texts = ntrex_sentences(directory, langs, range(first_line, stop))
+    except (OSError, ValueError) as err:
+        raise EvalDataError(directory, f"{name}: {err}") from None
+    docs = {d: k for k, d in enumerate(dict.fromkeys(doc_ids))}
+    qids = [str(i) for i in range(first_line, stop)]
+    place = {q: (docs[doc_ids[int(q)]], int(q)) for q in qids}
+    digest = hashlib.sha256(f"ntrex|{first_line}|{stop}".encode())
+    data = {}
+    for lang in langs:
+        digest.update("\0".join(texts[lang]).encode())
+        data[lang] = LanguageData(lang, directory, [f"{lang}:{q}:0" for q in qids], texts[lang], qids, texts[lang],
+                                  {q: k for k, q in enumerate(qids)}, place)  # fmt: skip
+    return LareqaSuite(name, tuple(langs), "sentence", data, digest.hexdigest()[:16],
+                       {"first_line": first_line, "lines": stop - first_line, "path": str(directory)},
+                       self_match=True)  # fmt: skip

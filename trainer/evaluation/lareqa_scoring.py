@@ -185,6 +185,10 @@ def evaluate_lareqa(
     bounds = np.cumsum([0] + [len(c) for c in cands])
     k = max(depth, TOP_K)
     exact = index == "flat"
+    if suite.self_match and not exact:
+        raise ValueError(
+            f"{suite.name}: a parallel-sentence suite needs evaluation.index flat (its own text is ranked out)"
+        )
     if not exact:
         pooled = build_index(pool, index, k)
         blocks = [build_index(c, index, k) for c in cands]
@@ -193,7 +197,8 @@ def evaluate_lareqa(
     for i, lang in enumerate(suite.languages):
         relevant = suite.relevant(lang)
         if exact:
-            pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k)
+            own = suite.own_copy(lang)
+            pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k, own)
         else:
             scores, ids = search(pooled, queries[i], k)
             pool_rank = list_ranks(ids, relevant)
