@@ -49,7 +49,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand; its handler is stored as ``func`` and returns an exit code."""
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on XQuAD-R, MLQA-R or MIRACL",
+        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R or MIRACL",
         description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
         "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
     )
