@@ -116,6 +116,8 @@ class SweepSummary:
     #: the language-mean centering baseline (evaluation.centering) under the plain metric names, its source
     centered: dict[str, float] = field(default_factory=dict)
     centering_source: str | None = None
+    #: the other LAReQA suites' prefixes (e.g. ntrex_r): seed means and baselines, no tests
+    held_out: list[str] = field(default_factory=list)
     #: every point against that baseline (b is CENTERED), Holm-corrected per setting as their own family
     against_centering: list[Comparison] = field(default_factory=list)
 
@@ -389,16 +391,19 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     records = child_runs(client, parent_run_id)
     finished = [t for t in records if t.status == "FINISHED"]
     keys = {k for t in finished for k in t.metrics}
-    centered_prefix = prefix + CENTERED_SUFFIX.replace("-", "_") + "."
-    headline = sorted(k for k in keys if is_headline(k) and not k.startswith(centered_prefix))
-    # the baseline is logged once, at step 0, by every trial alike: the first finished trial's values
+    suffix = CENTERED_SUFFIX.replace("-", "_")
+    headline = sorted(k for k in keys if is_headline(k) and not k.split(".")[0].endswith(suffix))
+    # the baseline is logged once, at step 0, by every trial alike: the first finished trial's values, under
+    # the plain names (xquad_r_centered.multi.map -> xquad_r.multi.map), for every suite
     centered = {
-        prefix + "." + k.removeprefix(centered_prefix): v
+        k.split(".")[0].removesuffix(suffix) + "." + k.split(".", 1)[1]: v
         for k, v in (finished[0].metrics.items() if finished else ())
-        if k.startswith(centered_prefix)
+        if k.split(".")[0].endswith(suffix)
     }
+    suites = [suite["name"].replace("-", "_") for suite in plan["experiment"]["spec"]["evaluation"]["suites"]]
+    held_out = [p for p in suites if p != prefix and f"{p}.multi.map" in keys]
     source = centering_source(plan["experiment"]["spec"].get("evaluation", {}).get("centering"))
-    zero_keys = [k for k in headline if k.startswith(prefix + ".")]
+    zero_keys = [k for k in headline if k.split(".")[0] in (prefix, *held_out)]
     wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [
         f"{prefix}.{m}" for m in BY_LANGUAGE
     ]
@@ -453,5 +458,6 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         bootstrap_unit=unit,
         centered=centered,
         centering_source=source,
+        held_out=held_out,
         against_centering=against,
     )

@@ -105,6 +105,7 @@ def tables(s: SweepSummary) -> list[Table]:
             )  # fmt: skip
         )
     out += [t for t in (_against_centering(s), _curves(s), _by_language(s), _full_pool(s)) if t is not None]
+    out += _held_out(s)
     from xling.trainer.paper_claims import claims_table
 
     if (claims := claims_table(s)) is not None:
@@ -131,6 +132,21 @@ def _against_centering(s: SweepSummary) -> Table | None:
         [[c.setting, s.points[c.a].label, f"{c.test.diff:+.4f}", _interval(c.test.low, c.test.high),
           f"{c.p_holm:.4f}", verdict(c)] for c in s.against_centering],
     )  # fmt: skip
+
+
+def _held_out(s: SweepSummary) -> list[Table]:
+    """The other suites (a held-out benchmark): zero-shot, centering and every point, mean ± CI over seeds.
+    Read beside the main suite's tests: these numbers carry seed intervals only."""
+    pct, out = round(100 * s.sweep.confidence), []
+    for prefix in s.held_out:
+        keys = [f"{prefix}.{m}" for m in HEADLINE if any(f"{prefix}.{m}" in p.stats for p in s.points)]
+        rows = [[name] + [_fmt(_single(values.get(k))) for k in keys]
+                for name, values in (("zero-shot", s.zero_shot), ("zero-shot + language-mean centering", s.centered))
+                if any(k in values for k in keys)]  # fmt: skip
+        rows += [[p.label] + [_fmt(p.stats.get(k)) for k in keys] for p in s.points]
+        out.append(Table(f"Held-out suite {prefix}: mean ± {pct}% t-interval half-width over seeds",
+                         ["point"] + [short_key(k, prefix) for k in keys], rows))  # fmt: skip
+    return out
 
 
 def _curves(s: SweepSummary) -> Table | None:

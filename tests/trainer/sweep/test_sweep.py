@@ -471,6 +471,7 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
               {"sampling.strategy": "hybrid", "sampling.alpha": 0.5}]  # fmt: skip
     evaluation = experiment({}).spec.evaluation.model_dump(mode="json", by_alias=True, exclude_none=True)
     evaluation["centering"] = {"path": "ntrex", "sentences": 120, "firstLine": 1000}
+    evaluation["suites"].append({"name": "ntrex-r", "path": "ntrex", "firstLine": 1200})  # a held-out suite
     exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500}, evaluation=evaluation)
     plan = plan_sweep(exp)
     tags = {
@@ -505,6 +506,8 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         zero = {k: 0.3 for k in final if k.endswith("map")}
         # the centering baseline: between X-X/X-Y and hybrid on AP, no better than any on rank distance
         zero |= {"xquad_r_centered.multi.map": 0.45, "xquad_r_centered.bias.rank_distance": 60.0}
+        zero |= {"ntrex_r.multi.map": 0.2, "ntrex_r_centered.multi.map": 0.25}
+        final |= {"ntrex_r.multi.map": 0.3 + d, "ntrex_r.bias.rank_distance": 500 - 100 * d}
         # a learning curve (evaluation.curvePoints 3): the arms part by step 3
         middle = {"xquad_r.multi.map": 0.35 + d / 2, "xquad_r.bias.rank_distance": 55 - 100 * d}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
@@ -572,6 +575,18 @@ def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
     assert "Against language-mean centering (means: NTREX-128 lines 1001-1120" in md
     assert "| multi | strategy=hybrid, alpha=0.5 | +0.05" in md and "| beats centering |" in md
     assert to_json(s)["centering"]["metrics"]["xquad_r.multi.map"] == 0.45
+
+
+def test_a_held_out_suite_gets_its_own_table_with_both_baselines(strategy_sweep: tuple[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    assert s.held_out == ["ntrex_r"] and s.zero_shot["ntrex_r.multi.map"] == 0.2
+    assert s.centered["ntrex_r.multi.map"] == 0.25 and "ntrex_r_centered.multi.map" not in s.points[0].stats
+    md = markdown(s)
+    assert "### Held-out suite ntrex_r: mean ± 95% t-interval half-width over seeds" in md
+    assert "| zero-shot | 0.2000 | - |" in md and "| zero-shot + language-mean centering | 0.2500 | - |" in md
+    assert "| strategy=hybrid, alpha=0.5 | 0.4020 ± " in md
 
 
 def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
