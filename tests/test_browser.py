@@ -254,7 +254,7 @@ def test_parent_run_page_shows_the_summary_metrics_and_plots(
         assert tuple(shown) == _png_size(local / plot), f"{plot}: the UI shows the logged image"
         browser.screenshot(OUTPUTS / f"parent-{plot}")
     browser.goto(
-        f"{run_url}/artifacts/summary/summary.md", shows("Points: mean", "Paired bootstrap over questions")
+        f"{run_url}/artifacts/summary/summary.md", shows("Points: mean", "Paired bootstrap over paragraphs")
     )
     browser.screenshot(OUTPUTS / "parent-summary-md.png")
 

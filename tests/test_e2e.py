@@ -42,7 +42,10 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     loss = client.get_metric_history(run.info.run_id, "train.loss")
     assert sorted(m.step for m in loss) == list(range(1, 9)), "one loss value per step, no duplicates"
     mapk = client.get_metric_history(run.info.run_id, "xquad_r.multi.map")
-    assert sorted(m.step for m in mapk) == [0, 8]  # zero-shot and final
+    assert sorted(m.step for m in mapk) == [0, 4, 8]  # zero-shot, the curve's middle point and final
+    centered = client.get_metric_history(run.info.run_id, "xquad_r_centered.multi.map")
+    assert [m.step for m in centered] == [0], "the centering baseline: the untrained model only"
+    assert "Zero-shot (step 0)" in out and "xquad-r-centered" in out
     assert all(0.0 <= m.value <= 1.0 for m in mapk)
     assert "batches.xx_fraction" in run.data.metrics
     for side in ("query", "passage"):  # the realised per-language shares of every run

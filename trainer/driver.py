@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir, staged_model_cache_dir
 from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
-from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.spec import TINY_MODEL, DistributedSpec, ExperimentSpec, RetrievalExperiment
 from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
@@ -147,26 +147,37 @@ def check_batches(index: CorpusIndex, spec: ExperimentSpec) -> None:
     groups) now, rather than after Ray started and a worker reached that batch."""
     from xling.trainer.sampling import build_sampler
 
-    build_sampler(index, spec.optimization.global_batch_size, spec.sampling)
+    build_sampler(index, spec.optimization.global_batch_size, spec.sampling, spec.optimization.max_steps)
 
 
 def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
-    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside)."""
+    """Never train on evaluation text: the full suites, not just the evaluated slice (MIRACL aside), and
+    the sentences the centering baseline takes its means from (it must see no training text either)."""
     suites = [s.model_copy(update={"max_paragraphs": None, "max_queries": None, "languages": None})
               for s in spec.evaluation.suites if s.name != "miracl"]  # fmt: skip
+    centering = spec.evaluation.centering
     if not suites:
         return None
 
     def texts() -> list[str]:
+        from xling.trainer.data.builders import ntrex_sentences
         from xling.trainer.evaluation import load_suite
 
         out: list[str] = []
         for suite_spec in suites:
-            for data in load_suite(suite_spec).data.values():
+            loaded = load_suite(suite_spec)
+            for data in loaded.data.values():
                 out += data.candidate_texts + data.query_texts
+            if centering is not None:
+                lines = range(centering.first_line, centering.first_line + centering.sentences)
+                out += [
+                    t for ts in ntrex_sentences(centering.path, loaded.languages, lines).values() for t in ts
+                ]
         return out
 
     key = [(s.name, s.path, file_stats(s.path)) for s in suites]
+    if centering is not None:
+        key.append(("centering", centering.path, [centering.first_line, centering.sentences]))
     return EvalGuard(json.dumps(key, sort_keys=True), texts)
 
 
@@ -220,13 +231,21 @@ def log_training_data(
         client.set_tag(run_id, MINED_NEGATIVES, mined["key"])
 
 
+def worker_resources(dist: DistributedSpec, gpu_share: float = 1.0) -> dict[str, float]:
+    """What each Ray Train worker asks for; ``gpu_share`` < 1: sweep trials that share a GPU."""
+    gpus = dist.gpus_per_worker * gpu_share
+    return {"CPU": dist.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
+
+
 def fit(
     exp: RetrievalExperiment, data: DataLocation, model_path: str, uri: str, run_id: str, env: dict,
     callbacks: list | None = None, trial: str | None = None, staged_model: DataLocation | None = None,
+    gpu_share: float = 1.0,
 ) -> Any:  # fmt: skip
     """Train one run on Ray Train and close its MLflow run as FINISHED, or FAILED before re-raising.
     ``callbacks`` (Train V2 UserCallbacks) let a sweep trial relay reports; ``trial`` names that trial;
-    ``staged_model`` is where the workers load the model from (:func:`stage`)."""
+    ``staged_model`` is where the workers load the model from (:func:`stage`); ``gpu_share`` is the GPU
+    fraction each worker asks for (trials sharing a GPU)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -239,7 +258,7 @@ def fit(
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
     init_ray(env, use_gpu)
-    resources = {"CPU": dist.cpus_per_worker, **({"GPU": dist.gpus_per_worker} if use_gpu else {})}
+    resources = worker_resources(dist, gpu_share)
     storage = storage_path(spec.output_dir)
     job = Job(spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id),
               staged_model)  # fmt: skip

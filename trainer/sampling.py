@@ -18,6 +18,7 @@ uniformly (or by size) over the pairs the data can serve, then a group that has 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,10 +116,11 @@ class BatchSampler:
 
     kind: str = ""  # the batch kind it produces ("hybrid": xx or xy)
 
-    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec):
+    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None):
         self.index = index
         self.batch_size = batch_size
         self.spec = spec
+        self.steps = steps  # the run's length (optimization.maxSteps): the exact alpha schedule's period
         self._by_language, self._by_pair = index.by_language(), index.by_pair()
         # X-X: only languages that can fill a batch (a smaller one would fail mid-run)
         self._xx_langs = [
@@ -218,19 +220,45 @@ class XYSampler(BatchSampler):
         return self._xy(_rng(self.spec.seed, step), step)
 
 
+def xx_count(alpha: float, steps: int) -> int:
+    """X-X batches in a run of ``steps`` under the exact schedule: round(alpha * steps), halves up."""
+    return math.floor(alpha * steps + 0.5)
+
+
 class HybridSampler(BatchSampler):
-    """Hybrid: X-X-mono with probability alpha, else X-Y; one decision per global batch."""
+    """Hybrid: X-X-mono with probability alpha, else X-Y; one decision per global batch.
+
+    ``alphaSchedule: bernoulli`` tosses a coin per batch; ``exact`` makes every block of ``steps``
+    consecutive steps hold exactly :func:`xx_count` X-X batches, placed by a seeded permutation of the
+    block, so the decision is still a pure function of (seed, step) and ranks and resumes agree."""
 
     kind = "hybrid"
 
+    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None):
+        super().__init__(index, batch_size, spec, steps)
+        if spec.alpha_schedule == "exact" and not steps:
+            raise ValueError("sampling.alphaSchedule: 'exact' needs the run's length (optimization.maxSteps)")
+        self._block: tuple[int, np.ndarray] | None = None
+
     def uses(self) -> set[str]:
         return {"xx"} if self.spec.alpha >= 1 else {"xy"} if self.spec.alpha <= 0 else {"xx", "xy"}
+
+    def is_xx(self, step: int, rng: np.random.Generator) -> bool:
+        """The batch type of ``step``; ``rng`` is the step's own generator (the coin of bernoulli)."""
+        if self.spec.alpha_schedule == "bernoulli":
+            return bool(rng.random() < self.spec.alpha)
+        assert self.steps  # checked in __init__
+        block, position = divmod(step, self.steps)
+        if self._block is None or self._block[0] != block:
+            order = np.random.default_rng([self.spec.seed, block, 0xA1FA]).permutation(self.steps)
+            self._block = (block, order < xx_count(self.spec.alpha, self.steps))
+        return bool(self._block[1][position])
 
     def plan(self, step: int) -> BatchPlan:
         rng = _rng(self.spec.seed, step)
         if self.spec.alpha in (0.0, 1.0):  # no coin: alpha = 1 and 0 give XXSampler's and XYSampler's batches
             return self._xx(rng, step) if self.spec.alpha else self._xy(rng, step)
-        return self._xx(rng, step) if rng.random() < self.spec.alpha else self._xy(rng, step)
+        return self._xx(rng, step) if self.is_xx(step, rng) else self._xy(rng, step)
 
 
 class MixedSampler(BatchSampler):
@@ -250,9 +278,12 @@ SAMPLERS: dict[str, type[BatchSampler]] = {
 }
 
 
-def build_sampler(index: CorpusIndex, batch_size: int, spec: SamplingSpec) -> BatchSampler:
-    """The spec's sampler; refused (before any worker starts) when the data cannot fill its batches."""
-    sampler = SAMPLERS[spec.strategy](index, batch_size, spec)
+def build_sampler(
+    index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None
+) -> BatchSampler:
+    """The spec's sampler for a run of ``steps`` global steps; refused (before any worker starts) when the
+    data cannot fill its batches."""
+    sampler = SAMPLERS[spec.strategy](index, batch_size, spec, steps)
     uses = sampler.uses()
     if "xx" in uses and not sampler._xx_langs:
         raise ValueError(

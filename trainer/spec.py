@@ -81,9 +81,10 @@ def _bad(field: str, message: str) -> SpecError:
 
 #: Value sets other parts take from here (``xling eval``'s flags, the encoder, the evaluation code).
 Pooling = Literal["cls", "mean", "last_token"]
-SuiteName = Literal["xquad-r", "mlqa-r", "miracl"]
+SuiteName = Literal["xquad-r", "mlqa-r", "miracl", "ntrex-r"]
 CandidateContext = Literal["sentence", "paragraph"]
 IndexKind = Literal["flat", "ivf", "hnsw"]
+ClusterUnit = Literal["question", "paragraph", "article"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
 Lang = Annotated[str, Field(pattern=r"^[a-z]{2,3}$", description="ISO 639-1 language code")]
@@ -217,6 +218,13 @@ class SamplingSpec(Spec):
     alpha: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
         default=0.5, description="Probability that a hybrid batch is X-X-mono."
     )
+    alpha_schedule: Literal["bernoulli", "exact"] = Field(
+        default="bernoulli",
+        description="How hybrid batches realise alpha. bernoulli: one coin per batch (the realised X-X share "
+        "varies by seed: 0.35-0.5 at alpha 0.5 over 40 steps); exact: round(alpha * maxSteps) X-X batches in "
+        "a seeded random order, so every seed trains on the nominal mix. bernoulli is the default because the "
+        "published tables were made with it; the research samples use exact.",
+    )
     language_weighting: Literal["uniform", "size"] = Field(
         default="uniform", description="How the X-X batch language is drawn: uniformly or by data size."
     )
@@ -308,8 +316,29 @@ class EvalSuite(Spec):
     path: str = Field(description="Directory with the suite's files. Relative to the spec file.")
     languages: list[Lang] | None = None
     max_queries: PositiveInt | None = Field(default=None, description="Per language, for quick checks.")
-    max_paragraphs: PositiveInt | None = Field(default=None, description="Per language; shrinks the pool.")
+    max_paragraphs: PositiveInt | None = Field(
+        default=None, description="Per language; shrinks the pool (ntrex-r: the number of lines)."
+    )
     candidate_context: CandidateContext = "sentence"
+    first_line: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="ntrex-r only: the 0-based first NTREX-128 line of the suite (keep it apart from "
+        "evaluation.centering's lines).",
+    )
+
+
+class CenteringSpec(Spec):
+    """The language-mean centering baseline: the untrained model with each language's mean embedding
+    subtracted (and rows re-normalised), means estimated from unlabelled NTREX-128 sentences that are neither
+    training nor test data. A baseline without training: what a trained arm must beat to show that it
+    learnt more than removing a per-language offset."""
+
+    path: str = Field(description="NTREX-128 directory (newstest2019-ref.<code>.txt[.gz]).")
+    sentences: PositiveInt = Field(default=120, description="Lines per language the means are taken over.")
+    first_line: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="0-based first line: keep the lines apart from any NTREX suite or training source.",
+    )
 
 
 class EvaluationSpec(Spec):
@@ -317,6 +346,46 @@ class EvaluationSpec(Spec):
     at_start: bool = Field(
         default=False, description="Also evaluate the untrained model (zero-shot baseline)."
     )
+    centering: CenteringSpec | None = Field(
+        default=None,
+        description="With atStart: also evaluate the zero-shot model with language-mean centering on every "
+        "LAReQA suite (logged as <suite>_centered at step 0, and a row of every report).",
+    )
+
+    curve_points: Annotated[int, Field(ge=0)] = Field(
+        default=0,
+        description="Learning curve: evaluate at this many evenly spaced steps, the start (atStart) and the end "
+        "included (0: start and end only). Whether an arm's lead holds later in training shows only in a curve.",
+    )
+
+    @model_validator(mode="after")
+    def _baselines_at_start(self) -> EvaluationSpec:
+        if self.centering is not None and not self.at_start:
+            raise _bad("centering", "is a baseline of the untrained model: it needs atStart: true")
+        for i, suite in enumerate(self.suites):
+            c = self.centering
+            end = suite.first_line + suite.max_paragraphs if suite.max_paragraphs else math.inf
+            if (
+                suite.name == "ntrex-r"
+                and c
+                and suite.first_line < c.first_line + c.sentences
+                and c.first_line < end
+            ):
+                raise _bad(
+                    f"suites[{i}].firstLine",
+                    f"the {suite.name} lines overlap centering's (lines {c.first_line + 1}-{c.first_line + c.sentences})",
+                )
+        if self.curve_points and (self.curve_points < 3 or not self.at_start):
+            raise _bad(
+                "curvePoints", "a curve needs atStart: true and at least 3 points (start, middle, end)"
+            )
+        return self
+
+    def curve_steps(self, max_steps: int) -> list[int]:
+        """The steps strictly between start and end at which the learning curve evaluates."""
+        n = self.curve_points - 1
+        return sorted({round(k * max_steps / n) for k in range(1, n)} - {0, max_steps}) if n > 0 else []
+
     batch_size: PositiveInt = 64
     index: IndexKind = "flat"
     cache_dir: str | None = Field(
@@ -674,6 +743,23 @@ class SweepSpec(Spec):
         default=10_000, description="Resamples of the bootstrap between points (seeds, then questions)."
     )
     confidence: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.95
+    trials_per_gpu: PositiveInt = Field(
+        default=1,
+        description="Trials that share one GPU at once, each asking Ray for 1/n of it: a small model (e5-small) "
+        "leaves most of a GPU idle between its steps and in evaluation. Needs one worker with one GPU per trial.",
+    )
+    equivalence_margin: Annotated[float, Field(gt=0.0)] = Field(
+        default=0.005,
+        description="mAP: a claim that one arm 'matches or beats' another holds when the difference's interval "
+        "lies above -margin (and excludes the alternative arm's gap). 0.005 is below the smallest gap the "
+        "hybrid-batch paper reports as a difference (LaBSE mono, 0.0075), so a 'match' cannot hide one.",
+    )
+    bootstrap_unit: ClusterUnit = Field(
+        default="paragraph",
+        description="What the bootstrap resamples as one unit: questions share their paragraph's difficulty "
+        "(XQuAD-R's 60-paragraph slice: paragraph resampling gave 1.2-1.5x the question-level standard "
+        "errors), so a paragraph, with every question and translation on it, is the default.",
+    )
 
     @model_validator(mode="after")
     def _seeds_and_samples(self) -> SweepSpec:
@@ -754,6 +840,13 @@ class SweepSpec(Spec):
             raise _bad("sweep.constraints", "atLeastZeroShot needs evaluation.atStart (the zero-shot scores)")
         if self.asha is not None and not base.optimization.checkpoint_every:
             raise _bad("sweep.asha", "needs optimization.checkpointEvery > 0 (trials report at checkpoints)")
+        dist = base.distributed
+        if self.trials_per_gpu > 1 and (dist.num_workers, dist.gpus_per_worker) != (1, 1):
+            raise _bad(
+                "sweep.trialsPerGpu",
+                f"shares one GPU between trials: needs distributed.numWorkers 1 and gpusPerWorker 1, not "
+                f"{dist.num_workers} and {dist.gpus_per_worker}",
+            )
 
 
 def _field_path(model: BaseModel, path: str) -> list[str]:
@@ -849,7 +942,11 @@ class ExperimentSpec(Spec):
                     f"{sorted(extra)} are not in data.languages {sorted(langs)}",
                 )
         for i, suite in enumerate(self.evaluation.suites):
-            known = {"xquad-r": XQUAD_R_LANGUAGES, "mlqa-r": MLQA_R_LANGUAGES}.get(suite.name)
+            known = {
+                "xquad-r": XQUAD_R_LANGUAGES,
+                "mlqa-r": MLQA_R_LANGUAGES,
+                "ntrex-r": XQUAD_R_LANGUAGES,
+            }.get(suite.name)
             missing = set(suite.languages or ()) - set(known or suite.languages or ())
             if missing:
                 raise _bad(
@@ -944,6 +1041,8 @@ def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
         source.path = fix(source.path)
     for suite in exp.spec.evaluation.suites:
         suite.path = fix(suite.path)
+    if exp.spec.evaluation.centering is not None:
+        exp.spec.evaluation.centering.path = fix(exp.spec.evaluation.centering.path)
     model = exp.spec.model
     if not model.name.startswith("xling/"):
         model.name = fix(model.name)

@@ -3,8 +3,9 @@
 Two sources of noise. Training noise (initialisation, batch order, dropout) shows between seeds; test-set
 noise (which questions XQuAD-R happens to hold) shows between questions. Per-query scores are not
 independent draws: the translations of a question share its difficulty (ICC of per-query AP across
-translations ≈ 0.66 on the zero-shot demo slice of XQuAD-R), so the unit of test-set sampling is the
-question, not the query.
+translations ≈ 0.66 on the zero-shot demo slice of XQuAD-R), and so, less strongly, do the questions on one
+paragraph; the unit of test-set sampling is a cluster that holds whole questions: the question, or (the
+sweeps' default, ``sweep.bootstrapUnit``) the paragraph or article with all its questions.
 
 - ``mean_ci``: one point's mean over its seeds with a t-interval (training noise).
 - ``welch_ci``: the difference of two points' seed means with a Welch t-interval (training noise).
@@ -192,11 +193,11 @@ def hierarchical_bootstrap(
     """Compare configurations on per-query scores from several seeds, for each (a, b) in ``pairs``.
 
     ``scores`` maps a configuration to a (seeds x queries) array of per-query scores (e.g. AP), columns
-    aligned on the same queries; ``questions`` gives each query's question id (the translations of one
-    question share it) and ``strata`` its language. The statistic is the seed mean of the macro average
+    aligned on the same queries; ``questions`` gives each query's cluster (its question id, or its
+    paragraph's: the translations of one question must share it) and ``strata`` its language. The statistic is the seed mean of the macro average
     over strata of per-stratum mean scores (the headline mAP). Each resample draws every configuration's
-    seeds with replacement, independently (seed k of two points are unrelated runs), then the question
-    ids with replacement, once for all configurations (paired: per-question difficulty cancels). Queries
+    seeds with replacement, independently (seed k of two points are unrelated runs), then the clusters
+    with replacement, once for all configurations (paired: per-question difficulty cancels). Queries
     that are NaN in any configuration or seed are dropped from all.
 
     Interval and p-value are ``diff ± t(df) * se`` and the two-sided t-test of ``diff / se``, with ``se``

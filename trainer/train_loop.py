@@ -173,7 +173,9 @@ class Trainer:
         self.trainable_params = count_dense_params(
             self.model, trainable_only=True
         )  # freezeLayers: less backward
-        self.sampler = build_sampler(self.corpus.index, spec.optimization.global_batch_size, spec.sampling)
+        self.sampler = build_sampler(
+            self.corpus.index, spec.optimization.global_batch_size, spec.sampling, spec.optimization.max_steps
+        )
         self.batches = Prefetch(self.read_batch, spec.data.prefetch_steps)
         self.composition = Composition()
         uri = job.run.uri if job.run else None
@@ -237,7 +239,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> tuple[dict[str, float], str]:
         """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables."""
-        from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
+        from xling.trainer.evaluation import evaluate_with_centering, format_table, load_suite, log_to_mlflow
 
         ev = self.spec.evaluation
         out: dict[str, float] = {}
@@ -247,17 +249,20 @@ class Trainer:
         for suite_spec in ev.suites:
             suite = load_suite(suite_spec)
             # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
-            results = evaluate_suite(
-                suite, encoder, index=ev.index, cache_dir=cache if self.world == 1 else None
-            )
+            # The centering baseline is a property of the untrained model: at step 0 only.
+            evaluated = evaluate_with_centering(
+                suite, encoder, ev.centering if step == 0 else None, index=ev.index,
+                cache_dir=cache if self.world == 1 else None,
+            )  # fmt: skip
             if self.rank == 0:
-                prefix = suite_spec.name.replace("-", "_")
                 if self.logger.active:
-                    log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
                     log_dataset(self.logger.client, self.logger.run_id, suite_spec.name, suite.fingerprint,
                                 [suite_spec.path], "evaluation")  # fmt: skip
-                out.update(results.flat_metrics(prefix))
-                tables.append(format_table(results))
+                for results in evaluated:
+                    if self.logger.active:
+                        log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
+                    out.update(results.flat_metrics(results.suite.replace("-", "_")))
+                    tables.append(format_table(results))
         return out, "\n\n".join(tables)
 
     def _fingerprint(self, step: int) -> str:
@@ -313,6 +318,7 @@ class Trainer:
                 print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
         started = time.time()
         window = Window()
+        curve = set(spec.evaluation.curve_steps(opt.max_steps)) if spec.evaluation.suites else set()
         metrics: dict[str, Any] = {}
         for step in range(self.start_step, opt.max_steps):
             inject_fault(step, self.rank, resumed=self.start_step > 0)
@@ -325,6 +331,10 @@ class Trainer:
                     print(progress_line(done, opt.max_steps, metrics["train.loss"], metrics["train.pairs_per_s"],
                                         started), flush=True)  # fmt: skip
                 window, self.batches.waited_s = Window(), 0.0
+            if done in curve:  # a learning-curve point: logged at its step, not reported to Ray
+                _, table = self.evaluate(done)
+                if self.rank == 0:
+                    print(f"\nStep {done}:\n{table}\n", flush=True)
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
         self.batches.close()

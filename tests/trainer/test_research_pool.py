@@ -18,7 +18,7 @@ from xling.trainer.spec import XQUAD_R_LANGUAGES, DataSource, DataSpec, Sampling
 from xling.trainer.train_loop import batch_texts
 
 DEMO = ROOT / "data" / "demo"
-RESEARCH_SAMPLES = ["research.yaml", "research-gpu.yaml", "demo.yaml"]
+RESEARCH_SAMPLES = ["research.yaml", "research-gpu.yaml", "research-gpu-1.yaml", "demo.yaml"]
 normalise = functools.cache(_normalise)  # each text is met many times in 1,000 batches
 STRATEGIES = [SamplingSpec(strategy="xx"), SamplingSpec(strategy="xy"), SamplingSpec(strategy="hybrid", alpha=0.5),
               SamplingSpec(strategy="mixed")]  # fmt: skip

@@ -4,6 +4,8 @@ distributions (X-Y uniform over language pairs, X-X only over languages that can
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -106,6 +108,45 @@ def test_hybrid_realises_alpha() -> None:
     assert comp.kinds["xx"] + comp.kinds["xy"] == 2000
 
 
+@settings(max_examples=40, deadline=None)
+@given(st.floats(0, 1), st.integers(1, 60), st.integers(0, 2**31))
+def test_exact_schedule_gives_round_alpha_n_xx_batches(alpha: float, steps: int, seed: int) -> None:
+    """The coin gave 0.35-0.5 X-X at alpha 0.5 over 40 steps; the exact schedule gives the nominal count,
+    and the logged fraction is that count over the run."""
+    spec = SamplingSpec(strategy="hybrid", alpha=alpha, seed=seed, alpha_schedule="exact")
+    sampler = build_sampler(C.index, 4, spec, steps)
+    comp = Composition()
+    for s in range(steps):
+        comp.add(sampler.plan(s))
+    assert comp.kinds["xx"] == math.floor(alpha * steps + 0.5)
+    assert comp.metrics().get("batches.xx_fraction", 0.0) == comp.kinds["xx"] / steps
+    assert comp.kinds["xx"] + comp.kinds["xy"] == steps
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.floats(0.05, 0.95), st.integers(2, 40), st.integers(0, 2**31), st.integers(0, 120))
+def test_exact_schedule_is_a_pure_function_of_seed_and_step(
+    alpha: float, steps: int, seed: int, k: int
+) -> None:
+    """Ranks (separate samplers) and a resume at step k (a fresh sampler) see the same batches, in any order
+    of asking, also past the run's length (the schedule repeats per block of maxSteps)."""
+    spec = SamplingSpec(strategy="hybrid", alpha=alpha, seed=seed, alpha_schedule="exact")
+    run = [build_sampler(C.index, 4, spec, steps).plan(s) for s in range(k + 3)]
+    fresh = build_sampler(C.index, 4, spec, steps)
+    assert [fresh.plan(s) for s in reversed(range(k, k + 3))] == run[k:][::-1]
+
+
+def test_exact_schedule_orders_differ_by_seed_and_need_the_run_length() -> None:
+    kinds = {
+        seed: [p.kind for p in map(build_sampler(C.index, 4, spec, 40).plan, range(40))]
+        for seed in (0, 1)
+        for spec in [SamplingSpec(strategy="hybrid", alpha=0.5, seed=seed, alpha_schedule="exact")]
+    }
+    assert kinds[0] != kinds[1] and kinds[0].count("xx") == kinds[1].count("xx") == 20
+    with pytest.raises(ValueError, match="alphaSchedule.*maxSteps"):
+        build_sampler(C.index, 4, SamplingSpec(strategy="hybrid", alpha_schedule="exact"))
+
+
 def test_asymmetric_groups_use_only_the_sides_they_have() -> None:
     asym = corpus(n_parallel=0, n_mono=0, n_asym=40)
     assert asym.sizes() == {"es": 40}  # the only language with a question and a paragraph
@@ -203,10 +244,14 @@ def test_seed_changes_batches() -> None:
     assert a != b
 
 
+@pytest.mark.parametrize("schedule", ["bernoulli", "exact"])
 @pytest.mark.parametrize(("alpha", "pure"), [(1.0, "xx"), (0.0, "xy")])
-def test_hybrid_at_alpha_0_and_1_gives_the_pure_strategies_batches(alpha: float, pure: str) -> None:
+def test_hybrid_at_alpha_0_and_1_gives_the_pure_strategies_batches(
+    alpha: float, pure: str, schedule: str
+) -> None:
     """The research sweep reuses the X-X and X-Y trials as the ends of the alpha curve: that holds only if
     the batches are the very same, not just equally distributed."""
-    hybrid = build_sampler(C.index, 8, SamplingSpec(strategy="hybrid", alpha=alpha, seed=3))
+    spec = SamplingSpec(strategy="hybrid", alpha=alpha, seed=3, alpha_schedule=schedule)
+    hybrid = build_sampler(C.index, 8, spec, 40)
     alone = build_sampler(C.index, 8, SamplingSpec(strategy=pure, seed=3))
     assert [hybrid.plan(s) for s in range(40)] == [alone.plan(s) for s in range(40)]

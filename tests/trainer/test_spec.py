@@ -127,3 +127,15 @@ def test_wrong_kind_and_bad_yaml(tmp_path: Path) -> None:
         load_experiment(bad)
     with pytest.raises(SpecError, match="cannot read"):
         load_experiment(tmp_path / "missing.yaml")
+
+
+def test_learning_curve_steps_are_evenly_spaced_and_need_the_start() -> None:
+    from xling.trainer.spec import EvaluationSpec
+
+    assert EvaluationSpec(at_start=True, curve_points=5).curve_steps(40) == [10, 20, 30]
+    assert EvaluationSpec(at_start=True, curve_points=4).curve_steps(40) == [13, 27]
+    assert EvaluationSpec(at_start=True, curve_points=50).curve_steps(10) == list(range(1, 10))
+    assert EvaluationSpec().curve_steps(40) == []
+    for bad in ({"curvePoints": 4}, {"atStart": True, "curvePoints": 2}):
+        with pytest.raises(ValueError, match="curvePoints: a curve needs atStart: true and at least 3"):
+            EvaluationSpec.model_validate(bad)

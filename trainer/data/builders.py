@@ -114,6 +114,26 @@ def _contained(lines: list[str], language: str) -> dict[int, list[int]]:
     return found
 
 
+def ntrex_doc_ids(path: str | Path) -> list[str]:
+    """The news document of every NTREX-128 line (DOCUMENT_IDS.tsv)."""
+    return _lines(_find(Path(path), "DOCUMENT_IDS.tsv"))
+
+
+def ntrex_sentences(path: str | Path, languages: Collection[str], lines: range) -> dict[str, list[str]]:
+    """Lines ``lines`` (0-based) of each language's NTREX-128 file: the same source sentences, translated."""
+    root, out = Path(path), {}
+    codes = {language: code for code, language in NTREX_LANGUAGES.items()}
+    for language in languages:
+        if language not in codes:
+            raise ValueError(f"{root}: NTREX-128 has no {language!r} file here (it has {sorted(codes)})")
+        file = _find(root, f"newstest2019-ref.{codes[language]}.txt")
+        text = _lines(file)
+        if lines.stop > len(text):
+            raise ValueError(f"{file}: {len(text)} lines, fewer than the {lines.stop} asked for")
+        out[language] = [text[i] for i in lines]
+    return out
+
+
 def ntrex_rows(path: str | Path, languages: Collection[str] | None = None, window: int = 2) -> Iterator[Row]:
     """Sentence -> its document context: the up to ``window`` sentences before and after it in the same
     document (DOCUMENT_IDS.tsv), *without* the sentence itself, so the model must match a sentence to its

@@ -12,6 +12,7 @@ from typing import Any
 _EXPORTS = {
     "load_suite": "api",
     "evaluate_suite": "api",
+    "evaluate_with_centering": "api",
     "Suite": "api",
     "log_to_mlflow": "report",
     "format_table": "report",

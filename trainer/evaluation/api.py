@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa
+from xling.trainer.evaluation.centering import CENTERED, LanguageMeans, language_means
+from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa, load_ntrex_suite
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.miracl import MiraclSuite, evaluate_miracl, load_miracl
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.results import SuiteResults
-from xling.trainer.spec import EvalSuite, IndexKind
+from xling.trainer.spec import CenteringSpec, EvalSuite, IndexKind
 
 Suite = LareqaSuite | MiraclSuite
 
@@ -23,6 +25,9 @@ def load_suite(spec: EvalSuite) -> Suite:
             max_queries=spec.max_queries,
             max_passages=spec.max_paragraphs,
         )
+    if spec.name == "ntrex-r":
+        return load_ntrex_suite(spec.name, spec.path, languages=spec.languages, first_line=spec.first_line,
+                                lines=spec.max_paragraphs)  # fmt: skip
     return load_lareqa(
         spec.name,
         spec.path,
@@ -40,9 +45,34 @@ def evaluate_suite(
     index: IndexKind = "flat",
     cache_dir: str | Path | None = None,
     depth: int = 100,
+    centering: LanguageMeans | None = None,
 ) -> SuiteResults:
     """Evaluate ``encoder`` on a loaded suite; ``depth`` is the length of the kept top-k lists (run
-    files; with IVF/HNSW also the cut-off of every metric)."""
+    files; with IVF/HNSW also the cut-off of every metric); ``centering``: the language-mean baseline
+    (LAReQA suites: its point is the pooled, multilingual index)."""
     if isinstance(suite, MiraclSuite):
+        if centering is not None:
+            raise ValueError(
+                "evaluation.centering: MIRACL is monolingual per language; centering is for LAReQA suites"
+            )
         return evaluate_miracl(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)
-    return evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)
+    return evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth, centering=centering)
+
+
+def evaluate_with_centering(
+    suite: Suite,
+    encoder: TextEncoder,
+    centering: CenteringSpec | None,
+    *,
+    index: IndexKind = "flat",
+    cache_dir: str | Path | None = None,
+    depth: int = 100,
+) -> list[SuiteResults]:
+    """The model's results, then (``centering`` set, a LAReQA suite) the language-mean centering baseline's,
+    as suite ``<name>-centered`` (metrics ``<name>_centered.*``); the suite's embeddings are encoded once."""
+    out = [evaluate_suite(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)]
+    if centering is not None and isinstance(suite, LareqaSuite):
+        means = language_means(encoder, centering, suite.languages, cache_dir)
+        base = evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth, centering=means)
+        out.append(replace(base, suite=f"{suite.name}{CENTERED}"))
+    return out

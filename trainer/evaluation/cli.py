@@ -15,6 +15,7 @@ from xling.trainer.contracts import EMBEDDING_CACHE_DEFAULT, embedding_cache_dir
 from xling.trainer.errors import InputError, Problem, command
 from xling.trainer.spec import (
     CandidateContext,
+    CenteringSpec,
     EvalSuite,
     EvaluationSpec,
     IndexKind,
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from xling.trainer.evaluation.results import SuiteResults
 
 #: The bundled (gzipped) copy of XQuAD-R, so that `xling eval` needs no --data on a fresh clone.
-DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r"}
+DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r", "ntrex-r": "data/demo/ntrex-128"}
 
 
 #: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
@@ -48,7 +49,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand; its handler is stored as ``func`` and returns an exit code."""
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on XQuAD-R, MLQA-R or MIRACL",
+        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R or MIRACL",
         description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
         "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
     )
@@ -74,7 +75,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
     p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
     p.add_argument("--max-queries", type=int, metavar="N", help="first N queries per language")
-    p.add_argument("--max-paragraphs", type=int, metavar="N", help="first N paragraphs (MIRACL: passages)")
+    p.add_argument("--max-paragraphs", type=int, metavar="N",
+                   help="first N paragraphs (MIRACL: passages; ntrex-r: lines)")  # fmt: skip
+    p.add_argument("--first-line", type=int, default=0, metavar="N",
+                   help="ntrex-r: 0-based first NTREX-128 line (default 0)")  # fmt: skip
     p.add_argument(
         "--candidate-context",
         choices=get_args(CandidateContext),
@@ -88,7 +92,21 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--cache-dir",
         help=f"embedding cache ('' disables it; default: {EMBEDDING_CACHE_DEFAULT}, as for xling run)",
     )
-    p.add_argument("--out", metavar="results.json", help="write every number as JSON")
+    p.add_argument(
+        "--centering-data",
+        metavar="DIR",
+        help="also evaluate the language-mean centering baseline (LAReQA suites), means from this NTREX-128 "
+        "directory (e.g. data/demo/ntrex-128)",
+    )
+    p.add_argument(
+        "--centering-sentences",
+        type=int,
+        default=CenteringSpec.model_fields["sentences"].default,
+        metavar="N",
+        help="NTREX-128 lines per language for the means (default: %(default)s)",
+    )
+    p.add_argument("--out", metavar="results.json", help="write every number as JSON (the baseline: "
+                   "results-centered.json beside it)")  # fmt: skip
     p.add_argument("--run-file", metavar="run.trec", help="TREC run (query ids <lang>:<question id>)")
     p.add_argument("--qrels-file", metavar="qrels.trec", help="TREC qrels for --run-file")
     p.add_argument("--tracking-uri", help="also log to this MLflow tracking URI")
@@ -97,7 +115,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _log_mlflow(args: argparse.Namespace, results: SuiteResults) -> str:
+def _log_mlflow(args: argparse.Namespace, results: SuiteResults, baseline: list[SuiteResults]) -> str:
     import mlflow
 
     from xling.trainer.evaluation.report import log_to_mlflow
@@ -118,7 +136,8 @@ def _log_mlflow(args: argparse.Namespace, results: SuiteResults) -> str:
     ):
         value = getattr(args, key)
         client.log_param(run.info.run_id, key, ",".join(value) if isinstance(value, list) else value)
-    log_to_mlflow(results, client, run.info.run_id, step=0)
+    for logged in (results, *baseline):
+        log_to_mlflow(logged, client, run.info.run_id, step=0)
     client.set_terminated(run.info.run_id)
     return run.info.run_id
 
@@ -162,6 +181,7 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             max_queries=args.max_queries,
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
+            first_line=args.first_line,
         )
     except ValidationError as err:
         problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]
@@ -171,22 +191,46 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
 @command
 def run_eval(args: argparse.Namespace) -> int:
     """Load the suite (fail fast on bad data), then the model; evaluate, print, write what was asked."""
-    from xling.trainer.evaluation.api import evaluate_suite, load_suite
+    from xling.trainer.evaluation.api import evaluate_with_centering, load_suite
     from xling.trainer.evaluation.report import format_table, write_results_json
     from xling.trainer.evaluation.trec import write_qrels, write_run
 
     suite = load_suite(_suite_spec(args))
+    centering = _centering_spec(args)
     encoder = _encoder(args)
     cache = None if args.cache_dir == "" else embedding_cache_dir(args.cache_dir)
-    results = evaluate_suite(suite, encoder, index=args.index, cache_dir=cache, depth=args.depth)
+    results, *baseline = evaluate_with_centering(
+        suite, encoder, centering, index=args.index, cache_dir=cache, depth=args.depth
+    )
     print(format_table(results))
     print(f"encode {results.timings['encode_s']:.1f} s, score {results.timings['score_s']:.1f} s")
+    for base in baseline:
+        print(f"\nlanguage-mean centering baseline (means: {base.fingerprints['centering']})")
+        print(format_table(base))
     if args.out:
         write_results_json(results, args.out)
+        for base in baseline:
+            out = Path(args.out)
+            write_results_json(base, out.with_name(f"{out.stem}-centered{out.suffix}"))
     if args.run_file:
         write_run(results.ranked, args.run_file)
     if args.qrels_file:
         write_qrels(results.ranked, args.qrels_file)
     if args.tracking_uri:
-        print(f"logged to MLflow run {_log_mlflow(args, results)}")
+        print(f"logged to MLflow run {_log_mlflow(args, results, baseline)}")
     return 0
+
+
+def _centering_spec(args: argparse.Namespace) -> CenteringSpec | None:
+    """--centering-data and --centering-sentences as the spec's section; refused for MIRACL at its flag."""
+    if args.centering_data is None:
+        return None
+    if args.suite == "miracl":
+        raise InputError(
+            "xling eval", "--centering-data: centering is a baseline for the pooled LAReQA suites"
+        )
+    if args.centering_sentences < 1:
+        raise InputError(
+            "xling eval", f"--centering-sentences: must be at least 1, got {args.centering_sentences}"
+        )
+    return CenteringSpec(path=args.centering_data, sentences=args.centering_sentences)

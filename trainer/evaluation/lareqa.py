@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 
 from xling.trainer.evaluation.errors import EvalDataError
-from xling.trainer.spec import CandidateContext
+from xling.trainer.spec import CandidateContext, ClusterUnit
+
+#: The clusters above the question that per_query.json labels every query with (sweep.bootstrapUnit).
+CLUSTER_UNITS: tuple[ClusterUnit, ...] = ("paragraph", "article")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,8 @@ class LanguageData:
     #: question id -> local index of its answer sentence, for every question whose paragraph is kept
     #: (max_queries shortens the query list, never the relevant sets).
     answer_of: dict[str, int]
+    #: question id -> (article, paragraph) position in the file: the units the bootstrap resamples.
+    place_of: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,9 @@ class LareqaSuite:
     data: dict[str, LanguageData]
     fingerprint: str
     options: dict[str, Any] = field(default_factory=dict)
+    #: a query's own-language relevant candidate is its own text (a parallel-sentence suite, ntrex-r):
+    #: left out of its relevant set and of its ranking, so only translations count
+    self_match: bool = False
 
     @cached_property
     def offsets(self) -> dict[str, int]:
@@ -72,11 +80,40 @@ class LareqaSuite:
             np.arange(len(self.languages)), [len(self.data[lang].candidate_ids) for lang in self.languages]
         )
 
+    def clusters(self, unit: ClusterUnit) -> dict[str, int]:
+        """Question id -> its cluster: the connected component of questions that share a paragraph (or an
+        article) in any language. Translations of a question always share one; on XQuAD-R, whose files are
+        parallel, a paragraph cluster is one paragraph; on MLQA-R it joins paragraphs that translations link."""
+        parent: dict[str, str] = {}
+
+        def root(q: str) -> str:
+            while parent.setdefault(q, q) != q:
+                parent[q] = parent[parent[q]]
+                q = parent[q]
+            return q
+
+        for lang in self.languages:
+            first: dict[tuple[int, ...], str] = {}
+            for qid, (article, paragraph) in self.data[lang].place_of.items():
+                key = (article,) if unit == "article" else (article, paragraph)
+                parent[root(qid)] = root(first.setdefault(key, qid))
+        labels: dict[str, int] = {}
+        return {q: labels.setdefault(root(q), len(labels)) for q in sorted(parent)}
+
+    def own_copy(self, lang: str) -> np.ndarray | None:
+        """With ``self_match``: each query's own text in the pool (to be ranked out), else None."""
+        if not self.self_match:
+            return None
+        answer_of, offset = self.data[lang].answer_of, self.offsets[lang]
+        return np.array([offset + answer_of[q] for q in self.data[lang].query_ids], dtype=np.int64)
+
     def relevant(self, lang: str) -> np.ndarray:
         """Pooled indices of each query's relevant candidates, shape (queries, languages), -1 = none."""
         ids = self.data[lang].query_ids
         out = np.full((len(ids), len(self.languages)), -1, dtype=np.int64)
         for j, other in enumerate(self.languages):
+            if self.self_match and other == lang:
+                continue
             answer_of, offset = self.data[other].answer_of, self.offsets[other]
             for i, qid in enumerate(ids):
                 if qid in answer_of:
@@ -122,13 +159,13 @@ def _field(record: dict[str, Any], key: str, path: Path, where: str | None, kind
     return value
 
 
-def _paragraphs(doc: Any, path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """Every paragraph in file order, with its location for error messages."""
+def _paragraphs(doc: Any, path: Path) -> list[tuple[int, str, dict[str, Any]]]:
+    """Every paragraph in file order, with its article's index and its location for error messages."""
     articles = _field(doc, "data", path, None, list)
     out = []
     for a, article in enumerate(articles):
         paragraphs = _field(article, "paragraphs", path, f"data[{a}]", list)
-        out.extend((f"data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
+        out.extend((a, f"data[{a}].paragraphs[{p}]", par) for p, par in enumerate(paragraphs))
     return out
 
 
@@ -158,7 +195,8 @@ def load_language(
     query_ids: list[str] = []
     query_texts: list[str] = []
     answer_of: dict[str, int] = {}
-    for p, (where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
+    place_of: dict[str, tuple[int, int]] = {}
+    for p, (article, where, par) in enumerate(_paragraphs(doc, path)[:max_paragraphs]):
         context = _field(par, "context", path, where, str)
         sentences = _field(par, "sentences", path, where, list)
         breaks = _field(par, "sentence_breaks", path, where, list)
@@ -183,6 +221,7 @@ def load_language(
             if qid in answer_of:
                 raise EvalDataError(path, "duplicate question id", field=qwhere)
             answer_of[qid] = first + _answer_sentence(breaks, start, path, qwhere)
+            place_of[qid] = (article, p)
             query_ids.append(qid)
             query_texts.append(_field(qa, "question", path, qwhere, str))
     data = LanguageData(
@@ -193,6 +232,7 @@ def load_language(
         query_ids=query_ids[:max_queries],
         query_texts=query_texts[:max_queries],
         answer_of=answer_of,
+        place_of=place_of,
     )
     return data, hashlib.sha256(raw).hexdigest()
 
@@ -229,3 +269,36 @@ def load_lareqa(
         fingerprint=digest.hexdigest()[:16],
         options={"max_paragraphs": max_paragraphs, "max_queries": max_queries, "path": str(directory)},
     )
+
+
+def load_ntrex_suite(
+    name: str, directory: str | Path, *, languages: list[str] | None, first_line: int, lines: int | None
+) -> LareqaSuite:
+    """A pooled parallel-sentence suite from NTREX-128 (news, out of the QA domain): every line is a query
+    in every language, relevant are its translations in the other languages (its own text is ranked out),
+    candidates are the same lines in all languages. Clusters for the bootstrap: the line (paragraph) and
+    its news document (article)."""
+    from xling.trainer.data.builders import NTREX_LANGUAGES, ntrex_doc_ids, ntrex_sentences
+
+    directory = Path(directory)
+    langs = list(languages or sorted(NTREX_LANGUAGES.values()))
+    try:
+        doc_ids = ntrex_doc_ids(directory)
+        stop = len(doc_ids) if lines is None else first_line + lines
+        if stop > len(doc_ids) or first_line >= stop:
+            raise ValueError(f"lines {first_line + 1}-{stop} are not within its {len(doc_ids)} lines")
+        texts = ntrex_sentences(directory, langs, range(first_line, stop))
+    except (OSError, ValueError) as err:
+        raise EvalDataError(directory, f"{name}: {err}") from None
+    docs = {d: k for k, d in enumerate(dict.fromkeys(doc_ids))}
+    qids = [str(i) for i in range(first_line, stop)]
+    place = {q: (docs[doc_ids[int(q)]], int(q)) for q in qids}
+    digest = hashlib.sha256(f"ntrex|{first_line}|{stop}".encode())
+    data = {}
+    for lang in langs:
+        digest.update("\0".join(texts[lang]).encode())
+        data[lang] = LanguageData(lang, directory, [f"{lang}:{q}:0" for q in qids], texts[lang], qids, texts[lang],
+                                  {q: k for k, q in enumerate(qids)}, place)  # fmt: skip
+    return LareqaSuite(name, tuple(langs), "sentence", data, digest.hexdigest()[:16],
+                       {"first_line": first_line, "lines": stop - first_line, "path": str(directory)},
+                       self_match=True)  # fmt: skip

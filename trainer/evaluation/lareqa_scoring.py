@@ -21,7 +21,8 @@ import numpy as np
 
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
-from xling.trainer.evaluation.lareqa import LareqaSuite
+from xling.trainer.evaluation.centering import LanguageMeans
+from xling.trainer.evaluation.lareqa import CLUSTER_UNITS, LareqaSuite
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
 from xling.trainer.evaluation.results import BIAS_METRICS, LareqaResults, mean
@@ -90,6 +91,7 @@ def _language_row(
     top: tuple[np.ndarray, np.ndarray],
     depth: int,
     exact: bool,
+    clusters: dict[str, dict[str, int]],
 ) -> _LanguageRow:
     lang = suite.languages[i]
     pool_rank, block_rank = ranks
@@ -111,6 +113,7 @@ def _language_row(
         "best_other_rank": best_other,
         "rank_distance": metrics.rank_distance(pool_rank) if exact else np.full(len(qids), np.nan),
         "top10_own_share": metrics.top_k_language_share(ids, suite.candidate_language, i, TOP_K),
+        **{unit: np.array([of[q] for q in suite.data[lang].query_ids]) for unit, of in clusters.items()},
     }
     return _LanguageRow(
         map_row=map_row,
@@ -166,28 +169,43 @@ def evaluate_lareqa(
     index: IndexKind = "flat",
     cache_dir: str | Path | None = None,
     depth: int = 100,
+    centering: LanguageMeans | None = None,
 ) -> LareqaResults:
-    """Encode (or read from the cache) every language, then score all settings."""
+    """Encode (or read from the cache) every language, then score all settings; with ``centering``, each
+    language's mean is subtracted first (the language-mean centering baseline)."""
     t0 = time.perf_counter()
     cands, queries = encode_suite(suite, encoder, cache_dir)
+    if centering is not None:
+        cands = [centering.center(c, lang, "passage") for c, lang in zip(cands, suite.languages, strict=True)]
+        queries = [
+            centering.center(q, lang, "query") for q, lang in zip(queries, suite.languages, strict=True)
+        ]
     t1 = time.perf_counter()
     pool = np.vstack(cands)
     bounds = np.cumsum([0] + [len(c) for c in cands])
     k = max(depth, TOP_K)
     exact = index == "flat"
+    if suite.self_match and not exact:
+        raise ValueError(
+            f"{suite.name}: a parallel-sentence suite needs evaluation.index flat (its own text is ranked out)"
+        )
     if not exact:
         pooled = build_index(pool, index, k)
         blocks = [build_index(c, index, k) for c in cands]
+    clusters = {unit: suite.clusters(unit) for unit in CLUSTER_UNITS}
     rows = []
     for i, lang in enumerate(suite.languages):
         relevant = suite.relevant(lang)
         if exact:
-            pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k)
+            own = suite.own_copy(lang)
+            pool_rank, block_rank, scores, ids = exact_ranks(queries[i], pool, relevant, bounds, k, own)
         else:
             scores, ids = search(pooled, queries[i], k)
             pool_rank = list_ranks(ids, relevant)
             block_rank = _block_list_ranks(blocks, bounds, queries[i], relevant, k)
-        rows.append(_language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth, exact))
+        rows.append(
+            _language_row(suite, i, relevant, (pool_rank, block_rank), (scores, ids), depth, exact, clusters)
+        )
     t2 = time.perf_counter()
     langs = list(suite.languages)
     return LareqaResults(
@@ -204,7 +222,8 @@ def evaluate_lareqa(
         multi_map=np.array([r.multi_map for r in rows]),
         multi_r10=np.array([r.multi_r10 for r in rows]),
         bias={lang: r.bias for lang, r in zip(langs, rows, strict=True)},
-        fingerprints={"encoder": encoder.fingerprint, "data": suite.fingerprint},
+        fingerprints={"encoder": encoder.fingerprint, "data": suite.fingerprint}
+        | ({"centering": centering.source} if centering else {}),
         timings={"encode_s": t1 - t0, "score_s": t2 - t1},
         per_query={key: np.concatenate([r.per_query[key] for r in rows]) for key in rows[0].per_query},
         ranked=[r.ranked for r in rows],

@@ -26,10 +26,16 @@ _CHUNK_BYTES = 64 << 20
 
 
 def exact_ranks(
-    queries: np.ndarray, pool: np.ndarray, relevant: np.ndarray, bounds: np.ndarray, depth: int = 0
+    queries: np.ndarray,
+    pool: np.ndarray,
+    relevant: np.ndarray,
+    bounds: np.ndarray,
+    depth: int = 0,
+    exclude: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Exact (pool, block) ranks, plus the top-``depth`` (scores, ids) lists read off the same scores
-    with FAISS's heap, so lists and ranks never disagree; ``bounds`` are the L+1 block boundaries."""
+    with FAISS's heap, so lists and ranks never disagree; ``bounds`` are the L+1 block boundaries.
+    ``exclude``: per query, one pooled candidate ranked out (scored -inf: a query's own text)."""
     n, n_lang = relevant.shape
     k = min(depth, pool.shape[0])
     pool_rank = np.full((n, n_lang), np.nan)
@@ -41,6 +47,8 @@ def exact_ranks(
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         scores = queries[lo:hi] @ pool.T
+        if exclude is not None:
+            scores[np.arange(hi - lo), exclude[lo:hi]] = -np.inf
         rel = np.where(has[lo:hi], relevant[lo:hi], 0)
         # A missing relevant item gets threshold +inf, so nothing counts for it.
         thr = np.where(has[lo:hi], np.take_along_axis(scores, rel, axis=1), np.inf)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xling.trainer.evaluation.lareqa import CLUSTER_UNITS
 from xling.trainer.evaluation.results import LareqaResults, MiraclResults, SuiteResults, json_number
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ def write_per_query_json(results: LareqaResults, path: Path) -> None:
         # per-query language bias, so that bias differences get question-clustered intervals too
         "rank_distance": [json_number(v) for v in pq["rank_distance"]],
         "top10_own_share": [json_number(v) for v in pq["top10_own_share"]],
+        # the paragraph and article cluster of every query: the units the sweep's bootstrap resamples
+        **{unit: pq[unit].tolist() for unit in CLUSTER_UNITS},
     }
     path.write_text(json.dumps(payload, separators=(",", ":")) + "\n", encoding="utf-8")
 

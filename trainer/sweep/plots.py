@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from xling.trainer.evaluation.report import write_pngs
-from xling.trainer.sweep.summary import PointSummary, SweepSummary, short_key
+from xling.trainer.sweep.summary import PointSummary, SweepSummary, curve_keys, short_key
 
 
 def primary_parameter(s: SweepSummary) -> str | None:
@@ -204,6 +204,25 @@ def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
     return _seed_ci_figure(s, fig, axes)
 
 
+def _plot_learning_curves(s: SweepSummary, plt: Any) -> Any:
+    """Every point's multilingual mAP and rank distance against training steps, mean and seed interval;
+    zero-shot dashed, the language-mean centering baseline dotted."""
+    keys = [k for k in curve_keys(s.prefix) if any(k in p.curves for p in s.points)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for i, p in enumerate(q for q in s.points if key in q.curves):
+            steps = np.array([step for step, _ in p.curves[key]])
+            mean, low, high = (
+                np.array([getattr(c, f) for _, c in p.curves[key]]) for f in ("mean", "low", "high")
+            )
+            ax.plot(steps, mean, marker="o", ms=3, color=f"C{i}", label=p.label)
+            ax.fill_between(steps, low, high, color=f"C{i}", alpha=0.15)
+        if key in s.centered:
+            ax.axhline(s.centered[key], color="black", ls=":", lw=1, label="language-mean centering")
+        _metric_axis(s, ax, key, "training step")
+    return _seed_ci_figure(s, fig, axes)
+
+
 def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
     """metric vs the swept parameter, Pareto, heatmaps and bias plots (those the metrics allow)."""
     if not any(p.trials for p in s.points):
@@ -216,4 +235,6 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
         plots += [("pareto", _plot_pareto), ("bias", _plot_bias)]
     if s.languages():
         plots.append(("heatmaps", _plot_heatmaps))
+    if any(p.curves for p in s.points):
+        plots.append(("learning_curves", _plot_learning_curves))
     return write_pngs(s, plots, directory)

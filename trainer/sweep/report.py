@@ -62,6 +62,9 @@ def to_json(s: SweepSummary) -> dict[str, Any]:
             {"setting": c.setting, "a": c.a, "b": c.b, **_finite_or_none(asdict(c.test)), "p_holm": c.p_holm}
             for c in s.comparisons
         ],
+        "centering": {"source": s.centering_source, "metrics": s.centered,
+                      "against": [{"setting": c.setting, "point": c.a, **_finite_or_none(asdict(c.test)),
+                                   "p_holm": c.p_holm} for c in s.against_centering]},
         "notes": s.notes,
     }  # fmt: skip
 

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.trainer.spec import SamplingSpec, SweepSpec
+from xling.trainer.evaluation.centering import CENTERED as CENTERED_SUFFIX
+from xling.trainer.spec import CenteringSpec, ClusterUnit, SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
 from xling.trainer.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 PER_QUERY_FILE = "per_query.json"
 #: Settings whose per-query scores are bootstrapped, from the per_query.json arrays: AP, then language bias.
 SETTINGS = ("multi", "mono", "cross", "rank_distance", "top10_own_share")
+#: The settings where a higher score is better (the bias ones are lower-is-better).
+HIGHER_IS_BETTER = ("multi", "mono", "cross")
 #: Suite-name suffix of the full-pool evaluation of each point's best seed (``xling results --full-pool``).
 FULL_SUFFIX = "-full"
 
@@ -74,6 +77,8 @@ class PointSummary:
     strategy: str = ""
     xx_share: float | None = None  # probability of an X-X-mono batch: the hybrid alpha axis (xy 0, xx 1)
     full: TrialRecord | None = None  # the best seed, where it was evaluated on the full pool
+    #: learning curve (evaluation.curvePoints): metric -> [(step, mean and CI over seeds)], steps ascending
+    curves: dict[str, list[tuple[int, MeanCI]]] = field(default_factory=dict)
 
     @property
     def feasible(self) -> bool:
@@ -106,6 +111,15 @@ class SweepSummary:
     notes: list[str]
     best: int | None
     zero_shot_full: dict[str, float] = field(default_factory=dict)
+    #: what the comparisons' bootstrap resampled: sweep.bootstrapUnit, or question where the runs lack it
+    bootstrap_unit: str = "question"
+    #: the language-mean centering baseline (evaluation.centering) under the plain metric names, its source
+    centered: dict[str, float] = field(default_factory=dict)
+    centering_source: str | None = None
+    #: the other LAReQA suites' prefixes (e.g. ntrex_r): seed means and baselines, no tests
+    held_out: list[str] = field(default_factory=list)
+    #: every point against that baseline (b is CENTERED), Holm-corrected per setting as their own family
+    against_centering: list[Comparison] = field(default_factory=list)
 
     @property
     def finished(self) -> int:
@@ -131,6 +145,19 @@ HEADLINE = ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.
 
 
 # ----------------------------------------------------------------------------- reading MLflow
+
+
+#: Comparison.b of a test against the centering baseline (not a point of the sweep).
+CENTERED = -1
+
+
+def centering_source(spec: dict[str, Any] | None) -> str | None:
+    """Where the baseline's means came from, as the report states it."""
+    if not spec:
+        return None
+    centering = CenteringSpec.model_validate(spec)
+    first = centering.first_line + 1
+    return f"NTREX-128 lines {first}-{first + centering.sentences - 1} ({centering.sentences} per language)"
 
 
 def is_headline(key: str) -> bool:
@@ -187,6 +214,14 @@ class PerQuery:
     query_ids: list[str]
     language: np.ndarray
     ap: dict[str, np.ndarray]
+    #: unit (paragraph, article) -> each query's cluster; absent in evaluations logged before they were
+    clusters: dict[str, list[int]] = field(default_factory=dict)
+
+    def units(self, unit: ClusterUnit) -> list[str] | None:
+        """Each query's bootstrap unit, or None where this evaluation did not log that unit."""
+        if unit == "question":
+            return self.question_ids
+        return [str(c) for c in self.clusters[unit]] if unit in self.clusters else None
 
     @property
     def question_ids(self) -> list[str]:
@@ -214,7 +249,8 @@ def parse_per_query(doc: dict[str, Any]) -> PerQuery:
     for bias in ("rank_distance", "top10_own_share"):  # logged since the research sweep (older runs: absent)
         if bias in doc:
             scores[bias] = np.array(doc[bias], dtype=np.float64)
-    return PerQuery(list(doc["query_ids"]), language, scores)
+    clusters = {unit: list(doc[unit]) for unit in ("paragraph", "article") if unit in doc}
+    return PerQuery(list(doc["query_ids"]), language, scores, clusters)
 
 
 def load_per_query(client: MlflowClient, run_id: str, suite: str) -> PerQuery | None:
@@ -256,10 +292,12 @@ def _violations(point: PointSummary, sweep: SweepSpec, zero: dict[str, float], k
 
 def _comparisons(
     client: MlflowClient, points: list[PointSummary], suite: str, sweep: SweepSpec, notes: list[str]
-) -> list[Comparison]:
-    """Hierarchical bootstrap (each point's seeds, then questions) between every two points, per setting,
-    Holm-corrected per setting. Every finished trial's per-query AP is a row: training noise (between
-    seeds) and test-set noise (between questions) both reach the intervals and p-values."""
+) -> tuple[list[Comparison], list[Comparison], ClusterUnit]:
+    """Hierarchical bootstrap (each point's seeds, then paragraphs) between every two points, per setting,
+    Holm-corrected per setting; then every point against the centering baseline (one deterministic
+    evaluation of the untrained model: a configuration with one "seed"), its own Holm family. Every
+    finished trial's per-query AP is a row: training noise (between seeds) and test-set noise (between
+    paragraphs) both reach the intervals and p-values."""
     per_point: dict[int, list[PerQuery]] = {}
     missing = 0
     for p in points:
@@ -272,36 +310,75 @@ def _comparisons(
             f"Bootstrap: {missing} trial(s) logged no per-query AP (eval/{suite}/step-N/{PER_QUERY_FILE})."
         )
     indices = sorted(per_point)
+    unit = sweep.bootstrap_unit
     if len(indices) < 2:
-        return []
+        return [], [], unit
     first = per_point[indices[0]][0]
     if any(q.query_ids != first.query_ids for i in indices for q in per_point[i]):
         notes.append("Bootstrap skipped: the trials were evaluated on different queries.")
-        return []
+        return [], [], unit
     single = [points[i].label for i in indices if len(per_point[i]) == 1]
     if single:
         notes.append(f"One seed only ({', '.join(single)}): their comparisons leave training noise out.")
     pairs = [(str(a), str(b)) for a, b in combinations(indices, 2)]
-    out = []
+    units = first.units(unit)
+    if units is None:
+        notes.append(
+            f"Bootstrap over questions, not {unit}s (sweep.bootstrapUnit): the trials' {PER_QUERY_FILE} has "
+            f"no {unit} ids, so the intervals are too narrow where questions on one {unit} share difficulty."
+        )
+        unit, units = "question", first.question_ids
+    centered = load_per_query(client, points[indices[0]].trials[0].run_id, suite + CENTERED_SUFFIX)
+    if centered is not None and centered.query_ids != first.query_ids:
+        notes.append("Centering baseline left out of the tests: it was evaluated on different queries.")
+        centered = None
+    baseline = [(str(i), str(CENTERED)) for i in indices] if centered is not None else []
+    out, against = [], []
     for setting in SETTINGS:
         if any(setting not in q.ap for i in indices for q in per_point[i]):
             continue
         scores = {str(i): np.vstack([q.ap[setting] for q in per_point[i]]) for i in indices}
         if not np.isfinite(np.vstack(list(scores.values()))).all(axis=0).any():
             continue
+        both = baseline if centered is not None and setting in centered.ap else []
+        if both:
+            scores[str(CENTERED)] = centered.ap[setting][None, :]  # type: ignore[union-attr]
         tests = hierarchical_bootstrap(
             scores,
-            pairs,
-            first.question_ids,
+            pairs + both,
+            units,
             first.language,
             resamples=sweep.bootstrap_samples,
             confidence=sweep.confidence,
         )
-        adjusted = holm([tests[p].p_value for p in pairs])
-        out += [
-            Comparison(setting, int(a), int(b), tests[(a, b)], q)
-            for (a, b), q in zip(pairs, adjusted, strict=True)
-        ]
+        for family, into in ((pairs, out), (both, against)):
+            adjusted = holm([tests[p].p_value for p in family])
+            into += [
+                Comparison(setting, int(a), int(b), tests[(a, b)], q)
+                for (a, b), q in zip(family, adjusted, strict=True)
+            ]
+    return out, against, unit
+
+
+def curve_keys(prefix: str) -> tuple[str, str]:
+    """The metrics a learning curve draws: the pooled task and language bias."""
+    return f"{prefix}.multi.map", f"{prefix}.bias.rank_distance"
+
+
+def learning_curves(
+    client: MlflowClient, trials: list[TrialRecord], keys: list[str], confidence: float
+) -> dict[str, list[tuple[int, MeanCI]]]:
+    """Each key's value at every evaluated step, over the trials (seeds): empty unless some step lies
+    between the start and the end (a run with evaluation.curvePoints)."""
+    out = {}
+    for key in keys:
+        by_step: dict[int, list[float]] = {}
+        for t in trials:
+            last = {m.step: m.value for m in client.get_metric_history(t.run_id, key)}  # the latest per step
+            for step, value in last.items():
+                by_step.setdefault(step, []).append(value)
+        if len(by_step) > 2:
+            out[key] = [(step, mean_ci(v, confidence)) for step, v in sorted(by_step.items())]
     return out
 
 
@@ -314,8 +391,19 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     records = child_runs(client, parent_run_id)
     finished = [t for t in records if t.status == "FINISHED"]
     keys = {k for t in finished for k in t.metrics}
-    headline = sorted(k for k in keys if is_headline(k))
-    zero_keys = [k for k in headline if k.startswith(prefix + ".")]
+    suffix = CENTERED_SUFFIX.replace("-", "_")
+    headline = sorted(k for k in keys if is_headline(k) and not k.split(".")[0].endswith(suffix))
+    # the baseline is logged once, at step 0, by every trial alike: the first finished trial's values, under
+    # the plain names (xquad_r_centered.multi.map -> xquad_r.multi.map), for every suite
+    centered = {
+        k.split(".")[0].removesuffix(suffix) + "." + k.split(".", 1)[1]: v
+        for k, v in (finished[0].metrics.items() if finished else ())
+        if k.split(".")[0].endswith(suffix)
+    }
+    suites = [suite["name"].replace("-", "_") for suite in plan["experiment"]["spec"]["evaluation"]["suites"]]
+    held_out = [p for p in suites if p != prefix and f"{p}.multi.map" in keys]
+    source = centering_source(plan["experiment"]["spec"].get("evaluation", {}).get("centering"))
+    zero_keys = [k for k in headline if k.split(".")[0] in (prefix, *held_out)]
     wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [
         f"{prefix}.{m}" for m in BY_LANGUAGE
     ]
@@ -339,10 +427,15 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
                                    sampling.xx_share, full))  # fmt: skip
     for p in points:
         p.violations = _violations(p, sweep, zero, keys)
+        p.curves = learning_curves(
+            client, p.trials, [k for k in curve_keys(prefix) if k in keys], sweep.confidence
+        )
     notes: list[str] = []
     comparisons: list[Comparison] = []
+    against: list[Comparison] = []
+    unit: str = "question"
     if f"{prefix}.multi.map" in keys:  # a LAReQA suite (XQuAD-R, MLQA-R): per-query AP exists
-        comparisons = _comparisons(client, points, prefix.replace("_", "-"), sweep, notes)
+        comparisons, against, unit = _comparisons(client, points, prefix.replace("_", "-"), sweep, notes)
     sign = 1 if sweep.mode == "max" else -1
     ranked = [p for p in points if p.feasible and sweep.metric in p.stats and p.stats[sweep.metric].n]
     best = max(ranked, key=lambda p: sign * p.stats[sweep.metric].mean).index if ranked else None
@@ -362,4 +455,9 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         zero_shot_full={
             k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")
         },
+        bootstrap_unit=unit,
+        centered=centered,
+        centering_source=source,
+        held_out=held_out,
+        against_centering=against,
     )

@@ -10,7 +10,16 @@ import math
 from dataclasses import dataclass
 
 from xling.trainer.stats import MeanCI, mean_ci
-from xling.trainer.sweep.summary import BY_LANGUAGE, HEADLINE, SweepSummary, full_prefix, short_key
+from xling.trainer.sweep.summary import (
+    BY_LANGUAGE,
+    HEADLINE,
+    HIGHER_IS_BETTER,
+    Comparison,
+    SweepSummary,
+    curve_keys,
+    full_prefix,
+    short_key,
+)
 
 
 @dataclass
@@ -48,6 +57,9 @@ def tables(s: SweepSummary) -> list[Table]:
     rows = []
     if s.zero_shot:  # the baseline every point is read against: first
         rows.append(["-", "zero-shot", "-"] + [_fmt(_single(s.zero_shot.get(k))) for k in metrics] + ["-"])
+    if s.centered:  # the baseline without training that a trained arm must beat
+        label = "zero-shot + language-mean centering"
+        rows.append(["-", label, "-"] + [_fmt(_single(s.centered.get(k))) for k in metrics] + ["-"])
     for p in s.points:
         mark = "best" if p.index == s.best else ("yes" if p.feasible else "no: " + "; ".join(p.violations))
         rows.append(
@@ -63,7 +75,7 @@ def tables(s: SweepSummary) -> list[Table]:
     if s.comparisons:
         out.append(
             Table(
-                f"Paired bootstrap over questions and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
+                f"Paired bootstrap over {s.bootstrap_unit}s and seeds ({s.sweep.bootstrap_samples} resamples, macro over "
                 "languages; t-interval over seeds beside it)",
                 [
                     "setting",
@@ -92,12 +104,64 @@ def tables(s: SweepSummary) -> list[Table]:
                 ],
             )  # fmt: skip
         )
-    out += [t for t in (_by_language(s), _full_pool(s)) if t is not None]
+    out += [t for t in (_against_centering(s), _curves(s), _by_language(s), _full_pool(s)) if t is not None]
+    out += _held_out(s)
     from xling.trainer.paper_claims import claims_table
 
     if (claims := claims_table(s)) is not None:
         out.append(claims)
     return out
+
+
+def _against_centering(s: SweepSummary) -> Table | None:
+    """Does each point beat the untrained model with language-mean centering? Paired bootstrap, Holm."""
+    if not s.against_centering:
+        return None
+    alpha, pct = 1 - s.sweep.confidence, round(100 * s.sweep.confidence)
+
+    def verdict(c: Comparison) -> str:
+        better = c.test.diff > 0 if c.setting in HIGHER_IS_BETTER else c.test.diff < 0
+        if c.p_holm >= alpha:
+            return "not separable"
+        return "beats centering" if better else "below centering"
+
+    return Table(
+        f"Against language-mean centering (means: {s.centering_source}): point - baseline, paired bootstrap "
+        f"over {s.bootstrap_unit}s and seeds, {pct}% CI, Holm per setting",
+        ["setting", "point", "point - centering", f"{pct}% CI", "p (Holm)", "verdict"],
+        [[c.setting, s.points[c.a].label, f"{c.test.diff:+.4f}", _interval(c.test.low, c.test.high),
+          f"{c.p_holm:.4f}", verdict(c)] for c in s.against_centering],
+    )  # fmt: skip
+
+
+def _held_out(s: SweepSummary) -> list[Table]:
+    """The other suites (a held-out benchmark): zero-shot, centering and every point, mean ± CI over seeds.
+    Read beside the main suite's tests: these numbers carry seed intervals only."""
+    pct, out = round(100 * s.sweep.confidence), []
+    for prefix in s.held_out:
+        keys = [f"{prefix}.{m}" for m in HEADLINE if any(f"{prefix}.{m}" in p.stats for p in s.points)]
+        rows = [[name] + [_fmt(_single(values.get(k))) for k in keys]
+                for name, values in (("zero-shot", s.zero_shot), ("zero-shot + language-mean centering", s.centered))
+                if any(k in values for k in keys)]  # fmt: skip
+        rows += [[p.label] + [_fmt(p.stats.get(k)) for k in keys] for p in s.points]
+        out.append(Table(f"Held-out suite {prefix}: mean ± {pct}% t-interval half-width over seeds",
+                         ["point"] + [short_key(k, prefix) for k in keys], rows))  # fmt: skip
+    return out
+
+
+def _curves(s: SweepSummary) -> Table | None:
+    """The learning curves as numbers: each point at each evaluated step (learning_curves.png draws them)."""
+    keys = [k for k in curve_keys(s.prefix) if any(k in p.curves for p in s.points)]
+    if not keys:
+        return None
+    rows = []
+    for p in s.points:
+        at = {k: dict(p.curves.get(k, [])) for k in keys}
+        for step in sorted({step for k in keys for step in at[k]}):
+            rows.append([p.label, str(step)] + [_fmt(at[k].get(step)) for k in keys])
+    pct = round(100 * s.sweep.confidence)
+    return Table(f"Learning curves: mean ± {pct}% t-interval half-width over seeds",
+                 ["point", "step"] + [short_key(k, s.prefix) for k in keys], rows)  # fmt: skip
 
 
 def _by_language(s: SweepSummary) -> Table | None:

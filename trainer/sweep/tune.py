@@ -154,9 +154,10 @@ def run_trial(config: dict[str, Any], ctx: TrialContext, data: DataLocation) -> 
     )
     monitor.start()
     try:
+        share = 1 / ctx.exp.spec.sweep.trials_per_gpu if ctx.exp.spec.sweep else 1.0
         result = fit(
             exp, data, ctx.model_path, ctx.tracking_uri, run_id, ctx.env, [TuneReportCallback()], trial.name,
-            ctx.staged_model,
+            ctx.staged_model, share,
         )  # fmt: skip
     finally:
         monitor.finish()
@@ -214,11 +215,14 @@ def _parent_run(
     return run_id
 
 
-def default_concurrency(resources: dict[str, float], specs: list[ExperimentSpec]) -> int:
-    """Trials that fit at once: GPUs / GPUs per trial, or on CPU-only runs CPUs / CPUs per trial."""
+def default_concurrency(
+    resources: dict[str, float], specs: list[ExperimentSpec], trials_per_gpu: int = 1
+) -> int:
+    """Trials that fit at once: GPUs / GPUs per trial (times sweep.trialsPerGpu), or on CPU-only runs CPUs /
+    CPUs per trial."""
     gpus = max(s.distributed.num_workers * s.distributed.gpus_per_worker for s in specs)
     if gpus:
-        return max(1, int(resources.get("GPU", 0) // gpus))
+        return max(1, int(resources.get("GPU", 0) // gpus) * trials_per_gpu)
     cpus = TRIAL_CPUS + max(s.distributed.num_workers * s.distributed.cpus_per_worker for s in specs)
     return max(1, int(resources.get("CPU", 1) // cpus))
 
@@ -355,7 +359,9 @@ def _tune(ctx: TrialContext, data: DataLocation, storage: str, stored: str | Non
         max_t = max(s.optimization.max_steps for s in specs)
         scheduler = ASHAScheduler(time_attr="step", metric=a.metric, mode=a.mode, max_t=max_t,
                                   grace_period=a.grace_period, reduction_factor=a.reduction_factor)  # fmt: skip
-    concurrency = sweep.max_concurrent_trials or default_concurrency(ray.cluster_resources(), specs)
+    concurrency = sweep.max_concurrent_trials or default_concurrency(
+        ray.cluster_resources(), specs, sweep.trials_per_gpu
+    )
     print(f"sweep: {len(ctx.plan.trials)} trials ({len(ctx.plan.points)} points x {len(sweep.seeds)} seeds), "
           f"{concurrency} at a time", flush=True)  # fmt: skip
     tuner = tune.Tuner(

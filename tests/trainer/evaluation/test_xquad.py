@@ -37,10 +37,14 @@ def xquad_dir() -> Path:
     pytest.skip("XQuAD-R files not found (data/demo/xquad-r or ../shared/data/xquad-r)")
 
 
+def _read(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.name.endswith(".gz") else raw
+
+
 def raw_answer_sentences(path: Path, lang: str) -> dict[str, str]:
     """question id -> candidate id of its answer sentence, parsed independently of the loader."""
-    raw = path.read_bytes()
-    doc = json.loads(gzip.decompress(raw) if path.name.endswith(".gz") else raw)
+    doc = json.loads(_read(path))
     out, p = {}, 0
     for article in doc["data"]:
         for par in article["paragraphs"]:
@@ -222,6 +226,33 @@ def test_per_query_json_feeds_the_sweep_report(
         mine = parsed.language == i
         assert parsed.ap["multi"][mine].mean() == pytest.approx(res.multi_map[i], abs=1e-12)
         assert parsed.ap["mono"][mine].mean() == pytest.approx(res.map_matrix[i, i], abs=1e-12)
+
+
+def test_per_query_json_labels_each_query_with_its_paragraph_and_article(
+    real_run: tuple[LareqaSuite, HashingEncoder, LareqaResults], xquad_dir: Path, tmp_path: Path
+) -> None:
+    """The sweep's bootstrap resamples paragraphs (sweep.bootstrapUnit): every query carries the paragraph
+    and the article of its question, parsed here independently of the loader, and translations share them."""
+    suite, _, res = real_run
+    write_artifacts(res, tmp_path)
+    doc = json.loads((tmp_path / "per_query.json").read_text())
+    raw = raw_answer_sentences(find_file(xquad_dir, "en"), "en")  # question id -> en:<paragraph>:<sentence>
+    article_of, p = {}, 0
+    for a, article in enumerate(json.loads(_read(find_file(xquad_dir, "en")))["data"]):
+        for _ in article["paragraphs"]:
+            article_of[p], p = a, p + 1
+    paragraph = {qid: int(cid.split(":")[1]) for qid, cid in raw.items()}
+    for unit, truth in (
+        ("paragraph", paragraph),
+        ("article", {q: article_of[k] for q, k in paragraph.items()}),
+    ):
+        labels = dict(zip(doc["query_ids"], doc[unit], strict=True))
+        clusters: dict[int, set[int]] = {}
+        for query, label in labels.items():
+            clusters.setdefault(label, set()).add(truth[query.split(":", 1)[1]])
+        assert all(len(v) == 1 for v in clusters.values()), f"one {unit} per label"
+        assert len(clusters) == len(set(truth.values())), f"one label per {unit}"
+    assert len(set(doc["paragraph"])) == 240 and len(set(doc["article"])) == 48
 
 
 def test_embedding_cache_is_reused_and_keyed_by_fingerprint(xquad_dir: Path, tmp_path: Path) -> None:

@@ -149,7 +149,25 @@ def test_default_concurrency_from_gpus_or_cpus() -> None:
     assert default_concurrency({"CPU": 64.0, "GPU": 2.0}, [spec]) == 1
 
 
-@pytest.mark.parametrize(("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 6, 18)])
+def test_trials_share_one_gpu_with_a_fraction_each() -> None:
+    """research-gpu-1.yaml: e5-small leaves most of an H200 idle, so four trials share it (a quarter each)."""
+    from xling.trainer.driver import worker_resources
+
+    exp = load_experiment(SAMPLES / "research-gpu-1.yaml")
+    dist, sweep = exp.spec.distributed, exp.spec.sweep
+    assert sweep.trials_per_gpu == 4 and default_concurrency({"CPU": 16.0, "GPU": 1.0}, [exp.spec], 4) == 4
+    assert worker_resources(dist, 1 / sweep.trials_per_gpu) == {"CPU": dist.cpus_per_worker, "GPU": 0.25}
+    assert worker_resources(dist) == {"CPU": dist.cpus_per_worker, "GPU": 1}
+    assert worker_resources(experiment({}).spec.distributed, 0.25) == {"CPU": 1.0}, "no GPU: none asked for"
+    with pytest.raises(
+        SpecError, match="sweep.trialsPerGpu: shares one GPU between trials: needs distributed"
+    ):
+        experiment({"trialsPerGpu": 2})  # the smoke sample trains on CPU
+
+
+@pytest.mark.parametrize(
+    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 4, 12), ("research-gpu-1", 4, 20)]
+)
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     exp = load_experiment(SAMPLES / f"{name}.yaml")
     plan = plan_sweep(exp)
@@ -157,16 +175,22 @@ def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     assert sweep_trials(exp.spec.sweep) == trials, "the operator sizes the cluster for the same plan"
 
 
-def test_research_sweep_runs_every_strategy_and_the_alpha_curve_once() -> None:
+def test_research_sweep_runs_every_strategy_with_the_baselines_and_the_new_inference() -> None:
     exp = load_experiment(SAMPLES / "research.yaml")
     plan = plan_sweep(exp)
     specs = [exp.spec.sweep.trial_spec(exp.spec, p.values, 0) for p in plan.points]
     assert [(s.sampling.strategy, s.sampling.xx_share) for s in specs] == [
-        ("xx", 1.0), ("xy", 0.0), ("mixed", None), ("hybrid", 0.25), ("hybrid", 0.5), ("hybrid", 0.75),
+        ("xx", 1.0), ("xy", 0.0), ("mixed", None), ("hybrid", 0.5),
     ]  # fmt: skip
-    assert plan.points[3].label == "strategy=hybrid, alpha=0.25"
+    assert plan.points[3].label == "strategy=hybrid, alpha=0.5"
     assert {s.model.name for s in specs} == {"xling/multilingual-e5-small"}
     assert default_concurrency({"CPU": 2.0}, specs) == 2, "two 1-core trials at once on 2 cores"
+    assert {s.sampling.alpha_schedule for s in specs} == {"exact"}
+    ev, sweep = exp.spec.evaluation, exp.spec.sweep
+    assert ev.curve_steps(exp.spec.optimization.max_steps) == [53, 107] and ev.centering is not None
+    assert (sweep.bootstrap_unit, sweep.equivalence_margin) == ("paragraph", 0.005)
+    # at least one pass over the pool's 5,328 groups, give or take the last batches
+    assert exp.spec.optimization.max_steps * exp.spec.optimization.global_batch_size >= 0.95 * 5328
 
 
 def test_explicit_points_cross_the_parameter_grids() -> None:
@@ -269,12 +293,15 @@ def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, s
     assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((ref.mean, ref.low, ref.high, 3))
     assert s.points[1].violations == ["xquad_r.bias.rank_distance 40 > 30"]
     assert s.points[0].violations == ["de: xquad_r.multi.de.map 0.31 below zero-shot 0.35"]
-    assert s.best is None and "No point meets every constraint" in s.notes[0]
+    assert s.best is None and any("No point meets every constraint" in n for n in s.notes)
     assert s.zero_shot["xquad_r.multi.map"] == 0.25
     assert {c.setting for c in s.comparisons} == {"multi", "mono", "cross"}
     multi = next(c for c in s.comparisons if c.setting == "multi")
     assert (multi.a, multi.b) == (0, 1) and multi.test.diff < 0 and multi.test.n == 100
     assert multi.test.questions == 25, "the 4 translations of a question are resampled together"
+    assert s.bootstrap_unit == "question" and any(
+        "Bootstrap over questions, not paragraphs" in n for n in s.notes
+    )
     assert multi.test.seeds == (3, 3) and multi.test.over_seeds.high < 0 and multi.test.low < multi.test.diff
     assert multi.test.p_value < 1e-6, "a clear shift in every run is significant"
 
@@ -442,7 +469,10 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     uri = f"sqlite:///{tmp_path_factory.mktemp('strategy-sweep')}/mlflow.db"
     points = [{"sampling.strategy": "xx"}, {"sampling.strategy": "xy"}, {"sampling.strategy": "mixed"},
               {"sampling.strategy": "hybrid", "sampling.alpha": 0.5}]  # fmt: skip
-    exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500})
+    evaluation = experiment({}).spec.evaluation.model_dump(mode="json", by_alias=True, exclude_none=True)
+    evaluation["centering"] = {"path": "ntrex", "sentences": 120, "firstLine": 1000}
+    evaluation["suites"].append({"name": "ntrex-r", "path": "ntrex", "firstLine": 1200})  # a held-out suite
+    exp = experiment({"points": points, "seeds": [0, 1, 2], "bootstrapSamples": 500}, evaluation=evaluation)
     plan = plan_sweep(exp)
     tags = {
         SWEEP: "strategies",
@@ -460,6 +490,7 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         doc = _per_query(shift[trial.point], rng)
         doc["rank_distance"] = (50 - 200 * shift[trial.point] + rng.normal(0, 1, 100)).tolist()
         doc["top10_own_share"] = [0.5] * 100
+        doc["paragraph"] = [k // 5 for _ in LANGS for k in range(25)]  # five questions on each paragraph
         d = shift[trial.point] + 0.002 * trial.seed
         final = {
             f"xquad_r.{k}": 0.4 + d
@@ -473,9 +504,19 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         }
         final |= {f"xquad_r.bias.{lang}.rank_distance": 50 - 200 * d for lang in LANGS}
         zero = {k: 0.3 for k in final if k.endswith("map")}
+        # the centering baseline: between X-X/X-Y and hybrid on AP, no better than any on rank distance
+        zero |= {"xquad_r_centered.multi.map": 0.45, "xquad_r_centered.bias.rank_distance": 60.0}
+        zero |= {"ntrex_r.multi.map": 0.2, "ntrex_r_centered.multi.map": 0.25}
+        final |= {"ntrex_r.multi.map": 0.3 + d, "ntrex_r.bias.rank_distance": 500 - 100 * d}
+        # a learning curve (evaluation.curvePoints 3): the arms part by step 3
+        middle = {"xquad_r.multi.map": 0.35 + d / 2, "xquad_r.bias.rank_distance": 55 - 100 * d}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
+                         + [Metric(k, v, 0, 3) for k, v in middle.items()]
                          + [Metric(k, v, 1, 6) for k, v in final.items()])  # fmt: skip
         client.log_dict(run_id, doc, "eval/xquad-r/step-6/per_query.json")
+        base = _per_query(0.05, np.random.default_rng(5))
+        base |= {"rank_distance": [60.0] * 100, "top10_own_share": [0.5] * 100, "paragraph": doc["paragraph"]}
+        client.log_dict(run_id, base, "eval/xquad-r-centered/step-0/per_query.json")
         client.set_terminated(run_id, "FINISHED")
     return uri, parent
 
@@ -489,6 +530,7 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
     assert roles(s.points) == {"xx": 0, "xy": 1, "mixed": 2, "hybrid": 3}
     assert [p.xx_share for p in s.points] == [1.0, 0.0, None, 0.5]
     assert {c.setting for c in s.comparisons} >= {"rank_distance", "top10_own_share"}
+    assert s.bootstrap_unit == "paragraph" and {c.test.questions for c in s.comparisons} == {5}
     verdicts = {row[0]: (row[1], row[3]) for row in claims_table(s).rows}
     assert verdicts["Hybrid is best on multilingual mAP"] == ("reproduced", "-")
     assert verdicts["Hybrid has the lowest language bias (rank distance)"][0] == "reproduced"
@@ -498,6 +540,53 @@ def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[
     )
     mono, scale = verdicts["X-X-mono beats X-Y on monolingual mAP"]
     assert mono == "not separable at this scale" and ("seeds per arm" in scale or "more questions" in scale)
+    centering = "beats language-mean centering (multi mAP and rank distance)"
+    assert verdicts[f"Hybrid {centering}"][0] == "reproduced"
+    assert verdicts[f"X-X-mono {centering}"][0] == "not reproduced: centering is better"
+    assert verdicts[f"Mixed {centering}"][0] == "not reproduced: centering is better"
+
+
+def test_learning_curves_over_seeds_in_the_report(strategy_sweep: tuple[str, str], tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    hybrid = s.points[3].curves["xquad_r.multi.map"]
+    assert [step for step, _ in hybrid] == [0, 3, 6]
+    assert hybrid[1][1].mean == pytest.approx(0.35 + (0.1 + 0.002) / 2) and hybrid[1][1].n == 3
+    assert "xquad_r.bias.rank_distance" not in s.points[3].curves, "two evaluations (3, 6) are no curve"
+    assert "learning_curves.png" in {p.name for p in write_report(s, tmp_path)}
+    md = markdown(s)
+    assert "### Learning curves" in md and "| strategy=hybrid, alpha=0.5 | 3 | 0.4010 ± " in md
+
+
+def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
+    strategy_sweep: tuple[str, str],
+) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    assert s.centered["xquad_r.multi.map"] == 0.45 and "xquad_r_centered.multi.map" not in s.points[0].stats
+    assert s.centering_source == "NTREX-128 lines 1001-1120 (120 per language)"
+    multi = {c.a: c for c in s.against_centering if c.setting == "multi"}
+    assert set(multi) == {0, 1, 2, 3} and multi[3].test.seeds == (3, 1), "the baseline is one evaluation"
+    assert multi[3].test.low > 0 > multi[0].test.high and multi[2].test.diff == pytest.approx(-0.15, abs=0.01)
+    md = markdown(s)
+    assert "| - | zero-shot + language-mean centering | - | 0.4500 |" in md
+    assert "Against language-mean centering (means: NTREX-128 lines 1001-1120" in md
+    assert "| multi | strategy=hybrid, alpha=0.5 | +0.05" in md and "| beats centering |" in md
+    assert to_json(s)["centering"]["metrics"]["xquad_r.multi.map"] == 0.45
+
+
+def test_a_held_out_suite_gets_its_own_table_with_both_baselines(strategy_sweep: tuple[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
+    assert s.held_out == ["ntrex_r"] and s.zero_shot["ntrex_r.multi.map"] == 0.2
+    assert s.centered["ntrex_r.multi.map"] == 0.25 and "ntrex_r_centered.multi.map" not in s.points[0].stats
+    md = markdown(s)
+    assert "### Held-out suite ntrex_r: mean ± 95% t-interval half-width over seeds" in md
+    assert "| zero-shot | 0.2000 | - |" in md and "| zero-shot + language-mean centering | 0.2500 | - |" in md
+    assert "| strategy=hybrid, alpha=0.5 | 0.4020 ± " in md
 
 
 def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(

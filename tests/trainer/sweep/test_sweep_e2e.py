@@ -220,7 +220,7 @@ def test_xling_results_prints_the_summary_on_the_parent(smoke_sweep: SmokeSweep)
     parent = client.search_runs([exp.experiment_id], tag_is(ROLE, ROLE_SWEEP))[0]
     stored = client.download_artifacts(parent.info.run_id, "summary/summary.md", str(smoke_sweep.directory))
     assert out == Path(stored).read_text()
-    assert "| 0 | alpha=0.25 | 2 |" in out and "Paired bootstrap over questions and seeds" in out
+    assert "| 0 | alpha=0.25 | 2 |" in out and "Paired bootstrap over paragraphs and seeds" in out
 
 
 def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep) -> None:
