@@ -20,10 +20,12 @@ from urllib.parse import urlparse
 
 import aiohttp.web
 import kopf
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import xling.operator.handlers  # noqa: F401  (registers the handlers)
 from xling.operator.election import Elector, Timings
 from xling.operator.kube import Kube
+from xling.operator.metrics import Metrics
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,19 +67,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 @contextlib.asynccontextmanager
-async def standby_probe(url: str) -> AsyncIterator[None]:
-    """Answer the probe URL while waiting for the Lease: a standby is alive and ready (a rolling update waits
-    for it); kopf's own endpoint takes the port over once this one is closed."""
+async def standby(url: str, metrics_port: str | None) -> AsyncIterator[None]:
+    """While waiting for the Lease, answer the probe URL (a standby is alive and ready: a rolling update waits
+    for it) and the metrics port (``xling_leader 0``, so the scrape does not fail); kopf's endpoint and the
+    leader's metrics take the ports over once these are closed."""
     where = urlparse(url)
+    exposition = generate_latest(Metrics(leader=False).registry)
 
     async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
         return aiohttp.web.json_response({"standby": True})
 
+    async def metrics(_: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.Response(body=exposition, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
     app = aiohttp.web.Application()
     app.router.add_get(where.path or "/", healthz)
+    app.router.add_get("/metrics", metrics)
     runner = aiohttp.web.AppRunner(app, handle_signals=False)
     await runner.setup()
     await aiohttp.web.TCPSite(runner, where.hostname, where.port or 80).start()
+    if metrics_port:
+        await aiohttp.web.TCPSite(runner, "0.0.0.0", int(metrics_port)).start()
     try:
         yield
     finally:
@@ -100,7 +110,7 @@ async def serve(args: argparse.Namespace) -> int:
     kube = Kube.from_environment(pool_size=2)
     elector = Elector(kube, args.lease_namespace, args.lease_name, identity, timings)
     try:
-        async with standby_probe(args.liveness):
+        async with standby(args.liveness, os.environ.get("XLING_METRICS_PORT")):
             await elector.acquire()
         stop = asyncio.Event()
         operator = asyncio.create_task(kopf.operator(stop_flag=stop, **run))

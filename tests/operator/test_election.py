@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -153,10 +155,13 @@ class Operators:
         self.k8s, self.url, self.tmp = k8s, url, tmp
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.probes: dict[str, str] = {}
+        self.metrics: dict[str, str] = {}
 
     def start(self, who: str) -> None:
         probe = f"http://127.0.0.1:{_free_port()}/healthz"
+        metrics_port = _free_port()
         env = {
+            "XLING_METRICS_PORT": str(metrics_port),
             **os.environ,
             "KUBECONFIG": str(self.tmp / "kubeconfig"),
             "POD_NAME": who,
@@ -175,6 +180,7 @@ class Operators:
                 cwd=self.tmp,
             )
         self.probes[who] = probe
+        self.metrics[who] = f"http://127.0.0.1:{metrics_port}/metrics"
 
     def get(self, resource: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -188,12 +194,22 @@ class Operators:
         return (spec.get("holderIdentity") or "").partition("_")[0]
 
     async def probe(self, who: str) -> Any:
+        return json.loads(await self._get(self.probes[who]) or "null")
+
+    async def leader_gauge(self, who: str) -> float | None:
+        """xling_leader on ``who``'s metrics port."""
+        text = await self._get(self.metrics[who])
+        values = [float(v) for v in re.findall(r"^xling_leader (\S+)$", text or "", flags=re.M)]
+        return values[0] if values else None
+
+    @staticmethod
+    async def _get(url: str) -> str | None:
         try:
             async with (
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
-                session.get(self.probes[who]) as resp,
+                session.get(url) as resp,
             ):
-                return resp.status == 200 and await resp.json()
+                return await resp.text() if resp.status == 200 else None
         except aiohttp.ClientError:
             return None
 
@@ -241,6 +257,7 @@ async def test_only_the_leader_reconciles_and_a_standby_takes_over(operators: Op
     await asyncio.sleep(4 * T.retry_period)  # b had time to reconcile too, if it did
     assert ops.rayjob_creates() == 1 and ops.holder() == "a"
     assert await ops.probe("b") == {"standby": True}
+    assert (await ops.leader_gauge("a"), await ops.leader_gauge("b")) == (1.0, 0.0)
 
     ops.procs["a"].send_signal(signal.SIGKILL)  # a node lost: no release
     killed = time.monotonic()
@@ -249,6 +266,7 @@ async def test_only_the_leader_reconciles_and_a_standby_takes_over(operators: Op
     assert took <= T.duration + 2 * T.retry_period + 1.0, took  # the lease duration, plus polling
     await ops.create("two")
     await _until(lambda: asyncio.sleep(0, ops.has_rayjob("two")), 30, "the RayJob of two (b reconciles)")
+    assert await _until(lambda: ops.leader_gauge("b"), 30, "b's metrics as the leader") == 1.0
 
     ops.procs["b"].send_signal(signal.SIGTERM)  # a clean shutdown hands the Lease over
     assert await asyncio.to_thread(ops.procs["b"].wait, 30) == 0
