@@ -248,28 +248,30 @@ async def operators(api: tuple[Emulator, str], tmp_path: Path) -> AsyncIterator[
 
 async def test_only_the_leader_reconciles_and_a_standby_takes_over(operators: Operators) -> None:
     ops = operators
-    ops.start("a")
-    await _until(lambda: asyncio.sleep(0, ops.holder() == "a"), 60, "a to lead")
-    ops.start("b")
-    assert await _until(lambda: ops.probe("b"), 60, "b's standby probe") == {"standby": True}
+    for who in ("a", "b"):
+        ops.start(who)
+    for who in ("a", "b"):
+        await _until(lambda who=who: ops.probe(who), 60, f"{who}'s probe")
     await ops.create("one")
     await _until(lambda: asyncio.sleep(0, ops.has_rayjob("one")), 30, "the RayJob of one")
-    await asyncio.sleep(4 * T.retry_period)  # b had time to reconcile too, if it did
-    assert ops.rayjob_creates() == 1 and ops.holder() == "a"
-    assert await ops.probe("b") == {"standby": True}
-    assert (await ops.leader_gauge("a"), await ops.leader_gauge("b")) == (1.0, 0.0)
+    await asyncio.sleep(4 * T.retry_period)  # time for the other one to reconcile too, if it did
+    assert ops.rayjob_creates() == 1  # without an election both create it (the second one gets a 409)
+    leader, standby = ("a", "b") if ops.holder() == "a" else ("b", "a")
+    assert ops.holder() == leader
+    assert await ops.probe(standby) == {"standby": True}
+    assert (await ops.leader_gauge(leader), await ops.leader_gauge(standby)) == (1.0, 0.0)
 
-    ops.procs["a"].send_signal(signal.SIGKILL)  # a node lost: no release
+    ops.procs[leader].send_signal(signal.SIGKILL)  # a node lost: no release
     killed = time.monotonic()
-    await _until(lambda: asyncio.sleep(0, ops.holder() == "b"), 30, "b to take over")
+    await _until(lambda: asyncio.sleep(0, ops.holder() == standby), 30, "the standby to take over")
     took = time.monotonic() - killed
     assert took <= T.duration + 2 * T.retry_period + 1.0, took  # the lease duration, plus polling
     await ops.create("two")
-    await _until(lambda: asyncio.sleep(0, ops.has_rayjob("two")), 30, "the RayJob of two (b reconciles)")
-    assert await _until(lambda: ops.leader_gauge("b"), 30, "b's metrics as the leader") == 1.0
+    await _until(lambda: asyncio.sleep(0, ops.has_rayjob("two")), 30, "the RayJob of two (the new leader)")
+    assert await _until(lambda: ops.leader_gauge(standby), 30, "the new leader's metrics") == 1.0
 
-    ops.procs["b"].send_signal(signal.SIGTERM)  # a clean shutdown hands the Lease over
-    assert await asyncio.to_thread(ops.procs["b"].wait, 30) == 0
+    ops.procs[standby].send_signal(signal.SIGTERM)  # a clean shutdown hands the Lease over
+    assert await asyncio.to_thread(ops.procs[standby].wait, 30) == 0
     assert ops.holder() == ""
 
 
