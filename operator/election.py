@@ -151,7 +151,12 @@ class Elector:
         last = self.clock()
         while True:
             await asyncio.sleep(self.timings.retry_period)
-            if await self._attempt():
+            left = last + self.timings.renew_deadline - self.clock()
+            try:  # a slow attempt must not carry the leader past its deadline (into a standby's takeover)
+                renewed = left > 0 and await asyncio.wait_for(self._attempt(), left)
+            except TimeoutError:
+                renewed = False
+            if renewed:
                 last = self.clock()
             elif must_stop(last, self.clock(), self.timings):
                 self.leading = False

@@ -1,7 +1,7 @@
 """The few Kubernetes API calls the operator makes, behind one small synchronous client.
 
-kopf watches and patches its own resource; every other call goes through here, so ``rbac.API_CALLS`` can be
-read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
+kopf watches and patches its own resource; every other call goes through here, so ``rbac.CLIENT_CALLS`` and
+``rbac.LEADER_ELECTION_CALLS`` can be read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
 sync. Each method is one request; 404 reads come back as None, 409 creates as :class:`Conflict`, 403s as
 PermissionError.
 """

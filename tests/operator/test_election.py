@@ -76,6 +76,24 @@ def test_claim_keeps_acquire_time_on_renewal_and_counts_takeovers() -> None:
     assert claimed(released(taken), "a", later, T)["leaseTransitions"] == 2
 
 
+class _HungApi:
+    """An API server that stopped answering: every read hangs for ``seconds``."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def read_lease(self, namespace: str, name: str, timeout: float) -> None:
+        time.sleep(self.seconds)
+
+
+async def test_a_hung_renewal_does_not_carry_the_leader_past_its_deadline() -> None:
+    timings = Timings(duration=3.0, renew_deadline=1.0, retry_period=0.2)
+    elector = Elector(_HungApi(2.5), "default", "op", "a", timings)  # type: ignore[arg-type]
+    start = time.monotonic()
+    await asyncio.wait_for(elector.hold(), 10)
+    assert time.monotonic() - start < timings.renew_deadline + 0.5  # well before a standby may take over
+
+
 # --- the Lease against the emulator -------------------------------------------------------------------------
 
 
