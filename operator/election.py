@@ -151,13 +151,14 @@ class Elector:
         last = self.clock()
         while True:
             await asyncio.sleep(self.timings.retry_period)
-            left = last + self.timings.renew_deadline - self.clock()
+            started = self.clock()  # a standby can have seen the renewal no earlier than this
+            left = last + self.timings.renew_deadline - started
             try:  # a slow attempt must not carry the leader past its deadline (into a standby's takeover)
                 renewed = left > 0 and await asyncio.wait_for(self._attempt(), left)
             except TimeoutError:
                 renewed = False
             if renewed:
-                last = self.clock()
+                last = started
             elif must_stop(last, self.clock(), self.timings):
                 self.leading = False
                 log.error(
