@@ -283,9 +283,9 @@ async def test_only_the_leader_reconciles_and_a_standby_takes_over(operators: Op
     killed = time.monotonic()
     await _until(lambda: asyncio.sleep(0, ops.holder() == standby), 30, "the standby to take over")
     took = time.monotonic() - killed
-    # not before the Lease expired (the last renewal was at most a retry period before the kill), and within
-    # its duration plus polling (slack for a loaded machine)
-    assert T.duration - T.retry_period <= took <= T.duration + 2 * T.retry_period + 2.0, took
+    # not before the Lease expired (the last renewal was about a retry period before the kill at most), and
+    # within its duration plus polling (slack for a loaded machine)
+    assert T.duration - 2 * T.retry_period <= took <= T.duration + 2 * T.retry_period + 2.0, took
     await ops.create("two")
     await _until(lambda: asyncio.sleep(0, ops.has_rayjob("two")), 30, "the RayJob of two (the new leader)")
     assert await _until(lambda: ops.leader_gauge(standby), 30, "the new leader's metrics") == 1.0
