@@ -1,7 +1,7 @@
 """The few Kubernetes API calls the operator makes, behind one small synchronous client.
 
-kopf watches and patches its own resource; every other call goes through here, so ``rbac.API_CALLS`` can be
-read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
+kopf watches and patches its own resource; every other call goes through here, so ``rbac.CLIENT_CALLS`` and
+``rbac.LEADER_ELECTION_CALLS`` can be read off this file. Sync on purpose: kopf runs sync handlers in its thread pool, and the official client is
 sync. Each method is one request; 404 reads come back as None, 409 creates as :class:`Conflict`, 403s as
 PermissionError.
 """
@@ -38,6 +38,7 @@ class Kube:
         self.api_client = api_client
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.coordination = kubernetes.client.CoordinationV1Api(api_client)
 
     @classmethod
     def from_environment(cls, pool_size: int = 32) -> Kube:
@@ -177,4 +178,27 @@ class Kube:
             name,
             patch,
             _content_type=MERGE_PATCH,
+        )
+
+    # --- Leases (coordination.k8s.io/v1): leader election, in the operator's own namespace ---
+    def read_lease(self, namespace: str, name: str, timeout: float) -> dict[str, Any] | None:
+        return self._json(self.coordination.read_namespaced_lease, name, namespace, _request_timeout=timeout)
+
+    def create_lease(self, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        return self._json(
+            self.coordination.create_namespaced_lease,
+            body["metadata"]["namespace"],
+            body,
+            _request_timeout=timeout,
+        )
+
+    def replace_lease(self, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """PUT with the body's metadata.resourceVersion: Conflict when another candidate wrote it since."""
+        meta = body["metadata"]
+        return self._json(
+            self.coordination.replace_namespaced_lease,
+            meta["name"],
+            meta["namespace"],
+            body,
+            _request_timeout=timeout,
         )

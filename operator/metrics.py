@@ -1,4 +1,5 @@
-"""Prometheus metrics of the operator: experiments by phase, reconcile errors, time from creation to Running.
+"""Prometheus metrics of the operator: experiments by phase, reconcile errors, time from creation to Running, and
+which replica leads (a standby serves ``xling_leader 0`` and nothing else has samples).
 
 Served by ``prometheus_client`` on ``--metrics-port`` (Helm: operator.metrics; a ServiceMonitor is optional).
 The phase gauge is counted at scrape time from the experiments the operator lists and watches (its kopf index),
@@ -12,7 +13,7 @@ from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -34,9 +35,17 @@ class _Phases(Collector):
 
 
 class Metrics:
-    def __init__(self, phases: PhaseSource = tuple, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, phases: PhaseSource = tuple, registry: CollectorRegistry | None = None, leader: bool = True
+    ) -> None:
         self.registry = registry = registry or CollectorRegistry()
         registry.register(_Phases(phases))
+        self.leader = Gauge(
+            "xling_leader",
+            "1 in the replica that reconciles (holds the leader-election Lease, or runs without one), 0 in a standby",
+            registry=registry,
+        )
+        self.leader.set(int(leader))
         self.errors = Counter(
             "xling_reconcile_errors_total",
             "Reconciles that raised, by handler",

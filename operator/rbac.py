@@ -1,7 +1,7 @@
 """Every Kubernetes API call the operator makes, as (verb, API group, resource[/subresource]).
 
 Read off the code (kopf's own watching/patching, :mod:`xling.operator.kube`, kopf's event poster) and checked
-against a recorded run against the emulator (tests/operator/test_integration.py). The Helm chart generates its
+against recorded runs against the emulator (tests/operator/test_integration.py, test_election.py). The Helm chart generates its
 least-privilege Role/ClusterRole from these constants, so nothing here may be broader than what is used.
 """
 
@@ -50,6 +50,16 @@ CLIENT_CALLS: frozenset[ApiCall] = frozenset(
 
 #: Everything the operator calls when it watches all namespaces (the default).
 API_CALLS: frozenset[ApiCall] = KOPF_CALLS | CLIENT_CALLS
+
+#: Leader election (:mod:`xling.operator.election`): the Lease in the operator's own namespace, granted there
+#: only (a Role of its own), whatever namespaces it watches.
+LEADER_ELECTION_CALLS: frozenset[ApiCall] = frozenset(
+    {
+        ("get", "coordination.k8s.io", "leases"),
+        ("create", "coordination.k8s.io", "leases"),
+        ("update", "coordination.k8s.io", "leases"),
+    }
+)
 
 #: Added when it watches a list of namespaces (``--namespace``): kopf then follows namespaces.
 NAMESPACED_MODE_CALLS: frozenset[ApiCall] = frozenset(

@@ -150,7 +150,11 @@ def test_every_object_validates_against_the_kubernetes_schemas(case: str, render
 @pytest.mark.parametrize(
     ("values", "message"),
     [
-        ({"operator": {"replicas": 2}}, "Additional property replicas is not allowed"),
+        ({"operator": {"replicas": 0}}, "operator.replicas"),
+        (
+            {"operator": {"leaderElection": {"renewDeadlineSeconds": 15}}},
+            "renewDeadlineSeconds must be less than leaseDurationSeconds",
+        ),
         ({"mlflow": {"backendStore": {"type": "mysql"}}}, "mlflow.backendStore.type"),
         ({"mlflow": {"backendStore": {"type": "postgresql"}}}, "existingSecret is required for a postgresql"),
         ({"mlflow": {"artifactStore": {"type": "s3"}}}, "bucketUri is required for an s3"),
@@ -172,7 +176,9 @@ def test_operator_deployment(case: str, rendered: dict) -> None:
     docs = rendered[case]
     dep = one(docs, "Deployment", f"{RELEASE}-xling-operator")
     spec, pod = dep["spec"], dep["spec"]["template"]["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}  # kopf: no leader election
+    # leader election: a standby is ready, so a rolling update never leaves no operator
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
     assert pod["securityContext"]["runAsNonRoot"] is True
     (box,) = pod["containers"]
     assert box["securityContext"]["readOnlyRootFilesystem"] is True
@@ -190,6 +196,12 @@ def test_operator_deployment(case: str, rendered: dict) -> None:
     watched = [a.removeprefix("--namespace=") for a in box["args"] if a.startswith("--namespace")]
     expected = {"cluster-wide": [], "two-namespaces": ["team-a", "team-b"]}.get(case, [NAMESPACE])
     assert watched == expected
+    env = env_of(box)
+    assert env["XLING_LEASE_NAME"] == f"{RELEASE}-xling-operator"
+    assert env["XLING_LEASE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    timings = [float(env[f"XLING_LEASE_{t}"]) for t in ("DURATION", "RENEW_DEADLINE", "RETRY_PERIOD")]
+    assert timings == [15, 10, 2]
 
 
 def test_operator_image_defaults_to_the_app_version(rendered: dict) -> None:
@@ -224,11 +236,21 @@ def operator_grants(docs: list[dict[str, Any]], namespace: str) -> set[tuple[str
 
 
 NAMESPACE_DISCOVERY = {("", "namespaces", "list"), ("", "namespaces", "watch")}
+LEASES = {("coordination.k8s.io", "leases", verb) for verb in ("get", "create", "update")}
+
+
+def lease_role(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return one(docs, "Role", f"{RELEASE}-xling-operator-leader-election")
 
 
 def test_namespaced_rbac_is_one_role_per_watched_namespace(rendered: dict) -> None:
     docs = rendered["two-namespaces"]
-    assert {r["metadata"]["namespace"] for r in by_kind(docs, "Role")} == {"team-a", "team-b"}
+    roles = sorted((r["metadata"]["namespace"], r["metadata"]["name"]) for r in by_kind(docs, "Role"))
+    assert roles == [
+        ("team-a", f"{RELEASE}-xling-operator"),
+        ("team-b", f"{RELEASE}-xling-operator"),
+        (NAMESPACE, f"{RELEASE}-xling-operator-leader-election"),  # the Lease: in the operator's namespace
+    ]
     for binding in by_kind(docs, "RoleBinding"):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": f"{RELEASE}-xling-operator", "namespace": NAMESPACE}
@@ -242,15 +264,16 @@ def test_namespaced_rbac_is_one_role_per_watched_namespace(rendered: dict) -> No
         *NAMESPACE_DISCOVERY,
     }
     assert operator_grants(docs, "team-a") == operator_grants(docs, "team-b")
-    # Nothing namespaced in the release namespace, which is not watched.
-    assert operator_grants(docs, NAMESPACE) == grants(role["rules"])
+    # In the release namespace, which is not watched, only the Lease.
+    assert operator_grants(docs, NAMESPACE) == grants(role["rules"]) | LEASES
 
 
 def test_cluster_wide_rbac_is_a_cluster_role(rendered: dict) -> None:
     docs = rendered["cluster-wide"]
-    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
-    namespaced = operator_grants(rendered["default"], NAMESPACE)
+    assert by_kind(docs, "Role") == [lease_role(docs)]  # the rest is cluster-wide
+    namespaced = operator_grants(rendered["default"], NAMESPACE) - LEASES
     cluster = operator_grants(docs, "anywhere")
+    assert operator_grants(docs, NAMESPACE) == cluster | LEASES
     # The same rules, less following namespaces (kopf does that only for a list of namespaces).
     assert namespaced - cluster == NAMESPACE_DISCOVERY
     assert cluster <= namespaced
@@ -268,20 +291,23 @@ def test_rbac_has_no_wildcards_and_can_be_left_out(rendered: dict) -> None:
     ]
 
 
-def recorded_api_calls(cluster_wide: bool) -> set[tuple[str, str, str]]:
-    """The operator's API calls (operator/rbac.py) in one mode, as (apiGroup, resource[/subresource], verb)."""
+def recorded_api_calls(cluster_wide: bool, own_namespace: bool) -> set[tuple[str, str, str]]:
+    """The operator's API calls (operator/rbac.py) in one mode and namespace (the operator's own: with the
+    Lease), as (apiGroup, resource[/subresource], verb)."""
     rbac = pytest.importorskip("xling.operator.rbac", reason="operator/rbac.py not written yet")
     calls = rbac.API_CALLS | rbac.IMPLIED_PERMISSIONS
     if not cluster_wide:
         calls |= rbac.NAMESPACED_MODE_CALLS
+    if own_namespace:
+        calls |= rbac.LEADER_ELECTION_CALLS
     return {(group, resource, verb) for verb, group, resource in calls}
 
 
 @pytest.mark.parametrize("case", ["default", "cluster-wide", "two-namespaces"])
 def test_rbac_covers_exactly_the_operators_api_calls(case: str, rendered: dict) -> None:
-    calls = recorded_api_calls(cluster_wide=case == "cluster-wide")
     watched = CASES[case].get("operator", {}).get("watchNamespaces", [NAMESPACE])
     for namespace in watched:
+        calls = recorded_api_calls(cluster_wide=case == "cluster-wide", own_namespace=namespace == NAMESPACE)
         granted = operator_grants(rendered[case], namespace)
         missing, unused = calls - granted, granted - calls
         assert not missing, (
@@ -300,6 +326,7 @@ def test_rbac_rules_match_operator_rbac_rules(rendered: dict) -> None:
     assert sorted(chart, key=key) == sorted(
         rbac.rules(rbac.API_CALLS | rbac.IMPLIED_PERMISSIONS | rbac.NAMESPACED_MODE_CALLS), key=key
     )
+    assert lease_role(rendered["default"])["rules"] == rbac.rules(rbac.LEADER_ELECTION_CALLS)
 
 
 # --- MLflow -----------------------------------------------------------------------------------------------------
@@ -381,7 +408,10 @@ def test_helm_test_hook_checks_the_operators_permissions(rendered: dict) -> None
     compile(cm["data"]["check.py"], "check.py", "exec")  # the script at least parses
     checks = json.loads(cm["data"]["checks.json"])
     role = one(docs, "Role", f"{RELEASE}-xling-operator")
-    assert grants(checks["rules"]) == grants(role["rules"])
+    assert [(a["namespace"], grants(a["rules"])) for a in checks["access"]] == [
+        (NAMESPACE, grants(role["rules"])),
+        (NAMESPACE, LEASES),
+    ]
     assert {s["groupVersion"] for s in checks["served"]} == {"xling.io/v1alpha1", "ray.io/v1"}
     assert checks["mlflow"] == f"http://{RELEASE}-xling-mlflow.{NAMESPACE}.svc:5000/health"
     assert not [d for d in rendered["bring-your-own"] if d["kind"] == "Pod"]
@@ -566,10 +596,10 @@ def test_helm_test_script_passes_on_a_ready_cluster(tmp_path: Path, rendered: di
     docs = rendered["default"]
     role = one(docs, "Role", f"{RELEASE}-xling-operator")
     served = {"xling.io/v1alpha1": ["retrievalexperiments"], "ray.io/v1": ["rayjobs", "rayjobs/status"]}
-    server = FakeApiServer(served, grants(role["rules"]))
+    server = FakeApiServer(served, grants(role["rules"]) | LEASES)
     proc = run_test_hook(tmp_path, docs, server)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {(g, r, v) for _, g, r, v in server.reviews} == grants(role["rules"])
+    assert {(g, r, v) for _, g, r, v in server.reviews} == grants(role["rules"]) | LEASES
     assert {ns for ns, *_ in server.reviews} == {NAMESPACE}
     assert "ok    MLflow" in proc.stdout and "FAIL" not in proc.stdout
 
@@ -577,7 +607,7 @@ def test_helm_test_script_passes_on_a_ready_cluster(tmp_path: Path, rendered: di
 def test_helm_test_script_reports_missing_kuberay_and_permissions(tmp_path: Path, rendered: dict) -> None:
     docs = rendered["mlflow-off"]
     role = one(docs, "Role", f"{RELEASE}-xling-operator")
-    allowed = grants(role["rules"]) - {("ray.io", "rayjobs", "create")}
+    allowed = (grants(role["rules"]) | LEASES) - {("ray.io", "rayjobs", "create")}
     proc = run_test_hook(
         tmp_path, docs, FakeApiServer({"xling.io/v1alpha1": ["retrievalexperiments"]}, allowed)
     )
@@ -628,7 +658,7 @@ def test_platform_defaults_metrics_and_network_policy(tmp_path: Path) -> None:
     assert by_kind(docs, "ServiceMonitor") and one(docs, "Service", f"{RELEASE}-xling-operator-metrics")
     (policy,) = by_kind(docs, "NetworkPolicy")
     assert policy["spec"]["ingress"][0]["from"][1] == {"namespaceSelector": watched_namespaces([NAMESPACE])}
-    (role,) = by_kind(docs, "Role")
+    role = one(docs, "Role", f"{RELEASE}-xling-operator")
     (secrets,) = [r for r in role["rules"] if r["resources"] == ["secrets"]]
     assert secrets["resourceNames"] == ["mlflow-auth", "s3"]  # the platform's storage Secret is read too
 
@@ -703,7 +733,7 @@ def test_restricted_secrets_include_the_storage_secret_and_helm_test_checks_each
     assert secrets["resourceNames"] == ["mlflow-auth", "s3"]
     # what a real API server grants: the unrestricted rules for any object, the Secrets only by name
     allowed: set[tuple[str, ...]] = grants([r for r in role["rules"] if "resourceNames" not in r])
-    allowed |= {("", "secrets", "get", name) for name in secrets["resourceNames"]}
+    allowed |= {("", "secrets", "get", name) for name in secrets["resourceNames"]} | LEASES
     served = {"xling.io/v1alpha1": ["retrievalexperiments"], "ray.io/v1": ["rayjobs"]}
     server = FakeApiServer(served, allowed)
     proc = run_test_hook(tmp_path, docs, server)

@@ -138,6 +138,8 @@ def test_kustomize_renders_crd_rbac_and_operator(kustomized: list[dict[str, Any]
             "ServiceAccount/xling-operator",
             "Role/xling-operator",
             "RoleBinding/xling-operator",
+            "Role/xling-operator-leader-election",
+            "RoleBinding/xling-operator-leader-election",
             "ClusterRole/xling-operator-xling-system-discovery",
             "ClusterRoleBinding/xling-operator-xling-system-discovery",
             "Deployment/xling-operator",
@@ -175,7 +177,11 @@ def test_kustomize_base_matches_the_helm_chart(kustomized: list[dict[str, Any]])
         (obj,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
         return obj
 
-    for kind, name in [("Role", "xling-operator"), ("ClusterRole", "xling-operator-xling-system-discovery")]:
+    for kind, name in [
+        ("Role", "xling-operator"),
+        ("Role", "xling-operator-leader-election"),
+        ("ClusterRole", "xling-operator-xling-system-discovery"),
+    ]:
         assert grants(find(kustomized, kind, name)["rules"]) == grants(find(charted, kind, name)["rules"]), (
             kind,
             name,
@@ -187,7 +193,7 @@ def test_kustomize_base_matches_the_helm_chart(kustomized: list[dict[str, Any]])
         find(kustomized, "Deployment", "xling-operator"),
         find(charted, "Deployment", "xling-operator"),
     ):
-        assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+        assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
 
 
 # --- container images ---------------------------------------------------------------------------------------------

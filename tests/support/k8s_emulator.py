@@ -58,6 +58,9 @@ def declare(k8s: kmock.KubernetesEmulator) -> None:
         shortnames=set(crd.SHORT_NAMES),
         subresources={"status"},
     )
+    res["coordination.k8s.io/v1/leases"] = kmock.ResourceInfo(
+        kind="Lease", singular="lease", namespaced=True, verbs=NAMESPACED_VERBS
+    )
     declare_kuberay(k8s)
 
 
@@ -133,6 +136,7 @@ class Emulator(kmock.KubernetesEmulator):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
+        self.fallback[kmock.method.PUT] << self._serve_replace  # KMock itself knows no PUT
         declare(self)
         if not self.kuberay:
             del self.resources["ray.io/v1/rayjobs"]
@@ -228,11 +232,17 @@ class Emulator(kmock.KubernetesEmulator):
     def _is_experiment(res: Any) -> bool:
         return res is not None and (res.group, res.plural) == (crd.GROUP, crd.PLURAL)
 
+    @staticmethod
+    def _is_replace(request: kmock.Request) -> bool:
+        return request.method == kmock.method.PUT and request.resource is not None and bool(request.name)
+
     def _record(self, request: kmock.Request) -> None:
-        if request.resource is not None and request.action is not None and request.resource.plural:
+        replace = self._is_replace(request)
+        if request.resource is not None and (request.action or replace) and request.resource.plural:
             agent = {k.lower(): v for k, v in request.headers.items()}.get("user-agent", "")
             name = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
-            self.log.append((_VERBS[request.action.value], request.resource.group or "", name, agent))
+            verb = "update" if replace else _VERBS[request.action.value]
+            self.log.append((verb, request.resource.group or "", name, agent))
 
     async def _handle(self, request: kmock.Request) -> Any:
         """Log compactly and keep only in-flight requests in KMock's own list: matching a request against the
@@ -271,6 +281,9 @@ class Emulator(kmock.KubernetesEmulator):
                 reason="Forbidden",
                 message=f'pods is forbidden: violates PodSecurity "restricted:latest": {"; ".join(problems)}',
             )
+        if self._is_replace(request):
+            async with self._guard:
+                return await super()._handle(request)
         if request.resource is None or request.action not in (
             kmock.action.CREATE,
             kmock.action.UPDATE,
@@ -323,6 +336,29 @@ class Emulator(kmock.KubernetesEmulator):
                         raw = obj.raw
                         obj.delete()
                         await self._buses[res].put({"type": "DELETED", "object": raw})
+
+    async def _serve_replace(self, request: kmock.Request) -> Any:
+        """PUT (update): the body replaces the object; 409 on a stale metadata.resourceVersion (a Lease's
+        renewal relies on it). Objects without a /status subresource only, as the operator uses it."""
+        key = (request.resource, request.namespace, request.name)
+        async with self._lock:
+            if key not in self.objects or self.objects[key].deleted:
+                raise kmock.KubernetesError(
+                    status=404, reason="NotFound", message=f"{request.name} not found"
+                )
+            obj, data = self.objects[key], request.data
+            current = obj.raw["metadata"]
+            wanted_rv = (data.get("metadata") or {}).get("resourceVersion")
+            if wanted_rv and wanted_rv != current.get("resourceVersion"):
+                raise _conflict(f"the object has been modified; resourceVersion {wanted_rv} is stale")
+            meta = data.setdefault("metadata", {})
+            meta.update(
+                {k: current[k] for k in ("name", "namespace", "uid", "creationTimestamp") if k in current}
+            )
+            meta.update(resourceVersion=self._next_rv(), generation=current.get("generation", 1))
+            obj.create(data)
+            await self._buses[request.resource].put({"type": "MODIFIED", "object": obj.raw})
+            return obj.raw
 
     async def _serve_create(self, request: kmock.Request) -> Any:
         return kmock.Response(status=201, payload=await super()._serve_create(request))

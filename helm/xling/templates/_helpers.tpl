@@ -94,6 +94,29 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* Environment of the operator container (variables read by operator/handlers.py). */}}
 {{- define "xling.operatorEnv" -}}
+{{- $election := .Values.operator.leaderElection }}
+{{- if ge $election.renewDeadlineSeconds $election.leaseDurationSeconds }}
+{{- fail "operator.leaderElection.renewDeadlineSeconds must be less than leaseDurationSeconds (the leader stops before a standby may take over)" }}
+{{- end }}
+{{- if ge $election.retryPeriodSeconds $election.renewDeadlineSeconds }}
+{{- fail "operator.leaderElection.retryPeriodSeconds must be less than renewDeadlineSeconds" }}
+{{- end }}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: XLING_LEASE_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: XLING_LEASE_NAME
+  value: {{ include "xling.operatorName" . | quote }}
+- name: XLING_LEASE_DURATION
+  value: {{ $election.leaseDurationSeconds | quote }}
+- name: XLING_LEASE_RENEW_DEADLINE
+  value: {{ $election.renewDeadlineSeconds | quote }}
+- name: XLING_LEASE_RETRY_PERIOD
+  value: {{ $election.retryPeriodSeconds | quote }}
 - name: XLING_MAX_WORKERS
   value: {{ .Values.operator.maxWorkers | quote }}
 - name: XLING_WATCHDOG_INTERVAL

@@ -68,3 +68,11 @@ checks that these rules and that list agree). No wildcards.
   verbs: [list, watch]
 {{- end }}
 {{- end }}
+
+{{/* Leader election (operator/election.py): the release's Lease, in the operator's own namespace only. */}}
+{{- define "xling.rbac.leaderElectionRules" -}}
+# One Lease per release: read, created by the first replica, updated to renew or take over.
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [create, get, update]
+{{- end }}
