@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import load_bench
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "bench" / "bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_step"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bs = _load()
+bs = load_bench("bench_step")
 
 
 def test_cpu_mode_runs_every_case_on_the_same_batches(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -10,20 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, load_bench
 
 SCRIPT = ROOT / "bench" / "gpu.sh"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_checks", ROOT / "bench" / "gpu_checks.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_checks"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gc = _load()
+gc = load_bench("gpu_checks")
 
 
 def _sh(*args: str, **env: str) -> subprocess.CompletedProcess:

@@ -4,25 +4,14 @@ survive between calls), taken in to a folder outside the checkout, reassembled t
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-from tests.support import ROOT
+from tests.support import ROOT, load_bench
 
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_stage", ROOT / "bench" / "gpu_stage.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_stage"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-gs = _load()
+gs = load_bench("gpu_stage")
 
 
 def device_call(tmp: Path, outside: Path, carry: dict[str, bytes]) -> str:

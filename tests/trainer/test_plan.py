@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support import ROOT
+from tests.support import ROOT, load_bench
 from xling.trainer.cli import main
 from xling.trainer.plan import count_dense_params, flops_per_token, make_plan, model_shape
 from xling.trainer.spec import parse_experiment
@@ -202,11 +202,7 @@ def bench_experiment(batch: int, stage: int | str = "auto", **spec: Any) -> Any:
 
 
 def test_bench_shape_matches_the_bench_model() -> None:
-    import importlib.util
-
-    mod_spec = importlib.util.spec_from_file_location("gpu_checks_shape", ROOT / "bench" / "gpu_checks.py")
-    gc = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(gc)
+    gc = load_bench("gpu_checks")
     assert gc.big_shape(gc.big_config()).total_params == model_shape(BENCH_MODEL).total_params
 
 
