@@ -10,9 +10,13 @@ from xling.trainer.spec import load_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
+    from xling.trainer.preflight import check
+
     exp = load_experiment(args.file)
+    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    check(exp, args.file)  # paths, languages, the model, ignored fields: before any work
     if args.check:
-        print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
+        print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")
         return 0
     if exp.spec.sweep is not None:  # one Ray Tune trial per point and seed
         from xling.trainer.sweep.tune import run_sweep as drive
@@ -24,8 +28,12 @@ def _run(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from xling.trainer.driver import prepare_data
+    from xling.trainer.preflight import check
 
-    prepared = prepare_data(load_experiment(args.file), skip_bad_rows=args.skip_bad_rows)
+    exp = load_experiment(args.file)
+    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    check(exp, args.file, model=False)
+    prepared = prepare_data(exp, skip_bad_rows=args.skip_bad_rows)
     corpus = prepared.corpus
     print(f"{corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}, "
           f"index {corpus.meta['index_bytes'] / max(1, corpus.num_pairs()):.1f} bytes per pair")  # fmt: skip
@@ -55,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing"
     )
-    run.add_argument("--check", action="store_true", help="only validate the file")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the file and what it names (paths, languages, the model), then exit",
+    )
     run.set_defaults(func=_run)
     data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser(

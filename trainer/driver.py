@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
-from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
+from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
-from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.errors import InputError
+from xling.trainer.spec import TINY_MODEL, ExperimentSpec, ModelSpec, RetrievalExperiment, SpecError
 from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
@@ -73,11 +74,31 @@ def _has_gpu() -> bool:
 def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prepared, str]:
     """Prepare (or find) the training corpus and resolve the model: everything before the first worker."""
     from xling.trainer.model import resolve_model_path
+    from xling.trainer.preflight import missing_languages
 
     spec = exp.spec
     prepared = prepare_data(exp, skip_bad_rows)
+    missing_languages(spec, prepared.corpus.index.present())
     check_batches(prepared.corpus.index, spec)
-    return prepared, resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+    path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+    load_model_files(path, spec.model)
+    return prepared, path
+
+
+def load_model_files(path: str, model: ModelSpec) -> None:
+    """Load the config and tokenizer here, as every worker will: a model that cannot load fails now, in one
+    line naming spec.model.name, not in each worker's traceback after Ray started."""
+    from transformers import AutoConfig
+
+    from xling.trainer.model import load_tokenizer
+
+    try:
+        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        load_tokenizer(path, model)
+    except (OSError, ValueError) as err:
+        raise SpecError(
+            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field="spec.model.name"
+        ) from None
 
 
 def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
@@ -93,9 +114,12 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     spec = exp.spec
     if skip_bad_rows:
         spec.data.skip_bad_rows = True
-    prepared = prepare_corpus(
-        spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
-    )
+    try:
+        prepared = prepare_corpus(
+            spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
+        )
+    except BadRowError as err:
+        raise InputError(None, f"{err}; rerun with --skip-bad-rows to skip and count such rows") from None
     report, corpus = prepared.report, prepared.corpus
     if report.total:
         print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)

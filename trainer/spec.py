@@ -760,6 +760,10 @@ class ExperimentSpec(Spec):
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentSpec:
         langs = set(self.data.languages)
+        for field, codes in _language_fields(self):
+            if unknown := sorted(set(codes) - KNOWN_LANGUAGES):
+                raise _bad(field, f"unknown language code {', '.join(map(repr, unknown))} (known: "
+                                  f"{', '.join(sorted(KNOWN_LANGUAGES))})")  # fmt: skip
         strategy = self.sampling.strategy
         if strategy in ("xy", "hybrid") and len(langs) < 2:
             raise _bad(
@@ -810,6 +814,16 @@ class ExperimentSpec(Spec):
                 f"{self.loss.grad_cache.chunk_size} exceeds the per-worker batch ({batch // workers})",
             )
         return self
+
+
+def _language_fields(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:
+    """Every training-data field of ``spec`` with its language codes: a code no data row may carry (``qq``)
+    passes the pattern but would be trained on by no one. (Suites are checked against their own languages.)"""
+    fields = [("data.languages", spec.data.languages)]
+    for i, s in enumerate(spec.data.sources):
+        fields += [(f"data.sources[{i}].languages", s.languages or []),
+                   (f"data.sources[{i}].language", [s.language] if s.language else [])]  # fmt: skip
+    return fields
 
 
 class Metadata(Spec):
