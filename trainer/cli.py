@@ -32,7 +32,7 @@ def _prepare(args: argparse.Namespace) -> int:
 
     exp = load_experiment(args.file)
     exp.spec.data.skip_bad_rows |= args.skip_bad_rows
-    check(exp, args.file, model=False)
+    check(exp, args.file, run=False)
     prepared = prepare_data(exp, skip_bad_rows=args.skip_bad_rows)
     corpus = prepared.corpus
     print(f"{corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}, "

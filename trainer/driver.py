@@ -19,6 +19,7 @@ from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.errors import InputError
+from xling.trainer.preflight import missing_languages
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, ModelSpec, RetrievalExperiment, SpecError
 from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
@@ -74,11 +75,9 @@ def _has_gpu() -> bool:
 def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prepared, str]:
     """Prepare (or find) the training corpus and resolve the model: everything before the first worker."""
     from xling.trainer.model import resolve_model_path
-    from xling.trainer.preflight import missing_languages
 
     spec = exp.spec
     prepared = prepare_data(exp, skip_bad_rows)
-    missing_languages(spec, prepared.corpus.index.present())
     check_batches(prepared.corpus.index, spec)
     path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
     load_model_files(path, spec.model)
@@ -121,6 +120,7 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     except BadRowError as err:
         raise InputError(None, f"{err}; rerun with --skip-bad-rows to skip and count such rows") from None
     report, corpus = prepared.report, prepared.corpus
+    missing_languages(spec, corpus.index.present())
     if report.total:
         print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
         for example in report.examples[:3]:

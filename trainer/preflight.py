@@ -30,15 +30,19 @@ from xling.trainer.spec import (
 HUB_SOURCES = ("hf",)
 
 
-def check(exp: RetrievalExperiment, spec_file: str | Path, *, model: bool = True) -> None:
+def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) -> None:
     """Raise SpecError (naming ``spec_file`` and each field) if the run cannot do what the spec asks, fields
-    it would ignore included. ``model=False`` skips the model (the driver loads it, :func:`model_problems`)."""
+    it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model)."""
+    if run:  # spec-only, so it goes first: PlanError, with the plan
+        from xling.trainer.plan import check_fits
+
+        check_fits(exp)
     base = Path(spec_file).resolve().parent
     spec = exp.spec
     errors = [*path_problems(spec, base), *ignored_fields(spec)]
     if not errors:  # languages are looked up in the paths just checked
         errors += language_problems(spec)
-    if model and not errors:
+    if run and not errors:
         errors += model_problems(spec.model, base)
     if len(errors) == 1:
         raise SpecError(spec_file, errors[0].message, field=errors[0].field)
@@ -213,9 +217,7 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
     if Path(name).is_absolute() or name.startswith((".", "~")) or (base / name).exists():
         path = Path(name).expanduser() if Path(name).is_absolute() else base / name
         if not (path / "config.json").is_file():
-            yield Problem(
-                f"{name!r}: no config.json in {path.resolve()} (not a Hugging Face model directory)", field
-            )
+            yield Problem(f"{path.resolve()} has no config.json (not a Hugging Face model directory)", field)
         return
     if reason := hub_model_problem(model):
         yield Problem(reason, field)

@@ -910,8 +910,12 @@ def load_experiment(path: str | Path) -> RetrievalExperiment:
         raise SpecError(path, f"cannot read: {err.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise SpecError(path, f"not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # one line, at the line where the parser stopped
+        mark, context, at = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if context and at is not None:
+            why += f" ({context} at line {at.line + 1}, column {at.column + 1})"
+        raise SpecError(path, f"not valid YAML: {why}", line=mark.line + 1 if mark else None) from None
     if not docs:
         raise SpecError(path, "empty file")
     exps = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
