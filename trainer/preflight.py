@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
 from xling.trainer.errors import Problem
 from xling.trainer.spec import (
     DEMO_MODEL,
@@ -39,7 +40,9 @@ def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) 
         check_fits(exp)
     base = Path(spec_file).resolve().parent
     spec = exp.spec
-    errors = [*path_problems(spec, base), *ignored_fields(spec)]
+    errors = list(path_problems(spec, base))
+    if not os.environ.get(EXPERIMENT_UID_ENV):  # the operator writes every default out: none reads as set
+        errors += ignored_fields(spec)
     if not errors:  # languages are looked up in the paths just checked
         errors += language_problems(spec)
     if run and not errors:
@@ -64,10 +67,11 @@ def path_problems(spec: ExperimentSpec, base: Path) -> Iterator[Problem]:
 
 
 def _missing(path: str, field: str, base: Path) -> Iterator[Problem]:
+    """Where the run looks: relative to the spec file, else to the working directory."""
     if "://" in path:  # a bucket: the cluster's storage, not looked at here
         return
     p = Path(path)
-    if not (p if p.is_absolute() else base / p).exists():
+    if not (p.exists() or (base / p).exists()):
         where = p if p.is_absolute() else f"{(base / p).resolve()}, relative to the spec file"
         yield Problem(f"{path!r} does not exist ({where})", field)
 
@@ -214,10 +218,12 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
         if name not in (DEMO_MODEL, TINY_MODEL):
             yield Problem(f"unknown built-in model {name!r} (built-in: {DEMO_MODEL}, {TINY_MODEL})", field)
         return
-    if Path(name).is_absolute() or name.startswith((".", "~")) or (base / name).exists():
-        path = Path(name).expanduser() if Path(name).is_absolute() else base / name
-        if not (path / "config.json").is_file():
-            yield Problem(f"{path.resolve()} has no config.json (not a Hugging Face model directory)", field)
+    local = Path(name).expanduser()
+    if not local.exists() and not local.is_absolute():
+        local = base / local  # where the run looks first (load_experiment resolves what exists there)
+    if local.exists() or name.startswith((".", "/", "~")):
+        if not (local / "config.json").is_file():
+            yield Problem(f"{local.resolve()} has no config.json (not a Hugging Face model directory)", field)
         return
     if reason := hub_model_problem(model):
         yield Problem(reason, field)

@@ -197,3 +197,21 @@ def test_a_language_left_without_rows_after_preparation_is_named(
     assert main(["data", "prepare", str(file)]) == 2
     err = capsys.readouterr().err
     assert "spec.data.languages: fr: no source has rows in this language (the data has de, en)" in err, err
+
+
+def test_a_spec_written_out_by_the_operator_is_not_refused_for_its_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The RayJob's driver runs ``xling run`` on the operator's ConfigMap, where every default (alpha
+    included) is written out: no field reads as set by the user there, so none is reported as ignored."""
+    from xling.operator.manifests import Owner, resolved_document
+    from xling.trainer.contracts import EXPERIMENT_UID_ENV
+    from xling.trainer.spec import parse_experiment
+
+    file = _write(_set("spec.sampling.strategy", "xx"), tmp_path)
+    exp = parse_experiment(yaml.safe_load(file.read_text()))
+    file.write_text(yaml.safe_dump(resolved_document(exp, Owner("smoke", "ns", "uid-1"))))
+    assert main(["run", "--check", str(file)]) == 2, "alpha, written out, reads as set in a user's file"
+    assert "spec.sampling.alpha: set, but strategy 'xx' ignores it" in capsys.readouterr().err
+    monkeypatch.setenv(EXPERIMENT_UID_ENV, "uid-1")
+    assert main(["run", "--check", str(file)]) == 0
