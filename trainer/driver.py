@@ -18,10 +18,19 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
-from xling.trainer.errors import InputError
-from xling.trainer.preflight import missing_languages
-from xling.trainer.spec import TINY_MODEL, ExperimentSpec, ModelSpec, RetrievalExperiment, SpecError
-from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
+from xling.trainer.errors import InputError, RunFailed, failure_reason
+from xling.trainer.preflight import load_model_files, missing_languages
+from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
+from xling.trainer.tags import (
+    BAD_ROWS_SKIPPED,
+    DATA_FINGERPRINT,
+    DESCRIPTION,
+    FAILURE,
+    GIT_COMMIT,
+    MINED_NEGATIVES,
+    MODEL,
+    STATUS,
+)
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
 if TYPE_CHECKING:
@@ -82,22 +91,6 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prep
     path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
     load_model_files(path, spec.model)
     return prepared, path
-
-
-def load_model_files(path: str, model: ModelSpec) -> None:
-    """Load the config and tokenizer here, as every worker will: a model that cannot load fails now, in one
-    line naming spec.model.name, not in each worker's traceback after Ray started."""
-    from transformers import AutoConfig
-
-    from xling.trainer.model import load_tokenizer
-
-    try:
-        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        load_tokenizer(path, model)
-    except (OSError, ValueError) as err:
-        raise SpecError(
-            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field="spec.model.name"
-        ) from None
 
 
 def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
@@ -261,9 +254,10 @@ def fit(
     )
     try:
         result = trainer.fit()  # Train V2 raises a failed run's error (numWorkers >= 1: never local mode)
-    except Exception:  # an interrupt leaves the run open, to be continued
-        finish_run(uri, run_id, "FAILED")
-        raise
+    except Exception as err:  # an interrupt leaves the run open, to be continued
+        reason = failure_reason(err)
+        finish_run(uri, run_id, "FAILED", reason)
+        raise RunFailed(reason) from err
     finish_run(uri, run_id, "FINISHED")
     return result
 
@@ -294,10 +288,15 @@ def storage_path(output_dir: str) -> str:
     return str(Path(output_dir).resolve() / "ray")
 
 
-def finish_run(uri: str, run_id: str, status: str) -> None:
-    """End an MLflow run with ``status`` (FINISHED, FAILED, KILLED), and ``xling.status`` to match."""
+def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    """End an MLflow run with ``status`` (FINISHED, FAILED, KILLED), and ``xling.status`` to match; a failed
+    run's ``reason`` goes to ``xling.failure`` and heads its description (the run page's first line)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     client.set_tag(run_id, STATUS, status.lower())
+    if reason is not None:
+        note = client.get_run(run_id).data.tags.get(DESCRIPTION, "")
+        client.set_tag(run_id, FAILURE, reason)
+        client.set_tag(run_id, DESCRIPTION, f"**{status}**: {reason}\n\n{note}".strip())
     client.set_terminated(run_id, status)

@@ -224,6 +224,11 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
     if local.exists() or name.startswith((".", "/", "~")):
         if not (local / "config.json").is_file():
             yield Problem(f"{local.resolve()} has no config.json (not a Hugging Face model directory)", field)
+        else:
+            try:
+                load_model_files(str(local), model)
+            except SpecError as err:
+                yield err.problems[0]
         return
     if reason := hub_model_problem(model):
         yield Problem(reason, field)
@@ -257,3 +262,19 @@ def hub_model_problem(model: ModelSpec) -> str | None:
     except (OSError, ValueError) as err:
         return f"{model.name!r}: the hub cannot give it: {str(err).splitlines()[0]}"
     return None
+
+
+def load_model_files(path: str, model: ModelSpec) -> None:
+    """Load the config and tokenizer here, as every worker will: a model that cannot load fails now, in one
+    line naming spec.model.name, not in each worker's traceback after Ray started."""
+    from transformers import AutoConfig
+
+    from xling.trainer.model import load_tokenizer
+
+    try:
+        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        load_tokenizer(path, model)
+    except (OSError, ValueError) as err:
+        raise SpecError(
+            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field="spec.model.name"
+        ) from None

@@ -123,6 +123,9 @@ CASES: list[tuple[str, Callable[[Doc, Path], None], int, str]] = [
      r"spec\.model\.name: 'intfloat/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
     ("model-dir-without-config", lambda d, f: ((f / "model").mkdir(), _set("spec.model.name", "./model")(d, f)), 2,
      r"spec\.model\.name: .*/exp/model has no config\.json \(not a Hugging Face model directory\)"),
+    ("model-of-unknown-architecture", lambda d, f: ((f / "model").mkdir(), (f / "model" / "config.json").write_text(
+        '{"model_type": "no-such-architecture"}'), _set("spec.model.name", "./model")(d, f)), 2,
+     r"spec\.model\.name: '.*/exp/model' cannot be loaded: .*no-such-architecture"),
     ("unknown-built-in-model", _set("spec.model.name", "xling/tiny"), 2,
      r"spec\.model\.name: unknown built-in model 'xling/tiny'"),
 ]  # fmt: skip
