@@ -1,4 +1,6 @@
-"""The ``xling`` command: run, data prepare, mine, eval, render, plan, export. Subcommands import their heavy parts lazily."""
+"""The ``xling`` command; subcommands import their heavy parts lazily.
+
+Its help text is :data:`DESCRIPTION` (plain text: argparse prints it as it is)."""
 
 from __future__ import annotations
 
@@ -54,8 +56,27 @@ def _mine(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """Train and evaluate multilingual dense retrievers with X-X, X-Y, hybrid or mixed batches, on Ray
+and DeepSpeed, locally or on Kubernetes. One experiment is one YAML file (a RetrievalExperiment);
+start with: xling run manifests/samples/smoke.yaml (docs: README.md)."""
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("xling")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xling", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="xling", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment YAML (a RetrievalExperiment) on local Ray")
     run.add_argument("file")
