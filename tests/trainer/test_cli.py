@@ -33,3 +33,23 @@ def test_plan_of_a_cpu_spec_speaks_of_cpu_workers(capsys: pytest.CaptureFixture[
     assert "on 1 CPU worker(s), " in out and "GiB of host memory each" in out
     assert "GPUs x" not in out and "0.00B" not in out and "0.00 s" not in out
     assert re.search(r"xling/tiny-random \(BertModel\): \d+(\.\d+)?k params", out), out
+
+
+def test_render_takes_the_platform_defaults_configmap_the_docs_name(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--defaults manifests/operator/platform-defaults.yaml`` (a ConfigMap) was refused ("expected keys
+    spec, ..."): the document in its data is what the operator mounts, so that is what render reads."""
+    import yaml
+
+    smoke = str(ROOT / "manifests" / "samples" / "smoke.yaml")
+    shipped = ROOT / "manifests" / "operator" / "platform-defaults.yaml"
+    assert main(["render", smoke, "--defaults", str(shipped)]) == 2  # it sets no storage: smoke has 2 pods
+    assert "spec.storage: required" in capsys.readouterr().err
+    configmap = yaml.safe_load(shipped.read_text())
+    configmap["data"]["defaults.yaml"] = yaml.safe_dump(
+        {"spec": {"storage": {"checkpointUri": "s3://ckpt/xling"}}}
+    )
+    (tmp_path / "defaults.yaml").write_text(yaml.safe_dump(configmap))
+    assert main(["render", smoke, "--defaults", str(tmp_path / "defaults.yaml")]) == 0
+    assert "s3://ckpt/xling/smoke" in capsys.readouterr().out
