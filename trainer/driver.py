@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir
+from xling.trainer.contracts import CACHE_ENV, EXPERIMENT_UID_ENV, default_cache_dir, prepared_cache_dir
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
 from xling.trainer.errors import InputError, RunFailed, failure_reason
@@ -66,13 +66,18 @@ def hub_free(spec: ExperimentSpec) -> bool:
 
 def local_env(spec: ExperimentSpec) -> dict[str, str]:
     """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node); offline
-    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load)."""
+    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load). Returns
+    the workers' environment: these, and the driver's cache directory."""
     for key, value in LOCAL_ENV.items():
         if key == "HF_HUB_OFFLINE" and not hub_free(spec):
             continue
         if key != "DS_ACCELERATOR" or not _has_gpu():
             os.environ.setdefault(key, value)
-    return {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+    # The workers' working directory is Ray's, not the driver's: they must be told where the caches are.
+    return {
+        **{k: os.environ[k] for k in LOCAL_ENV if k in os.environ},
+        CACHE_ENV: str(default_cache_dir().resolve()),
+    }
 
 
 def _has_gpu() -> bool:

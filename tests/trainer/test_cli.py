@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import re
 import tomllib
+from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support import ROOT
 from xling.trainer.cli import build_parser, main
@@ -36,12 +38,10 @@ def test_plan_of_a_cpu_spec_speaks_of_cpu_workers(capsys: pytest.CaptureFixture[
 
 
 def test_render_takes_the_platform_defaults_configmap_the_docs_name(
-    tmp_path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """``--defaults manifests/operator/platform-defaults.yaml`` (a ConfigMap) was refused ("expected keys
     spec, ..."): the document in its data is what the operator mounts, so that is what render reads."""
-    import yaml
-
     smoke = str(ROOT / "manifests" / "samples" / "smoke.yaml")
     shipped = ROOT / "manifests" / "operator" / "platform-defaults.yaml"
     assert main(["render", smoke, "--defaults", str(shipped)]) == 2  # it sets no storage: smoke has 2 pods
@@ -53,3 +53,35 @@ def test_render_takes_the_platform_defaults_configmap_the_docs_name(
     (tmp_path / "defaults.yaml").write_text(yaml.safe_dump(configmap))
     assert main(["render", smoke, "--defaults", str(tmp_path / "defaults.yaml")]) == 0
     assert "s3://ckpt/xling/smoke" in capsys.readouterr().out
+
+
+def test_caches_go_to_the_users_cache_directory_outside_the_checkout(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run from elsewhere, xling wrote its caches (models, embeddings) into the source checkout it was
+    imported from; inside the checkout (``make demo``) they stay in its .cache."""
+    from xling.trainer.contracts import CACHE_ENV, default_cache_dir
+    from xling.trainer.driver import local_env
+    from xling.trainer.spec import parse_experiment
+
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert default_cache_dir() == tmp_path / "xdg" / "xling"
+    smoke = parse_experiment(yaml.safe_load((ROOT / "manifests" / "samples" / "smoke.yaml").read_text()))
+    assert local_env(smoke.spec)[CACHE_ENV] == str(tmp_path / "xdg" / "xling"), (
+        "Ray workers are told, not left to guess"
+    )
+    monkeypatch.chdir(ROOT / "docs")
+    assert default_cache_dir() == ROOT / ".cache"
+
+
+def test_eval_finds_the_bundled_data_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xling.trainer.evaluation.cli import _suite_spec
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["eval", "--model", "xling/tiny-random", "--suite", "xquad-r"])
+    suite = _suite_spec(args)
+    assert (Path(suite.path) / "en.json.gz").is_file(), suite.path
