@@ -149,12 +149,13 @@ def bounded_alphabet(texts: Iterable[str], size: int) -> list[str]:
     """``texts`` (NFKC, as the tokenizer reads them) with only their ``size`` most frequent characters, the
     others turned into spaces: a Unigram vocabulary must hold every character it was trained on, and Chinese
     alone has thousands. When encoding, the characters left out read as ``<unk>``."""
-    texts = [unicodedata.normalize("NFKC", t) for t in texts]
-    counts = Counter(ch for t in texts for ch in t)
-    if len(counts) <= size:
+    texts = list(texts)
+    normal = [unicodedata.normalize("NFKC", t) for t in texts]
+    counts = Counter(ch for t in normal for ch in t)
+    if len(counts) <= size:  # as they are: the same tokenizer as before the bound
         return texts
     keep = {ch for ch, _ in counts.most_common(size)}
-    return ["".join(ch if ch in keep else " " for ch in t) for t in texts]
+    return ["".join(ch if ch in keep else " " for ch in t) for t in normal]
 
 
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
