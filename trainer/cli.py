@@ -5,9 +5,14 @@ Its help text is :data:`DESCRIPTION` (plain text: argparse prints it as it is)."
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+from pathlib import Path
 
-from xling.trainer.errors import command
+from xling.trainer.console import QuietConsole
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
+from xling.trainer.errors import RunFailed, command
 from xling.trainer.spec import load_experiment
 
 
@@ -24,7 +29,17 @@ def _run(args: argparse.Namespace) -> int:
         from xling.trainer.sweep.tune import run_sweep as drive
     else:
         from xling.trainer.run import run_experiment as drive
-    drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    output = exp.spec.output_dir
+    if "://" in output or os.environ.get(EXPERIMENT_UID_ENV):  # a cluster's driver: its pod log is the log
+        drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+        return 0
+    log = Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    print(f"log: {log} (Ray, the libraries, tracebacks)", flush=True)
+    try:
+        with QuietConsole(log):
+            drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    except RunFailed as err:
+        raise RunFailed(f"{err} (details: {log})") from err
     return 0
 
 

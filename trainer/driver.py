@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +119,9 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     report, corpus = prepared.report, prepared.corpus
     missing_languages(spec, corpus.index.present())
     if report.total:
-        print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
+        print(f"skipped {report.total} bad rows: {dict(report.skipped)}")  # stdout: the console shows it
         for example in report.examples[:3]:
-            print(f"  e.g. {example}", file=sys.stderr)
+            print(f"  e.g. {example}")
     how = "reusing the prepared corpus" if prepared.reused else "prepared"
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:

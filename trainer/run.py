@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xling.trainer.console import phase
 from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
 from xling.trainer.headline import describe
 from xling.trainer.spec import RetrievalExperiment
@@ -29,7 +30,8 @@ def run_experiment(
     env = local_env(exp.spec)
     spec = exp.spec
     check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
-    setup = set_up(exp, tracking_uri, skip_bad_rows)
+    with phase("prepare", "the training data (built once, then reused) and the model"):
+        setup = set_up(exp, tracking_uri, skip_bad_rows)
     uri, prepared = setup.tracking_uri, setup.prepared
     tags = {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha), **setup.tags}
     run_name = spec.tracking.run_name or exp.metadata.name
@@ -37,7 +39,12 @@ def run_experiment(
     log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
     print(f"mlflow: {uri} experiment={setup.experiment_name!r} run_id={run_id}", flush=True)
 
-    result = fit(exp, prepared.location, setup.model_path, uri, run_id, env)
+    workers = f"{spec.distributed.num_workers} worker(s)"
+    with phase(
+        "train",
+        f"Ray and {workers}: zero-shot evaluation, {spec.optimization.max_steps} steps, evaluation, export",
+    ):
+        result = fit(exp, prepared.location, setup.model_path, uri, run_id, env)
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
     report = Path(ckpt or "/nonexistent") / "results.txt"
