@@ -27,8 +27,8 @@ class _Lines:
     """A text stream that splits what is written into lines: each goes to the log, and to ``console`` when
     it is xling's (see the module's docstring)."""
 
-    def __init__(self, log: IO[str], console: IO[str] | None) -> None:
-        self.log, self.console, self.pending = log, console, ""
+    def __init__(self, log: IO[str], console: IO[str] | None, original: IO[str]) -> None:
+        self.log, self.console, self.original, self.pending = log, console, original, ""
 
     def write(self, text: str) -> int:
         *lines, self.pending = (self.pending + text).split("\n")
@@ -52,6 +52,10 @@ class _Lines:
     def isatty(self) -> bool:
         return False
 
+    def fileno(self) -> int:
+        """The stream's own descriptor, for those that write below Python (faulthandler)."""
+        return self.original.fileno()
+
     @property
     def encoding(self) -> str:
         return "utf-8"
@@ -68,8 +72,8 @@ class QuietConsole:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.file = self.log_path.open("a", encoding="utf-8", buffering=1)
         self.saved = sys.stdout, sys.stderr
-        sys.stdout = _Lines(self.file, sys.stdout)  # type: ignore[assignment]
-        sys.stderr = _Lines(self.file, None)  # type: ignore[assignment]
+        sys.stdout = _Lines(self.file, sys.stdout, sys.stdout)  # type: ignore[assignment]
+        sys.stderr = _Lines(self.file, None, sys.stderr)  # type: ignore[assignment]
         return self
 
     def __exit__(
