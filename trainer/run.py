@@ -13,7 +13,7 @@ from xling.trainer.driver import RunResult, fit, local_env, log_training_data, s
 from xling.trainer.headline import describe
 from xling.trainer.spec import RetrievalExperiment
 from xling.trainer.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
-from xling.trainer.tracking import flatten, start_run
+from xling.trainer.tracking import run_params, start_run
 
 
 def run_experiment(
@@ -35,7 +35,7 @@ def run_experiment(
     uri, prepared = setup.tracking_uri, setup.prepared
     tags = {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha), **setup.tags}
     run_name = spec.tracking.run_name or exp.metadata.name
-    run_id = start_run(uri, setup.experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
+    run_id = start_run(uri, setup.experiment_name, run_name, run_params(spec), tags)
     log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
     print(f"mlflow: {uri} experiment={setup.experiment_name!r} run_id={run_id}", flush=True)
 

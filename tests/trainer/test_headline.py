@@ -57,3 +57,25 @@ def test_results_on_a_single_run_shows_its_headline(
     )
     assert "| xquad_r multilingual pool mAP | 0.2148 | 0.2215 | +0.0067 |" in out
     assert main(["results", "nothing-of-that-name", "--tracking-uri", uri]) == 2
+
+
+def test_a_local_runs_parameters_are_those_that_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    """85 parameters became 46 for the smoke run: no cluster-only field on a local run, none the strategy
+    ignores, no unset one."""
+    import yaml
+
+    from tests.support import ROOT
+    from xling.trainer.contracts import EXPERIMENT_UID_ENV
+    from xling.trainer.spec import parse_experiment
+    from xling.trainer.tracking import run_params
+
+    monkeypatch.delenv(EXPERIMENT_UID_ENV, raising=False)
+    doc = yaml.safe_load((ROOT / "manifests" / "samples" / "smoke.yaml").read_text())
+    params = run_params(parse_experiment(doc).spec)
+    assert params["sampling.alpha"] == "0.5" and params["sampling.strategy"] == "hybrid"
+    assert not [k for k in params if k.split(".")[0] in ("cluster", "storage", "deadlines", "sweep")]
+    assert "loss.grad_cache.chunk_size" not in params and "sampling.language_temperature" not in params
+    doc["spec"]["sampling"] = {"strategy": "xx"}
+    assert "sampling.alpha" not in run_params(parse_experiment(doc).spec)
+    monkeypatch.setenv(EXPERIMENT_UID_ENV, "uid-1")  # on a cluster, the cluster's fields apply
+    assert "cluster.image_pull_policy" in run_params(parse_experiment(doc).spec)
