@@ -27,6 +27,8 @@ from xling.trainer.spec import (
     SpecError,
 )
 
+#: The field every model problem names.
+MODEL = "spec.model.name"
 #: Source types whose ``path`` is a hub name, not a file.
 HUB_SOURCES = ("hf",)
 
@@ -38,6 +40,8 @@ def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) 
         from xling.trainer.plan import check_fits
 
         check_fits(exp)
+        if problem := built_in_problem(exp.spec.model.name):  # nothing to load
+            raise SpecError(spec_file, problem.message, field=problem.field)
     base = Path(spec_file).resolve().parent
     spec = exp.spec
     errors = list(path_problems(spec, base))
@@ -213,10 +217,8 @@ def ignored_fields(spec: ExperimentSpec) -> Iterator[Problem]:
 def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
     """The model as the run loads it: a built-in name, a local directory with a config, or a hub name in the
     local cache, or else on a hub that answers (offline, HF_HUB_OFFLINE=1, the cache alone decides)."""
-    field, name = "spec.model.name", model.name
-    if name.startswith("xling/"):
-        if name not in (DEMO_MODEL, TINY_MODEL):
-            yield Problem(f"unknown built-in model {name!r} (built-in: {DEMO_MODEL}, {TINY_MODEL})", field)
+    field, name = MODEL, model.name
+    if name.startswith("xling/"):  # checked before (built_in_problem)
         return
     local = Path(name).expanduser()
     if not local.exists() and not local.is_absolute():
@@ -232,6 +234,19 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
         return
     if reason := hub_model_problem(model):
         yield Problem(reason, field)
+
+
+def built_in_problem(name: str) -> Problem | None:
+    """An ``xling/`` name that is no built-in model: a shape ``xling plan`` knows (no weights), or unknown."""
+    from xling.trainer.plan import KNOWN_SHAPES
+
+    if not name.startswith("xling/") or name in (DEMO_MODEL, TINY_MODEL):
+        return None
+    if name in KNOWN_SHAPES:
+        return Problem(
+            f"{name!r} is a shape for xling plan, not a checkpoint: set a real model to train", MODEL
+        )
+    return Problem(f"unknown built-in model {name!r} (built-in: {DEMO_MODEL}, {TINY_MODEL})", MODEL)
 
 
 def hub_model_problem(model: ModelSpec) -> str | None:
@@ -276,5 +291,5 @@ def load_model_files(path: str, model: ModelSpec) -> None:
         load_tokenizer(path, model)
     except (OSError, ValueError) as err:
         raise SpecError(
-            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field="spec.model.name"
+            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field=MODEL
         ) from None

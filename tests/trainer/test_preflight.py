@@ -218,3 +218,16 @@ def test_a_spec_written_out_by_the_operator_is_not_refused_for_its_defaults(
     assert "spec.sampling.alpha: set, but strategy 'xx' ignores it" in capsys.readouterr().err
     monkeypatch.setenv(EXPERIMENT_UID_ENV, "uid-1")
     assert main(["run", "--check", str(file)]) == 0
+
+
+def test_a_planning_shape_is_not_a_model_to_train() -> None:
+    """``xling/xlm-roberta-30b`` is a shape ``xling plan`` knows; a run would look it up on the hub. (A run of it
+    on this box is refused by the memory plan first: test_plan.)"""
+    from xling.trainer.preflight import built_in_problem
+
+    problem = built_in_problem("xling/xlm-roberta-30b")
+    assert problem is not None and str(problem) == (
+        "spec.model.name: 'xling/xlm-roberta-30b' is a shape for xling plan, not a checkpoint: set a real model "
+        "to train"
+    )
+    assert built_in_problem("xling/tiny-random") is None and built_in_problem("intfloat/e5") is None
