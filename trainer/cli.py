@@ -34,7 +34,7 @@ def _run(args: argparse.Namespace) -> int:
         drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
         return 0
     log = Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    print(f"log: {log} (Ray, the libraries, tracebacks)", flush=True)
+    print(f"log: {log} (the libraries' output, tracebacks)", flush=True)
     try:
         with QuietConsole(log):
             drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
