@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import IO
 
 #: Ray's prefix of a forwarded line (with its colour codes); group 1 is the actor class.
-RAY_PREFIX = re.compile(r"^(?:\x1b\[\d+m)?\((\w+) pid=\d+(?:, ip=[\d.]+)?\)(?:\x1b\[0m)? ?")
+RAY_PREFIX = re.compile(r"^(?:\x1b\[\d+m)?\((\w+)(?: pid=\d+)?(?:, ip=[\d.]+)?\)(?:\x1b\[0m)? ?")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 

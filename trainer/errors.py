@@ -10,6 +10,7 @@ operator imports it.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from argparse import Namespace
 from collections.abc import Callable, Sequence
@@ -88,6 +89,10 @@ def failure_reason(err: BaseException) -> str:
     if isinstance(err, InputError):
         return " ".join(str(err).split())
     text = f"{type(err).__name__}{where}: {' '.join(str(err).split())}"[:500]
+    if any(kind in type(err).__name__ for kind in ("HealthCheckFailed", "ActorDied", "WorkerCrashed")):
+        log = re.search(r"log_file_path='([^']+)'", str(err))
+        return (f"the worker process{where} died ({type(err).__name__}): killed (out of memory?) or crashed"
+                + (f"; its log: {log[1]}" if log else ""))  # fmt: skip
     lowered = f"{type(err).__name__} {err}".lower()
     for needles, field, advice in _BLAME:
         if any(n in lowered for n in needles):

@@ -20,6 +20,7 @@ def test_worker_output_reaches_the_console_without_ray_prefix_and_noise_goes_to_
         print("data: 1199 pairs in 300 groups")
         print(f"{WORKER}[####................] 2/8 loss=2.7487 pairs/s=383.1 eta=1s")
         print("\x1b[36m(TrainController pid=30946)\x1b[0m Started training worker group of size 1")
+        print("\x1b[33m(raylet)\x1b[0m A worker died or was killed while executing a task")
         print(f"{WORKER}Loading faiss with AVX2 support.", file=sys.stderr)
         sys.stderr.write("Downloading artifacts:  10%|█ | 1/10\rDownloading artifacts: 100%|██| 10/10\n")
     out = capsys.readouterr()
@@ -32,6 +33,7 @@ def test_worker_output_reaches_the_console_without_ray_prefix_and_noise_goes_to_
     assert "(RayTrainWorker pid=21016) Loading faiss with AVX2 support." in logged and "\x1b[" not in logged
     assert "Downloading artifacts: 100%|██| 10/10\n" in logged and "10%" not in logged, "a bar's last state"
     assert "(TrainController pid=30946) Started training worker group of size 1" in logged
+    assert "(raylet) A worker died or was killed" in logged
 
 
 def test_an_error_leaves_its_traceback_in_the_log_and_the_console_as_it_was(tmp_path: Path) -> None:

@@ -78,3 +78,17 @@ def test_the_driver_loads_the_model_config_before_ray(tmp_path: Path) -> None:
         load_model_files(str(tmp_path), ModelSpec(name=str(tmp_path)))
     assert str(err.value).startswith(f"spec.model.name: '{tmp_path}' cannot be loaded: "), err.value
     assert "no-such-architecture" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_worker_that_died_is_said_in_a_short_line_with_its_log() -> None:
+    """A killed rank (the OOM killer on a CPU box) came back as 500 characters of Ray's worker repr."""
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError(
+        "A worker health check failed. Worker info: Worker( actor=Actor(RayTrainWorker, 51cd), "
+        "log_file_path='/tmp/ray/session_1/logs/train/ray-train-app-worker-51cd.log')",
+        failure=RuntimeError("connection error code 2"),
+    )
+    reason = failure_reason(WorkerGroupError("", {0: died}))
+    assert reason == ("the worker process (rank 0) died (WorkerHealthCheckFailedError): killed (out of memory?) "
+                      "or crashed; its log: /tmp/ray/session_1/logs/train/ray-train-app-worker-51cd.log")  # fmt: skip
