@@ -5,6 +5,7 @@ Its help text is :data:`DESCRIPTION` (plain text: argparse prints it as it is)."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from xling.trainer.console import QuietConsole
 from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import RunFailed, command
+from xling.trainer.errors import RunFailed, command, failure_reason, training_failed
 from xling.trainer.spec import load_experiment
 
 
@@ -30,16 +31,19 @@ def _run(args: argparse.Namespace) -> int:
     else:
         from xling.trainer.run import run_experiment as drive
     output = exp.spec.output_dir
-    if "://" in output or os.environ.get(EXPERIMENT_UID_ENV):  # a cluster's driver: its pod log is the log
-        drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
-        return 0
-    log = Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    print(f"log: {log} (the libraries' output, tracebacks)", flush=True)
+    local = "://" not in output and not os.environ.get(EXPERIMENT_UID_ENV)  # a cluster's driver: the pod log
+    log = (
+        Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log" if local else None
+    )
+    if log:
+        print(f"log: {log} (the libraries' output, tracebacks)", flush=True)
     try:
-        with QuietConsole(log):
+        with QuietConsole(log) if log else contextlib.nullcontext():
             drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
-    except RunFailed as err:
-        raise RunFailed(f"{err} (details: {log})") from err
+    except Exception as err:
+        if not training_failed(err):
+            raise
+        raise RunFailed(failure_reason(err) + (f" (details: {log})" if log else "")) from err
     return 0
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from xling.trainer.contracts import CACHE_ENV, EXPERIMENT_UID_ENV, default_cache_dir, prepared_cache_dir
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
-from xling.trainer.errors import InputError, RunFailed, failure_reason
+from xling.trainer.errors import InputError, failure_reason
 from xling.trainer.preflight import load_model_files, missing_languages
 from xling.trainer.spec import TINY_MODEL, ExperimentSpec, RetrievalExperiment
 from xling.trainer.tags import (
@@ -259,9 +259,8 @@ def fit(
     try:
         result = trainer.fit()  # Train V2 raises a failed run's error (numWorkers >= 1: never local mode)
     except Exception as err:  # an interrupt leaves the run open, to be continued
-        reason = failure_reason(err)
-        finish_run(uri, run_id, "FAILED", reason)
-        raise RunFailed(reason) from err
+        finish_run(uri, run_id, "FAILED", failure_reason(err))
+        raise  # Ray's error for callers (a sweep's trial); ``xling run`` says it in one line
     finish_run(uri, run_id, "FINISHED")
     return result
 

@@ -77,6 +77,11 @@ _BLAME = (
 )  # fmt: skip
 
 
+def training_failed(err: BaseException) -> bool:
+    """Ray Train's error for a run that failed (``TrainingFailedError``, named: no Ray import here)."""
+    return any(cls.__name__ == "TrainingFailedError" for cls in type(err).__mro__)
+
+
 def failure_reason(err: BaseException) -> str:
     """One line for the console and the failed MLflow run: the first failed rank's own error, unwrapped from
     Ray Train's (``worker_failures``, ``controller_failure``), prefixed with the spec field to change where

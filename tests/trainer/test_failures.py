@@ -92,3 +92,14 @@ def test_a_worker_that_died_is_said_in_a_short_line_with_its_log() -> None:
     reason = failure_reason(WorkerGroupError("", {0: died}))
     assert reason == ("the worker process (rank 0) died (WorkerHealthCheckFailedError): killed (out of memory?) "
                       "or crashed; its log: /tmp/ray/session_1/logs/train/ray-train-app-worker-51cd.log")  # fmt: skip
+
+
+def test_ray_trains_failure_is_told_from_other_errors() -> None:
+    """``xling run`` turns Ray Train's failure, and only it, into one line (run_experiment raises it as Ray
+    does, for a sweep's trials and library callers)."""
+    from xling.trainer.errors import training_failed
+
+    assert training_failed(WorkerGroupError("", {0: RuntimeError("x")})) and training_failed(
+        ControllerError(OSError())
+    )
+    assert not training_failed(ValueError("a bug")) and not training_failed(KeyError("x"))
