@@ -22,6 +22,7 @@ class ConditionType(StrEnum):
     The values are the API (``kubectl wait --for=condition=...``); docs/operator.md lists each one.
     """
 
+    READY = "Ready"  # the summary (:func:`ready`): True once succeeded, else why not, in its reason
     VALIDATED = "Validated"
     CLUSTER_READY = "ClusterReady"
     RUNNING = "Running"
@@ -153,6 +154,9 @@ class ExperimentStatus(_Model):
     job_status: str | None = Field(default=None, description="Mirrored from the RayJob.")
     mlflow: MlflowStatus | None = None
     last_metric_time: str | None = Field(default=None, description="When the newest metric reached MLflow.")
+    progress: str | None = Field(
+        default=None, description="Training step of maxSteps (STEP/MAX), from MLflow."
+    )
     best: BestMetric | None = None
     metrics: dict[str, float] | None = Field(default=None, description="Final metrics of the run.")
     languages: dict[str, float] | None = Field(
@@ -223,6 +227,32 @@ def merge_conditions(
         ).model_dump(by_alias=True, exclude_none=True)
     order = {t: i for i, t in enumerate(ConditionType)}
     return sorted(by_type.values(), key=lambda c: order.get(c["type"], len(order))), changed
+
+
+#: Where Ready=False takes its reason and message from: the first of these conditions in that state.
+_NOT_READY_BECAUSE = (
+    (ConditionType.FAILED, "True"),
+    (ConditionType.VALIDATED, "False"),
+    (ConditionType.SUSPENDED, "True"),
+    (ConditionType.PROGRESSING, "False"),
+    (ConditionType.RUNNING, "True"),
+    (ConditionType.CLUSTER_READY, "False"),
+    (ConditionType.CLUSTER_READY, "True"),
+)
+
+
+def ready(conditions: Iterable[Mapping[str, Any]]) -> Cond:
+    """The summary condition, for ``kubectl get`` (the Reason column) and ``kubectl wait --for=condition=Ready``:
+    True once the experiment succeeded; otherwise False with the reason and message of the condition that
+    says why not (failed, refused, suspended, stalled, running, starting)."""
+    by_type = {c.get("type"): c for c in conditions}
+    done = by_type.get(ConditionType.SUCCEEDED) or {}
+    if done.get("status") == "True":
+        return Cond(ConditionType.READY, "True", done["reason"], done.get("message", ""))
+    for type_, status in _NOT_READY_BECAUSE:
+        if (c := by_type.get(type_)) and c.get("status") == status:
+            return Cond(ConditionType.READY, "False", c["reason"], c.get("message", ""))
+    return Cond(ConditionType.READY, "False", ConditionReason.PENDING, "waiting for the RayJob")
 
 
 def condition_status(conditions: Iterable[Mapping[str, Any]], type_: ConditionType) -> str | None:

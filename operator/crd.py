@@ -106,11 +106,19 @@ def immutability_rules(fields: list[str], optional: list[str]) -> list[dict[str,
 
 PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress", "description": "Step of maxSteps"},
+    {
+        "name": "Reason",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].reason',
+        "description": "Why the experiment is not Ready (succeeded) yet, or how it succeeded",
+    },
     {"name": "Sampling", "type": "string", "jsonPath": ".spec.sampling.strategy"},
     {"name": "Alpha", "type": "number", "jsonPath": ".spec.sampling.alpha"},
     {"name": "Best", "type": "number", "jsonPath": ".status.best.value", "description": "Best metric value"},
     {"name": "Metric", "type": "string", "jsonPath": ".status.best.metric", "priority": 1},
     {"name": "RayJob", "type": "string", "jsonPath": ".status.rayJobName", "priority": 1},
+    {"name": "MLflow", "type": "string", "jsonPath": ".status.mlflow.runUrl", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -30,6 +30,8 @@ from xling.operator.manifests import validate
 from xling.trainer.spec import RetrievalExperiment, SpecError
 
 ENV = "XLING_PLATFORM_DEFAULTS"
+#: The key of the platform-defaults ConfigMap that holds the document (mounted as the file ENV names).
+CONFIGMAP_KEY = "defaults.yaml"
 #: Spec sections a platform may default (the research settings are the user's). A default only takes
 #: effect where the CRD has none (the API server fills those in first): cluster.image, cluster.pod.*,
 #: cluster.env/envFrom, cluster.serviceAccountName, storage, tracking.trackingUri/credentials.
@@ -79,12 +81,16 @@ class Platform:
 
     @classmethod
     def load(cls, path: str | Path | None = None) -> Platform:
-        """From ``path`` or $XLING_PLATFORM_DEFAULTS; none = no defaults, no allow-lists."""
+        """From ``path`` or $XLING_PLATFORM_DEFAULTS; none = no defaults, no allow-lists. ``path`` is the
+        defaults document the operator mounts, or the ConfigMap holding it (``manifests/operator``)."""
         path = path or os.environ.get(ENV)
         if not path:
             return cls()
         try:
-            return cls.parse(yaml.safe_load(Path(path).read_text()), str(path))
+            doc = yaml.safe_load(Path(path).read_text())
+            if isinstance(doc, dict) and doc.get("kind") == "ConfigMap":  # the file the docs name, as applied
+                doc = yaml.safe_load(((doc.get("data") or {}).get(CONFIGMAP_KEY)) or "")
+            return cls.parse(doc, str(path))
         except (OSError, yaml.YAMLError) as err:
             raise SpecError(path, f"cannot read the platform defaults: {err}") from None
 

@@ -19,6 +19,9 @@ from typing import Any
 from xling.trainer.spec import KNOWN_LANGUAGES
 from xling.trainer.tags import K8S_UID, PARENT_RUN_ID, tag_is
 
+#: The metric the trainer logs every step (``train_loop``): its newest step is the run's progress.
+LOSS = "train.loss"
+
 
 @dataclass(frozen=True)
 class Report:
@@ -28,6 +31,7 @@ class Report:
     run_id: str | None = None
     last_metric_ms: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    step: int | None = None  # the training step of the run's newest loss
 
 
 def summarize(experiment_id: str, runs: list[dict[str, Any]]) -> Report:
@@ -35,12 +39,14 @@ def summarize(experiment_id: str, runs: list[dict[str, Any]]) -> Report:
     stamps = [m.get("timestamp", 0) for r in runs for m in (r.get("data") or {}).get("metrics", [])]
     parents = [r for r in runs if PARENT_RUN_ID not in _tags(r)]
     parent = max(parents, key=lambda r: r["info"].get("start_time", 0), default=None)
-    metrics = {m["key"]: float(m["value"]) for m in ((parent or {}).get("data") or {}).get("metrics", [])}
+    logged = ((parent or {}).get("data") or {}).get("metrics", [])
+    metrics = {m["key"]: float(m["value"]) for m in logged}
     return Report(
         experiment_id=experiment_id,
         run_id=parent["info"]["run_id"] if parent else None,
         last_metric_ms=max(stamps) if stamps else None,
         metrics=metrics,
+        step=next((int(m.get("step", 0)) for m in logged if m["key"] == LOSS), None),
     )
 
 

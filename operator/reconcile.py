@@ -371,6 +371,8 @@ def watch_progress(
         fields.mlflow = links
         if report.last_metric_ms:
             fields.last_metric_time = ms_to_iso(report.last_metric_ms)
+        if report.step is not None and exp.spec.sweep is None:
+            fields.progress = f"{report.step}/{exp.spec.optimization.max_steps}"
     if phase == "Running" and limit:
         since = fields.last_metric_time or next(
             (c["lastTransitionTime"] for c in status.get("conditions", []) if c.get("type") == Type.RUNNING),
@@ -424,6 +426,9 @@ def _new_status(
     have = {c.get("type") for c in existing}
     seed = [c for c in cnd.initial_conditions() if c.type not in have]
     conds, changed = cnd.merge_conditions(existing, seed + update.conditions, observed, now)
+    conds, _ = cnd.merge_conditions(
+        conds, [cnd.ready(conds)], observed, now
+    )  # its changes are the others' events
     merged = {**status, **update.fields.model_dump(by_alias=True, exclude_unset=True), "conditions": conds}
     if observed is not None:
         merged["observedGeneration"] = observed

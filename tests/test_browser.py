@@ -161,12 +161,16 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> SmokeSweep:
 @pytest.fixture(scope="module")
 def server(sweep: SmokeSweep) -> Iterator[str]:
     """``mlflow server`` on loopback over the sweep's store, in its own process group."""
+    yield from _serve(sweep.uri, sweep.directory)
+
+
+def _serve(uri: str, directory: Path) -> Iterator[str]:
     port = _free_port()
-    log = open(sweep.directory / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
+    log = open(directory / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", sweep.uri],
-        cwd=sweep.directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+         "--backend-store-uri", uri],
+        cwd=directory, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -177,9 +181,7 @@ def server(sweep: SmokeSweep) -> Iterator[str]:
                     break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise AssertionError(
-                        (sweep.directory / "mlflow-server.log").read_text()[-3000:]
-                    ) from None
+                    raise AssertionError((directory / "mlflow-server.log").read_text()[-3000:]) from None
                 time.sleep(1)
         yield url
     finally:
@@ -286,3 +288,46 @@ def test_best_trial_run_page_shows_its_model_datasets_and_source(
     )
     browser.goto(f"{server}/#/experiments/{exp_id}/runs/{best.info.run_id}", ready)
     browser.screenshot(OUTPUTS / "best-trial-run.png")
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
+    """A finished single run as ``xling run`` leaves it (zero-shot at step 0, trained at step 8, the
+    description from ``curate_run``), served: (server URL, experiment id, run id)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    from xling.trainer.headline import describe
+    from xling.trainer.tracking import start_run
+
+    directory = tmp_path_factory.mktemp("single-run")
+    uri = f"sqlite:///{directory}/mlflow.db"
+    run_id = start_run(uri, "smoke", "smoke", {"sampling.strategy": "hybrid"}, {})
+    client = MlflowClient(uri)
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, pair in
+                                      {"xquad_r.multi.map": (0.2148, 0.2215), "xquad_r.mono.map": (0.4, 0.42)}.items()
+                                      for step, v in zip((0, 8), pair, strict=True)])  # fmt: skip
+    describe(client, run_id, "smoke: xling/tiny-random, hybrid batches (alpha 0.5)")
+    client.set_terminated(run_id, "FINISHED")
+    for url in _serve(uri, directory):
+        yield url, client.get_run(run_id).info.experiment_id, run_id
+
+
+def test_single_run_page_shows_the_headline_at_the_top(
+    single_run: tuple[str, str, str], browser: Chromium
+) -> None:
+    """The description (``mlflow.note.content``) heads the run page: the headline, then the before/after
+    table, above the metrics."""
+    url, exp_id, run_id = single_run
+    headline = "xquad_r multilingual pool mAP 0.2148 → 0.2215 (+0.0067) from zero-shot to trained"
+    browser.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}", shows(headline, "xquad_r.multi.map"))
+    browser.screenshot(OUTPUTS / "single-run.png")
+    top = """(t => {
+        const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
+        let node; while ((node = walker.nextNode())) if (node.textContent.includes(t)) {
+            const range = document.createRange(); range.selectNodeContents(node);
+            return range.getBoundingClientRect().top; }
+        return null; })"""
+    headline_top = browser.evaluate(f"{top}({json.dumps(headline)})")
+    metrics_top = browser.evaluate(f"{top}('xquad_r.multi.map')")
+    assert headline_top is not None and metrics_top is not None and headline_top < metrics_top

@@ -1,33 +1,60 @@
-"""The ``xling`` command: run, data prepare, mine, eval, render, plan, export. Subcommands import their heavy parts lazily."""
+"""The ``xling`` command; subcommands import their heavy parts lazily.
+
+Its help text is :data:`DESCRIPTION` (plain text: argparse prints it as it is)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import time
+from pathlib import Path
 
-from xling.trainer.errors import command
-from xling.trainer.spec import SpecError, load_experiment
+from xling.trainer.console import QuietConsole
+from xling.trainer.contracts import EXPERIMENT_UID_ENV
+from xling.trainer.errors import RunFailed, command, failure_reason, training_failed
+from xling.trainer.spec import load_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
+    from xling.trainer.preflight import check
+
     exp = load_experiment(args.file)
-    if problem := exp.spec.model.plan_only():
-        raise SpecError(args.file, problem, field="spec.model.name")
+    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    check(exp, args.file)  # plan-only models, paths, languages, the model, ignored fields: before any work
     if args.check:
-        print(f"{args.file}: valid RetrievalExperiment {exp.metadata.name!r}")
+        print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")
         return 0
     if exp.spec.sweep is not None:  # one Ray Tune trial per point and seed
         from xling.trainer.sweep.tune import run_sweep as drive
     else:
         from xling.trainer.run import run_experiment as drive
-    drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    output = exp.spec.output_dir
+    local = "://" not in output and not os.environ.get(EXPERIMENT_UID_ENV)  # a cluster's driver: the pod log
+    log = (
+        Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log" if local else None
+    )
+    if log:
+        print(f"log: {log} (the libraries' output, tracebacks)", flush=True)
+    try:
+        with QuietConsole(log) if log else contextlib.nullcontext():
+            drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+    except Exception as err:
+        if not training_failed(err):
+            raise
+        raise RunFailed(failure_reason(err) + (f" (details: {log})" if log else "")) from err
     return 0
 
 
 def _prepare(args: argparse.Namespace) -> int:
     from xling.trainer.driver import prepare_data
+    from xling.trainer.preflight import check
 
-    prepared = prepare_data(load_experiment(args.file), skip_bad_rows=args.skip_bad_rows)
+    exp = load_experiment(args.file)
+    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    check(exp, args.file, run=False)
+    prepared = prepare_data(exp, skip_bad_rows=args.skip_bad_rows)
     corpus = prepared.corpus
     print(f"{corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}, "
           f"index {corpus.meta['index_bytes'] / max(1, corpus.num_pairs()):.1f} bytes per pair")  # fmt: skip
@@ -48,8 +75,27 @@ def _mine(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """Train and evaluate multilingual dense retrievers with X-X, X-Y, hybrid or mixed batches, on Ray
+and DeepSpeed, locally or on Kubernetes. One experiment is one YAML file (a RetrievalExperiment);
+start with: xling run manifests/samples/smoke.yaml (docs: README.md)."""
+
+
+def version() -> str:
+    """The installed distribution's version (pyproject.toml)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("xling")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xling", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="xling", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment YAML (a RetrievalExperiment) on local Ray")
     run.add_argument("file")
@@ -57,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing"
     )
-    run.add_argument("--check", action="store_true", help="only validate the file")
+    run.add_argument(
+        "--check",
+        action="store_true",
+        help="only check the file and what it names (paths, languages, the model), then exit",
+    )
     run.set_defaults(func=_run)
     data = sub.add_parser("data", help="training data").add_subparsers(dest="data_command", required=True)
     prep = data.add_parser(

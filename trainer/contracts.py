@@ -17,17 +17,21 @@ CACHE_ENV = "XLING_CACHE"
 
 
 def default_cache_dir() -> Path:
-    """``$XLING_CACHE``, else ``.cache`` in the source checkout (editable install), else in the working dir."""
+    """``$XLING_CACHE``; else ``.cache`` in the source checkout when working inside it (``make demo`` keeps
+    its converted model there); else the user's cache directory, ``$XDG_CACHE_HOME/xling`` or
+    ``~/.cache/xling``: a source tree one only imports xling from is not written to."""
     if env := os.environ.get(CACHE_ENV):
         return Path(env)
     repo = Path(__file__).resolve().parents[1]
-    return (repo if (repo / "pyproject.toml").is_file() else Path.cwd()) / ".cache"
+    if (repo / "pyproject.toml").is_file() and Path.cwd().resolve().is_relative_to(repo):
+        return repo / ".cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xling"
 
 
-#: The default of :func:`embedding_cache_dir` in words, for the spec's field description and ``--help``.
-EMBEDDING_CACHE_DEFAULT = (
-    "$XLING_CACHE/embeddings, else .cache/embeddings in the source checkout or the working dir"
-)
+#: The default cache directory in words, for the spec's field description and ``--help``.
+CACHE_DEFAULT = "$XLING_CACHE, else .cache in the source checkout when run inside it, else ~/.cache/xling"
+#: The default of :func:`embedding_cache_dir` in words.
+EMBEDDING_CACHE_DEFAULT = f"embeddings in the cache directory ({CACHE_DEFAULT})"
 
 
 def prepared_cache_dir() -> Path:

@@ -9,17 +9,33 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV, prepared_cache_dir, staged_model_cache_dir
-from xling.trainer.data import DataLocation, EvalGuard, Prepared, prepare_corpus
+from xling.trainer.contracts import (
+    CACHE_ENV,
+    EXPERIMENT_UID_ENV,
+    default_cache_dir,
+    prepared_cache_dir,
+    staged_model_cache_dir,
+)
+from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats
+from xling.trainer.errors import InputError, failure_reason
+from xling.trainer.preflight import load_model_files, missing_languages
 from xling.trainer.spec import TINY_MODEL, DistributedSpec, ExperimentSpec, RetrievalExperiment
-from xling.trainer.tags import BAD_ROWS_SKIPPED, DATA_FINGERPRINT, GIT_COMMIT, MINED_NEGATIVES, MODEL, STATUS
+from xling.trainer.tags import (
+    BAD_ROWS_SKIPPED,
+    DATA_FINGERPRINT,
+    DESCRIPTION,
+    FAILURE,
+    GIT_COMMIT,
+    MINED_NEGATIVES,
+    MODEL,
+    STATUS,
+)
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
 if TYPE_CHECKING:
@@ -55,13 +71,18 @@ def hub_free(spec: ExperimentSpec) -> bool:
 
 def local_env(spec: ExperimentSpec) -> dict[str, str]:
     """Set the CPU-box defaults unless the caller set them (no DS_ACCELERATOR=cpu on a GPU node); offline
-    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load)."""
+    only for runs that need no hub (:func:`hub_free`: otherwise hub models and datasets must load). Returns
+    the workers' environment: these, and the driver's cache directory."""
     for key, value in LOCAL_ENV.items():
         if key == "HF_HUB_OFFLINE" and not hub_free(spec):
             continue
         if key != "DS_ACCELERATOR" or not _has_gpu():
             os.environ.setdefault(key, value)
-    return {k: os.environ[k] for k in LOCAL_ENV if k in os.environ}
+    # The workers' working directory is Ray's, not the driver's: they must be told where the caches are.
+    return {
+        **{k: os.environ[k] for k in LOCAL_ENV if k in os.environ},
+        CACHE_ENV: str(default_cache_dir().resolve()),
+    }
 
 
 def _has_gpu() -> bool:
@@ -77,7 +98,9 @@ def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prep
     spec = exp.spec
     prepared = prepare_data(exp, skip_bad_rows)
     check_batches(prepared.corpus.index, spec)
-    return prepared, resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+    path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
+    load_model_files(path, spec.model)
+    return prepared, path
 
 
 def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
@@ -93,14 +116,18 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
     spec = exp.spec
     if skip_bad_rows:
         spec.data.skip_bad_rows = True
-    prepared = prepare_corpus(
-        spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
-    )
+    try:
+        prepared = prepare_corpus(
+            spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
+        )
+    except BadRowError as err:
+        raise InputError(None, f"{err}; rerun with --skip-bad-rows to skip and count such rows") from None
     report, corpus = prepared.report, prepared.corpus
+    missing_languages(spec, corpus.index.present())
     if report.total:
-        print(f"skipped {report.total} bad rows: {dict(report.skipped)}", file=sys.stderr)
+        print(f"skipped {report.total} bad rows: {dict(report.skipped)}")  # stdout: the console shows it
         for example in report.examples[:3]:
-            print(f"  e.g. {example}", file=sys.stderr)
+            print(f"  e.g. {example}")
     how = "reusing the prepared corpus" if prepared.reused else "prepared"
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
     if spec.data.drop_eval_overlap:
@@ -279,9 +306,9 @@ def fit(
     )
     try:
         result = trainer.fit()  # Train V2 raises a failed run's error (numWorkers >= 1: never local mode)
-    except Exception:  # an interrupt leaves the run open, to be continued
-        finish_run(uri, run_id, "FAILED")
-        raise
+    except Exception as err:  # an interrupt leaves the run open, to be continued
+        finish_run(uri, run_id, "FAILED", failure_reason(err))
+        raise  # Ray's error for callers (a sweep's trial); ``xling run`` says it in one line
     finish_run(uri, run_id, "FINISHED")
     return result
 
@@ -315,10 +342,15 @@ def storage_path(output_dir: str) -> str:
     return str(Path(output_dir).resolve() / "ray")
 
 
-def finish_run(uri: str, run_id: str, status: str) -> None:
-    """End an MLflow run with ``status`` (FINISHED, FAILED, KILLED), and ``xling.status`` to match."""
+def finish_run(uri: str, run_id: str, status: str, reason: str | None = None) -> None:
+    """End an MLflow run with ``status`` (FINISHED, FAILED, KILLED), and ``xling.status`` to match; a failed
+    run's ``reason`` goes to ``xling.failure`` and heads its description (the run page's first line)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
     client.set_tag(run_id, STATUS, status.lower())
+    if reason is not None:
+        note = client.get_run(run_id).data.tags.get(DESCRIPTION, "")
+        client.set_tag(run_id, FAILURE, reason)
+        client.set_tag(run_id, DESCRIPTION, f"**{status}**: {reason}\n\n{note}".strip())
     client.set_terminated(run_id, status)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xling.trainer.contracts import default_cache_dir
+from xling.trainer.contracts import CACHE_DEFAULT, default_cache_dir
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: the "already converted" path must stay cheap
     import torch
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cache",
         type=Path,
         default=None,
-        help="default: $XLING_CACHE, else .cache in the source checkout or the working dir",
+        help=f"default: {CACHE_DEFAULT}",
     )
     conv = sub.add_parser("convert", help="convert an E5S1 file + tokenizer.json into a transformers dir")
     conv.add_argument("bin", type=Path)

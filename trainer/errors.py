@@ -10,6 +10,7 @@ operator imports it.
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from argparse import Namespace
 from collections.abc import Callable, Sequence
@@ -18,6 +19,8 @@ from pathlib import Path
 
 #: Exit code of a run refused for its input (argparse uses the same for bad flags).
 EXIT_INPUT = 2
+#: Exit code of a run that started and failed (a worker's error, out of memory).
+EXIT_FAILED = 1
 #: Exit code after Ctrl-C (128 + SIGINT), as shells report it.
 EXIT_INTERRUPTED = 130
 
@@ -61,6 +64,47 @@ class InputError(ValueError):
         return "\n".join([head] + [f"  {p}" for p in self.problems])
 
 
+class RunFailed(RuntimeError):
+    """A run that started and failed, as one line (:func:`failure_reason`); the tracebacks are in the log."""
+
+
+#: What a worker's error says -> the spec field to change, and the advice. First match wins.
+_BLAME = (
+    (("outofmemoryerror", "out of memory"), "spec.optimization.globalBatchSize",
+     "out of memory: lower it, or set loss.gradCache or a DeepSpeed offload (xling plan estimates the memory)"),
+    (("config.json", "huggingface", "from_pretrained", "tokenizer"), "spec.model.name", "the model did not load"),
+    (("badrowerror", "jsonl", "parquet", ".csv", ".tsv"), "spec.data.sources", "a data row or file could not be read"),
+)  # fmt: skip
+
+
+def training_failed(err: BaseException) -> bool:
+    """Ray Train's error for a run that failed (``TrainingFailedError``, named: no Ray import here)."""
+    return any(cls.__name__ == "TrainingFailedError" for cls in type(err).__mro__)
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line for the console and the failed MLflow run: the first failed rank's own error, unwrapped from
+    Ray Train's (``worker_failures``, ``controller_failure``), prefixed with the spec field to change where
+    the error points at one."""
+    where = ""
+    if failures := getattr(err, "worker_failures", None):
+        rank, err = min(failures.items())
+        where = f" (rank {rank})"
+    err = getattr(err, "controller_failure", err)
+    if isinstance(err, InputError):
+        return " ".join(str(err).split())
+    text = f"{type(err).__name__}{where}: {' '.join(str(err).split())}"[:500]
+    if any(kind in type(err).__name__ for kind in ("HealthCheckFailed", "ActorDied", "WorkerCrashed")):
+        log = re.search(r"log_file_path='([^']+)'", str(err))
+        return (f"the worker process{where} died ({type(err).__name__}): killed (out of memory?) or crashed"
+                + (f"; its log: {log[1]}" if log else ""))  # fmt: skip
+    lowered = f"{type(err).__name__} {err}".lower()
+    for needles, field, advice in _BLAME:
+        if any(n in lowered for n in needles):
+            return f"{field}: {advice}: {text}"
+    return text
+
+
 def report(err: BaseException) -> int:
     """Print ``err`` for the user on stderr and return the exit code: an InputError as it reads (it names the
     file and field), any other error after ``error:``."""
@@ -80,5 +124,8 @@ def command(handler: Callable[[Namespace], int]) -> Callable[[Namespace], int]:
             return handler(args)
         except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:
             return report(err)
+        except RunFailed as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_FAILED
 
     return run

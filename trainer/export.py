@@ -32,6 +32,14 @@ from xling.trainer.tags import RUN_ID
 POOLING_MODES = {"cls": "cls", "mean": "mean", "last_token": "lasttoken"}
 #: Built-in names -> the hub model they stand for (the card's ``base_model``).
 BASE_MODELS = {DEMO_MODEL: "intfloat/multilingual-e5-small"}
+#: Licenses of known base models (Hugging Face ids); a fine-tuned model keeps its base model's.
+BASE_LICENSES = {
+    "intfloat/multilingual-e5-small": "mit",
+    "intfloat/multilingual-e5-large": "mit",
+    "BAAI/bge-m3": "mit",
+}
+#: The packages whose versions a model card records (what produced the weights, what loads them).
+CARD_PACKAGES = ("xling", "torch", "transformers", "sentence-transformers", "deepspeed", "ray")
 #: Evaluation suites -> (display name, hub dataset id or None).
 SUITE_DATASETS = {
     "xquad-r": ("XQuAD-R", "google-research-datasets/xquad_r"),
@@ -231,22 +239,55 @@ def front_matter(name: str, spec: ExperimentSpec, metrics: Mapping[str, float]) 
         "datasets": sorted({_dataset_name(source.type, source.path) for source in spec.data.sources}),
     }  # fmt: skip
     base = BASE_MODELS.get(spec.model.name, spec.model.name)
+    meta["license"] = BASE_LICENSES.get(base, "other")
     if spec.model.name != TINY_MODEL:
-        meta["base_model"] = base
+        meta["base_model"] = Path(base).name if Path(base).is_absolute() else base  # no local paths
     if index := model_index(name, spec, metrics):
         meta["model-index"] = index
     return meta
 
 
-def _results_table(spec: ExperimentSpec, metrics: Mapping[str, float]) -> list[str]:
+def _results_table(
+    spec: ExperimentSpec, metrics: Mapping[str, float], zero_shot: Mapping[str, float] | None = None
+) -> list[str]:
+    """Per suite: the base model zero-shot (when the run evaluated it at its start), then this model."""
     lines = []
     for suite in spec.evaluation.suites:
         values = _suite_metrics(metrics, suite.name)
+        before = _suite_metrics(zero_shot or {}, suite.name)
         if values:
             lines += [f"| {SUITE_DATASETS[suite.name][0]} | " + " | ".join(CARD_METRICS[k][1] for k in values) + " |",
                       "|---|" + "---:|" * len(values),
+                      *(["| base model, zero-shot | " + " | ".join(f"{before[k]:.4f}" if k in before else "" for k in values) + " |"]
+                        if before else []),
                       "| this model | " + " | ".join(f"{v:.4f}" for v in values.values()) + " |", ""]  # fmt: skip
     return lines or ["No evaluation suites were configured for this run.", ""]
+
+
+def _portable_spec(spec: ExperimentSpec) -> dict[str, Any]:
+    """The spec's non-default fields with this machine's paths reduced to their last part (a card travels)."""
+    doc = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+    for source in (doc.get("data") or {}).get("sources", []):
+        source["path"] = _dataset_name(source.get("type", ""), source["path"])
+    for suite in (doc.get("evaluation") or {}).get("suites", []):
+        suite["path"] = Path(suite["path"]).name
+    for key in ("outputDir",):
+        doc.pop(key, None)
+    if Path(spec.model.name).is_absolute():
+        doc["model"]["name"] = Path(spec.model.name).name
+    return doc
+
+
+def _versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in CARD_PACKAGES:
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return ", ".join(found)
 
 
 def _composition(composition: Mapping[str, Mapping[str, int]]) -> list[str]:
@@ -287,8 +328,10 @@ def write_model_card(
     composition: Mapping[str, Mapping[str, int]],
     report: str = "",
     run_id: str | None = None,
+    zero_shot: Mapping[str, float] | None = None,
 ) -> Path:
-    """``README.md`` in Hugging Face conventions; every number comes from ``metrics`` / ``report``."""
+    """``README.md`` in Hugging Face conventions; every number comes from ``metrics`` / ``report`` (and
+    ``zero_shot``: the base model's, evaluated at the run's start)."""
     m = spec.model
     usage = [
         "```python",
@@ -336,15 +379,22 @@ def write_model_card(
         "",
         "## Results",
         "",
-        *_results_table(spec, metrics),
+        *_results_table(spec, metrics, zero_shot),
         *(["```", report.strip(), "```", ""] if report.strip() else []),
         "## Training spec",
         "",
         "The fields that differ from xling's defaults:",
         "",
         "```yaml",
-        yaml.safe_dump(spec.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=False).strip(),
+        yaml.safe_dump(_portable_spec(spec), sort_keys=False).strip(),
         "```",
+        "",
+        "## License and versions",
+        "",
+        f"License: {BASE_LICENSES.get(BASE_MODELS.get(m.name, m.name), 'that of the base model')} (the base model's); "
+        "the training and evaluation data keep their own licenses (see each dataset's card).",
+        "",
+        f"Trained with {_versions()}.",
         "",
     ]  # fmt: skip
     meta = yaml.safe_dump(front_matter(name, spec, metrics), sort_keys=False, allow_unicode=True)

@@ -11,6 +11,8 @@ import hashlib
 import json
 import logging
 import shutil
+import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -155,8 +157,22 @@ class Tokenize:
 # --------------------------------------------------------------------------------------- loading
 
 
+def bounded_alphabet(texts: Iterable[str], size: int) -> list[str]:
+    """``texts`` (NFKC, as the tokenizer reads them) with only their ``size`` most frequent characters, the
+    others turned into spaces: a Unigram vocabulary must hold every character it was trained on, and Chinese
+    alone has thousands. When encoding, the characters left out read as ``<unk>``."""
+    texts = list(texts)
+    normal = [unicodedata.normalize("NFKC", t) for t in texts]
+    counts = Counter(ch for t in normal for ch in t)
+    if len(counts) <= size:  # as they are: the same tokenizer as before the bound
+        return texts
+    keep = {ch for ch, _ in counts.most_common(size)}
+    return ["".join(ch if ch in keep else " " for ch in t) for t in normal]
+
+
 def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
-    """A Unigram tokenizer trained in-process: tests and smoke runs need no hub."""
+    """A Unigram tokenizer trained in-process: tests and smoke runs need no hub. Any script: its alphabet is
+    bounded to half the vocabulary (:func:`bounded_alphabet`)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -165,7 +181,7 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL, unk_token="<unk>")
-    tok.train_from_iterator(list(texts), trainer)
+    tok.train_from_iterator(bounded_alphabet(texts, vocab_size // 2), trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", bos), ("</s>", eos)]

@@ -459,20 +459,35 @@ def _advice(stage: int, offload_opt: bool, offload_param: bool, checkpointing: b
     return "does not fit; try " + (", then ".join(todo) if todo else "more GPUs")
 
 
-def format_plan(p: Plan, source: str) -> str:
+def _count(n: float) -> str:
+    """A parameter count as people write it: 85.3k, 118M, 31.45B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}B" if unit == "B" else f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(p: Plan, source: str, cpu: bool = False) -> str:
+    """The plan as a table; ``cpu``: its devices are CPU workers sharing this host's memory (no step time:
+    the GPU throughput model does not apply)."""
     gb = p.memory_breakdown_gb
     nodes = math.ceil(p.gpus / p.gpus_per_node)
     stage = f"ZeRO-{p.zero_stage}" if p.zero_stage >= 0 else "no DeepSpeed (replicated)"
+    where = (
+        f"{p.gpus} CPU worker(s), {p.gpu_mem_gb:.1f} GiB of host memory each"
+        if cpu
+        else f"{p.gpus} GPUs x {p.gpu_mem_gb:g} GiB ({nodes} node(s) x {p.gpus_per_node})"
+    )
     lines = [
-        f"xling plan: {source} on {p.gpus} GPUs x {p.gpu_mem_gb:g} GiB ({nodes} node(s) x {p.gpus_per_node})",
-        f"  model        {p.model} ({p.model_class}): {p.total_params / 1e9:.2f}B params, "
-        f"{p.dense_params / 1e9:.2f}B non-embedding, largest layer {p.largest_layer_params / 1e9:.2f}B",
-        f"  memory/GPU   model states {gb['model_states']:8.2f} GiB  ({stage}, DeepSpeed estimator)",
+        f"xling plan: {source} on {where}",
+        f"  model        {p.model} ({p.model_class}): {_count(p.total_params)} params, "
+        f"{_count(p.dense_params)} non-embedding, largest layer {_count(p.largest_layer_params)}",
+        f"  {'mem/worker' if cpu else 'memory/GPU'}   model states {gb['model_states']:8.2f} GiB  ({stage}, DeepSpeed estimator)",
         f"               activations  {gb['activations']:8.2f} GiB",
         f"               loss + cache {gb['loss_and_cache']:8.2f} GiB",
         f"               comm buffers {gb['comm_buffers']:8.2f} GiB",
         f"               runtime      {gb['runtime']:8.2f} GiB",
-        f"               total        {p.memory_per_gpu_gb:8.2f} GiB of {p.gpu_mem_gb:g} "
+        f"               total        {p.memory_per_gpu_gb:8.2f} GiB of {p.gpu_mem_gb:.4g} "
         f"({USABLE_FRACTION * p.gpu_mem_gb:.1f} usable)",
     ]
     if p.host_memory_per_node_gb:
@@ -481,7 +496,9 @@ def format_plan(p: Plan, source: str) -> str:
         )
     lines += [
         f"  FLOPs/step   {p.flops_per_step:.3e} ({p.flops_per_token / p.dense_params:.0f}N x {p.tokens_per_step} tokens)",
-        f"  step time    {p.step_time_s:.3f} s = the slowest of compute {p.compute_time_s:.3f} s (at {p.mfu:.0%} of "
+        "  step time    not estimated for CPU workers (the GPU throughput model does not apply)"
+        if cpu
+        else f"  step time    {p.step_time_s:.3f} s = the slowest of compute {p.compute_time_s:.3f} s (at {p.mfu:.0%} of "
         f"{p.peak_tflops:g} TFLOP/s per GPU), kernel launches {p.launch_time_s:.3f} s and ZeRO-3 fetches "
         f"{p.comm_time_s:.3f} s ({p.zero3_fetches} fetches, {p.allgather_gb_per_gpu:g} GB/GPU), "
         f"+ optimizer {p.optimizer_time_s:.3f} s",
@@ -525,31 +542,25 @@ def local_plan(spec: ExperimentSpec, model: str | None = None) -> Plan | None:
         if mem is None:
             return None
         return make_plan(spec, dist.num_workers * dist.gpus_per_worker, mem, shape=shape)
-    # every worker is a "device" whose memory is a share of this host's
-    host = _host_memory_gb()
-    return make_plan(
-        spec, dist.num_workers, host / dist.num_workers, shape=shape, gpus_per_node=dist.num_workers
-    )
+    return cpu_plan(spec, shape)
 
 
 def check_fits(exp: RetrievalExperiment) -> Plan | None:
     """Refuse (PlanError) a run that cannot fit, before any worker starts; the plan, or None when it
     cannot tell (see :func:`local_plan`)."""
     spec = exp.spec
+    gpu_run = spec.distributed.gpus_per_worker > 0
     plan = local_plan(spec)
     if plan is None:
         return None
     resolve_stage(spec, plan)  # a stage: auto that fits nowhere is refused naming the field
     if not plan.fits:
-        dist = spec.distributed
-        where = (
-            "GPU"
-            if dist.gpus_per_worker > 0
-            else f"worker (host memory {_host_memory_gb():.0f} GiB shared by {dist.num_workers})"
-        )
+        workers = spec.distributed.num_workers
+        where = "GPU" if gpu_run else f"worker (host memory {_host_memory_gb():.0f} GiB shared by {workers})"
         raise PlanError(
             f"{exp.metadata.name}: refused before starting any worker: needs {plan.memory_per_gpu_gb:.1f} GiB per "
-            f"{where}, has {plan.gpu_mem_gb:.1f} GiB\n" + format_plan(plan, exp.metadata.name)
+            f"{where}, has {plan.gpu_mem_gb:.1f} GiB\n"
+            + format_plan(plan, exp.metadata.name, cpu=not gpu_run)
         )
     return plan
 
@@ -566,16 +577,23 @@ def auto_stage(spec: ExperimentSpec, model: str | None = None) -> ExperimentSpec
     return resolved
 
 
+def cpu_plan(spec: ExperimentSpec, shape: Any = None) -> Plan:
+    """A CPU run's plan: every worker is a "device" whose memory is its share of this host's."""
+    workers = spec.distributed.num_workers
+    return make_plan(spec, workers, _host_memory_gb() / workers, shape=shape, gpus_per_node=workers)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 
 
 def _plan_cmd(args: argparse.Namespace) -> int:
     exp = load_experiment(args.file)
     spec = exp.spec
+    cpu = not args.gpus and not spec.distributed.gpus_per_worker  # a CPU spec, planned as it would run here
     gpus = args.gpus or spec.distributed.num_workers * max(spec.distributed.gpus_per_worker, 1)
-    plan = make_plan(spec, gpus, args.gpu_mem, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                     gpus_per_node=args.gpus_per_node)  # fmt: skip
-    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan, args.file))
+    plan = cpu_plan(spec) if cpu else make_plan(spec, gpus, args.gpu_mem, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                                                gpus_per_node=args.gpus_per_node)  # fmt: skip
+    print(json.dumps(asdict(plan), indent=2) if args.json else format_plan(plan, args.file, cpu=cpu))
     return 0 if plan.fits else 1
 
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xling.trainer.console import phase
 from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
+from xling.trainer.headline import describe
 from xling.trainer.spec import RetrievalExperiment
 from xling.trainer.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
-from xling.trainer.tracking import flatten, start_run
+from xling.trainer.tracking import run_params, start_run
 
 
 def run_experiment(
@@ -28,20 +30,58 @@ def run_experiment(
     env = local_env(exp.spec)
     spec = exp.spec
     check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
-    setup = set_up(exp, tracking_uri, skip_bad_rows)
+    with phase("prepare", "the training data (built once, then reused) and the model"):
+        setup = set_up(exp, tracking_uri, skip_bad_rows)
     uri, prepared = setup.tracking_uri, setup.prepared
     tags = {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha), **setup.tags}
     run_name = spec.tracking.run_name or exp.metadata.name
-    run_id = start_run(uri, setup.experiment_name, run_name, flatten(spec.model_dump(mode="json")), tags)
+    run_id = start_run(uri, setup.experiment_name, run_name, run_params(spec), tags)
     log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
     print(f"mlflow: {uri} experiment={setup.experiment_name!r} run_id={run_id}", flush=True)
 
-    result = fit(exp, prepared.location, setup.model_path, uri, run_id, env, staged_model=setup.staged_model)
+    workers = f"{spec.distributed.num_workers} worker(s)"
+    with phase(
+        "train",
+        f"Ray and {workers}: zero-shot evaluation, {spec.optimization.max_steps} steps, evaluation, export",
+    ):
+        result = fit(
+            exp, prepared.location, setup.model_path, uri, run_id, env, staged_model=setup.staged_model
+        )
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
     report = Path(ckpt or "/nonexistent") / "results.txt"
     if report.is_file() and report.read_text():
         print(f"\nAfter training (step {metrics.get('step')}):\n{report.read_text()}")
+    headline = curate_run(uri, run_id, exp, ckpt)
     seconds = time.time() - started
-    print(f"\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\ntook {seconds:.0f}s", flush=True)
+    print(f"\n{headline}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
+          f"open it: {ui_command(uri, run_id)}\ntook {seconds:.0f}s", flush=True)  # fmt: skip
     return RunResult(run_id, metrics, ckpt, seconds)
+
+
+def curate_run(uri: str, run_id: str, exp: RetrievalExperiment, checkpoint: str | None) -> str:
+    """What a reader of the MLflow run needs beside the metrics: a description with the headline and the
+    zero-shot -> trained table (returned, for the console), the spec as run, and the model card."""
+    import yaml
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    spec = exp.spec
+    alpha = f" (alpha {spec.sampling.alpha})" if spec.sampling.strategy == "hybrid" else ""
+    what = (f"{exp.metadata.name}: {spec.model.name}, {spec.sampling.strategy} batches{alpha}, "
+            f"{spec.optimization.max_steps} steps of {spec.optimization.global_batch_size} pairs in "
+            f"{', '.join(spec.data.languages)}")  # fmt: skip
+    text = describe(client, run_id, what)
+    client.log_text(run_id, yaml.safe_dump(exp.model_dump(by_alias=True, mode="json", exclude_none=True),
+                                           sort_keys=False), "spec.yaml")  # fmt: skip
+    card = Path(checkpoint or "/nonexistent") / "model" / "README.md"
+    if card.is_file():
+        client.log_artifact(run_id, str(card), "model_card")
+    return text
+
+
+def ui_command(uri: str, run_id: str) -> str:
+    """How to look at the run: the MLflow UI on a local store, or the server's run page."""
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/runs/{run_id}"
+    return f"mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000/#/runs/{run_id})"

@@ -127,8 +127,9 @@ class ModelSpec(Spec):
         exists). ``xling run`` and the operator refuse it; the schema does not, so ``xling plan`` takes it."""
         if not self.name.startswith("xling/") or self.name in BUILT_IN_MODELS:
             return None
-        return (f"{self.name!r} is a model shape that only `xling plan` knows, not a checkpoint: name a Hugging "
-                f"Face hub model, a local path or a built-in model ({', '.join(BUILT_IN_MODELS)})")  # fmt: skip
+        return (f"{self.name!r} is not a built-in model: `xling/` names other than {' and '.join(BUILT_IN_MODELS)} "
+                "are model shapes that only `xling plan` knows, with no checkpoint; name a Hugging Face hub model, "
+                "a local path or a built-in model")  # fmt: skip
 
 
 class DataSource(Spec):
@@ -914,6 +915,10 @@ class ExperimentSpec(Spec):
     @model_validator(mode="after")
     def _cross_field(self) -> ExperimentSpec:
         langs = set(self.data.languages)
+        for field, codes in _language_fields(self):
+            if unknown := sorted(set(codes) - KNOWN_LANGUAGES):
+                raise _bad(field, f"unknown language code {', '.join(map(repr, unknown))} (known: "
+                                  f"{', '.join(sorted(KNOWN_LANGUAGES))})")  # fmt: skip
         strategy = self.sampling.strategy
         if strategy in ("xy", "hybrid") and len(langs) < 2:
             raise _bad(
@@ -970,6 +975,16 @@ class ExperimentSpec(Spec):
                 f"{self.loss.grad_cache.chunk_size} exceeds the per-worker batch ({batch // workers})",
             )
         return self
+
+
+def _language_fields(spec: ExperimentSpec) -> list[tuple[str, list[str]]]:
+    """Every training-data field of ``spec`` with its language codes: a code no data row may carry (``qq``)
+    passes the pattern but would be trained on by no one. (Suites are checked against their own languages.)"""
+    fields = [("data.languages", spec.data.languages)]
+    for i, s in enumerate(spec.data.sources):
+        fields += [(f"data.sources[{i}].languages", s.languages or []),
+                   (f"data.sources[{i}].language", [s.language] if s.language else [])]  # fmt: skip
+    return fields
 
 
 class Metadata(Spec):
@@ -1058,8 +1073,12 @@ def load_experiment(path: str | Path) -> RetrievalExperiment:
         raise SpecError(path, f"cannot read: {err.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as err:
-        raise SpecError(path, f"not valid YAML: {err}") from None
+    except yaml.YAMLError as err:  # one line, at the line where the parser stopped
+        mark, context, at = (getattr(err, k, None) for k in ("problem_mark", "context", "context_mark"))
+        why = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if context and at is not None:
+            why += f" ({context} at line {at.line + 1}, column {at.column + 1})"
+        raise SpecError(path, f"not valid YAML: {why}", line=mark.line + 1 if mark else None) from None
     if not docs:
         raise SpecError(path, "empty file")
     exps = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]

@@ -28,6 +28,10 @@ BAD_ROWS_SKIPPED = "xling.bad_rows_skipped"
 MINED_NEGATIVES = "xling.mined_negatives"
 #: ``evaluated`` once ``xling results --full-pool`` logged the run's (or zero-shot's) full-pool numbers.
 FULL_POOL = "xling.full_pool"
+#: On a failed run: why, in one line naming the spec field to change where one is to blame.
+FAILURE = "xling.failure"
+#: MLflow's own tag for a run's description (Markdown, shown at the top of the run page).
+DESCRIPTION = "mlflow.note.content"
 #: On a registered model version: the run it was logged by.
 RUN_ID = "xling.run_id"
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from xling.trainer.contracts import EXPERIMENT_UID_ENV
+from xling.trainer.spec import ExperimentSpec
 from xling.trainer.tags import K8S_UID, STATUS, tag_is
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -38,6 +39,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:6000]
     return out
+
+
+#: Spec sections only the operator reads: parameters of a run on a cluster, not of a local one.
+CLUSTER_ONLY = ("cluster", "storage", "deadlines", "suspend", "ttl_seconds_after_finished")
+
+
+def run_params(spec: ExperimentSpec) -> dict[str, str]:
+    """The MLflow parameters of one run: the spec's fields that apply to it (no cluster fields for a local
+    run, none the sampling strategy ignores, no unset ones), flattened (``sampling.alpha``)."""
+    local = not os.environ.get(EXPERIMENT_UID_ENV)
+    doc = spec.model_dump(mode="json", exclude_none=True, exclude={"sweep", *(CLUSTER_ONLY if local else ())})
+    sampling, strategy = doc["sampling"], spec.sampling.strategy
+    ignored = {"alpha": strategy != "hybrid", "language_weighting": strategy in ("xy", "mixed"),
+               "pair_weighting": strategy in ("xx", "mixed"),
+               "language_temperature": "size" not in (spec.sampling.language_weighting, spec.sampling.pair_weighting)}  # fmt: skip
+    for key in [k for k, drop in ignored.items() if drop]:
+        sampling.pop(key, None)
+    if not spec.loss.grad_cache.enabled:
+        doc["loss"]["grad_cache"] = {"enabled": False}
+    return flatten(doc)
 
 
 def git_commit(short: bool = True) -> str:

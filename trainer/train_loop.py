@@ -132,6 +132,7 @@ class Trainer:
             raise InputError(
                 None, "not with ZeRO-3, which stage: auto chose here", field="distributed.compile"
             )
+        self.zero_shot: dict[str, float] = {}  # the step-0 evaluation, for the model card
         if rank is None or world is None:
             import ray.train
 
@@ -231,7 +232,8 @@ class Trainer:
 
         write_sentence_transformers(directory, self.spec.model, self.tokenize.tok, self.tokenize.append_eos)
         write_model_card(directory, self.spec, name=self.job.name or "xling-retriever", metrics=metrics,
-                         composition=self.composition.as_dict(), report=report, run_id=self.job.run_id)  # fmt: skip
+                         composition=self.composition.as_dict(), report=report, run_id=self.job.run_id,
+                         zero_shot=self.zero_shot)  # fmt: skip
         if self.logger.active and self.job.run:
             log_model(directory, self.spec, tracking_uri=self.job.run.uri, run_id=self.logger.run_id,
                       metrics=metrics)  # fmt: skip
@@ -313,7 +315,7 @@ class Trainer:
         spec, opt = self.spec, self.spec.optimization
         self.restore()
         if spec.evaluation.at_start and self.start_step == 0 and spec.evaluation.suites:
-            _, table = self.evaluate(0)
+            self.zero_shot, table = self.evaluate(0)
             if self.rank == 0:
                 print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
         started = time.time()

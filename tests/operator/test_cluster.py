@@ -58,7 +58,7 @@ def test_a_model_only_xling_plan_knows_is_refused_before_any_gpu():
     _reconcile(kube)
     cond = _cond(kube, "Validated")
     assert cond["status"] == "False" and cond["reason"] == "PlanOnlyModel"
-    assert cond["message"].startswith("spec.model.name: 'xling/xlm-roberta-30b' is a model shape")
+    assert cond["message"].startswith("spec.model.name: 'xling/xlm-roberta-30b' is not a built-in model")
     assert ("rayjob", "default", "exp") not in kube.objects
     for name in ("xling/tiny-random", "xling/multilingual-e5-small", "FacebookAI/xlm-roberta-large"):
         assert mf.validate(experiment(model={"name": name})).spec.model.plan_only() is None, name

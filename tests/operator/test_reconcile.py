@@ -17,6 +17,7 @@ from xling.operator import manifests as mf
 from xling.operator import reconcile as rc
 from xling.operator.kube import Conflict, NotInstalled
 from xling.operator.progress import Report
+from xling.trainer.spec import parse_experiment
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -429,3 +430,36 @@ def test_fuzz_non_mapping_specs_are_reported(spec):
     kube.add_experiment(body)
     _reconcile(kube)
     assert _cond(kube, "Validated")["status"] == "False"
+
+
+def test_ready_summarises_why_not_and_progress_counts_steps():
+    """``kubectl get rexp`` shows Progress (step of maxSteps) and Reason (Ready's): Ready is False with the
+    reason of what the experiment waits for or what went wrong, and True once it succeeded."""
+    kube = FakeKube()
+    body = _running(kube, since="2026-01-01T11:55:00Z")
+    ready = _cond(kube, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "JobRunning")
+    report = Report("7", "run1", int(NOW.timestamp() * 1000), {}, step=5)
+    rc.write_status(kube, "default", "exp", rc.watch_progress(kube, body, NOW, client=FakeMlflow(report)))
+    steps = parse_experiment(body).spec.optimization.max_steps
+    assert _status(kube)["progress"] == f"5/{steps}"
+    failed = {"status": {"jobDeploymentStatus": "Failed", "jobStatus": "FAILED", "reason": "AppFailed"}}
+    rc.write_status(kube, "default", "exp", rc.mirror_rayjob(failed, deleted=False))
+    ready = _cond(kube, "Ready")
+    assert (ready["status"], ready["reason"]) == ("False", "AppFailed")
+    kube = FakeKube()
+    _running(kube, since="2026-01-01T11:55:00Z")
+    done = {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
+    events = rc.write_status(kube, "default", "exp", rc.mirror_rayjob(done, deleted=False))
+    ready = _cond(kube, "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "JobSucceeded")
+    assert all("Ready" not in e.message for e in events), "Ready posts no events of its own"
+
+
+def test_the_crd_prints_progress_reason_and_the_mlflow_run():
+    from xling.operator.crd import PRINTER_COLUMNS
+
+    paths = {c["name"]: c["jsonPath"] for c in PRINTER_COLUMNS}
+    assert paths["Progress"] == ".status.progress"
+    assert paths["Reason"] == '.status.conditions[?(@.type=="Ready")].reason'
+    assert paths["MLflow"] == ".status.mlflow.runUrl"

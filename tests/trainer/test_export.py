@@ -7,6 +7,7 @@ pooling, EOS appended, left padding) and the converted multilingual-e5-small (``
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -344,3 +345,24 @@ def test_register_best_without_a_registered_model_name_fails_before_any_work(tmp
     with pytest.raises(ValueError, match=r"spec.sweep.registerBest: needs spec.tracking.registeredModelName"):
         run_sweep(exp, f"sqlite:///{tmp_path}/mlflow.db")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_model_card_has_a_zero_shot_row_a_license_versions_and_no_local_paths(tmp_path: Path) -> None:
+    """The card travels: the spec's paths as their last part, the base model's license, the versions that
+    made it, and the base model's zero-shot numbers beside this model's."""
+    source, suite = "/home/someone/xling/data/demo/ntrex-128", "/home/someone/xling/data/demo/xquad-r"
+    spec = ExperimentSpec.model_validate({
+        "model": {"name": "xling/multilingual-e5-small"},
+        "data": {"languages": ["en", "de"], "sources": [{"type": "ntrex", "path": source}]},
+        "sampling": {"strategy": "xy"},
+        "evaluation": {"suites": [{"name": "xquad-r", "path": suite}]},
+    })  # fmt: skip
+    metrics = {"xquad_r.multi.map": 0.6, "xquad_r.mono.map": 0.7, "xquad_r.cross.map": 0.5}
+    zero_shot = {"xquad_r.multi.map": 0.4, "xquad_r.mono.map": 0.8, "xquad_r.cross.map": 0.45}
+    card = write_model_card(tmp_path, spec, name="demo", metrics=metrics, composition={}, zero_shot=zero_shot)
+    head, body = card.read_text().removeprefix("---\n").split("\n---\n", 1)
+    assert yaml.safe_load(head)["license"] == "mit"
+    assert "| base model, zero-shot | 0.4000 | 0.8000 | 0.4500 |" in body
+    assert "| this model | 0.6000 | 0.7000 | 0.5000 |" in body
+    assert "/home/someone" not in card.read_text() and "path: ntrex-128" in body and "path: xquad-r" in body
+    assert re.search(r"Trained with xling [\d.]+, torch [\d.]+", body), body

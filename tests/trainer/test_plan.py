@@ -302,5 +302,6 @@ def test_a_plan_only_model_is_refused_by_everything_but_plan(
     sample = str(PLANS / "xlmr-30b.yaml")
     assert main([command[0], sample, *command[1:]]) == 2
     err = capsys.readouterr().err
-    assert "spec.model.name: 'xling/xlm-roberta-30b' is a model shape that only `xling plan` knows" in err
+    assert "spec.model.name: 'xling/xlm-roberta-30b' is not a built-in model" in err
+    assert "model shapes that only `xling plan` knows" in err
     assert main(["plan", sample]) == 0

@@ -156,6 +156,10 @@ class CorpusIndex:
         """Groups per language with a query and a passage there (what an X-X batch can draw)."""
         return {lang: len(ids) for lang, ids in self.by_language().items()}
 
+    def present(self) -> set[str]:
+        """The languages some member (a query or a passage) is in."""
+        return {self.languages[c] for c in np.unique(self.member_key % len(self.languages)).tolist()}
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._arrays().values())
 

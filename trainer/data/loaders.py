@@ -130,7 +130,7 @@ def _json_pair(line: str, where: str) -> Pair:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise BadRowError(f"{where}: invalid JSON ({err.msg})") from None
+        raise BadRowError(f"{where}:{err.colno}: invalid JSON ({err.msg})") from None  # file:line:column
     if not isinstance(record, dict):
         raise BadRowError(f"{where}: expected a JSON object")
     return to_pair(record, where)

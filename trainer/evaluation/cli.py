@@ -28,8 +28,10 @@ if TYPE_CHECKING:
     from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.evaluation.results import SuiteResults
 
-#: The bundled (gzipped) copy of XQuAD-R, so that `xling eval` needs no --data on a fresh clone.
-DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r", "ntrex-r": "data/demo/ntrex-128"}
+#: The bundled (gzipped) copies in the source checkout, so that `xling eval` needs no --data on a fresh clone,
+#: from any working directory.
+_DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
+DEFAULT_DATA = {"xquad-r": str(_DEMO / "xquad-r"), "ntrex-r": str(_DEMO / "ntrex-128")}
 
 
 #: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
@@ -72,7 +74,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help=f"tokens, queries and passages (default: {ENCODING_FLAGS['max_length']})",
     )
     p.add_argument("--suite", required=True, choices=get_args(SuiteName))
-    p.add_argument("--data", metavar="DIR", help="suite directory (default for xquad-r: data/demo/xquad-r)")
+    p.add_argument(
+        "--data", metavar="DIR", help="suite directory (default for xquad-r: the bundled data/demo/xquad-r)"
+    )
     p.add_argument("--languages", type=_languages, metavar="ar,de,...", help="only these languages")
     p.add_argument("--max-queries", type=int, metavar="N", help="first N queries per language")
     p.add_argument("--max-paragraphs", type=int, metavar="N",

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xling.trainer.headline import find_run, headline, summary_line, table
 from xling.trainer.sweep.report import publish, write_report
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
@@ -52,7 +53,14 @@ def _results(args: argparse.Namespace) -> int:
             f"--full-pool: give the sweep's YAML file (it names the suite and model), not {name!r}"
         )
     client = MlflowClient(resolve_tracking_uri(uri))
-    parent = find_parent(client, name)
+    try:
+        parent = find_parent(client, name)
+    except ValueError:  # no sweep: a single run of that name says what it has
+        if args.full_pool or (run := find_run(client, name)) is None:
+            raise
+        rows, step = headline(client, run)
+        print(f"{name!r} is a single run ({run}), not a sweep; {summary_line(rows)}:\n\n{table(rows, step)}")
+        return 0
     summary = summarize_sweep(client, parent)
     if args.full_pool and exp is not None:
         from xling.trainer.full_pool import evaluate_full_pool
@@ -73,7 +81,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``xling results SWEEP``: the sweep's summary, rebuilt from MLflow (works mid-sweep too)."""
     p = subparsers.add_parser(
         "results",
-        help="print a sweep's summary (mean and CI per point, bootstrap between points) from MLflow",
+        help="print a sweep's summary (mean and CI per point, bootstrap between points) from MLflow, or a "
+        "single run's zero-shot -> trained headline",
         description="Rebuild a sweep's summary from its MLflow runs and print it.",
     )
     p.add_argument("sweep", help="the sweep's YAML file, its metadata.name, or its parent run id")

@@ -120,7 +120,7 @@ def test_skip_bad_rows_counts_them(tmp_path: Path) -> None:
     corpus = load_corpus(spec, report)
     assert corpus.num_pairs() == 2 and report.total == 5
     assert report.skipped["empty query"] == 1 and report.skipped["unknown language code 'xx'"] == 1
-    assert any(e.startswith(f"{path}:6: invalid JSON") for e in report.examples)
+    assert f"{path}:6:2: invalid JSON (Expecting property name enclosed in double quotes)" in report.examples
     assert any(e == f"{path}:7: missing key 'language'" for e in report.examples)
     with pytest.raises(BadRowError, match=r"rows\.jsonl:3: empty query"):
         load_corpus(spec.model_copy(update={"skip_bad_rows": False}))
