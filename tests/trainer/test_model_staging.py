@@ -75,7 +75,7 @@ def test_workers_train_the_staged_model_when_the_drivers_copy_is_gone(tmp_path: 
 
     exp = load_experiment(ROOT / "manifests/samples/smoke.yaml")
     exp.spec.optimization.max_steps, exp.spec.optimization.checkpoint_every = 2, 2
-    exp.spec.evaluation.suites, exp.spec.evaluation.at_start = [], False
+    exp.spec.evaluation = type(exp.spec.evaluation)(suites=[], atStart=False)  # no evaluation at all
     exp.spec.tracking.registered_model_name = None
     exp.spec.output_dir = str(tmp_path / "runs")  # the experiment's shared storage (s3:// or a pvc)
     uri = f"sqlite:///{tmp_path}/mlflow.db"

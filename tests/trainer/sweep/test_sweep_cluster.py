@@ -30,7 +30,9 @@ def _sweep(tmp: Path):
     spec = doc["spec"]
     spec["optimization"].update(maxSteps=STEPS, checkpointEvery=2)
     spec["distributed"].update(cpusPerWorker=0.5)
-    spec["evaluation"].update(atStart=False)
+    spec["evaluation"].update(atStart=False)  # no zero-shot, so no centering baseline and no curve
+    for baseline in ("centering", "curvePoints"):
+        spec["evaluation"].pop(baseline, None)
     spec["evaluation"]["suites"][0].update(maxParagraphs=2)
     spec["tracking"] = {}
     spec["outputDir"] = str(tmp / "runs")  # the experiment's shared storage (s3:// or a pvc on a cluster)
