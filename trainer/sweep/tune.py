@@ -229,21 +229,32 @@ def default_concurrency(
 
 def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None:
     """Close the child runs that Tune ended before their trial function could: ASHA stopped them (right
-    after the final report the trial did finish: its objective is logged at the last step), or an
-    interruption did. Runs of trials that raised stay FAILED."""
-    from mlflow.entities import RunStatus
+    after the final report the trial did finish: its objective is logged at the last step and its model
+    before that report), or an interruption did. A run counts as finished only with both: an interruption
+    between the final evaluation and the end of the model's upload leaves a run that must train again,
+    or the rerun would skip it and the sweep would have a trial without a model. Runs of trials that
+    raised stay FAILED."""
+    from mlflow.entities import LoggedModelStatus, RunStatus
 
     errored = {r.config["trial"]["name"] for r in grid if r.error is not None}
     parent = client.get_run(ctx.parent_run_id)
+    experiment = parent.info.experiment_id
     metric = ctx.exp.spec.sweep.metric
+    ready = {
+        m.source_run_id
+        for m in client.search_logged_models([experiment])
+        if m.status == LoggedModelStatus.READY
+    }
     for run in client.search_runs(
-        [parent.info.experiment_id],
+        [experiment],
         filter_string=f"{children_of(ctx.parent_run_id)} and attributes.status != 'FINISHED'",
     ):
         if run.data.tags[TRIAL] in errored:
             continue
         max_steps = int(run.data.params.get("optimization.max_steps", -1))
-        done = any(m.step == max_steps for m in client.get_metric_history(run.info.run_id, metric))
+        done = run.info.run_id in ready and any(
+            m.step == max_steps for m in client.get_metric_history(run.info.run_id, metric)
+        )
         client.set_tag(run.info.run_id, STATUS, "finished" if done else "stopped")
         client.set_terminated(
             run.info.run_id, RunStatus.to_string(RunStatus.FINISHED if done else RunStatus.KILLED)

@@ -402,6 +402,40 @@ def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> N
         _parent_run(other, plan_sweep(other), uri, "x", tags, "runs/ray/smoke")
 
 
+def test_an_interrupted_trial_without_its_model_is_not_settled_as_finished(tmp_path: Path) -> None:
+    """The CI failure: SIGINT landed after a trial's final evaluation but before its model was logged;
+    the sweep closed the run as FINISHED, the rerun skipped it, and the sweep had a trial without a model."""
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelStatus
+
+    from xling.trainer.sweep.tune import _settle_children
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}, "seeds": [0, 1, 2]})
+    plan = plan_sweep(exp)
+    tags = {SWEEP: "s", MODEL: "m", DATA_FINGERPRINT: "d", GIT_COMMIT: "c"}
+    parent = _parent_run(exp, plan, uri, "x", tags, None)
+    ctx = TrialContext(exp, plan, uri, "x", parent, {}, "model", tags)
+    client = MlflowClient(uri)
+    last = exp.spec.optimization.max_steps
+    runs = {}
+    for trial, (final_metric, model) in zip(plan.trials, [(True, True), (True, False), (False, True)]):
+        run_id, _ = _child_run(ctx, trial, ctx.spec(trial.point, trial.seed))
+        if final_metric:
+            client.log_metric(run_id, exp.spec.sweep.metric, 0.5, step=last)
+        if model:
+            logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, source_run_id=run_id)
+            client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        runs[trial.name] = run_id
+    _settle_children(client, ctx, [SimpleNamespace(error=None, config={"trial": {"name": t}}) for t in runs])
+    status = {t: client.get_run(r).info.status for t, r in runs.items()}
+    assert list(status.values()) == ["FINISHED", "KILLED", "KILLED"], status
+    rerun, finished = _child_run(ctx, plan.trials[1], ctx.spec(0, plan.trials[1].seed))
+    assert rerun == runs[plan.trials[1].name] and finished is None, "the trial without a model trains again"
+
+
 # ----------------------------------------------------------------------------- pieces
 
 
