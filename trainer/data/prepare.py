@@ -34,6 +34,7 @@ import pyarrow.ipc
 
 from xling.trainer.data.builders import (
     iapp_rows,
+    mlqa_holdout,
     mlqa_rows,
     ntrex_rows,
     overlap_test,
@@ -211,6 +212,18 @@ class _Rows:
                                     ("flags", np.uint8), ("wanted", np.bool_), ("overlaps", np.bool_))}  # fmt: skip
 
 
+def held_out(i: int, source: DataSource) -> Collection[str]:
+    """The pair ids ``source.holdOut`` splits off before training (none without it), and a log line of how
+    many: removed here, before any sampling, no strategy can draw them."""
+    if source.hold_out is None:
+        return ()
+    split = mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
+    held = split.component_of
+    log.info("%s: held out %d of %d groups (%d of %d components) for the mlqa-holdout suite",
+             source_name(i, source), len(held), split.groups, len(set(held.values())), split.components)  # fmt: skip
+    return held
+
+
 def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowReport | None) -> _Rows:
     """Read every source once: each row checked (a bad one raised or counted) and written."""
     overlaps = overlap_test(guard.texts()) if guard is not None and spec.drop_eval_overlap else None
@@ -218,8 +231,11 @@ def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowR
         rows = _Rows(writer)
         for i, source in enumerate(spec.sources):
             languages = set(spec.languages) & set(source.languages or spec.languages)
+            held = held_out(i, source)
             for pair, where in source_rows(source, languages, report):
                 if source.sides == "both" and (pair.query is None or pair.passage is None):
+                    continue
+                if pair.pair_id in held:
                     continue
                 try:
                     check_pair(pair, where)

@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from xling.trainer.evaluation.results import SuiteResults
 
 #: The bundled (gzipped) copy of XQuAD-R, so that `xling eval` needs no --data on a fresh clone.
-DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r", "ntrex-r": "data/demo/ntrex-128"}
+DEFAULT_DATA = {"xquad-r": "data/demo/xquad-r", "ntrex-r": "data/demo/ntrex-128",
+                "mlqa-holdout": "data/demo/mlqa-test-gxlt"}  # fmt: skip
 
 
 #: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
@@ -49,7 +50,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand; its handler is stored as ``func`` and returns an exit code."""
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R or MIRACL",
+        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R, the MLQA hold-out or MIRACL",
         description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
         "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
     )
@@ -79,6 +80,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="first N paragraphs (MIRACL: passages; ntrex-r: lines)")  # fmt: skip
     p.add_argument("--first-line", type=int, default=0, metavar="N",
                    help="ntrex-r: 0-based first NTREX-128 line (default 0)")  # fmt: skip
+    p.add_argument("--hold-out", type=float, metavar="FRACTION",
+                   help="mlqa-holdout: the training source's holdOut.fraction (the split to score)")  # fmt: skip
+    p.add_argument("--hold-out-seed", type=int, default=0, metavar="N",
+                   help="mlqa-holdout: the training source's holdOut.seed (default 0)")  # fmt: skip
     p.add_argument(
         "--candidate-context",
         choices=get_args(CandidateContext),
@@ -182,6 +187,7 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
             first_line=args.first_line,
+            hold_out=None if args.hold_out is None else {"fraction": args.hold_out, "seed": args.hold_out_seed},
         )
     except ValidationError as err:
         problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]
