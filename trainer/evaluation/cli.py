@@ -187,7 +187,9 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
             first_line=args.first_line,
-            hold_out=None if args.hold_out is None else {"fraction": args.hold_out, "seed": args.hold_out_seed},
+            hold_out=None
+            if args.hold_out is None
+            else {"fraction": args.hold_out, "seed": args.hold_out_seed},
         )
     except ValidationError as err:
         problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -304,7 +305,8 @@ def load_mlqa_holdout(
     distinct text once per language), relevant the paragraph of the question's group in every language that
     has it. Paragraphs, not sentences: the bundled MLQA files carry no answer spans (the builder's passage is
     the whole paragraph), so no answer sentence exists, and paragraphs are what training matches questions
-    to. Clusters for the bootstrap: the hold-out component (questions sharing a paragraph), for both units."""
+    to. A question whose text another held-out group asks too (MLQA repeats a few) is left out: both
+    groups' paragraphs answer it, but only one would count. Clusters for the bootstrap: the hold-out component (questions sharing a paragraph), for both units."""
     from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
 
     directory = Path(directory)
@@ -321,7 +323,9 @@ def load_mlqa_holdout(
         mine = sorted((p for p in rows if p.language == lang), key=lambda p: p.pair_id)
         paragraphs: dict[str, int] = {}
         answer_of = {p.pair_id: paragraphs.setdefault(p.passage, len(paragraphs)) for p in mine if p.passage}
-        queries = [p for p in mine if p.query is not None and p.pair_id in answered][:max_queries]
+        asked = Counter(p.query for p in mine)
+        queries = [p for p in mine if p.query is not None and p.pair_id in answered and asked[p.query] == 1]
+        queries = queries[:max_queries]
         place = {p.pair_id: (split.component_of[p.pair_id],) * 2 for p in mine}
         digest.update("\0".join([*paragraphs, *(q.query for q in queries)]).encode())
         data[lang] = LanguageData(lang, directory, [f"{lang}:{k}:0" for k in range(len(paragraphs))], list(paragraphs),
