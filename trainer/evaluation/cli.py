@@ -178,6 +178,10 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
     data = args.data or DEFAULT_DATA.get(args.suite)
     if data is None:
         raise InputError("xling eval", f"--data DIR is required for --suite {args.suite}")
+    if (args.suite == "mlqa-holdout") != (args.hold_out is not None):
+        raise InputError(
+            "xling eval", "--hold-out FRACTION: required by --suite mlqa-holdout, and only there"
+        )
     try:
         return EvalSuite(
             name=args.suite,

@@ -159,6 +159,12 @@ def test_xling_eval_runs_the_suite(
     queries = sum(len(d.query_ids) for d in suite.data.values())
     out = capsys.readouterr().out
     assert f"mlqa-holdout: 2 languages, {queries:,} queries, pool of {suite.pool_size:,} paragraph" in out
+    for flags in (["--suite", "mlqa-holdout"], ["--suite", "xquad-r", "--hold-out", "0.1"]):
+        args = parser.parse_args(["eval", "--model", "m", *flags])
+        assert args.func(args) == 2
+        assert (
+            "--hold-out FRACTION: required by --suite mlqa-holdout, and only there" in capsys.readouterr().err
+        )
 
 
 def test_the_split_must_be_the_training_sources() -> None:
