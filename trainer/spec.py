@@ -356,6 +356,11 @@ class EvalSuite(Spec):
     def _hold_out_suite(self) -> EvalSuite:
         if (self.name == "mlqa-holdout") != (self.hold_out is not None):
             raise _bad("holdOut", "is required by the mlqa-holdout suite and only there")
+        if self.hold_out is not None and (self.max_paragraphs or self.candidate_context != "sentence"):
+            raise _bad(
+                "maxParagraphs" if self.max_paragraphs else "candidateContext",
+                "not for mlqa-holdout: its candidates are all the held-out paragraphs (maxQueries shortens it)",
+            )
         return self
 
 

@@ -7,6 +7,7 @@ Registered by the main CLI through :func:`add_cli`; heavy imports happen inside 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -25,6 +26,8 @@ from xling.trainer.spec import (
 )
 
 if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
     from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.evaluation.results import SuiteResults
 
@@ -178,10 +181,6 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
     data = args.data or DEFAULT_DATA.get(args.suite)
     if data is None:
         raise InputError("xling eval", f"--data DIR is required for --suite {args.suite}")
-    if (args.suite == "mlqa-holdout") != (args.hold_out is not None):
-        raise InputError(
-            "xling eval", "--hold-out FRACTION: required by --suite mlqa-holdout, and only there"
-        )
     try:
         return EvalSuite(
             name=args.suite,
@@ -196,8 +195,19 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             else {"fraction": args.hold_out, "seed": args.hold_out_seed},
         )
     except ValidationError as err:
-        problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]
-        raise InputError("xling eval", "invalid flags", problems=problems) from None
+        raise InputError("xling eval", "invalid flags", problems=map(_flag_problem, err.errors())) from None
+
+
+def _flag_problem(error: ErrorDetails) -> Problem:
+    """A rejected value at its flag. A check across fields has no ``loc``: it names its field in the spec's
+    spelling (``maxParagraphs``), whose flag is the same words (``--max-paragraphs``)."""
+    cause = error.get("ctx", {}).get("error")
+    if not error["loc"] and isinstance(cause, InputError):
+        problem = cause.problems[0]
+        return Problem(
+            problem.message, "--" + re.sub(r"(?<=[a-z])(?=[A-Z])", "-", problem.field or "").lower()
+        )
+    return Problem(error["msg"], "--" + str(error["loc"][0]).replace("_", "-"))
 
 
 @command

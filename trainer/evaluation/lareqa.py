@@ -306,7 +306,8 @@ def load_mlqa_holdout(
     has it. Paragraphs, not sentences: the bundled MLQA files carry no answer spans (the builder's passage is
     the whole paragraph), so no answer sentence exists, and paragraphs are what training matches questions
     to. A question whose text another held-out group asks too (MLQA repeats a few) is left out: both
-    groups' paragraphs answer it, but only one would count. Clusters for the bootstrap: the hold-out component (questions sharing a paragraph), for both units."""
+    groups' paragraphs answer it, but only one would count. Clusters for the bootstrap: the hold-out
+    component (questions sharing a paragraph), for both units."""
     from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
 
     directory = Path(directory)

@@ -159,12 +159,17 @@ def test_xling_eval_runs_the_suite(
     queries = sum(len(d.query_ids) for d in suite.data.values())
     out = capsys.readouterr().out
     assert f"mlqa-holdout: 2 languages, {queries:,} queries, pool of {suite.pool_size:,} paragraph" in out
-    for flags in (["--suite", "mlqa-holdout"], ["--suite", "xquad-r", "--hold-out", "0.1"]):
+    for flags, problem in (
+        (["--suite", "mlqa-holdout"], "--hold-out: is required by the mlqa-holdout suite and only there"),
+        (["--suite", "xquad-r", "--hold-out", "0.1"], "--hold-out: is required by the mlqa-holdout suite"),
+        (
+            ["--suite", "mlqa-holdout", "--hold-out", "0.1", "--max-paragraphs", "5"],
+            "--max-paragraphs: not for",
+        ),
+    ):
         args = parser.parse_args(["eval", "--model", "m", *flags])
         assert args.func(args) == 2
-        assert (
-            "--hold-out FRACTION: required by --suite mlqa-holdout, and only there" in capsys.readouterr().err
-        )
+        assert problem in capsys.readouterr().err
 
 
 def test_the_split_must_be_the_training_sources() -> None:
@@ -176,6 +181,8 @@ def test_the_split_must_be_the_training_sources() -> None:
         ExperimentSpec.model_validate(base)
     with pytest.raises(ValueError, match="holdOut: is required by the mlqa-holdout suite"):
         EvalSuite.model_validate({"name": "mlqa-holdout", "path": MLQA})
+    with pytest.raises(ValueError, match="maxParagraphs: not for mlqa-holdout"):
+        holdout_suite(maxParagraphs=10)
     with pytest.raises(ValueError, match="holdOut: is for mlqa sources"):
         ExperimentSpec.model_validate(base | {"data": base["data"] | {"sources": [
             {"type": "ntrex", "path": "n", "holdOut": {"fraction": 0.1}}]}})  # fmt: skip
