@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ import yaml
 from tests.support import ROOT
 from tests.trainer.test_deepspeed import tiny_model_dir
 from tests.trainer.test_deepspeed_models import EOS, WORDS
-from xling.trainer.export import write_model_card, write_sentence_transformers
+from xling.trainer.export import SUITE_DATASETS, model_index, write_model_card, write_sentence_transformers
 from xling.trainer.model import (
     BiEncoder,
     HFTextEncoder,
@@ -27,7 +28,7 @@ from xling.trainer.model import (
     load_tokenizer,
     train_tiny_tokenizer,
 )
-from xling.trainer.spec import ExperimentSpec, ModelSpec
+from xling.trainer.spec import ExperimentSpec, ModelSpec, SuiteName, load_experiment
 from xling.trainer.tags import RUN_ID
 
 E5 = ROOT / ".cache" / "models" / "multilingual-e5-small"
@@ -165,6 +166,15 @@ def test_model_card_front_matter_and_numbers(tmp_path: Path) -> None:
     assert "alpha = 0.25" in body and "| xy | 9 | 0.750 |" in body
     assert "mean 0.6123" in body, "the results table the run printed"
     assert "strategy: hybrid" in body, "the training spec"
+
+
+def test_the_card_names_every_suite_a_research_trial_logs() -> None:
+    spec = load_experiment(ROOT / "manifests/samples/research.yaml").spec
+    names = [suite.name for suite in spec.evaluation.suites]
+    metrics = {f"{name.replace('-', '_')}.multi.map": 0.5 for name in names}
+    [index] = model_index("trial", spec, metrics)
+    assert len(index["results"]) == len(names) == 3
+    assert set(SUITE_DATASETS) == set(get_args(SuiteName)), "a card for every suite a spec can name"
 
 
 def _eval_args(*argv: str) -> object:
