@@ -405,6 +405,16 @@ class HoldOut(NamedTuple):
     groups: int  # of the directory
     components: int  # of the directory
 
+    def counts(self) -> dict[str, int]:
+        """What a run prints and logs (``data.held_out.*``): groups and components held out, of how many."""
+        held = {"groups": len(self.component_of), "components": len(set(self.component_of.values()))}
+        return held | {"of_groups": self.groups, "of_components": self.components}
+
+    def summary(self) -> str:
+        n = self.counts()
+        return (f"held out {n['groups']} of {n['of_groups']} groups ({n['components']} of {n['of_components']} "
+                "components) for the mlqa-holdout suite")  # fmt: skip
+
 
 @functools.cache
 def mlqa_holdout(path: str, fraction: float, seed: int) -> HoldOut:

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from xling.trainer.data.builders import (
+    HoldOut,
     iapp_rows,
     mlqa_holdout,
     mlqa_rows,
@@ -212,16 +213,12 @@ class _Rows:
                                     ("flags", np.uint8), ("wanted", np.bool_), ("overlaps", np.bool_))}  # fmt: skip
 
 
-def held_out(i: int, source: DataSource) -> Collection[str]:
-    """The pair ids ``source.holdOut`` splits off before training (none without it), and a log line of how
-    many: removed here, before any sampling, no strategy can draw them."""
+def held_out(source: DataSource) -> HoldOut | None:
+    """The split ``source.holdOut`` asks for (None without it): its groups are skipped when the source is
+    read, before the shared-pool rule and any sampler, so no strategy can draw them."""
     if source.hold_out is None:
-        return ()
-    split = mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
-    held = split.component_of
-    log.info("%s: held out %d of %d groups (%d of %d components) for the mlqa-holdout suite",
-             source_name(i, source), len(held), split.groups, len(set(held.values())), split.components)  # fmt: skip
-    return held
+        return None
+    return mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
 
 
 def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowReport | None) -> _Rows:
@@ -231,7 +228,7 @@ def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowR
         rows = _Rows(writer)
         for i, source in enumerate(spec.sources):
             languages = set(spec.languages) & set(source.languages or spec.languages)
-            held = held_out(i, source)
+            held = split.component_of if (split := held_out(source)) else {}
             for pair, where in source_rows(source, languages, report):
                 if source.sides == "both" and (pair.query is None or pair.passage is None):
                     continue

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,6 +16,7 @@ from tests.support import ROOT
 from xling.trainer.data import load_corpus
 from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
 from xling.trainer.data.pairs import text_key
+from xling.trainer.data.prepare import held_out
 from xling.trainer.evaluation.api import evaluate_suite, load_suite
 from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.sampling import build_sampler
@@ -79,6 +81,25 @@ def test_no_held_out_group_is_trained_on_or_drawn_by_any_strategy(sample: str) -
         assert {
             corpus.groups[g][next(iter(corpus.groups[g]))].pair_id for g in sampler.drawable()[0]
         } == trained
+
+
+def test_a_run_prints_and_logs_what_it_held_out(tmp_path: Path) -> None:
+    import mlflow
+
+    from xling.trainer.driver import log_training_data
+
+    spec = load_experiment(ROOT / "manifests/samples/research.yaml").spec
+    split = held_out(spec.data.sources[0])
+    assert split is not None and split.summary().startswith(
+        f"held out {len(split.component_of)} of {split.groups}"
+    )
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(client.create_experiment("holdout"))
+    log_training_data(uri, run.info.run_id, spec, "fingerprint", None)
+    logged = client.get_run(run.info.run_id).data.metrics
+    assert logged["data.held_out.groups"] == len(split.component_of) > logged["data.held_out.components"] > 0
+    assert logged["data.held_out.of_groups"] == split.groups
 
 
 class Oracle:
