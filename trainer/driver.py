@@ -22,7 +22,7 @@ from xling.trainer.contracts import (
     staged_model_cache_dir,
 )
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
-from xling.trainer.data.prepare import file_stats
+from xling.trainer.data.prepare import file_stats, held_out, source_name
 from xling.trainer.errors import InputError, failure_reason
 from xling.trainer.preflight import load_model_files, missing_languages
 from xling.trainer.spec import TINY_MODEL, DistributedSpec, ExperimentSpec, RetrievalExperiment
@@ -134,6 +134,9 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
         print(
             f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data"
         )
+    for i, source in enumerate(spec.data.sources):
+        if split := held_out(source):
+            print(f"data: {source_name(i, source)}: {split.summary()}")
     if spec.data.hard_negatives and (mine := spec.data.hard_negatives.mine):
         from xling.trainer.mining import mine_prepared
 
@@ -243,13 +246,18 @@ def log_training_data(
     uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None
 ) -> None:
     """The training pairs as the run's MLflow dataset (digest = the corpus fingerprint, source = the sources),
-    and with mined hard negatives, how many were mined and what each false-negative rule removed."""
+    what an MLQA hold-out took out of them (``data.held_out.*``), and with mined hard negatives, how many were
+    mined and what each false-negative rule removed."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     client = MlflowClient(uri)
     sources = [s.path for s in spec.data.sources]
     log_dataset(client, run_id, "training-pairs", fingerprint, sources, "training")
+    for source in spec.data.sources:
+        if split := held_out(source):
+            client.log_batch(run_id, metrics=[Metric(f"data.held_out.{k}", float(v), int(time.time() * 1000), 0)
+                                              for k, v in split.counts().items()])  # fmt: skip
     if mined is not None:
         counts = {"negatives": mined["negatives"], "with_negatives": mined["with_negatives"], "passages": mined["passages"],
                   **{f"removed.{rule}": n for rule, n in mined["removed"].items()}}  # fmt: skip

@@ -46,6 +46,7 @@ SUITE_DATASETS = {
     "mlqa-r": ("MLQA-R", None),
     "miracl": ("MIRACL", "miracl/miracl"),
     "ntrex-r": ("NTREX-R (NTREX-128 sentences)", None),
+    "mlqa-holdout": ("MLQA hold-out (held-out MLQA groups, paragraph level)", None),
 }
 #: Summary metrics of a LAReQA-style suite (suffixes of flat metric names) and how the card names them.
 CARD_METRICS = {

@@ -81,7 +81,7 @@ def _bad(field: str, message: str) -> SpecError:
 
 #: Value sets other parts take from here (``xling eval``'s flags, the encoder, the evaluation code).
 Pooling = Literal["cls", "mean", "last_token"]
-SuiteName = Literal["xquad-r", "mlqa-r", "miracl", "ntrex-r"]
+SuiteName = Literal["xquad-r", "mlqa-r", "miracl", "ntrex-r", "mlqa-holdout"]
 CandidateContext = Literal["sentence", "paragraph"]
 IndexKind = Literal["flat", "ivf", "hnsw"]
 ClusterUnit = Literal["question", "paragraph", "article"]
@@ -132,6 +132,18 @@ class ModelSpec(Spec):
                 "a local path or a built-in model")  # fmt: skip
 
 
+class HoldOutSpec(Spec):
+    """An in-domain hold-out of MLQA: whole connected components of groups that share a text (a paragraph, or
+    an identical question) in any language, drawn by a seeded permutation until ``fraction`` of the groups
+    is reached. Removed from the training source before any sampling, so no arm ever draws them; scored by
+    the ``mlqa-holdout`` suite."""
+
+    fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        description="Share of the source's groups (question ids, every language) held out, in whole components."
+    )
+    seed: int = Field(default=0, description="Seeds the permutation of the components.")
+
+
 class DataSource(Spec):
     """One training source. ``type`` picks the builder; ``path`` is a file, directory or hub name."""
 
@@ -156,6 +168,16 @@ class DataSource(Spec):
         "X-X item and an X-Y item is dropped. monolingual: the groups serve X-X and mixed batches only (a "
         "monolingual QA set), so the strategies no longer train on the same data (see docs/research-protocol.md).",
     )
+    hold_out: HoldOutSpec | None = Field(
+        default=None,
+        description="mlqa only: split these groups off before training (evaluated by the mlqa-holdout suite).",
+    )
+
+    @model_validator(mode="after")
+    def _hold_out_is_mlqa(self) -> DataSource:
+        if self.hold_out is not None and self.type != "mlqa":
+            raise _bad("holdOut", f"is for mlqa sources (components of shared paragraphs), not {self.type}")
+        return self
 
 
 class MineSpec(Spec):
@@ -326,6 +348,21 @@ class EvalSuite(Spec):
         description="ntrex-r only: the 0-based first NTREX-128 line of the suite (keep it apart from "
         "evaluation.centering's lines).",
     )
+    hold_out: HoldOutSpec | None = Field(
+        default=None,
+        description="mlqa-holdout only (required there): the split of the MLQA training source at the same path.",
+    )
+
+    @model_validator(mode="after")
+    def _hold_out_suite(self) -> EvalSuite:
+        if (self.name == "mlqa-holdout") != (self.hold_out is not None):
+            raise _bad("holdOut", "is required by the mlqa-holdout suite and only there")
+        if self.hold_out is not None and (self.max_paragraphs or self.candidate_context != "sentence"):
+            raise _bad(
+                "maxParagraphs" if self.max_paragraphs else "candidateContext",
+                "not for mlqa-holdout: its candidates are all the held-out paragraphs (maxQueries shortens it)",
+            )
+        return self
 
 
 class CenteringSpec(Spec):
@@ -957,6 +994,13 @@ class ExperimentSpec(Spec):
                 raise _bad(
                     f"evaluation.suites[{i}].languages",
                     f"{sorted(missing)} are not in the {suite.name} data (it has {', '.join(known or ())})",
+                )
+            held = [s.hold_out for s in self.data.sources if s.type == "mlqa" and s.path == suite.path]
+            if suite.hold_out is not None and suite.hold_out not in held:
+                raise _bad(
+                    f"evaluation.suites[{i}].holdOut",
+                    f"no mlqa training source at {suite.path} holds out this split: set its holdOut to the "
+                    "same, or the held-out groups would be trained on",
                 )
         if self.sweep is not None:
             self.sweep.check(self)

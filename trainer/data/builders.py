@@ -19,8 +19,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from xling.trainer.data.loaders import Row, open_text
-from xling.trainer.data.pairs import Pair, PairCorpus, normalise, text_key
+from xling.trainer.data.pairs import Pair, PairCorpus, connected_components, normalise, text_key
 
 #: NTREX-128 file codes -> ISO 639-1. English is the US-English reference (``eng-US``), like the others a
 #: human translation of the WMT19 source, so all 11 languages come from the same process.
@@ -394,6 +396,45 @@ def mlqa_rows(
             where = query[1] if query else ps[lang][1]
             texts = (query[0] if query else None, passage[0] if passage else None)
             yield Pair(f"mlqa:{key[0]}:{key[1]}", lang, *texts), where
+
+
+class HoldOut(NamedTuple):
+    """An MLQA hold-out (:func:`mlqa_holdout`): the held-out groups, each with its component."""
+
+    component_of: dict[str, int]  # held-out pair id -> its component
+    groups: int  # of the directory
+    components: int  # of the directory
+
+    def counts(self) -> dict[str, int]:
+        """What a run prints and logs (``data.held_out.*``): groups and components held out, of how many."""
+        held = {"groups": len(self.component_of), "components": len(set(self.component_of.values()))}
+        return held | {"of_groups": self.groups, "of_components": self.components}
+
+    def summary(self) -> str:
+        n = self.counts()
+        return (f"held out {n['groups']} of {n['of_groups']} groups ({n['components']} of {n['of_components']} "
+                "components) for the mlqa-holdout suite")  # fmt: skip
+
+
+@functools.cache
+def mlqa_holdout(path: str, fraction: float, seed: int) -> HoldOut:
+    """Split MLQA groups off by connected components: groups sharing a (normalised) paragraph or question, in
+    any language, are one component, so no text of a held-out group is in any kept group. Components are
+    taken in a permutation seeded by ``seed`` until ``round(fraction * groups)`` groups are held out. The
+    split reads every file and language in ``path``, whatever a spec keeps, so training and the suite
+    always agree on it."""
+    links = [(pair.pair_id, text_key(text)) for pair, _ in mlqa_rows(path)
+             for text in (pair.query, pair.passage) if text is not None]  # fmt: skip
+    component = connected_components(links)
+    members: dict[int, list[str]] = {}
+    for pid, c in component.items():
+        members.setdefault(c, []).append(pid)
+    target, held = round(fraction * len(component)), {}
+    for c in np.random.default_rng(seed).permutation(len(members)):
+        if len(held) >= target:
+            break
+        held |= dict.fromkeys(members[int(c)], int(c))
+    return HoldOut(held, len(component), len(members))
 
 
 # --- overlap guard ----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import unicodedata
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Literal
@@ -93,6 +93,24 @@ def normalise(text: str) -> str:
 def text_key(text: str) -> str:
     """The conflict key of a text: two groups holding the same (normalised) text never share a batch."""
     return "text:" + hashlib.blake2b(normalise(text).encode(), digest_size=8).hexdigest()
+
+
+def connected_components(links: Iterable[tuple[str, Hashable]]) -> dict[str, int]:
+    """Item -> its component, for ``(item, key)`` links: items that share a key (directly or through others)
+    are one component. Labels follow the sorted items, so they do not depend on the order of the links."""
+    parent: dict[str, str] = {}
+
+    def root(item: str) -> str:
+        while parent.setdefault(item, item) != item:
+            parent[item] = parent[parent[item]]
+            item = parent[item]
+        return item
+
+    first: dict[Hashable, str] = {}
+    for item, key in links:
+        parent[root(item)] = root(first.setdefault(key, item))
+    labels: dict[str, int] = {}
+    return {item: labels.setdefault(root(item), len(labels)) for item in sorted(parent)}
 
 
 def xx_languages(group: dict[str, Pair]) -> list[str]:

@@ -33,7 +33,9 @@ import pyarrow as pa
 import pyarrow.ipc
 
 from xling.trainer.data.builders import (
+    HoldOut,
     iapp_rows,
+    mlqa_holdout,
     mlqa_rows,
     ntrex_rows,
     overlap_test,
@@ -211,6 +213,14 @@ class _Rows:
                                     ("flags", np.uint8), ("wanted", np.bool_), ("overlaps", np.bool_))}  # fmt: skip
 
 
+def held_out(source: DataSource) -> HoldOut | None:
+    """The split ``source.holdOut`` asks for (None without it): its groups are skipped when the source is
+    read, before the shared-pool rule and any sampler, so no strategy can draw them."""
+    if source.hold_out is None:
+        return None
+    return mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
+
+
 def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowReport | None) -> _Rows:
     """Read every source once: each row checked (a bad one raised or counted) and written."""
     overlaps = overlap_test(guard.texts()) if guard is not None and spec.drop_eval_overlap else None
@@ -218,8 +228,11 @@ def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowR
         rows = _Rows(writer)
         for i, source in enumerate(spec.sources):
             languages = set(spec.languages) & set(source.languages or spec.languages)
+            held = split.component_of if (split := held_out(source)) else {}
             for pair, where in source_rows(source, languages, report):
                 if source.sides == "both" and (pair.query is None or pair.passage is None):
+                    continue
+                if pair.pair_id in held:
                     continue
                 try:
                     check_pair(pair, where)

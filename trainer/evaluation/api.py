@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from xling.trainer.evaluation.centering import CENTERED, LanguageMeans, language_means
-from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa, load_ntrex_suite
+from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa, load_mlqa_holdout, load_ntrex_suite
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.miracl import MiraclSuite, evaluate_miracl, load_miracl
 from xling.trainer.evaluation.protocol import TextEncoder
@@ -28,6 +28,9 @@ def load_suite(spec: EvalSuite) -> Suite:
     if spec.name == "ntrex-r":
         return load_ntrex_suite(spec.name, spec.path, languages=spec.languages, first_line=spec.first_line,
                                 lines=spec.max_paragraphs)  # fmt: skip
+    if spec.hold_out is not None:
+        return load_mlqa_holdout(spec.name, spec.path, languages=spec.languages, hold_out=spec.hold_out,
+                                 max_queries=spec.max_queries)  # fmt: skip
     return load_lareqa(
         spec.name,
         spec.path,

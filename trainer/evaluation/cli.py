@@ -7,6 +7,7 @@ Registered by the main CLI through :func:`add_cli`; heavy imports happen inside 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
@@ -25,13 +26,16 @@ from xling.trainer.spec import (
 )
 
 if TYPE_CHECKING:
+    from pydantic_core import ErrorDetails
+
     from xling.trainer.evaluation.protocol import TextEncoder
     from xling.trainer.evaluation.results import SuiteResults
 
 #: The bundled (gzipped) copies in the source checkout, so that `xling eval` needs no --data on a fresh clone,
 #: from any working directory.
 _DEMO = Path(__file__).resolve().parents[2] / "data" / "demo"
-DEFAULT_DATA = {"xquad-r": str(_DEMO / "xquad-r"), "ntrex-r": str(_DEMO / "ntrex-128")}
+DEFAULT_DATA = {"xquad-r": str(_DEMO / "xquad-r"), "ntrex-r": str(_DEMO / "ntrex-128"),
+                "mlqa-holdout": str(_DEMO / "mlqa-test-gxlt")}  # fmt: skip
 
 
 #: Encoding flags and their defaults for plain Hugging Face models: the spec's model defaults.
@@ -51,7 +55,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``eval`` subcommand; its handler is stored as ``func`` and returns an exit code."""
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R or MIRACL",
+        help="evaluate a model on XQuAD-R, MLQA-R, NTREX-R, the MLQA hold-out or MIRACL",
         description="Zero-shot or checkpoint evaluation: mono, cross and multilingual mAP, language bias, "
         "MIRACL nDCG@10 / Recall@100. Prints a table; optionally writes JSON, TREC files and MLflow.",
     )
@@ -83,6 +87,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="first N paragraphs (MIRACL: passages; ntrex-r: lines)")  # fmt: skip
     p.add_argument("--first-line", type=int, default=0, metavar="N",
                    help="ntrex-r: 0-based first NTREX-128 line (default 0)")  # fmt: skip
+    p.add_argument("--hold-out", type=float, metavar="FRACTION",
+                   help="mlqa-holdout: the training source's holdOut.fraction (the split to score)")  # fmt: skip
+    p.add_argument("--hold-out-seed", type=int, default=0, metavar="N",
+                   help="mlqa-holdout: the training source's holdOut.seed (default 0)")  # fmt: skip
     p.add_argument(
         "--candidate-context",
         choices=get_args(CandidateContext),
@@ -186,10 +194,24 @@ def _suite_spec(args: argparse.Namespace) -> EvalSuite:
             max_paragraphs=args.max_paragraphs,
             candidate_context=args.candidate_context,
             first_line=args.first_line,
+            hold_out=None
+            if args.hold_out is None
+            else {"fraction": args.hold_out, "seed": args.hold_out_seed},
         )
     except ValidationError as err:
-        problems = [Problem(e["msg"], "--" + str(e["loc"][0]).replace("_", "-")) for e in err.errors()]
-        raise InputError("xling eval", "invalid flags", problems=problems) from None
+        raise InputError("xling eval", "invalid flags", problems=map(_flag_problem, err.errors())) from None
+
+
+def _flag_problem(error: ErrorDetails) -> Problem:
+    """A rejected value at its flag. A check across fields has no ``loc``: it names its field in the spec's
+    spelling (``maxParagraphs``), whose flag is the same words (``--max-paragraphs``)."""
+    cause = error.get("ctx", {}).get("error")
+    if not error["loc"] and isinstance(cause, InputError):
+        problem = cause.problems[0]
+        return Problem(
+            problem.message, "--" + re.sub(r"(?<=[a-z])(?=[A-Z])", "-", problem.field or "").lower()
+        )
+    return Problem(error["msg"], "--" + str(error["loc"][0]).replace("_", "-"))
 
 
 @command

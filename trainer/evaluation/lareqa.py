@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from xling.trainer.data.pairs import connected_components
 from xling.trainer.evaluation.errors import EvalDataError
-from xling.trainer.spec import CandidateContext, ClusterUnit
+from xling.trainer.spec import CandidateContext, ClusterUnit, HoldOutSpec
 
 #: The clusters above the question that per_query.json labels every query with (sweep.bootstrapUnit).
 CLUSTER_UNITS: tuple[ClusterUnit, ...] = ("paragraph", "article")
@@ -84,21 +86,11 @@ class LareqaSuite:
         """Question id -> its cluster: the connected component of questions that share a paragraph (or an
         article) in any language. Translations of a question always share one; on XQuAD-R, whose files are
         parallel, a paragraph cluster is one paragraph; on MLQA-R it joins paragraphs that translations link."""
-        parent: dict[str, str] = {}
-
-        def root(q: str) -> str:
-            while parent.setdefault(q, q) != q:
-                parent[q] = parent[parent[q]]
-                q = parent[q]
-            return q
-
-        for lang in self.languages:
-            first: dict[tuple[int, ...], str] = {}
-            for qid, (article, paragraph) in self.data[lang].place_of.items():
-                key = (article,) if unit == "article" else (article, paragraph)
-                parent[root(qid)] = root(first.setdefault(key, qid))
-        labels: dict[str, int] = {}
-        return {q: labels.setdefault(root(q), len(labels)) for q in sorted(parent)}
+        return connected_components(
+            (qid, (lang, article) if unit == "article" else (lang, article, paragraph))
+            for lang in self.languages
+            for qid, (article, paragraph) in self.data[lang].place_of.items()
+        )
 
     def own_copy(self, lang: str) -> np.ndarray | None:
         """With ``self_match``: each query's own text in the pool (to be ranked out), else None."""
@@ -302,3 +294,43 @@ def load_ntrex_suite(
     return LareqaSuite(name, tuple(langs), "sentence", data, digest.hexdigest()[:16],
                        {"first_line": first_line, "lines": stop - first_line, "path": str(directory)},
                        self_match=True)  # fmt: skip
+
+
+def load_mlqa_holdout(
+    name: str, directory: str | Path, *, languages: list[str] | None, hold_out: HoldOutSpec,
+    max_queries: int | None = None,
+) -> LareqaSuite:  # fmt: skip
+    """The in-domain hold-out of an MLQA training source (``data.sources[i].holdOut``), pooled at paragraph
+    level: queries are the held-out questions in each language, candidates the held-out paragraphs (each
+    distinct text once per language), relevant the paragraph of the question's group in every language that
+    has it. Paragraphs, not sentences: the bundled MLQA files carry no answer spans (the builder's passage is
+    the whole paragraph), so no answer sentence exists, and paragraphs are what training matches questions
+    to. A question whose text another held-out group asks too (MLQA repeats a few) is left out: both
+    groups' paragraphs answer it, but only one would count. Clusters for the bootstrap: the hold-out
+    component (questions sharing a paragraph), for both units."""
+    from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
+
+    directory = Path(directory)
+    try:
+        split = mlqa_holdout(str(directory), hold_out.fraction, hold_out.seed)
+        rows = [pair for pair, _ in mlqa_rows(directory) if pair.pair_id in split.component_of]
+    except (OSError, ValueError) as err:
+        raise EvalDataError(directory, f"{name}: {err}") from None
+    langs = list(languages or sorted({p.language for p in rows if p.passage is not None}))
+    answered = {p.pair_id for p in rows if p.passage is not None and p.language in langs}
+    digest = hashlib.sha256(f"mlqa-holdout|{hold_out.fraction}|{hold_out.seed}|{max_queries}".encode())
+    data = {}
+    for lang in langs:
+        mine = sorted((p for p in rows if p.language == lang), key=lambda p: p.pair_id)
+        paragraphs: dict[str, int] = {}
+        answer_of = {p.pair_id: paragraphs.setdefault(p.passage, len(paragraphs)) for p in mine if p.passage}
+        asked = Counter(p.query for p in mine)
+        queries = [p for p in mine if p.query is not None and p.pair_id in answered and asked[p.query] == 1]
+        queries = queries[:max_queries]
+        place = {p.pair_id: (split.component_of[p.pair_id],) * 2 for p in mine}
+        digest.update("\0".join([*paragraphs, *(q.query for q in queries)]).encode())
+        data[lang] = LanguageData(lang, directory, [f"{lang}:{k}:0" for k in range(len(paragraphs))], list(paragraphs),
+                                  [q.pair_id for q in queries], [q.query for q in queries], answer_of, place)  # fmt: skip
+    return LareqaSuite(name, tuple(langs), "paragraph", data, digest.hexdigest()[:16],
+                       {"fraction": hold_out.fraction, "seed": hold_out.seed, "max_queries": max_queries,
+                        "path": str(directory)})  # fmt: skip

@@ -421,12 +421,16 @@ def test_an_interrupted_trial_without_its_model_is_not_settled_as_finished(tmp_p
     client = MlflowClient(uri)
     last = exp.spec.optimization.max_steps
     runs = {}
-    for trial, (final_metric, model) in zip(plan.trials, [(True, True), (True, False), (False, True)]):
+    for trial, (final_metric, model) in zip(
+        plan.trials, [(True, True), (True, False), (False, True)], strict=True
+    ):
         run_id, _ = _child_run(ctx, trial, ctx.spec(trial.point, trial.seed))
         if final_metric:
             client.log_metric(run_id, exp.spec.sweep.metric, 0.5, step=last)
         if model:
-            logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, source_run_id=run_id)
+            logged = client.create_logged_model(
+                client.get_run(run_id).info.experiment_id, source_run_id=run_id
+            )
             client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
         runs[trial.name] = run_id
     _settle_children(client, ctx, [SimpleNamespace(error=None, config={"trial": {"name": t}}) for t in runs])
