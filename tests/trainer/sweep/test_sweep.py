@@ -166,7 +166,7 @@ def test_trials_share_one_gpu_with_a_fraction_each() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 4, 12), ("research-gpu-1", 4, 20)]
+    ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 4, 8), ("research-gpu-1", 4, 20)]
 )
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     exp = load_experiment(SAMPLES / f"{name}.yaml")
@@ -187,10 +187,9 @@ def test_research_sweep_runs_every_strategy_with_the_baselines_and_the_new_infer
     assert default_concurrency({"CPU": 2.0}, specs) == 2, "two 1-core trials at once on 2 cores"
     assert {s.sampling.alpha_schedule for s in specs} == {"exact"}
     ev, sweep = exp.spec.evaluation, exp.spec.sweep
-    assert ev.curve_steps(exp.spec.optimization.max_steps) == [53, 107] and ev.centering is not None
+    assert ev.curve_steps(exp.spec.optimization.max_steps) == [32, 64] and ev.centering is not None
     assert (sweep.bootstrap_unit, sweep.equivalence_margin) == ("paragraph", 0.005)
-    # at least one pass over the pool's 5,328 groups, give or take the last batches
-    assert exp.spec.optimization.max_steps * exp.spec.optimization.global_batch_size >= 0.95 * 5328
+    assert len(sweep.seeds) >= 2, "seed intervals need two seeds at least"
 
 
 def test_explicit_points_cross_the_parameter_grids() -> None:
