@@ -139,14 +139,14 @@ def language_problems(spec: ExperimentSpec) -> Iterator[Problem]:
 
 
 def _suite_language_problems(spec: ExperimentSpec) -> Iterator[Problem]:
+    from xling.trainer.evaluation.api import suite_languages
     from xling.trainer.evaluation.errors import EvalDataError
-    from xling.trainer.evaluation.lareqa import discover_languages
 
     for i, suite in enumerate(spec.evaluation.suites):
         if suite.name == "miracl":
             continue
         try:
-            have = discover_languages(Path(suite.path))
+            have = suite_languages(suite)
         except EvalDataError as err:
             yield Problem(str(err.problems[0]), f"spec.evaluation.suites[{i}].path")
             continue

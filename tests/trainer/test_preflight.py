@@ -164,10 +164,35 @@ def test_the_unknown_code_is_named_with_its_field(tmp_path: Path, capsys: pytest
     assert "  spec.data.languages: unknown language code 'qq' (known: ar, bn, " in capsys.readouterr().err
 
 
-def test_the_smoke_sample_passes_the_check(capsys: pytest.CaptureFixture[str]) -> None:
-    sample = ROOT / "manifests" / "samples" / "smoke.yaml"
-    assert main(["run", "--check", str(sample)]) == 0
-    assert capsys.readouterr().out == f"{sample}: ready to run RetrievalExperiment 'smoke'\n"
+@pytest.mark.parametrize(("sample", "name"), [("smoke", "smoke"), ("research", "research-e5-small-v2")])
+def test_the_cpu_samples_pass_the_check(sample: str, name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """research.yaml scores NTREX-128 and the MLQA hold-out, whose files are not ``<lang>.json``: the check
+    refused it ("no <lang>.json or <lang>.json.gz files") before it read each suite by its own layout."""
+    file = ROOT / "manifests" / "samples" / f"{sample}.yaml"
+    assert main(["run", "--check", str(file)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out == f"{file}: ready to run RetrievalExperiment '{name}'\n"
+
+
+NTREX_SLICE = {"name": "ntrex-r", "firstLine": 1000, "maxParagraphs": 50}
+
+
+@pytest.mark.parametrize(
+    ("suite", "message"),
+    [({**NTREX_SLICE, "path": "xquad-r"}, "no NTREX-128 files newstest2019-ref.<code>.txt[.gz]"),
+     ({**NTREX_SLICE, "path": "arabic-only", "languages": ["ar", "de"]}, "de not in"),
+     ({"name": "xquad-r", "path": "ntrex-128"}, "no <lang>.json or <lang>.json.gz files")],
+)  # fmt: skip
+def test_each_suite_is_checked_by_its_own_layout(
+    suite: dict, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arabic_only = tmp_path / "arabic-only"  # an NTREX copy with one language's file
+    arabic_only.mkdir()
+    for name in ("DOCUMENT_IDS.tsv", "newstest2019-ref.arb.txt.gz"):
+        (arabic_only / name).symlink_to(DEMO / "ntrex-128" / name)
+    path = arabic_only if suite["path"] == "arabic-only" else DEMO / suite["path"]
+    file = _write(_set("spec.evaluation.suites", [{**suite, "path": str(path)}]), tmp_path)
+    assert main(["run", "--check", str(file)]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_an_unreachable_hub_is_said(

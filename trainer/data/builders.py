@@ -121,6 +121,16 @@ def ntrex_doc_ids(path: str | Path) -> list[str]:
     return _lines(_find(Path(path), "DOCUMENT_IDS.tsv"))
 
 
+def ntrex_languages(path: str | Path) -> list[str]:
+    """The languages (of ``NTREX_LANGUAGES``) whose NTREX-128 file is in ``path``, sorted."""
+    root = Path(path)
+    have = [lang for code, lang in NTREX_LANGUAGES.items() if (root / f"newstest2019-ref.{code}.txt").exists()
+            or (root / f"newstest2019-ref.{code}.txt.gz").exists()]  # fmt: skip
+    if not have:
+        raise FileNotFoundError(f"{root}: no NTREX-128 files newstest2019-ref.<code>.txt[.gz]")
+    return sorted(have)
+
+
 def ntrex_sentences(path: str | Path, languages: Collection[str], lines: range) -> dict[str, list[str]]:
     """Lines ``lines`` (0-based) of each language's NTREX-128 file: the same source sentences, translated."""
     root, out = Path(path), {}
@@ -356,6 +366,16 @@ def iapp_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
 _MLQA_NAME = re.compile(
     r"^(?P<split>dev|test)-context-(?P<c>[a-z]{2})-question-(?P<q>[a-z]{2})\.json(\.gz)?$"
 )
+
+
+def mlqa_context_languages(path: str | Path) -> list[str]:
+    """The paragraph (context) languages of the MLQA files in ``path``, sorted: the languages a pooled MLQA
+    suite can have candidates in."""
+    root = Path(path)
+    found = [_MLQA_NAME.match(f.name) for f in sorted(root.glob("*-context-*-question-*.json*"))]
+    if not (have := sorted({m["c"] for m in found if m})):
+        raise FileNotFoundError(f"{root}: no MLQA files <split>-context-<C>-question-<Q>.json[.gz]")
+    return have
 
 
 def mlqa_rows(

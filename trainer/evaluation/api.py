@@ -41,6 +41,25 @@ def load_suite(spec: EvalSuite) -> Suite:
     )
 
 
+def suite_languages(spec: EvalSuite) -> list[str]:
+    """The languages a suite's files hold, by the suite's own layout (what ``languages`` may name); raises
+    EvalDataError naming the directory when it holds none."""
+    from xling.trainer.data.builders import mlqa_context_languages, ntrex_languages
+    from xling.trainer.evaluation.errors import EvalDataError
+    from xling.trainer.evaluation.lareqa import discover_languages
+
+    if spec.name == "ntrex-r":
+        find = ntrex_languages
+    elif spec.hold_out is not None:
+        find = mlqa_context_languages
+    else:
+        return discover_languages(Path(spec.path))
+    try:
+        return find(spec.path)
+    except OSError as err:
+        raise EvalDataError(Path(spec.path), str(err).removeprefix(f"{Path(spec.path)}: ")) from None
+
+
 def evaluate_suite(
     suite: Suite,
     encoder: TextEncoder,
