@@ -1,10 +1,11 @@
 """The one way a user's mistake reaches the user: an error that says where, and one place that prints it.
 
-A spec, evaluation data or a results file that cannot be used raises :class:`InputError` (or a subclass naming
-the input: ``SpecError``, ``EvalDataError``), which carries the file (or resource), the line where known and the
-field path of each problem; ``str()`` is the text every CLI prints. :func:`command` wraps each CLI handler
-(``xling run``, ``eval``, ``render``, ...) so that they all print and exit alike. Standard library only: the
-operator imports it.
+A spec, data, a model file or a results file that cannot be used raises :class:`InputError` (or a subclass
+naming the input: ``SpecError``, ``EvalDataError``, ``BadRowError``, ``PlanError``, ``E5S1Error``), which carries
+the file (or resource), the line where known and the field path of each problem; ``str()`` is the text every
+CLI prints. :func:`command` wraps each CLI handler (``xling run``, ``eval``, ``render``, ...) so that they all
+print and exit alike, and catches only these: any other exception is a bug and keeps its traceback. Standard
+library only: the operator imports it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,10 @@ class Problem:
 
 class InputError(ValueError):
     """Input the user must fix, naming where: ``source`` (file or resource), ``line`` where known, and each
-    problem's field path. With ``problems``, ``message`` heads the list (one problem per line)."""
+    problem's field path. With ``problems``, ``message`` heads the list (one problem per line).
+
+    A ``ValueError`` still, so that code which validates input with ``except ValueError`` (pydantic, parsers)
+    keeps treating it as invalid input; the printer, though, catches only this type."""
 
     def __init__(
         self,
@@ -105,9 +109,9 @@ def failure_reason(err: BaseException) -> str:
     return text
 
 
-def report(err: BaseException) -> int:
+def report(err: InputError | FileNotFoundError | KeyboardInterrupt) -> int:
     """Print ``err`` for the user on stderr and return the exit code: an InputError as it reads (it names the
-    file and field), any other error after ``error:``."""
+    file or field), a missing path after ``error:``."""
     if isinstance(err, KeyboardInterrupt):
         print("interrupted: completed steps and trials are kept; rerun to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -116,13 +120,15 @@ def report(err: BaseException) -> int:
 
 
 def command(handler: Callable[[Namespace], int]) -> Callable[[Namespace], int]:
-    """A CLI handler whose user-facing errors are reported (:func:`report`) instead of raised."""
+    """A CLI handler whose user-facing errors are reported (:func:`report`) instead of raised: InputError, a
+    path the user named that does not exist (``FileNotFoundError``), Ctrl-C, and a run that failed. Anything
+    else (a ``ValueError`` or ``KeyError`` of a bug) propagates with its traceback, and Python exits 1."""
 
     @functools.wraps(handler)
     def run(args: Namespace) -> int:
         try:
             return handler(args)
-        except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:
+        except (InputError, FileNotFoundError, KeyboardInterrupt) as err:
             return report(err)
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)
