@@ -17,6 +17,7 @@ from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Exit code of a run refused for its input (argparse uses the same for bad flags).
 EXIT_INPUT = 2
@@ -60,12 +61,24 @@ class InputError(ValueError):
         self.problems = tuple(problems) or (Problem(message, field),)
         super().__init__(self._text())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its fields, not by calling ``__init__`` with ``args`` (the text alone): Ray pickles a
+        worker's error to send it to the driver, and a subclass's ``__init__`` differs (``BadRowError``)."""
+        return _rebuilt, (type(self), str(self), self.__dict__)
+
     def _text(self) -> str:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         if self.headline is None:
             return ": ".join(part for part in (where, str(self.problems[0])) if part)
         head = ": ".join(part for part in (where, self.headline) if part)
         return "\n".join([head] + [f"  {p}" for p in self.problems])
+
+
+def _rebuilt(cls: type[InputError], text: str, fields: dict[str, Any]) -> InputError:
+    """An unpickled InputError (see ``InputError.__reduce__``)."""
+    err = cls.__new__(cls, text)
+    err.__dict__.update(fields)
+    return err
 
 
 class RunFailed(RuntimeError):
