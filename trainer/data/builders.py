@@ -267,8 +267,11 @@ def _squad_files(path: str | Path) -> list[Path]:
 
 
 def _squad_questions(file: Path, prefix: str, language: str) -> Iterator[Question]:
-    with open_text(file) as f:
-        doc = json.load(f)
+    try:
+        with open_text(file) as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # ValueErrors both: the file is the user's
+        raise InputError(file, f"not valid JSON ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
         raise InputError(file, "not SQuAD-style JSON (no top-level 'data' list)")
     qas = (

@@ -194,15 +194,21 @@ def pair_files(path: str | Path) -> list[Path]:
 
 
 def read_pairs(path: str | Path, report: RowReport | None = None) -> Iterator[Row]:
-    """Rows of a normalised pair file, or of all pair files in a directory (so parallel files can group)."""
+    """Rows of a normalised pair file, or of all pair files in a directory (so parallel files can group). A
+    file that cannot be decoded at all (not UTF-8, not Parquet) is the user's to fix: an InputError naming it."""
+    from pyarrow import ArrowInvalid
+
     for file in pair_files(path):
         fmt = format_of(file)
-        if fmt == "jsonl":
-            yield from read_jsonl(file, report)
-        elif fmt == "parquet":
-            yield from read_parquet(file, report)
-        else:
-            yield from read_csv(file, report, delimiter="\t" if fmt == "tsv" else ",")
+        try:
+            if fmt == "jsonl":
+                yield from read_jsonl(file, report)
+            elif fmt == "parquet":
+                yield from read_parquet(file, report)
+            else:
+                yield from read_csv(file, report, delimiter="\t" if fmt == "tsv" else ",")
+        except (UnicodeDecodeError, ArrowInvalid) as err:
+            raise InputError(file, f"cannot be read as {fmt}: {err}") from err
 
 
 def read_hf(name: str, split: str = "train", report: RowReport | None = None) -> Iterator[Row]:

@@ -414,3 +414,13 @@ def test_the_report_counts_a_bad_row_by_the_reason_the_error_carries() -> None:
     report.add(err)
     assert dict(report.skipped) == {reason: 1} and report.examples == [f"rows.csv:4: {reason}"]
     assert (err.source, err.reason) == ("rows.csv:4", reason)
+
+
+def test_a_squad_file_that_is_not_json_is_named(tmp_path: Path) -> None:
+    """A truncated download: json's own ValueError used to reach the user without the file's name (and, now
+    that only InputError is printed, would show as a traceback)."""
+    from xling.trainer.errors import InputError
+
+    (tmp_path / "train.json").write_text('{"data": [')
+    with pytest.raises(InputError, match=r"train\.json: not valid JSON \(Expecting value"):
+        list(builders.squad_rows(tmp_path / "train.json", "en"))
