@@ -39,20 +39,61 @@ def _package(name: str) -> str:
     return name.rsplit(".", 1)[0]
 
 
-def _targets(node: ast.Import | ast.ImportFrom, known: set[str]) -> set[str]:
-    """The xling modules one import statement names (``from pkg import mod`` counts as ``pkg.mod``).
+#: A package's names -> the modules they stand for: ``pkg.name`` -> {module}, and ``pkg`` -> every module its
+#: ``__init__`` imports (what importing the package runs).
+Exports = dict[str, set[str]]
+
+
+def package_exports(known: set[str]) -> Exports:
+    """What each package ``__init__`` makes importable, so that an import through the package is drawn as an
+    arrow to the module that defines the name (``from xling.trainer.data import BadRowError`` ->
+    ``data.pairs``); a name the ``__init__`` defines itself stands for every module the ``__init__`` imports."""
+    inits = {
+        ".".join((prefix, *path.parent.relative_to(folder).parts)): path
+        for prefix, folder in PACKAGES.items()
+        for path in sorted(folder.rglob("__init__.py"))
+    }
+    out: Exports = {}
+    for package, path in inits.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        imported: set[str] = set()
+        for node in tree.body:
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    target = full if full in known else node.module
+                    if target in known:
+                        out[f"{package}.{alias.asname or alias.name}"] = {target}
+                        imported.add(target)
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                out[f"{package}.{node.name}"] = imported  # filled in as the loop goes on: the same set
+        out[package] = imported
+    return out
+
+
+def _targets(node: ast.Import | ast.ImportFrom, known: set[str], exports: Exports) -> set[str]:
+    """The xling modules one import statement names: ``from pkg import mod`` counts as ``pkg.mod``, and a
+    name or package that a package ``__init__`` provides as the modules it stands for (:func:`package_exports`).
 
     The code base uses absolute imports only (ruff's isort keeps them so)."""
     if isinstance(node, ast.Import):
         names = [alias.name for alias in node.names]
     else:
-        names = [node.module or ""] + [f"{node.module}.{alias.name}" for alias in node.names]
-    return {n for n in names if n in known}
+        module = node.module or ""
+        names = [f"{module}.{alias.name}" for alias in node.names]
+        if module in known or not any(n in known or n in exports for n in names):
+            names.append(module)
+    found = {n for n in names if n in known}
+    for n in names:
+        if n not in known:
+            found |= exports.get(n, set())
+    return found
 
 
 def edges(found: dict[str, Path]) -> dict[tuple[str, str], bool]:
     """(importer, imported) -> True when some import of it is at module level."""
     known = set(found)
+    exports = package_exports(known)
     out: dict[tuple[str, str], bool] = {}
     for name, path in found.items():
         tree = ast.parse(path.read_text(), filename=str(path))
@@ -66,7 +107,7 @@ def edges(found: dict[str, Path]) -> dict[tuple[str, str], bool]:
         for node in ast.walk(tree):
             if not isinstance(node, ast.Import | ast.ImportFrom) or id(node) in typing_only:
                 continue
-            for target in _targets(node, known) - {name}:
+            for target in _targets(node, known, exports) - {name}:
                 out[(name, target)] = out.get((name, target), False) or id(node) in top
     return out
 

@@ -123,18 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mine.add_argument("file")
     mine.set_defaults(func=_mine)
-    for module in (
-        "xling.trainer.evaluation",
-        "xling.operator.render",
-        "xling.trainer.sweep.cli",
-        "xling.trainer.plan",
-        "xling.trainer.export",
-    ):
-        try:
-            __import__(module, fromlist=["add_cli"]).add_cli(sub)
-        except ModuleNotFoundError as err:  # a dependency this image lacks (e.g. no kopf in a trainer image)
-            if (err.name or "").startswith("xling"):
-                raise
+    # Here, not at the top: ``import xling.trainer.cli`` (tests, ``main``) stays as light as the spec. None of
+    # these imports torch, Ray or kopf at module level: every image with the base dependencies has them all.
+    from xling.operator import render
+    from xling.trainer import export, plan
+    from xling.trainer.evaluation import cli as evaluation_cli
+    from xling.trainer.sweep import cli as sweep_cli
+
+    for module in (evaluation_cli, render, sweep_cli, plan, export):
+        module.add_cli(sub)
     return parser
 
 

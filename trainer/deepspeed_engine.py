@@ -45,8 +45,10 @@ def deepspeed_config(spec: ExperimentSpec, world: int) -> dict[str, Any]:
         raise ValueError("distributed.deepspeed is not set")
     if ds.stage == "auto":  # plan.auto_stage resolves it wherever the model shape and device size are known
         raise PlanError(
-            "distributed.deepspeed.stage: auto: neither the driver nor this worker could size the devices "
-            "(GPU memory unknown: set XLING_GPU_MEM_GB) or the model; give the stage (0, 1, 2 or 3)"
+            None,
+            "auto: neither the driver nor this worker could size the devices "
+            "(GPU memory unknown: set XLING_GPU_MEM_GB) or the model; give the stage (0, 1, 2 or 3)",
+            field="distributed.deepspeed.stage",
         )
     zero: dict[str, Any] = {"stage": ds.stage}
     if ds.stage >= 1:

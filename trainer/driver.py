@@ -121,7 +121,9 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
             spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
         )
     except BadRowError as err:
-        raise InputError(None, f"{err}; rerun with --skip-bad-rows to skip and count such rows") from None
+        raise InputError(
+            err.source, f"{err.reason}; rerun with --skip-bad-rows to skip and count such rows"
+        ) from None
     report, corpus = prepared.report, prepared.corpus
     missing_languages(spec, corpus.index.present())
     if report.total:
@@ -191,7 +193,7 @@ def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
 
     def texts() -> list[str]:
         from xling.trainer.data.builders import ntrex_sentences
-        from xling.trainer.evaluation import load_suite
+        from xling.trainer.evaluation.api import load_suite
 
         out: list[str] = []
         for suite_spec in suites:

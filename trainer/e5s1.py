@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from xling.trainer.contracts import CACHE_DEFAULT, default_cache_dir
+from xling.trainer.errors import InputError
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: the "already converted" path must stay cheap
     import torch
@@ -108,8 +109,8 @@ _LAYER_MODULES = {
 }
 
 
-class E5S1Error(ValueError):
-    """The file is not a well-formed E5S1 container (or does not match its tokenizer)."""
+class E5S1Error(InputError):
+    """The file (``source``) is not a well-formed E5S1 container (or does not match its tokenizer)."""
 
 
 class DownloadError(RuntimeError):
@@ -152,7 +153,7 @@ class _Cursor:
         start = self.pos
         if start + n > self.raw.size:
             raise E5S1Error(
-                f"{self.path}: truncated at byte {start} (needs {n} more, file has {self.raw.size})"
+                self.path, f"truncated at byte {start} (needs {n} more, file has {self.raw.size})"
             )
         self.pos += n
         return start
@@ -202,7 +203,7 @@ def dequantize_q4_0(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Q4_0 bytes (``uint8``, rows of 18-byte blocks) -> float32 ``[out, in]``, vectorised (no Python loop)."""
     n = math.prod(shape)
     if shape[-1] % Q4_0_WEIGHTS or data.size != n // Q4_0_WEIGHTS * Q4_0_BLOCK.itemsize:
-        raise E5S1Error(f"Q4_0 tensor of shape {shape} cannot be {data.size} bytes")
+        raise E5S1Error(None, f"Q4_0 tensor of shape {shape} cannot be {data.size} bytes")
     blocks = np.ascontiguousarray(data).view(Q4_0_BLOCK)
     qs = blocks["qs"]
     out = np.empty((blocks.size, Q4_0_WEIGHTS), np.float32)
@@ -220,9 +221,9 @@ def read_e5s1(path: str | Path) -> E5S1:
     cur = _Cursor(raw, path)
     magic, version, *dims, eps, block = cur.unpack("<4sI7ifi")
     if magic != MAGIC:
-        raise E5S1Error(f"{path}: not an E5S1 file (magic {magic!r}, expected {MAGIC!r})")
+        raise E5S1Error(path, f"not an E5S1 file (magic {magic!r}, expected {MAGIC!r})")
     if version != 1 or block != Q4_0_WEIGHTS:
-        raise E5S1Error(f"{path}: unsupported E5S1 version {version} / block size {block} (need 1 / 32)")
+        raise E5S1Error(path, f"unsupported E5S1 version {version} / block size {block} (need 1 / 32)")
     header = Header(*dims, eps=eps, block=block)
 
     n_pieces, bos, eos, pad, unk = cur.unpack("<5i")
@@ -231,7 +232,7 @@ def read_e5s1(path: str | Path) -> E5S1:
     scores = cur.array("<f4", n_pieces).astype(np.float32)
     blob = cur.bytes(bloblen)
     if offs[-1] != bloblen:
-        raise E5S1Error(f"{path}: piece offsets end at {offs[-1]}, blob has {bloblen} bytes")
+        raise E5S1Error(path, f"piece offsets end at {offs[-1]}, blob has {bloblen} bytes")
     pieces = [blob[a:b].decode("utf-8") for a, b in zip(offs[:-1], offs[1:], strict=True)]
     _n_norm, norm_bytes = cur.unpack("<iI")
     cur.bytes(norm_bytes)  # normalisation map: the HF tokenizer.json does this job
@@ -245,24 +246,23 @@ def read_e5s1(path: str | Path) -> E5S1:
         entries[name] = cur.unpack("<BIQQ")
     if set(entries) != set(layout):
         raise E5S1Error(
-            f"{path}: tensor names differ from the BERT layout: missing {sorted(set(layout) - set(entries))[:5]}, "
-            f"unknown {sorted(set(entries) - set(layout))[:5]}"
+            path,
+            f"tensor names differ from the BERT layout: missing {sorted(set(layout) - set(entries))[:5]}, "
+            f"unknown {sorted(set(entries) - set(layout))[:5]}",
         )
 
     tensors = {}
     for name, (dtype, n_elements, offset, nbytes) in entries.items():
         shape = layout[name][1]
         if n_elements != math.prod(shape) or offset + nbytes > raw.size:
-            raise E5S1Error(
-                f"{path}: {name} has {n_elements} elements at {offset}+{nbytes}; expected {shape}"
-            )
+            raise E5S1Error(path, f"{name} has {n_elements} elements at {offset}+{nbytes}; expected {shape}")
         data = raw[offset : offset + nbytes]
         if dtype == DTYPE_Q4_0:
             tensors[name] = dequantize_q4_0(data, shape)
         elif dtype == DTYPE_F32 and nbytes == 4 * n_elements:
             tensors[name] = data.view("<f4").astype(np.float32).reshape(shape)
         else:
-            raise E5S1Error(f"{path}: {name} has dtype {dtype} and {nbytes} bytes for {n_elements} elements")
+            raise E5S1Error(path, f"{name} has dtype {dtype} and {nbytes} bytes for {n_elements} elements")
     special = {"bos": bos, "eos": eos, "pad": pad, "unk": unk}
     return E5S1(header, pieces, scores, special, tensors)
 
@@ -307,7 +307,7 @@ def _check_tokenizer(tokenizer_json: Path, pieces: list[str]) -> None:
     """Refuse a tokenizer whose vocabulary differs from the one the weights were trained with."""
     model = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "Unigram":
-        raise E5S1Error(f"{tokenizer_json}: expected a Unigram tokenizer, got {model.get('type')!r}")
+        raise E5S1Error(tokenizer_json, f"expected a Unigram tokenizer, got {model.get('type')!r}")
     vocab = [piece for piece, _score in model["vocab"]]
     if vocab != pieces:
         first = next(
@@ -315,8 +315,9 @@ def _check_tokenizer(tokenizer_json: Path, pieces: list[str]) -> None:
             min(len(vocab), len(pieces)),
         )
         raise E5S1Error(
-            f"{tokenizer_json}: vocabulary does not match the weights' ({len(vocab)} vs {len(pieces)} pieces, "
-            f"first difference at id {first})"
+            tokenizer_json,
+            f"vocabulary does not match the weights' ({len(vocab)} vs {len(pieces)} pieces, "
+            f"first difference at id {first})",
         )
 
 
@@ -346,7 +347,7 @@ def convert(bin_path: str | Path, tokenizer_json: str | Path, out_dir: str | Pat
     model, info = AutoModel.from_pretrained(out_dir, add_pooling_layer=False, output_loading_info=True)
     problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
     if problems or not torch.equal(model.embeddings.word_embeddings.weight, state[_EMBEDDINGS["emb.word"]]):
-        raise E5S1Error(f"{out_dir}: the written model does not reload as converted: {problems}")
+        raise E5S1Error(out_dir, f"the written model does not reload as converted: {problems}")
     log.info("converted %s -> %s in %.1f s", bin_path, out_dir, time.perf_counter() - start)
     return out_dir
 

@@ -1,10 +1,11 @@
 """The one way a user's mistake reaches the user: an error that says where, and one place that prints it.
 
-A spec, evaluation data or a results file that cannot be used raises :class:`InputError` (or a subclass naming
-the input: ``SpecError``, ``EvalDataError``), which carries the file (or resource), the line where known and the
-field path of each problem; ``str()`` is the text every CLI prints. :func:`command` wraps each CLI handler
-(``xling run``, ``eval``, ``render``, ...) so that they all print and exit alike. Standard library only: the
-operator imports it.
+A spec, data, a model file or a results file that cannot be used raises :class:`InputError` (or a subclass
+naming the input: ``SpecError``, ``EvalDataError``, ``BadRowError``, ``PlanError``, ``E5S1Error``), which carries
+the file (or resource), the line where known and the field path of each problem; ``str()`` is the text every
+CLI prints. :func:`command` wraps each CLI handler (``xling run``, ``eval``, ``render``, ...) so that they all
+print and exit alike, and catches only these: any other exception is a bug and keeps its traceback. Standard
+library only: the operator imports it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 #: Exit code of a run refused for its input (argparse uses the same for bad flags).
 EXIT_INPUT = 2
@@ -39,7 +41,10 @@ class Problem:
 
 class InputError(ValueError):
     """Input the user must fix, naming where: ``source`` (file or resource), ``line`` where known, and each
-    problem's field path. With ``problems``, ``message`` heads the list (one problem per line)."""
+    problem's field path. With ``problems``, ``message`` heads the list (one problem per line).
+
+    A ``ValueError`` still, so that code which validates input with ``except ValueError`` (pydantic, parsers)
+    keeps treating it as invalid input; the printer, though, catches only this type."""
 
     def __init__(
         self,
@@ -56,12 +61,24 @@ class InputError(ValueError):
         self.problems = tuple(problems) or (Problem(message, field),)
         super().__init__(self._text())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its fields, not by calling ``__init__`` with ``args`` (the text alone): Ray pickles a
+        worker's error to send it to the driver, and a subclass's ``__init__`` differs (``BadRowError``)."""
+        return _rebuilt, (type(self), str(self), self.__dict__)
+
     def _text(self) -> str:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
         if self.headline is None:
             return ": ".join(part for part in (where, str(self.problems[0])) if part)
         head = ": ".join(part for part in (where, self.headline) if part)
         return "\n".join([head] + [f"  {p}" for p in self.problems])
+
+
+def _rebuilt(cls: type[InputError], text: str, fields: dict[str, Any]) -> InputError:
+    """An unpickled InputError (see ``InputError.__reduce__``)."""
+    err = cls.__new__(cls, text)
+    err.__dict__.update(fields)
+    return err
 
 
 class RunFailed(RuntimeError):
@@ -105,9 +122,9 @@ def failure_reason(err: BaseException) -> str:
     return text
 
 
-def report(err: BaseException) -> int:
+def report(err: InputError | FileNotFoundError | KeyboardInterrupt) -> int:
     """Print ``err`` for the user on stderr and return the exit code: an InputError as it reads (it names the
-    file and field), any other error after ``error:``."""
+    file or field), a missing path after ``error:``."""
     if isinstance(err, KeyboardInterrupt):
         print("interrupted: completed steps and trials are kept; rerun to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -116,13 +133,15 @@ def report(err: BaseException) -> int:
 
 
 def command(handler: Callable[[Namespace], int]) -> Callable[[Namespace], int]:
-    """A CLI handler whose user-facing errors are reported (:func:`report`) instead of raised."""
+    """A CLI handler whose user-facing errors are reported (:func:`report`) instead of raised: InputError, a
+    path the user named that does not exist (``FileNotFoundError``), Ctrl-C, and a run that failed. Anything
+    else (a ``ValueError`` or ``KeyError`` of a bug) propagates with its traceback, and Python exits 1."""
 
     @functools.wraps(handler)
     def run(args: Namespace) -> int:
         try:
             return handler(args)
-        except (ValueError, FileNotFoundError, KeyboardInterrupt) as err:
+        except (InputError, FileNotFoundError, KeyboardInterrupt) as err:
             return report(err)
         except RunFailed as err:
             print(f"error: {err}", file=sys.stderr)

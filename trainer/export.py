@@ -25,6 +25,7 @@ from typing import Any
 
 import yaml
 
+from xling.trainer.errors import InputError
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, ModelSpec
 from xling.trainer.tags import RUN_ID
 
@@ -167,15 +168,16 @@ def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
     modules = json.loads((root / "modules.json").read_text())
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or set(kinds[2:]) - {"Normalize"}:
-        raise ValueError(
-            f"{root / 'modules.json'}: modules {kinds}; xling evaluates Transformer, Pooling[, Normalize]"
+        raise InputError(
+            root / "modules.json", f"modules {kinds}; xling evaluates Transformer, Pooling[, Normalize]"
         )
     backbone, pooling_dir = (root / modules[i]["path"] for i in (0, 1))
     mode = _pooling_mode(_read(pooling_dir / "config.json"))
     pooling = {v: k for k, v in POOLING_MODES.items()}.get(mode)
     if pooling is None:
-        raise ValueError(
-            f"{pooling_dir / 'config.json'}: pooling mode {mode!r}; xling supports {sorted(POOLING_MODES.values())}"
+        raise InputError(
+            pooling_dir / "config.json",
+            f"pooling mode {mode!r}; xling supports {sorted(POOLING_MODES.values())}",
         )
     st = _read(root / "config_sentence_transformers.json")
     prompts = st.get("prompts") or {}
@@ -492,7 +494,7 @@ def register_run_model(tracking_uri: str, name: str, run_id: str, tags: Mapping[
     experiment = client.get_run(run_id).info.experiment_id
     found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
     if not found:
-        raise ValueError(f"run {run_id} logged no model to register")
+        raise InputError(None, f"run {run_id} logged no model to register")
     mlflow.set_tracking_uri(tracking_uri)
     version = str(mlflow.register_model(f"models:/{found[0].model_id}", name).version)
     tag_version(tracking_uri, name, version, tags)
@@ -587,7 +589,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, spec_file: str | 
         shutil.copytree(source, out, dirs_exist_ok=True)
     elif (checkpoint / CKPT_DIR).is_dir():
         if not any((checkpoint / CKPT_DIR / CKPT_TAG).glob("*zero_pp_rank_*")):
-            raise ValueError(f"{checkpoint / CKPT_DIR}: a ZeRO stage 0 checkpoint has no shards to consolidate; "
+            raise InputError(checkpoint / CKPT_DIR, "a ZeRO stage 0 checkpoint has no shards to consolidate; "
                              "export the run's final checkpoint instead")  # fmt: skip
         dtype = torch.bfloat16 if spec.distributed.precision == "bf16" else torch.float32
         consolidate_zero(checkpoint / CKPT_DIR, out, dtype)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xling.trainer.errors import InputError
 from xling.trainer.paper_claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
 from xling.trainer.tags import FULL_POOL
@@ -50,12 +51,12 @@ def _logged_model_dir(client: MlflowClient, run_id: str, into: Path) -> Path:
     experiment = client.get_run(run_id).info.experiment_id
     found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
     if not found:
-        raise ValueError(f"run {run_id} logged no model (did the trial finish?)")
+        raise InputError(None, f"run {run_id} logged no model (did the trial finish?)")
     mlflow.set_tracking_uri(client.tracking_uri)  # models:/ URIs are resolved through the global tracking URI
     local = mlflow.artifacts.download_artifacts(f"models:/{found[0].model_id}", dst_path=str(into))
     dirs = sorted(Path(local).glob("artifacts/*/modules.json"))  # pyfunc artifacts keep the source dir's name
     if not dirs:
-        raise ValueError(f"run {run_id}: its logged model holds no sentence-transformers directory")
+        raise InputError(f"run {run_id}", "its logged model holds no sentence-transformers directory")
     return dirs[0].parent
 
 
@@ -63,7 +64,8 @@ def _evaluate_into(
     client: MlflowClient, run_id: str, step: int, spec: ExperimentSpec, suite_name: str, encoder: TextEncoder
 ) -> None:
     from xling.trainer.contracts import embedding_cache_dir
-    from xling.trainer.evaluation import evaluate_suite, format_table, load_suite, log_to_mlflow
+    from xling.trainer.evaluation.api import evaluate_suite, load_suite
+    from xling.trainer.evaluation.report import format_table, log_to_mlflow
 
     suite = next(x for x in spec.evaluation.suites if x.name == suite_name)
     whole = suite.model_copy(update={"max_paragraphs": None, "max_queries": None})

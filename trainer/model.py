@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xling.trainer.data.store import FORMAT, META, DataLocation, store_once
+from xling.trainer.errors import InputError
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec, Pooling
 
 log = logging.getLogger(__name__)
@@ -297,9 +298,11 @@ def freeze_lower(model: nn.Module, n: int, depth: int) -> None:
     """No gradient for the embedding block and layers[:n]: autograd then never goes below layer n."""
     stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == depth]
     if not stacks:
-        raise ValueError(f"model.freezeLayers: found no stack of {depth} layers in {type(model).__name__}")
+        raise InputError(
+            None, f"found no stack of {depth} layers in {type(model).__name__}", field="model.freezeLayers"
+        )
     if n > depth:
-        raise ValueError(f"model.freezeLayers: {n} is more than the model's {depth} layers")
+        raise InputError(None, f"{n} is more than the model's {depth} layers", field="model.freezeLayers")
     for module in [model.get_input_embeddings(), *stacks[0][:n]]:
         module.requires_grad_(False)
     embeddings = getattr(model, "embeddings", None)  # BERT-style: positions and the embedding LayerNorm too

@@ -29,6 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from xling.trainer.errors import InputError
 from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, RetrievalExperiment, load_experiment
 
 GiB = 2**30
@@ -89,8 +90,9 @@ HBM_GBS = 3000.0  # effective device-memory bandwidth of an H100/H200-class GPU 
 USABLE_FRACTION = 0.95  # allocator fragmentation: a plan that needs the last 5% will not run
 
 
-class PlanError(ValueError):
-    """The experiment cannot fit on the stated hardware (raised before any worker starts)."""
+class PlanError(InputError):
+    """The experiment cannot fit on the stated hardware (raised before any worker starts): the user changes
+    the field it names, or the hardware."""
 
 
 # ------------------------------------------------------------------------------------------ model shape
@@ -129,8 +131,8 @@ def model_shape(name: str, revision: str | None = None, trust_remote_code: bool 
             config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
         except OSError as err:
             known = ", ".join(sorted(KNOWN_SHAPES))
-            raise ValueError(
-                f"model {name!r}: no config found offline ({err}); known shapes: {known}"
+            raise InputError(
+                None, f"model {name!r}: no config found offline ({err}); known shapes: {known}"
             ) from None
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
@@ -313,8 +315,10 @@ def resolve_stage(spec: ExperimentSpec, plan: Plan) -> ExperimentSpec:
         return spec
     if not plan.fits:
         raise PlanError(
-            f"distributed.deepspeed.stage: auto: the experiment fits at no ZeRO stage on {plan.gpus} GPU(s) "
-            f"of {plan.gpu_mem_gb:g} GiB\n" + format_plan(plan, spec.model.name)
+            None,
+            f"auto: the experiment fits at no ZeRO stage on {plan.gpus} GPU(s) "
+            f"of {plan.gpu_mem_gb:g} GiB\n" + format_plan(plan, spec.model.name),
+            field="distributed.deepspeed.stage",
         )
     distributed = spec.distributed.model_copy(
         update={"deepspeed": ds.model_copy(update={"stage": plan.zero_stage})}
@@ -558,9 +562,10 @@ def check_fits(exp: RetrievalExperiment) -> Plan | None:
         workers = spec.distributed.num_workers
         where = "GPU" if gpu_run else f"worker (host memory {_host_memory_gb():.0f} GiB shared by {workers})"
         raise PlanError(
-            f"{exp.metadata.name}: refused before starting any worker: needs {plan.memory_per_gpu_gb:.1f} GiB per "
+            exp.metadata.name,
+            f"refused before starting any worker: needs {plan.memory_per_gpu_gb:.1f} GiB per "
             f"{where}, has {plan.gpu_mem_gb:.1f} GiB\n"
-            + format_plan(plan, exp.metadata.name, cpu=not gpu_run)
+            + format_plan(plan, exp.metadata.name, cpu=not gpu_run),
         )
     return plan
 

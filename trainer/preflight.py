@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import Problem
+from xling.trainer.errors import InputError, Problem
 from xling.trainer.spec import (
     DataSource,
     ExperimentSpec,
@@ -121,7 +121,7 @@ def language_problems(spec: ExperimentSpec) -> Iterator[Problem]:
     for i, source in enumerate(spec.data.sources):
         try:
             found.append(source_languages(source, spec.data.skip_bad_rows))
-        except ValueError as err:  # a bad row (BadRowError), or a folder without pair files
+        except InputError as err:  # a bad row (BadRowError), or a folder without pair files
             hint = (
                 "; rerun with --skip-bad-rows to skip and count such rows"
                 if isinstance(err, BadRowError)

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from xling.trainer.data.index import CorpusIndex
+from xling.trainer.errors import InputError
 from xling.trainer.spec import SamplingSpec
 
 BatchKind = Literal["xx", "xy", "mixed"]
@@ -160,10 +161,11 @@ class BatchSampler:
             passages.update(self._by_language)
         return groups, queries, passages
 
-    def _fail(self, step: int, what: str) -> ValueError:
-        return ValueError(
+    def _fail(self, step: int, what: str) -> InputError:
+        return InputError(
+            None,
             f"step {step}: cannot fill a global batch of {self.batch_size} ({what}) with groups that share no "
-            "conflict key; lower optimization.globalBatchSize or add data"
+            "conflict key; lower optimization.globalBatchSize or add data",
         )
 
     def _xx(self, rng: np.random.Generator, step: int) -> BatchPlan:
@@ -237,7 +239,9 @@ class HybridSampler(BatchSampler):
     def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None):
         super().__init__(index, batch_size, spec, steps)
         if spec.alpha_schedule == "exact" and not steps:
-            raise ValueError("sampling.alphaSchedule: 'exact' needs the run's length (optimization.maxSteps)")
+            raise InputError(
+                None, "'exact' needs the run's length (optimization.maxSteps)", field="sampling.alphaSchedule"
+            )
         self._block: tuple[int, np.ndarray] | None = None
 
     def uses(self) -> set[str]:
@@ -286,18 +290,24 @@ def build_sampler(
     sampler = SAMPLERS[spec.strategy](index, batch_size, spec, steps)
     uses = sampler.uses()
     if "xx" in uses and not sampler._xx_langs:
-        raise ValueError(
-            f"sampling.strategy: {spec.strategy!r} needs a language with {batch_size} groups that have a query "
+        raise InputError(
+            None,
+            f"{spec.strategy!r} needs a language with {batch_size} groups that have a query "
             f"and a passage in it and share no conflict key (optimization.globalBatchSize); the data has "
-            f"{index.sizes() or 'none'}"
+            f"{index.sizes() or 'none'}",
+            field="sampling.strategy",
         )
     if "xy" in uses and not _can_fill(index.xy_union, index, batch_size):
-        raise ValueError(
-            f"sampling.strategy: {spec.strategy!r} needs at least {batch_size} parallel groups (a query and a "
-            f"passage in two languages, no shared conflict key); the data has {len(index.xy_union)}"
+        raise InputError(
+            None,
+            f"{spec.strategy!r} needs at least {batch_size} parallel groups (a query and a "
+            f"passage in two languages, no shared conflict key); the data has {len(index.xy_union)}",
+            field="sampling.strategy",
         )
     if "mixed" in uses and not _can_fill(sampler._mixed, index, batch_size):
-        raise ValueError(f"sampling.strategy: 'mixed' needs {batch_size} groups that share no conflict key")
+        raise InputError(
+            None, f"'mixed' needs {batch_size} groups that share no conflict key", field="sampling.strategy"
+        )
     return sampler
 
 

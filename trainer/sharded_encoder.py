@@ -15,6 +15,7 @@ import numpy as np
 import ray
 
 from xling.trainer.data.store import DataLocation
+from xling.trainer.errors import InputError
 from xling.trainer.evaluation.protocol import Kind
 from xling.trainer.job import local_model_path
 from xling.trainer.spec import ModelSpec
@@ -50,8 +51,10 @@ class ShardedEncoder:
         # A local Ray has all it will ever have: actors beyond it would wait forever. A cluster's nodes may
         # still be joining (RAY_ADDRESS: a RayJob's driver), so there Ray waits for them, as training does.
         if not os.environ.get("RAY_ADDRESS") and workers > room:
-            raise ValueError(
-                f"data.hardNegatives.mine.workers: {workers} actors, but this Ray has {room} {unit}s"
+            raise InputError(
+                None,
+                f"{workers} actors, but this Ray has {room} {unit}s",
+                field="data.hardNegatives.mine.workers",
             )
         self.batch_size = batch_size
         self.actors = [

@@ -826,13 +826,14 @@ class SweepSpec(Spec):
         try:
             return ExperimentSpec.model_validate(doc)
         except ValidationError as err:
-            raise ValueError(
+            raise SpecError(
+                None,
                 "; ".join(
                     ".".join(map(str, e["loc"]))
                     + ": " * bool(e["loc"])
                     + e["msg"].removeprefix("Value error, ")
                     for e in err.errors()
-                )
+                ),
             ) from None
 
     def check(self, base: ExperimentSpec) -> None:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from xling.trainer.errors import InputError
+
 #: Resamples drawn per matrix product: bounds memory at chunk x questions x seeds x strata float64.
 _CHUNK = 256
 
@@ -220,7 +222,7 @@ def hierarchical_bootstrap(
             raise ValueError(f"{label}: expected {n} values, got shape {arr.shape}")
     keep = np.logical_and.reduce([np.isfinite(x).all(axis=0) for x in arrays.values()])
     if not keep.any():
-        raise ValueError("bootstrap: no query has a score in every configuration and seed")
+        raise InputError(None, "bootstrap: no query has a score in every configuration and seed")
     q, nq = _codes(qids[keep])
     g, ng = _codes(groups[keep])
     design = _Design(q * ng + g, nq, ng, np.bincount(q * ng + g, minlength=nq * ng).reshape(nq, ng))

@@ -241,7 +241,8 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> tuple[dict[str, float], str]:
         """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables."""
-        from xling.trainer.evaluation import evaluate_with_centering, format_table, load_suite, log_to_mlflow
+        from xling.trainer.evaluation.api import evaluate_with_centering, load_suite
+        from xling.trainer.evaluation.report import format_table, log_to_mlflow
 
         ev = self.spec.evaluation
         out: dict[str, float] = {}

@@ -85,3 +85,36 @@ def test_eval_finds_the_bundled_data_from_any_directory(
     args = build_parser().parse_args(["eval", "--model", "xling/tiny-random", "--suite", "xquad-r"])
     suite = _suite_spec(args)
     assert (Path(suite.path) / "en.json.gz").is_file(), suite.path
+
+
+@pytest.mark.parametrize("bug", [ValueError("an invariant broke"), KeyError("model")])
+def test_a_bug_in_a_command_keeps_its_traceback(
+    bug: Exception, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only user errors are printed as one line: a ValueError of a bug used to exit 2 with ``error: ...``
+    and no traceback, which hid where it came from."""
+    import xling.trainer.preflight
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise bug
+
+    monkeypatch.setattr(xling.trainer.preflight, "check", broken)
+    with pytest.raises(type(bug)):
+        main(["run", "--check", str(ROOT / "manifests" / "samples" / "smoke.yaml")])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_user_error_is_still_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refusal of the user's input (here a pair file of no known format) is an InputError: one line, exit 2."""
+    import xling.trainer.preflight
+    from xling.trainer.data.loaders import format_of
+    from xling.trainer.errors import EXIT_INPUT
+
+    monkeypatch.setattr(
+        xling.trainer.preflight, "check", lambda *args, **kwargs: format_of(Path("pairs.txt"))
+    )
+    assert main(["run", "--check", str(ROOT / "manifests" / "samples" / "smoke.yaml")]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("pairs.txt: unknown pair-file format;") and err.count("\n") == 1, err

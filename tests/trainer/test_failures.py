@@ -103,3 +103,20 @@ def test_ray_trains_failure_is_told_from_other_errors() -> None:
         ControllerError(OSError())
     )
     assert not training_failed(ValueError("a bug")) and not training_failed(KeyError("x"))
+
+
+def test_a_workers_input_error_reaches_the_driver_whole() -> None:
+    """Ray pickles a worker's error: an InputError came back as a TypeError (``__init__`` called with its
+    text alone), now with its type, text and fields, so failure_reason prints it as the user's to fix."""
+    import pickle
+
+    from xling.trainer.data.pairs import BadRowError
+    from xling.trainer.plan import PlanError
+
+    for err in (
+        BadRowError("pairs.jsonl:3", "empty query"),
+        PlanError(None, "auto: cannot size the devices", field="distributed.deepspeed.stage"),
+    ):
+        back = pickle.loads(pickle.dumps(err))
+        assert type(back) is type(err) and str(back) == str(err) and vars(back) == vars(err)
+        assert failure_reason(WorkerGroupError("failed", {0: back})) == str(err)

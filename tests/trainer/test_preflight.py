@@ -119,6 +119,8 @@ CASES: list[tuple[str, Callable[[Doc, Path], None], int, str]] = [
      r"spec\.sampling\.languageTemperature: set, but only size weighting uses it"),
     ("malformed-jsonl", _pairs([_row("1", "en"), '{"pair_id": "2", "language": "en" "query": "q"}']), 2,
      r"spec\.data\.sources\[0\]: .*pairs\.jsonl:2:35: invalid JSON \(Expecting ',' delimiter\); rerun with --skip-bad-rows"),
+    ("pairs-not-utf8", lambda d, f: (_pairs([])(d, f), (f / "pairs.jsonl").write_bytes(b'{"pair_id": "\xff"}\n')), 2,
+     r"spec\.data\.sources\[0\]: .*pairs\.jsonl: cannot be read as jsonl: 'utf-8' codec can't decode byte 0xff"),
     ("model-not-offline", _set("spec.model.name", "intfloat/no-such-model"), 2,
      r"spec\.model\.name: 'intfloat/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
     ("model-dir-without-config", lambda d, f: ((f / "model").mkdir(), _set("spec.model.name", "./model")(d, f)), 2,

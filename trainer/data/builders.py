@@ -23,6 +23,7 @@ import numpy as np
 
 from xling.trainer.data.loaders import Row, open_text
 from xling.trainer.data.pairs import Pair, PairCorpus, connected_components, normalise, text_key
+from xling.trainer.errors import InputError
 
 #: NTREX-128 file codes -> ISO 639-1. English is the US-English reference (``eng-US``), like the others a
 #: human translation of the WMT19 source, so all 11 languages come from the same process.
@@ -65,7 +66,7 @@ def xnli_rows(
     so it is one group (``xnli:<split>:<i>``). dev keeps entailment rows only (830 per language); test has
     no labels, so every hypothesis -> its premise counts (5,010 per language, 3 hypotheses per premise)."""
     if split not in ("dev", "test"):
-        raise ValueError(f"xnli: split must be 'dev' or 'test', got {split!r}")
+        raise InputError(None, f"xnli: split must be 'dev' or 'test', got {split!r}")
     root = Path(path)
     files = sorted(root.glob(f"{split}-*.tsv")) + sorted(root.glob(f"{split}-*.tsv.gz"))
     if not files:
@@ -137,11 +138,11 @@ def ntrex_sentences(path: str | Path, languages: Collection[str], lines: range) 
     codes = {language: code for code, language in NTREX_LANGUAGES.items()}
     for language in languages:
         if language not in codes:
-            raise ValueError(f"{root}: NTREX-128 has no {language!r} file here (it has {sorted(codes)})")
+            raise InputError(root, f"NTREX-128 has no {language!r} file here (it has {sorted(codes)})")
         file = _find(root, f"newstest2019-ref.{codes[language]}.txt")
         text = _lines(file)
         if lines.stop > len(text):
-            raise ValueError(f"{file}: {len(text)} lines, fewer than the {lines.stop} asked for")
+            raise InputError(file, f"{len(text)} lines, fewer than the {lines.stop} asked for")
         out[language] = [text[i] for i in lines]
     return out
 
@@ -160,7 +161,7 @@ def ntrex_rows(path: str | Path, languages: Collection[str] | None = None, windo
         file = _find(root, f"newstest2019-ref.{code}.txt")
         lines = _lines(file)
         if len(lines) != len(doc_ids):
-            raise ValueError(f"{file}: {len(lines)} lines, but DOCUMENT_IDS.tsv has {len(doc_ids)}")
+            raise InputError(file, f"{len(lines)} lines, but DOCUMENT_IDS.tsv has {len(doc_ids)}")
         sep = "" if language == "zh" else " "  # Thai separates sentences with a space
         within = _contained(lines, language)
         for i, sentence in enumerate(lines):
@@ -278,10 +279,13 @@ def _squad_files(path: str | Path) -> list[Path]:
 
 
 def _squad_questions(file: Path, prefix: str, language: str) -> Iterator[Question]:
-    with open_text(file) as f:
-        doc = json.load(f)
+    try:
+        with open_text(file) as f:
+            doc = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # ValueErrors both: the file is the user's
+        raise InputError(file, f"not valid JSON ({err})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-        raise ValueError(f"{file}: not SQuAD-style JSON (no top-level 'data' list)")
+        raise InputError(file, "not SQuAD-style JSON (no top-level 'data' list)")
     qas = (
         (p, qa) for article in doc["data"] for p in article.get("paragraphs", ()) for qa in p.get("qas", ())
     )
@@ -324,7 +328,7 @@ def tydiqa_rows(
     for file in files:
         m = _TYDI_NAME.match(file.name)
         if m is None:
-            raise ValueError(f"{file}: expected a name like tydiqa.goldp.<lang>.<split>.json[.gz]")
+            raise InputError(file, "expected a name like tydiqa.goldp.<lang>.<split>.json[.gz]")
         if (split is None or m["split"] == split) and _wanted(m["lang"], languages):
             parsed.append((file, m["lang"], m["split"]))
     questions = (q for f, lang, sp in parsed for q in _squad_questions(f, f"tydiqa:{lang}.{sp}", lang))
@@ -340,7 +344,7 @@ def iapp_rows(path: str | Path, split: str = "train") -> Iterator[Row]:
     member = f"data/{split}.jsonl"
     with zipfile.ZipFile(archive) as z:
         if member not in z.namelist():
-            raise ValueError(f"{archive}: no {member} (has: {', '.join(z.namelist())})")
+            raise InputError(archive, f"no {member} (has: {', '.join(z.namelist())})")
         with z.open(member) as raw:
             lines = list(io.TextIOWrapper(raw, encoding="utf-8"))
 
@@ -399,7 +403,7 @@ def mlqa_rows(
     for file in files:
         m = _MLQA_NAME.match(file.name)
         if m is None:
-            raise ValueError(f"{file}: expected a name like test-context-de-question-ar.json[.gz]")
+            raise InputError(file, "expected a name like test-context-de-question-ar.json[.gz]")
         if split is not None and m["split"] != split:
             continue
         for q in _squad_questions(file, "", m["q"]):

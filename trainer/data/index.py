@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from xling.trainer.errors import InputError
+
 #: Member flag bits: the member has a query / a passage.
 QUERY, PASSAGE = 1, 2
 BOTH = QUERY | PASSAGE
@@ -76,7 +78,7 @@ class CorpusIndex:
         all hard-negative texts."""
         n_lang, n_groups = len(languages), len(group_shared)
         if n_groups >= 2**31:
-            raise ValueError(f"data: {n_groups} groups; the index holds at most 2**31 - 1")
+            raise InputError(None, f"{n_groups} groups; the index holds at most 2**31 - 1", field="data")
         member_group = np.asarray(member_group)
         member_lang = np.asarray(member_lang)
         member_flags = np.asarray(member_flags, dtype=np.uint8)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xling.trainer.data.pairs import BadRowError, Pair, RowReport
+from xling.trainer.errors import InputError
 
 #: Columns (JSONL keys) every normalised row must have; ``hard_negatives`` and ``keys`` (conflict keys:
 #: rows that share one never meet in a batch, e.g. a source document id) are optional.
@@ -48,9 +49,10 @@ def format_of(path: Path) -> str:
         for suffix in suffixes:
             if name.endswith(suffix):
                 return "tsv" if suffix == ".tsv" else fmt
-    raise ValueError(
-        f"{path}: unknown pair-file format; expected one of "
-        f"{', '.join(JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES)} (optionally .gz)"
+    raise InputError(
+        path,
+        "unknown pair-file format; expected one of "
+        f"{', '.join(JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES)} (optionally .gz)",
     )
 
 
@@ -64,11 +66,11 @@ def _strings(value: Any, where: str, column: str) -> tuple[str, ...]:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as err:
-                raise BadRowError(f"{where}: {column} is not a valid JSON list ({err.msg})") from None
+                raise BadRowError(where, f"{column} is not a valid JSON list ({err.msg})") from None
         else:
             return tuple(value.split("|"))
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise BadRowError(f"{where}: {column} must be a list of strings")
+        raise BadRowError(where, f"{column} must be a list of strings")
     return tuple(value)
 
 
@@ -87,7 +89,7 @@ def to_pair(record: Mapping[str, Any], where: str) -> Pair:
     """Build a Pair from one row; a missing key is a bad row (JSONL rows need not share keys)."""
     missing = [c for c in PAIR_COLUMNS if c not in record]
     if missing:
-        raise BadRowError(f"{where}: missing key {missing[0]!r}")
+        raise BadRowError(where, f"missing key {missing[0]!r}")
     return Pair(
         pair_id=_text(record["pair_id"]),
         language=_text(record["language"]),
@@ -121,8 +123,8 @@ def require_columns(columns: Iterable[str], source: str) -> None:
     present = set(columns)
     for column in PAIR_COLUMNS:
         if column not in present:
-            raise ValueError(
-                f"{source}: missing column {column!r} (has: {', '.join(sorted(present)) or 'none'})"
+            raise InputError(
+                source, f"missing column {column!r} (has: {', '.join(sorted(present)) or 'none'})"
             )
 
 
@@ -130,9 +132,9 @@ def _json_pair(line: str, where: str) -> Pair:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        raise BadRowError(f"{where}:{err.colno}: invalid JSON ({err.msg})") from None  # file:line:column
+        raise BadRowError(f"{where}:{err.colno}", f"invalid JSON ({err.msg})") from None  # file:line:column
     if not isinstance(record, dict):
-        raise BadRowError(f"{where}: expected a JSON object")
+        raise BadRowError(where, "expected a JSON object")
     return to_pair(record, where)
 
 
@@ -183,7 +185,7 @@ def pair_files(path: str | Path) -> list[Path]:
         suffixes = JSONL_SUFFIXES + CSV_SUFFIXES + PARQUET_SUFFIXES
         files = [p for p in sorted(path.iterdir()) if p.name.lower().removesuffix(".gz").endswith(suffixes)]
         if not files:
-            raise ValueError(f"{path}: directory holds no JSONL, CSV/TSV or Parquet pair files")
+            raise InputError(path, "directory holds no JSONL, CSV/TSV or Parquet pair files")
         return files
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
@@ -192,15 +194,21 @@ def pair_files(path: str | Path) -> list[Path]:
 
 
 def read_pairs(path: str | Path, report: RowReport | None = None) -> Iterator[Row]:
-    """Rows of a normalised pair file, or of all pair files in a directory (so parallel files can group)."""
+    """Rows of a normalised pair file, or of all pair files in a directory (so parallel files can group). A
+    file that cannot be decoded at all (not UTF-8, not Parquet) is the user's to fix: an InputError naming it."""
+    from pyarrow import ArrowInvalid
+
     for file in pair_files(path):
         fmt = format_of(file)
-        if fmt == "jsonl":
-            yield from read_jsonl(file, report)
-        elif fmt == "parquet":
-            yield from read_parquet(file, report)
-        else:
-            yield from read_csv(file, report, delimiter="\t" if fmt == "tsv" else ",")
+        try:
+            if fmt == "jsonl":
+                yield from read_jsonl(file, report)
+            elif fmt == "parquet":
+                yield from read_parquet(file, report)
+            else:
+                yield from read_csv(file, report, delimiter="\t" if fmt == "tsv" else ",")
+        except (UnicodeDecodeError, ArrowInvalid) as err:
+            raise InputError(file, f"cannot be read as {fmt}: {err}") from err
 
 
 def read_hf(name: str, split: str = "train", report: RowReport | None = None) -> Iterator[Row]:
@@ -220,8 +228,8 @@ def read_hf(name: str, split: str = "train", report: RowReport | None = None) ->
         offline = (
             " (HF_HUB_OFFLINE is set: only local folders work)" if os.environ.get("HF_HUB_OFFLINE") else ""
         )
-        raise ValueError(
-            f"{name}: cannot load Hugging Face dataset split {split!r}{offline}: {type(err).__name__}: {err}"
+        raise InputError(
+            name, f"cannot load Hugging Face dataset split {split!r}{offline}: {type(err).__name__}: {err}"
         ) from err
     source = f"{name}[{split}]"
     require_columns(data.column_names, source)

@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from xling.trainer.data.index import PASSAGE, QUERY, CorpusIndex, key_hash
+from xling.trainer.errors import InputError
 from xling.trainer.spec import KNOWN_LANGUAGES
 
 Pool = Literal["shared", "monolingual"]
@@ -45,8 +46,13 @@ class Pair:
     pool: Pool = "shared"
 
 
-class BadRowError(ValueError):
-    """A data row that cannot be used. The message names the source file and row."""
+class BadRowError(InputError):
+    """A data row that cannot be used: ``source`` names the file and row (``where``), ``reason`` what is
+    wrong with it, so that :class:`RowReport` counts by reason without parsing the text."""
+
+    def __init__(self, where: str, reason: str):
+        super().__init__(where, reason)
+        self.reason = reason
 
 
 @dataclass
@@ -57,8 +63,7 @@ class RowReport:
     examples: list[str] = field(default_factory=list)
 
     def add(self, err: BadRowError) -> None:
-        reason = str(err).rsplit(": ", 1)[-1]
-        self.skipped[reason] += 1
+        self.skipped[err.reason] += 1
         if len(self.examples) < 10:
             self.examples.append(str(err))
 
@@ -70,19 +75,19 @@ class RowReport:
 def check_pair(pair: Pair, where: str) -> None:
     """Raise BadRowError (naming ``where``: file and row) if the pair is unusable."""
     if pair.language not in KNOWN_LANGUAGES:
-        raise BadRowError(f"{where}: unknown language code {pair.language!r}")
+        raise BadRowError(where, f"unknown language code {pair.language!r}")
     if not pair.pair_id:
-        raise BadRowError(f"{where}: empty pair_id")
+        raise BadRowError(where, "empty pair_id")
     if pair.query is None and pair.passage is None:
-        raise BadRowError(f"{where}: neither a query nor a passage")
+        raise BadRowError(where, "neither a query nor a passage")
     if pair.query is not None and not pair.query.strip():
-        raise BadRowError(f"{where}: empty query")
+        raise BadRowError(where, "empty query")
     if pair.passage is not None and not pair.passage.strip():
-        raise BadRowError(f"{where}: empty passage")
+        raise BadRowError(where, "empty passage")
     if pair.hard_negatives and pair.passage is None:
-        raise BadRowError(f"{where}: hard negatives without a passage")
+        raise BadRowError(where, "hard negatives without a passage")
     if any(not n.strip() for n in pair.hard_negatives):
-        raise BadRowError(f"{where}: empty hard negative")
+        raise BadRowError(where, "empty hard negative")
 
 
 def normalise(text: str) -> str:
@@ -217,7 +222,7 @@ class PairCorpus:
                 check_pair(pair, where)
                 group = index.setdefault(pair.pair_id, {})
                 if pair.language in group:
-                    raise BadRowError(f"{where}: pair_id {pair.pair_id!r} repeats language {pair.language!r}")
+                    raise BadRowError(where, f"pair_id {pair.pair_id!r} repeats language {pair.language!r}")
             except BadRowError as err:
                 if report is None:
                     raise

@@ -65,6 +65,7 @@ from xling.trainer.data.store import (
     PreparedCorpus,
     store_once,
 )
+from xling.trainer.errors import InputError
 from xling.trainer.spec import KNOWN_LANGUAGES, DataSource, DataSpec
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,9 @@ def source_rows(source: DataSource, languages: Collection[str], report: RowRepor
             return iapp_rows(path, source.split or "train")
         case "squad":
             if source.language is None:
-                raise ValueError(
-                    f"{path}: a squad source needs the field 'language' (the language of the file)"
-                )
+                raise InputError(path, "a squad source needs the field 'language' (the language of the file)")
             return squad_rows(path, source.language)
-    raise ValueError(f"{path}: unknown source type {source.type!r}")
+    raise InputError(path, f"unknown source type {source.type!r}")
 
 
 def source_name(i: int, source: DataSource) -> str:
@@ -249,11 +248,15 @@ def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowR
 
 
 def _bad(
-    table: pa.Table, bad: Iterable[int], message: Callable[[int, dict], str], report: RowReport | None
+    table: pa.Table,
+    bad: Iterable[int],
+    message: Callable[[int, dict], tuple[str, str]],
+    report: RowReport | None,
 ) -> None:
-    """Raise the first of the bad rows ``bad`` (row numbers, in order), or count them all."""
+    """Raise the first of the bad rows ``bad`` (row numbers, in order), or count them all; ``message`` gives
+    a row's where and reason."""
     for row in bad:
-        err = BadRowError(message(int(row), table.slice(int(row), 1).to_pylist()[0]))
+        err = BadRowError(*message(int(row), table.slice(int(row), 1).to_pylist()[0]))
         if report is None:
             raise err
         report.add(err)
@@ -283,7 +286,7 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
     # A pair_id that repeats a language within a source: the later row is bad.
     order = np.lexsort((seq, lang, pid, src))
     repeats = np.sort(order[~_runs(src[order], pid[order], lang[order])])
-    _bad(table, repeats, lambda _, r: f"{r['where']}: pair_id {r['pair_id']!r} repeats language {r['language']!r}",
+    _bad(table, repeats, lambda _, r: (r["where"], f"pair_id {r['pair_id']!r} repeats language {r['language']!r}"),
          report)  # fmt: skip
     valid = np.ones(len(seq), dtype=bool)
     valid[repeats] = False
@@ -310,8 +313,8 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
     o = k[np.lexsort((first_seq[k], lang[k], pid[k]))]
     again = o[~_runs(pid[o], lang[o])]
     again = again[np.lexsort((again, first_seq[again]))]
-    _bad(table, again, lambda row, r: f"{names[src[row]]}: pair_id {r['pair_id']!r} repeats language "
-         f"{r['language']!r} of an earlier source", report)  # fmt: skip
+    _bad(table, again, lambda row, r: (names[src[row]], f"pair_id {r['pair_id']!r} repeats language "
+         f"{r['language']!r} of an earlier source"), report)  # fmt: skip
     member = kept.copy()
     member[again] = False
     del k, o, again, seq
@@ -354,10 +357,11 @@ def _finish(
             log.warning("%s: no pairs in languages %s", name, languages)
         dropped = int(drop[mine].sum())
         if len(mine) and dropped == len(mine):
-            raise ValueError(
-                f"{name}: none of its {len(mine)} groups can serve every sampling strategy (X-X needs a query and "
+            raise InputError(
+                name,
+                f"none of its {len(mine)} groups can serve every sampling strategy (X-X needs a query and "
                 "a passage in one language, X-Y a query and a passage in two); set pool: monolingual to use it "
-                "for X-X and mixed batches only"
+                "for X-X and mixed batches only",
             )
         if dropped:
             log.warning(
@@ -372,7 +376,7 @@ def _finish(
         log.warning("skipped %d bad rows: %s", report.total, dict(report.skipped))
     keep_group = ~drop
     if not keep_group.any():
-        raise ValueError(f"data: no source has pairs in languages {sorted(spec.languages)}")
+        raise InputError(None, f"no source has pairs in languages {sorted(spec.languages)}", field="data")
     kept_members = keep_group[group]
     rows, new_group = m[kept_members], (np.cumsum(keep_group) - 1).astype(np.int32)[group[kept_members]]
     del m, group, f, kept_members, count  # the index build below is the peak: hold nothing it does not need

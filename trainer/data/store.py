@@ -33,6 +33,7 @@ import pyarrow.ipc
 
 from xling.trainer.data.index import CorpusIndex
 from xling.trainer.data.pairs import Pair, PairCorpus
+from xling.trainer.errors import InputError
 
 #: Bumped whenever the layout or the meaning of a prepared corpus changes: older ones are not reused.
 FORMAT = 1
@@ -250,7 +251,7 @@ def locate(location: DataLocation, cache: Path) -> Path:
         )
     if meta is None or meta["fingerprint"] != location.fingerprint:
         found = meta["fingerprint"] if meta else "nothing (is the storage shared with this node?)"
-        raise ValueError(f"{location.uri}: expected {location.fingerprint}, found {found}")
+        raise InputError(location.uri, f"expected {location.fingerprint}, found {found}")
     return directory
 
 

@@ -1,37 +1,7 @@
 """Multilingual retrieval evaluation: XQuAD-R / MLQA-R (mono, cross, multi, language bias) and MIRACL.
 
-Importing the package is cheap (the CLI registers ``xling eval`` through it); numpy, FAISS and
-matplotlib load on first use of a name below.
+Import the submodules themselves (``api``: ``load_suite``, ``evaluate_suite``, ``evaluate_with_centering``;
+``report``: ``format_table``, ``log_to_mlflow``; ``cli``: ``xling eval``). The package re-exports nothing, so
+importing one light submodule (``protocol``, ``errors``) does not load numpy, FAISS or matplotlib, and every
+caller's import names the module it uses (docs/architecture.md's map draws it).
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-_EXPORTS = {
-    "load_suite": "api",
-    "evaluate_suite": "api",
-    "evaluate_with_centering": "api",
-    "Suite": "api",
-    "log_to_mlflow": "report",
-    "format_table": "report",
-    "write_results_json": "report",
-    "add_cli": "cli",
-    "TextEncoder": "protocol",
-    "HashingEncoder": "hashing",
-    "EvalDataError": "errors",
-    "LareqaResults": "results",
-    "MiraclResults": "results",
-    "SuiteResults": "results",
-    "write_run": "trec",
-    "write_qrels": "trec",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from xling.trainer.errors import InputError
 from xling.trainer.evaluation.centering import CENTERED, LanguageMeans, language_means
 from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa, load_mlqa_holdout, load_ntrex_suite
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
@@ -74,8 +75,10 @@ def evaluate_suite(
     (LAReQA suites: its point is the pooled, multilingual index)."""
     if isinstance(suite, MiraclSuite):
         if centering is not None:
-            raise ValueError(
-                "evaluation.centering: MIRACL is monolingual per language; centering is for LAReQA suites"
+            raise InputError(
+                None,
+                "MIRACL is monolingual per language; centering is for LAReQA suites",
+                field="evaluation.centering",
             )
         return evaluate_miracl(suite, encoder, index=index, cache_dir=cache_dir, depth=depth)
     return evaluate_lareqa(suite, encoder, index=index, cache_dir=cache_dir, depth=depth, centering=centering)

@@ -19,6 +19,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from xling.trainer.errors import InputError
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.centering import LanguageMeans
@@ -186,8 +187,8 @@ def evaluate_lareqa(
     k = max(depth, TOP_K)
     exact = index == "flat"
     if suite.self_match and not exact:
-        raise ValueError(
-            f"{suite.name}: a parallel-sentence suite needs evaluation.index flat (its own text is ranked out)"
+        raise InputError(
+            suite.name, "a parallel-sentence suite needs evaluation.index flat (its own text is ranked out)"
         )
     if not exact:
         pooled = build_index(pool, index, k)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xling.trainer.errors import InputError
 from xling.trainer.headline import find_run, headline, summary_line, table
 from xling.trainer.sweep.report import publish, write_report
 from xling.trainer.sweep.summary import summarize_sweep
@@ -33,7 +34,7 @@ def find_parent(client: MlflowClient, sweep: str) -> str:
         max_results=1,
     )
     if not runs:
-        raise ValueError(f"no sweep named {sweep!r} in {client.tracking_uri} (give the parent run id?)")
+        raise InputError(None, f"no sweep named {sweep!r} in {client.tracking_uri} (give the parent run id?)")
     return runs[0].info.run_id
 
 
@@ -49,13 +50,15 @@ def _results(args: argparse.Namespace) -> int:
         exp = load_experiment(args.sweep)
         name, uri = exp.metadata.name, uri or exp.spec.tracking.tracking_uri
     elif args.full_pool:
-        raise ValueError(
-            f"--full-pool: give the sweep's YAML file (it names the suite and model), not {name!r}"
+        raise InputError(
+            None,
+            f"give the sweep's YAML file (it names the suite and model), not {name!r}",
+            field="--full-pool",
         )
     client = MlflowClient(resolve_tracking_uri(uri))
     try:
         parent = find_parent(client, name)
-    except ValueError:  # no sweep: a single run of that name says what it has
+    except InputError:  # no sweep: a single run of that name says what it has
         if args.full_pool or (run := find_run(client, name)) is None:
             raise
         rows, step = headline(client, run)

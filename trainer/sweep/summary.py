@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from xling.trainer.errors import InputError
 from xling.trainer.evaluation.centering import CENTERED as CENTERED_SUFFIX
 from xling.trainer.spec import CenteringSpec, ClusterUnit, SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
@@ -229,7 +230,7 @@ class PerQuery:
         question id, so the bootstrap resamples them together."""
         bad = next((q for q in self.query_ids if ":" not in q), None)
         if bad is not None:
-            raise ValueError(f"{PER_QUERY_FILE}: query_ids: {bad!r} is not <lang>:<question id>")
+            raise InputError(PER_QUERY_FILE, f"query_ids: {bad!r} is not <lang>:<question id>")
         return [q.split(":", 1)[1] for q in self.query_ids]
 
 

@@ -15,6 +15,7 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from xling.trainer.errors import InputError
 from xling.trainer.spec import RetrievalExperiment, SweepParameter
 
 #: What a trial's result depends on: a restored sweep must have been planned from the same values.
@@ -96,8 +97,8 @@ def plan_sweep(exp: RetrievalExperiment) -> SweepPlan:
     for point in points:  # combinations can break cross-field rules that single values keep
         try:
             sweep.trial_spec(spec, point.values, sweep.seeds[0])
-        except ValueError as err:
-            raise ValueError(f"sweep point {point.label}: {err}") from None
+        except InputError as err:
+            raise InputError(None, f"sweep point {point.label}: {err}") from None
     width = len(str(len(points) - 1))
     trials = [Trial(f"p{i:0{width}d}-s{seed}", i, seed) for i in range(len(points)) for seed in sweep.seeds]
     # What the file says (not defaults, which may grow with new spec fields) and the resulting trials.

@@ -35,6 +35,7 @@ from xling.trainer.driver import (
     set_up,
     storage_path,
 )
+from xling.trainer.errors import InputError
 from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import is_headline, summarize_sweep
@@ -191,13 +192,14 @@ def _parent_run(
             max_results=1,
         )
         if not found:
-            raise ValueError(
-                f"{stored}: a sweep to continue, but its parent run is not in {uri} (other tracking URI?)"
+            raise InputError(
+                stored, f"a sweep to continue, but its parent run is not in {uri} (other tracking URI?)"
             )
         run_id = found[0].info.run_id
         if found[0].data.tags.get(PLAN_DIGEST) != plan.digest:
-            raise ValueError(
-                f"{stored}: a sweep planned from a different spec is stored here; delete it or change metadata.name"
+            raise InputError(
+                stored,
+                "a sweep planned from a different spec is stored here; delete it or change metadata.name",
             )
         client.update_run(run_id, status="RUNNING")
         client.set_tag(run_id, STATUS, "running")
@@ -277,7 +279,7 @@ def run_sweep(
     started = time.time()
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
     if exp.spec.sweep.register_best and not exp.spec.tracking.registered_model_name:
-        raise ValueError("spec.sweep.registerBest: needs spec.tracking.registeredModelName")
+        raise InputError(None, "needs spec.tracking.registeredModelName", field="spec.sweep.registerBest")
     env = trial_env(exp.spec)
     exp = exp.model_copy(deep=True)
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
@@ -289,8 +291,8 @@ def run_sweep(
             check_batches(
                 corpus.index, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0])
             )
-        except ValueError as err:
-            raise ValueError(f"sweep point {point.label}: {err}") from None
+        except InputError as err:
+            raise InputError(None, f"sweep point {point.label}: {err}") from None
     uri, experiment_name = setup.tracking_uri, setup.experiment_name
     storage = storage_path(exp.spec.output_dir)
     tags = {SWEEP: exp.metadata.name, **setup.tags}

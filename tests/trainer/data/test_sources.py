@@ -190,7 +190,7 @@ def test_hf_hub_name_fails_clearly_offline(tmp_path: Path) -> None:
     )
     assert proc.returncode != 0
     assert (
-        "ValueError: someone/no-such-dataset: cannot load Hugging Face dataset split 'train'" in proc.stderr
+        "InputError: someone/no-such-dataset: cannot load Hugging Face dataset split 'train'" in proc.stderr
     )
     assert "HF_HUB_OFFLINE" in proc.stderr
 
@@ -404,3 +404,23 @@ def test_mlqa_bad_rows_name_file_and_question(tmp_path: Path) -> None:
     (tmp_path / "test-context-de-question-ar.json").rename(tmp_path / "context-de.json")
     with pytest.raises(FileNotFoundError, match="no MLQA files"):
         list(builders.mlqa_rows(tmp_path))
+
+
+def test_the_report_counts_a_bad_row_by_the_reason_the_error_carries() -> None:
+    """The reason is the error's own field, not the text after its last ": " (a reason may hold one)."""
+    reason = "hard_negatives is not a valid JSON list (Expecting value: line 1 column 1 (char 0))"
+    err = BadRowError("rows.csv:4", reason)
+    report = RowReport()
+    report.add(err)
+    assert dict(report.skipped) == {reason: 1} and report.examples == [f"rows.csv:4: {reason}"]
+    assert (err.source, err.reason) == ("rows.csv:4", reason)
+
+
+def test_a_squad_file_that_is_not_json_is_named(tmp_path: Path) -> None:
+    """A truncated download: json's own ValueError used to reach the user without the file's name (and, now
+    that only InputError is printed, would show as a traceback)."""
+    from xling.trainer.errors import InputError
+
+    (tmp_path / "train.json").write_text('{"data": [')
+    with pytest.raises(InputError, match=r"train\.json: not valid JSON \(Expecting value"):
+        list(builders.squad_rows(tmp_path / "train.json", "en"))
