@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import ROOT
+from tests.support import ROOT, load_script
 
 
 def test_the_module_map_in_the_docs_is_current() -> None:
@@ -23,3 +23,41 @@ def test_the_map_draws_every_module_and_import(tmp_path) -> None:
     assert "trainer_train_loop --> trainer_sampling" in chart  # the loop imports the sampler at module level
     assert "operator_progress --> trainer_tags" in chart
     assert "torch" not in chart  # only xling's own modules
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a closed path (its first module repeated at the end), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        if name in path:
+            return path[path.index(name) :] + [name]
+        if name in done:
+            return None
+        path.append(name)
+        for target in sorted(graph.get(name, ())):
+            if (found := visit(target)) is not None:
+                return found
+        path.pop()
+        done.add(name)
+        return None
+
+    return next((c for name in sorted(graph) if (c := visit(name)) is not None), None)
+
+
+def test_no_import_cycle_among_xling_modules() -> None:
+    """Deferred imports count too: a cycle that only laziness keeps from failing still means neither module
+    can be read, tested or moved without the other."""
+    import_graph = load_script("tools", "import_graph")
+    graph: dict[str, set[str]] = {}
+    for src, dst in import_graph.edges(import_graph.modules()):
+        graph.setdefault(src, set()).add(dst)
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    """A two-module cycle behind an acyclic start, and none in a diamond."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+    assert _cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}}) is None

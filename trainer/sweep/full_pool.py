@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xling.trainer.paper_claims import roles
+from xling.trainer.sweep.claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
 from xling.trainer.tags import FULL_POOL
 
