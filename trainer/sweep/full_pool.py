@@ -79,8 +79,8 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     import torch
 
     from xling.trainer.driver import prepare
-    from xling.trainer.export import read_sentence_transformers
     from xling.trainer.model import encoder_for
+    from xling.trainer.sentence_transformers_dir import read_sentence_transformers
 
     spec = exp.spec
     torch.set_num_threads(os.cpu_count() or 1)
