@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.support import ROOT
+from tests.support import ROOT, load_script
 
 
 def test_the_module_map_in_the_docs_is_current() -> None:
@@ -34,6 +34,44 @@ def test_the_map_follows_imports_through_packages() -> None:
         [sys.executable, "tools/import_graph.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert "trainer_train_loop -.-> trainer_evaluation_api" in chart
-    assert "trainer_full_pool -.-> trainer_evaluation_report" in chart
+    assert "trainer_sweep_full_pool -.-> trainer_evaluation_report" in chart
     assert "trainer_driver --> trainer_data_pairs" in chart  # from xling.trainer.data import BadRowError
     assert "trainer_cli -.-> trainer_evaluation_cli" in chart
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a closed path (its first module repeated at the end), or None."""
+    done: set[str] = set()
+    path: list[str] = []
+
+    def visit(name: str) -> list[str] | None:
+        if name in path:
+            return path[path.index(name) :] + [name]
+        if name in done:
+            return None
+        path.append(name)
+        for target in sorted(graph.get(name, ())):
+            if (found := visit(target)) is not None:
+                return found
+        path.pop()
+        done.add(name)
+        return None
+
+    return next((c for name in sorted(graph) if (c := visit(name)) is not None), None)
+
+
+def test_no_import_cycle_among_xling_modules() -> None:
+    """Deferred imports count too: a cycle that only laziness keeps from failing still means neither module
+    can be read, tested or moved without the other."""
+    import_graph = load_script("tools", "import_graph")
+    graph: dict[str, set[str]] = {}
+    for src, dst in import_graph.edges(import_graph.modules()):
+        graph.setdefault(src, set()).add(dst)
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_cycle_finder_finds_a_cycle() -> None:
+    """A two-module cycle behind an acyclic start, and none in a diamond."""
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
+    assert _cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}}) is None

@@ -21,11 +21,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xling.trainer.checkpoint_layout import DEEPSPEED_DIR, DEEPSPEED_TAG
 from xling.trainer.optim_engine import make_optimizer, make_scheduler
 from xling.trainer.plan import PlanError
 from xling.trainer.spec import ExperimentSpec, OffloadSpec
-
-CKPT_DIR, CKPT_TAG = "deepspeed", "state"
 
 
 def _offload(off: OffloadSpec) -> dict[str, Any] | None:
@@ -158,14 +157,14 @@ class DeepSpeedEngine:
 
     def save(self, directory: Path, rank: int) -> None:
         """Every rank writes its own shard (collective)."""
-        self.ds.save_checkpoint(str(directory / CKPT_DIR), tag=CKPT_TAG)
+        self.ds.save_checkpoint(str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG)
 
     def load(self, directory: Path) -> None:
         path, _ = self.ds.load_checkpoint(
-            str(directory / CKPT_DIR), tag=CKPT_TAG, load_lr_scheduler_states=True
+            str(directory / DEEPSPEED_DIR), tag=DEEPSPEED_TAG, load_lr_scheduler_states=True
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / CKPT_DIR}")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory / DEEPSPEED_DIR}")
 
     def export(self, directory: Path, rank: int) -> None:
         """A consolidated Hugging Face model of the backbone, in the training dtype (collective; rank 0 writes)."""

@@ -44,11 +44,6 @@ class Job:
     def local_model_path(self) -> str:
         return local_model_path(self.model_path, self.staged_model)
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """What every checkpoint records of its job (``xling export`` reads it back): JSON, no data location."""
-        return {"spec": self.spec.model_dump(mode="json"), "model_path": self.model_path, "name": self.name,
-                "run_id": self.run_id}  # fmt: skip
-
     def train_loop_config(self) -> dict[str, Job]:
         """The dict Ray Train's ``train_loop_config`` must be."""
         return {JOB_KEY: self}

@@ -7,7 +7,6 @@ loop only sees this interface, so it reads the same for both.
 
 from __future__ import annotations
 
-import json
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xling.trainer.checkpoint_layout import ENGINE, read_trainer_state, rng_file, write_trainer_state
 from xling.trainer.spec import ExperimentSpec
 
 
@@ -88,10 +88,10 @@ class TorchEngine:
         if rank == 0:  # replicas are identical
             state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict()}  # fmt: skip
-            torch.save(state, directory / "engine.pt")
+            torch.save(state, directory / ENGINE)
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "engine.pt", map_location="cpu", weights_only=False)
+        state = torch.load(directory / ENGINE, map_location="cpu", weights_only=False)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -112,17 +112,17 @@ def save_trainer_state(directory: Path, step: int, extra: dict[str, Any], rank: 
     """Step (rank 0) and this rank's RNG state: with the stateless sampler this is all a resume needs
     beyond the engine. Every rank calls it; each writes its own RNG file (dropout streams differ)."""
     if rank == 0:
-        (directory / "trainer_state.json").write_text(json.dumps({"step": step, **extra}))
+        write_trainer_state(directory, {"step": step, **extra})
     rng = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
     }
-    torch.save(rng, directory / f"rng.{rank}.pt")
+    torch.save(rng, directory / rng_file(rank))
 
 
 def load_trainer_state(directory: Path, rank: int = 0) -> dict[str, Any]:
-    state = json.loads((directory / "trainer_state.json").read_text())
-    rng = directory / f"rng.{rank}.pt"
+    state = read_trainer_state(directory)
+    rng = directory / rng_file(rank)
     if rng.exists():
         saved = torch.load(rng, weights_only=False)
         torch.set_rng_state(saved["torch"])

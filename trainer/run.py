@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xling.trainer.checkpoint_layout import MODEL_DIR, read_results
 from xling.trainer.console import phase
 from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
 from xling.trainer.headline import describe
+from xling.trainer.sentence_transformers_dir import CARD_FILE
 from xling.trainer.spec import RetrievalExperiment
 from xling.trainer.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
 from xling.trainer.tracking import run_params, start_run
@@ -49,9 +51,9 @@ def run_experiment(
         )
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
-    report = Path(ckpt or "/nonexistent") / "results.txt"
-    if report.is_file() and report.read_text():
-        print(f"\nAfter training (step {metrics.get('step')}):\n{report.read_text()}")
+    report = read_results(Path(ckpt)) if ckpt else ""
+    if report:
+        print(f"\nAfter training (step {metrics.get('step')}):\n{report}")
     headline = curate_run(uri, run_id, exp, ckpt)
     seconds = time.time() - started
     print(f"\n{headline}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
@@ -74,7 +76,7 @@ def curate_run(uri: str, run_id: str, exp: RetrievalExperiment, checkpoint: str 
     text = describe(client, run_id, what)
     client.log_text(run_id, yaml.safe_dump(exp.model_dump(by_alias=True, mode="json", exclude_none=True),
                                            sort_keys=False), "spec.yaml")  # fmt: skip
-    card = Path(checkpoint or "/nonexistent") / "model" / "README.md"
+    card = Path(checkpoint or "/nonexistent") / MODEL_DIR / CARD_FILE
     if card.is_file():
         client.log_artifact(run_id, str(card), "model_card")
     return text

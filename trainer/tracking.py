@@ -1,8 +1,12 @@
-"""MLflow: where runs, per-step metrics and results live.
+"""MLflow: where runs, per-step metrics, results and the trained model live.
 
 The driver opens the run and logs params; rank 0 of the workers logs metrics through ``StepLogger``,
 batched into one ``log_batch`` call per step. After a resume, steps already in MLflow are not logged
 again: with deterministic batches their values are the same, so each step appears exactly once.
+
+The final checkpoint's sentence-transformers directory is logged as a pyfunc model (``log_model``) and,
+with ``tracking.registeredModelName``, registered: by the run, or by a sweep for its best trial
+(``register_run_model``).
 """
 
 from __future__ import annotations
@@ -10,12 +14,15 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from xling.trainer.contracts import EXPERIMENT_UID_ENV
+from xling.trainer.errors import InputError
+from xling.trainer.sentence_transformers_dir import embedding_dimension, headline_metrics
 from xling.trainer.spec import ExperimentSpec
-from xling.trainer.tags import K8S_UID, STATUS, tag_is
+from xling.trainer.tags import K8S_UID, RUN_ID, STATUS, tag_is
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
@@ -161,3 +168,99 @@ class StepLogger:
     def log_dict(self, data: dict[str, Any], path: str) -> None:
         if self.active:
             self.client.log_dict(self.run_id, data, path)
+
+
+# ----------------------------------------------------------------------------- the trained model in MLflow
+
+#: The pyfunc wrapper MLflow copies into the logged model (imports nothing from xling).
+PYFUNC_CODE = Path(__file__).with_name("mlflow_pyfunc.py")
+
+
+def model_signature(directory: Path) -> Any:
+    """Texts in, one float32 vector each out; ``kind`` (query/passage) picks prompt and length."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    dim = embedding_dimension(directory)
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "text")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, dim))]),
+        params=ParamSchema([ParamSpec("kind", "string", "query")]),
+    )
+
+
+def log_model(
+    directory: Path, spec: ExperimentSpec, *, tracking_uri: str, run_id: str, metrics: Mapping[str, float]
+) -> Any:
+    """Log the exported directory to the run as an MLflow (pyfunc) model; with
+    ``tracking.registeredModelName``, register it as a new version tagged with the headline metrics."""
+    import mlflow
+    import torch
+    import transformers
+    from mlflow.models import Model
+
+    mlflow.set_tracking_uri(tracking_uri)  # Model.log reads the global URI and experiment
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient(tracking_uri).get_run(run_id).info.experiment_id)
+    name = spec.tracking.registered_model_name
+    m = spec.model
+    info = Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        python_model=str(PYFUNC_CODE),
+        artifacts={"sentence_transformer": str(directory)},
+        signature=model_signature(directory),
+        pip_requirements=[
+            "sentence-transformers>=6",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+        ],  # fmt: skip
+        metadata={
+            "base_model": m.name,
+            "pooling": m.pooling,
+            "normalize": m.normalize,
+            "query_prefix": m.query_prefix,
+            "passage_prefix": m.passage_prefix,
+            "max_query_length": m.max_query_length,
+            "max_passage_length": m.max_passage_length,
+        },  # fmt: skip
+        registered_model_name=name,
+    )
+    if name:
+        tag_version(
+            tracking_uri, name, str(info.registered_model_version), version_tags(run_id, spec, metrics)
+        )
+    return info
+
+
+def version_tags(run_id: str, spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, str]:
+    """A registry version's tags: the run it came from and its headline metrics."""
+    return {RUN_ID: run_id, **{k: f"{v:.4f}" for k, v in headline_metrics(spec, metrics).items()}}
+
+
+def register_run_model(tracking_uri: str, name: str, run_id: str, tags: Mapping[str, str]) -> str:
+    """Register the model logged by ``run_id`` as a new version of ``name`` (once: a rerun finds the version
+    it registered before); returns the version."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri)
+    if done := client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return str(done[0].version)
+    experiment = client.get_run(run_id).info.experiment_id
+    found = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run_id]
+    if not found:
+        raise InputError(None, f"run {run_id} logged no model to register")
+    mlflow.set_tracking_uri(tracking_uri)
+    version = str(mlflow.register_model(f"models:/{found[0].model_id}", name).version)
+    tag_version(tracking_uri, name, version, tags)
+    return version
+
+
+def tag_version(tracking_uri: str, name: str, version: str, tags: Mapping[str, str]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)

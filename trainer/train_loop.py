@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
 from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
 from xling.trainer.errors import InputError
-from xling.trainer.export import write_checkpoint_meta
 from xling.trainer.gradcache import cached_step
 from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
@@ -35,7 +35,7 @@ from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbon
 from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
 from xling.trainer.plan import auto_stage, count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
-from xling.trainer.tracking import StepLogger, log_dataset
+from xling.trainer.tracking import StepLogger, log_dataset, log_model
 
 log = logging.getLogger("xling.train")
 
@@ -213,12 +213,12 @@ class Trainer:
             self.engine.save(d, self.rank)
             save_trainer_state(d, step, {"composition": self.composition.as_dict()}, self.rank)
             if final:
-                self.engine.export(d / "model", self.rank)  # collective under ZeRO-3; rank 0 writes
+                self.engine.export(d / MODEL_DIR, self.rank)  # collective under ZeRO-3; rank 0 writes
             if self.rank == 0:
-                (d / "results.txt").write_text(report)
-                write_checkpoint_meta(d, self.job.checkpoint_meta(), metrics)  # what `xling export` needs
+                write_results(d, report)
+                write_checkpoint_meta(d, job_meta(self.job), metrics)  # what `xling export` needs
                 if final:
-                    self.publish(d / "model", metrics, report)
+                    self.publish(d / MODEL_DIR, metrics, report)
             if dist.is_initialized():
                 dist.barrier()
             # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
@@ -228,7 +228,7 @@ class Trainer:
 
     def publish(self, directory: Path, metrics: dict[str, Any], report: str) -> None:
         """Rank 0: the exported backbone becomes a sentence-transformers dir with a model card, logged to MLflow."""
-        from xling.trainer.export import log_model, write_model_card, write_sentence_transformers
+        from xling.trainer.sentence_transformers_dir import write_model_card, write_sentence_transformers
 
         write_sentence_transformers(directory, self.spec.model, self.tokenize.tok, self.tokenize.append_eos)
         write_model_card(directory, self.spec, name=self.job.name or "xling-retriever", metrics=metrics,

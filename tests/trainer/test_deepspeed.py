@@ -287,7 +287,8 @@ def test_zero3_checkpoint_consolidates_shard_by_shard_into_a_sentence_transforme
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
-    from xling.trainer.export import consolidate_zero, export_checkpoint, write_checkpoint_meta
+    from xling.trainer.checkpoint_layout import write_checkpoint_meta
+    from xling.trainer.export import consolidate_zero, export_checkpoint
     from xling.trainer.model import train_tiny_tokenizer
 
     ckpt, base = zero3["root"] / "ckpt", tmp_path / "base"

@@ -20,7 +20,6 @@ import yaml
 from tests.support import ROOT
 from tests.trainer.test_deepspeed import tiny_model_dir
 from tests.trainer.test_deepspeed_models import EOS, WORDS
-from xling.trainer.export import SUITE_DATASETS, model_index, write_model_card, write_sentence_transformers
 from xling.trainer.model import (
     BiEncoder,
     HFTextEncoder,
@@ -28,6 +27,12 @@ from xling.trainer.model import (
     load_backbone,
     load_tokenizer,
     train_tiny_tokenizer,
+)
+from xling.trainer.sentence_transformers_dir import (
+    SUITE_DATASETS,
+    model_index,
+    write_model_card,
+    write_sentence_transformers,
 )
 from xling.trainer.spec import ExperimentSpec, ModelSpec, SuiteName, load_experiment
 from xling.trainer.tags import RUN_ID
@@ -231,7 +236,7 @@ def test_eval_reads_a_directory_saved_by_sentence_transformers_itself(tmp_path: 
 
 
 def test_eval_refuses_modules_it_cannot_run(tmp_path: Path) -> None:
-    from xling.trainer.export import read_sentence_transformers
+    from xling.trainer.sentence_transformers_dir import read_sentence_transformers
 
     backbone = twin(tmp_path / "m", "bert")
     write_sentence_transformers(backbone, ModelSpec(name="b"), load_tokenizer(str(backbone)), False)
@@ -247,8 +252,7 @@ def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
     import mlflow
     from sentence_transformers import SentenceTransformer
 
-    from xling.trainer.export import log_model
-    from xling.trainer.tracking import start_run
+    from xling.trainer.tracking import log_model, start_run
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -301,8 +305,8 @@ def _experiment(model: Path, **model_fields: object) -> ExperimentSpec:
 
 def test_export_an_intermediate_plain_pytorch_checkpoint(tmp_path: Path) -> None:
     """``engine.pt`` (no model/ yet) + the checkpoint's xling.json -> the same embeddings in sentence-transformers."""
+    from xling.trainer.checkpoint_layout import write_checkpoint_meta
     from xling.trainer.cli import main
-    from xling.trainer.export import write_checkpoint_meta
     from xling.trainer.optim_engine import TorchEngine, save_trainer_state
 
     backbone = twin(tmp_path / "backbone", "qwen2")

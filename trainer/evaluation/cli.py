@@ -156,7 +156,7 @@ def _log_mlflow(args: argparse.Namespace, results: SuiteResults, baseline: list[
 
 def _encoder(args: argparse.Namespace) -> TextEncoder:
     """A sentence-transformers model encodes as its directory says; any other as the flags say."""
-    from xling.trainer.export import read_sentence_transformers, sentence_transformers_dir
+    from xling.trainer.sentence_transformers_dir import read_sentence_transformers, sentence_transformers_dir
 
     directory = sentence_transformers_dir(args.model)
     if directory is None:

@@ -66,7 +66,7 @@ def _results(args: argparse.Namespace) -> int:
         return 0
     summary = summarize_sweep(client, parent)
     if args.full_pool and exp is not None:
-        from xling.trainer.full_pool import evaluate_full_pool
+        from xling.trainer.sweep.full_pool import evaluate_full_pool
 
         if evaluate_full_pool(client, summary, exp):
             summary = summarize_sweep(client, parent)

@@ -1,15 +1,16 @@
 """A sweep's summary as tables: points with their intervals, comparisons, languages, the full pool.
 
-Each :class:`Table` renders to markdown (the terminal, summary.md) and to HTML (summary.html) alike.
+Each :class:`~xling.trainer.sweep.markup.Table` renders to markdown (the terminal, summary.md) and to HTML
+(summary.html) alike; the paper's claims (:mod:`~xling.trainer.sweep.claims`) come last.
 """
 
 from __future__ import annotations
 
-import html
 import math
-from dataclasses import dataclass
 
 from xling.trainer.stats import MeanCI, mean_ci
+from xling.trainer.sweep.claims import claims_table
+from xling.trainer.sweep.markup import Table
 from xling.trainer.sweep.summary import (
     BY_LANGUAGE,
     HEADLINE,
@@ -20,28 +21,6 @@ from xling.trainer.sweep.summary import (
     full_prefix,
     short_key,
 )
-
-
-@dataclass
-class Table:
-    """One table, rendered to markdown (terminal, summary.md) and HTML (summary.html) alike."""
-
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-
-    def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.columns) + " |"]
-        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>" for row in self.rows
-        )
-        return f"<h3>{html.escape(self.title)}</h3><table><tr>{head}</tr>{body}</table>"
 
 
 def _fmt(ci: MeanCI | None) -> str:
@@ -106,8 +85,6 @@ def tables(s: SweepSummary) -> list[Table]:
         )
     out += [t for t in (_against_centering(s), _curves(s), _by_language(s), _full_pool(s)) if t is not None]
     out += _held_out(s)
-    from xling.trainer.paper_claims import claims_table
-
     if (claims := claims_table(s)) is not None:
         out.append(claims)
     return out

@@ -64,7 +64,7 @@ from xling.trainer.tags import (
     parents_of_sweep,
     tag_is,
 )
-from xling.trainer.tracking import flatten, start_run
+from xling.trainer.tracking import flatten, register_run_model, start_run, version_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -338,8 +338,6 @@ def run_sweep(
 def register_best(uri: str, summary: Any, spec: ExperimentSpec) -> str | None:
     """With ``sweep.registerBest``: the best point's best seed's model as a new registry version, tagged with
     that trial's summary metrics and the sweep it won."""
-    from xling.trainer.export import register_run_model, version_tags
-
     name = spec.tracking.registered_model_name
     if not (spec.sweep.register_best and name) or summary.best is None:
         return None

@@ -561,7 +561,7 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def test_claims_are_judged_from_the_clustered_comparisons(strategy_sweep: tuple[str, str]) -> None:
     from mlflow import MlflowClient
 
-    from xling.trainer.paper_claims import claims_table, roles
+    from xling.trainer.sweep.claims import claims_table, roles
 
     s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
     assert roles(s.points) == {"xx": 0, "xy": 1, "mixed": 2, "hybrid": 3}
@@ -656,7 +656,7 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
 def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tuple[str, str]) -> None:
     from mlflow import MlflowClient
 
-    from xling.trainer.full_pool import best_trials
+    from xling.trainer.sweep.full_pool import best_trials
 
     s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
     chosen = {p.index: run for p, run in best_trials(s)}
@@ -669,7 +669,7 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
 
 
 def test_only_hybrid_at_alpha_one_half_is_the_papers_hybrid() -> None:
-    from xling.trainer.paper_claims import roles
+    from xling.trainer.sweep.claims import roles
     from xling.trainer.sweep.summary import PointSummary
 
     def point(i: int, strategy: str, share: float | None) -> PointSummary:

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from xling.trainer.stats import _t_quantile
+from xling.trainer.sweep.markup import Table
 
 if TYPE_CHECKING:
     from xling.trainer.sweep.summary import Comparison, PointSummary, SweepSummary
-    from xling.trainer.sweep.tables import Table
 
 #: Power the "scale needed" column plans for (two-sided test at the sweep's confidence).
 POWER_Z = 0.8416  # the standard normal's 80 % quantile
@@ -178,8 +178,6 @@ def _centering_rows(s: SweepSummary, where: dict[str, int], alpha: float) -> lis
 
 
 def claims_table(s: SweepSummary) -> Table | None:
-    from xling.trainer.sweep.tables import Table
-
     where = roles(s.points)
     if not {"xx", "xy", "hybrid"} <= where.keys() or not s.comparisons:
         return None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xling.trainer.errors import InputError
-from xling.trainer.paper_claims import roles
+from xling.trainer.sweep.claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
 from xling.trainer.tags import FULL_POOL
 
@@ -81,8 +81,8 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     import torch
 
     from xling.trainer.driver import prepare
-    from xling.trainer.export import read_sentence_transformers
     from xling.trainer.model import encoder_for
+    from xling.trainer.sentence_transformers_dir import read_sentence_transformers
 
     spec = exp.spec
     torch.set_num_threads(os.cpu_count() or 1)
