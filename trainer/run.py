@@ -49,12 +49,9 @@ def run_experiment(
         )
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
-    report = Path(ckpt or "/nonexistent") / "results.txt"
-    if report.is_file() and report.read_text():
-        print(f"\nAfter training (step {metrics.get('step')}):\n{report.read_text()}")
-    headline = curate_run(uri, run_id, exp, ckpt)
+    headline = curate_run(uri, run_id, exp, ckpt)  # the full tables: the log, results.txt, MLflow
     seconds = time.time() - started
-    print(f"\n{headline}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
+    print(f"\n{one_screen(headline)}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
           f"open it: {ui_command(uri, run_id)}\ntook {seconds:.0f}s", flush=True)  # fmt: skip
     return RunResult(run_id, metrics, ckpt, seconds)
 
@@ -78,6 +75,11 @@ def curate_run(uri: str, run_id: str, exp: RetrievalExperiment, checkpoint: str 
     if card.is_file():
         client.log_artifact(run_id, str(card), "model_card")
     return text
+
+
+def one_screen(description: str) -> str:
+    """The run's description for the console: its Markdown paragraphs without the blank lines between."""
+    return "\n".join(line for line in description.splitlines() if line.strip())
 
 
 def ui_command(uri: str, run_id: str) -> str:

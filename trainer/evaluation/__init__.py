@@ -16,6 +16,7 @@ _EXPORTS = {
     "Suite": "api",
     "log_to_mlflow": "report",
     "format_table": "report",
+    "headline_number": "report",
     "write_results_json": "report",
     "add_cli": "cli",
     "TextEncoder": "protocol",
