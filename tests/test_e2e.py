@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +19,18 @@ from xling.trainer.tags import DATA_FINGERPRINT, SAMPLING
 pytestmark = pytest.mark.slow
 
 
-def test_smoke_run_end_to_end(tmp_path: Path) -> None:
-    from mlflow import MlflowClient
+@dataclass(frozen=True)
+class SmokeRun:
+    """One ``xling run manifests/samples/smoke.yaml``, shared by the tests that read it."""
 
+    directory: Path  # its working directory
+    uri: str  # its MLflow store
+    out: str  # its console
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    tmp_path = tmp_path_factory.mktemp("smoke")
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLING_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run(
@@ -28,8 +39,44 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    out = proc.stdout
-    assert "Zero-shot (step 0)" in out and "8/8 loss=" in out and "checkpoint:" in out
+    return SmokeRun(tmp_path, uri, proc.stdout)
+
+
+#: The phases of a smoke run, each shown as ``name: what`` and ``name: done in N s``: the driver's, then
+#: the worker's (zero-shot, the learning curve's middle point and the final evaluation, export).
+PHASES = ("prepare", "train", "zero-shot", "evaluate step 4", "evaluate step 8", "export")
+
+
+def check_console(out: str) -> None:
+    """One screen (40 lines): each phase with its time, the progress bar, the zero-shot -> trained table
+    and the command that opens the run; no Ray prefix, no library's line."""
+    lines = out.splitlines()
+    assert len(lines) <= 40, f"{len(lines)} lines:\n{out}"
+    for name in PHASES:
+        assert any(line.startswith(f"{name}: ") and " done in " not in line for line in lines), name
+        assert any(re.fullmatch(rf"{name}: done in \d+\.\d s( \(.+\))?", line) for line in lines), name
+    assert re.search(r"^zero-shot: done in .* \(xquad-r multi\.map 0\.\d{4}, xquad-r-centered", out, re.M)
+    assert "] 8/8 loss=" in out and "| | zero-shot | zero-shot, centered | trained (step 8) | change |" in out
+    assert "mlflow ui --backend-store-uri" in lines[-2] and lines[-1].startswith("took ")
+    assert not any(line.startswith("(") or "Traceback" in line or "INFO" in line for line in lines)
+
+
+def test_smoke_console_fits_one_screen_and_times_each_phase(smoke_run: SmokeRun) -> None:
+    check_console(smoke_run.out)
+    log = smoke_run.directory / smoke_run.out.split("log: ")[1].split()[0]
+    logged = log.read_text()  # what the console leaves out is there: the tables, Ray's and faiss's lines
+    assert all(f"{name}: the tables (step {step})" in logged
+               for name, step in (("zero-shot", 0), ("evaluate step 4", 4), ("evaluate step 8", 8)))  # fmt: skip
+    assert (
+        "mAP matrix" in logged and "xquad-r-centered: 4 languages" in logged and "(RayTrainWorker" in logged
+    )
+
+
+def test_smoke_run_end_to_end(smoke_run: SmokeRun) -> None:
+    from mlflow import MlflowClient
+
+    uri, out = smoke_run.uri, smoke_run.out
+    assert "zero-shot: done in " in out and "8/8 loss=" in out and "checkpoint:" in out
 
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("smoke")
@@ -45,7 +92,7 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
     assert sorted(m.step for m in mapk) == [0, 4, 8]  # zero-shot, the curve's middle point and final
     centered = client.get_metric_history(run.info.run_id, "xquad_r_centered.multi.map")
     assert [m.step for m in centered] == [0], "the centering baseline: the untrained model only"
-    assert "Zero-shot (step 0)" in out and "xquad-r-centered" in out
+    assert "xquad-r-centered multi.map" in out
     assert all(0.0 <= m.value <= 1.0 for m in mapk)
     assert "batches.xx_fraction" in run.data.metrics
     for side in ("query", "passage"):  # the realised per-language shares of every run
@@ -54,6 +101,8 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert sum(shares.values()) == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "batch_composition.json" in artifacts
+    tables = {a.path for a in client.list_artifacts(run.info.run_id, "eval/xquad-r/step-4")}
+    assert "eval/xquad-r/step-4/table.txt" in tables, "the table the console leaves to the log"
     # MLflow's own fields: source, datasets (digest = the data fingerprint), the logged and registered model
     assert (
         run.data.tags["mlflow.source.name"] == "xling run smoke" and run.data.tags["mlflow.source.git.commit"]

@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         Path(output) / "logs" / f"{exp.metadata.name}-{time.strftime('%Y%m%d-%H%M%S')}.log" if local else None
     )
     if log:
-        print(f"log: {log} (the libraries' output, tracebacks)", flush=True)
+        print(f"log: {log} (evaluation tables, the libraries' output, tracebacks)", flush=True)
     try:
         with QuietConsole(log) if log else contextlib.nullcontext():
             drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.trainer.console import detail
 from xling.trainer.contracts import (
     CACHE_ENV,
     EXPERIMENT_UID_ENV,
@@ -132,9 +133,10 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
             print(f"  e.g. {example}")
     how = "reusing the prepared corpus" if prepared.reused else "prepared"
     print(f"data: {how} {prepared.location.uri} (fingerprint {corpus.fingerprint()})", flush=True)
-    if spec.data.drop_eval_overlap:
-        print(
-            f"data: dropped {corpus.meta['dropped_overlap']} training groups that overlap the evaluation data"
+    if spec.data.drop_eval_overlap:  # none dropped: a detail, for the log
+        dropped = corpus.meta["dropped_overlap"]
+        (print if dropped else detail)(
+            f"data: dropped {dropped} training groups that overlap the evaluation data"
         )
     for i, source in enumerate(spec.data.sources):
         if split := held_out(source):

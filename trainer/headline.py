@@ -22,6 +22,8 @@ HEADLINE = (
     ("mono.map", "monolingual mAP", False),
     ("cross.map", "cross-lingual mAP", False),
 )
+#: A suite's centering baseline's metric prefix ends so (``evaluation.centering.CENTERED``, ``-`` as ``_``).
+CENTERED = "_centered"
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,22 @@ def headline(client: Any, run_id: str) -> tuple[list[Row], int | None]:
 
 
 def table(rows: list[Row], step: int | None) -> str:
-    """A Markdown table (readable as plain text too): zero-shot, trained, change."""
-    lines = [f"| | zero-shot | trained (step {step}) | change |" if step else "| | zero-shot | trained | change |",
-             "|---|---|---|---|"]  # fmt: skip
+    """A Markdown table (readable as plain text too): zero-shot, trained, change. A suite's language-mean
+    centering baseline (``<suite>_centered``, step 0 only) is a column beside its zero-shot numbers."""
+    plain = {(r.suite, r.label) for r in rows if not r.suite.endswith(CENTERED)}
+    centered = {(r.suite.removesuffix(CENTERED), r.label): r.zero_shot for r in rows
+                if r.suite.endswith(CENTERED) and (r.suite.removesuffix(CENTERED), r.label) in plain}  # fmt: skip
+    trained = f"trained (step {step})" if step else "trained"
+    extra = " zero-shot, centered |" if centered else ""
+    lines = [f"| | zero-shot |{extra} {trained} | change |", "|---|---|" + "---|" * (2 + bool(centered))]
     for r in rows:
+        if r.suite.endswith(CENTERED) and (r.suite.removesuffix(CENTERED), r.label) in centered:
+            continue
         change = "" if r.zero_shot is None or r.trained is None else f"{r.trained - r.zero_shot:+.4f}"
         better = " (lower is better)" if r.lower_is_better else ""
-        lines.append(f"| {r.suite} {r.label}{better} | {_num(r.zero_shot)} | {_num(r.trained)} | {change} |")
+        cells = [_num(r.zero_shot), *([_num(centered.get((r.suite, r.label)))] if centered else []),
+                 _num(r.trained), change]  # fmt: skip
+        lines.append(f"| {r.suite} {r.label}{better} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -181,7 +181,10 @@ def train_tiny_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Any:
     tok.normalizer = normalizers.NFKC()
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=TINY_SPECIAL, unk_token="<unk>")
+    # no progress: without a terminal the trainer's Rust code prints empty lines to standard output
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=TINY_SPECIAL, unk_token="<unk>", show_progress=False
+    )
     tok.train_from_iterator(bounded_alphabet(texts, vocab_size // 2), trainer)
     bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(

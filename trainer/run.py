@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from xling.trainer.checkpoint_layout import MODEL_DIR, read_results
+from xling.trainer.checkpoint_layout import MODEL_DIR
 from xling.trainer.console import phase
 from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
 from xling.trainer.headline import describe
@@ -51,12 +51,9 @@ def run_experiment(
         )
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None
-    report = read_results(Path(ckpt)) if ckpt else ""
-    if report:
-        print(f"\nAfter training (step {metrics.get('step')}):\n{report}")
-    headline = curate_run(uri, run_id, exp, ckpt)
+    headline = curate_run(uri, run_id, exp, ckpt)  # the full tables: the log, results.txt, MLflow
     seconds = time.time() - started
-    print(f"\n{headline}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
+    print(f"\n{one_screen(headline)}\ncheckpoint: {ckpt}\nmlflow run: {run_id} ({uri})\n"
           f"open it: {ui_command(uri, run_id)}\ntook {seconds:.0f}s", flush=True)  # fmt: skip
     return RunResult(run_id, metrics, ckpt, seconds)
 
@@ -80,6 +77,11 @@ def curate_run(uri: str, run_id: str, exp: RetrievalExperiment, checkpoint: str 
     if card.is_file():
         client.log_artifact(run_id, str(card), "model_card")
     return text
+
+
+def one_screen(description: str) -> str:
+    """The run's description for the console: its Markdown paragraphs without the blank lines between."""
+    return "\n".join(line for line in description.splitlines() if line.strip())
 
 
 def ui_command(uri: str, run_id: str) -> str:

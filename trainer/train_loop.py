@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
+from xling.trainer.console import detail, phase
 from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
@@ -240,33 +241,43 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self, step: int) -> tuple[dict[str, float], str]:
-        """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables."""
+        """Every rank encodes its shard; rank 0 scores and logs. Returns flat metrics and the tables, which
+        rank 0 leaves in the log: the console shows the phase (``zero-shot``, ``evaluate step N``) with each
+        suite's headline number."""
         from xling.trainer.evaluation.api import evaluate_with_centering, load_suite
-        from xling.trainer.evaluation.report import format_table, log_to_mlflow
+        from xling.trainer.evaluation.report import format_table, headline_number, log_to_mlflow
 
         ev = self.spec.evaluation
         out: dict[str, float] = {}
         tables: list[str] = []
         encoder = HFTextEncoder(self.model, self.tokenize, ev.batch_size, fingerprint=self._fingerprint(step))
         cache = embedding_cache_dir(ev.cache_dir)
-        for suite_spec in ev.suites:
-            suite = load_suite(suite_spec)
-            # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
-            # The centering baseline is a property of the untrained model: at step 0 only.
-            evaluated = evaluate_with_centering(
-                suite, encoder, ev.centering if step == 0 else None, index=ev.index,
-                cache_dir=cache if self.world == 1 else None,
-            )  # fmt: skip
-            if self.rank == 0:
-                if self.logger.active:
-                    log_dataset(self.logger.client, self.logger.run_id, suite_spec.name, suite.fingerprint,
-                                [suite_spec.path], "evaluation")  # fmt: skip
-                for results in evaluated:
+        name = "zero-shot" if step == 0 else f"evaluate step {step}"
+        centering = ev.centering if step == 0 else None  # a property of the untrained model: step 0 only
+        what = ", ".join(s.name for s in ev.suites) + (", with the centering baseline" if centering else "")
+        with phase(name, what, show=self.rank == 0) as running:
+            numbers: list[str] = []
+            for suite_spec in ev.suites:
+                suite = load_suite(suite_spec)
+                # A shared disk cache would let ranks disagree on which texts they encode: one rank only.
+                evaluated = evaluate_with_centering(
+                    suite, encoder, centering, index=ev.index, cache_dir=cache if self.world == 1 else None
+                )
+                if self.rank == 0:
                     if self.logger.active:
-                        log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
-                    out.update(results.flat_metrics(results.suite.replace("-", "_")))
-                    tables.append(format_table(results))
-        return out, "\n\n".join(tables)
+                        log_dataset(self.logger.client, self.logger.run_id, suite_spec.name, suite.fingerprint,
+                                    [suite_spec.path], "evaluation")  # fmt: skip
+                    for results in evaluated:
+                        if self.logger.active:
+                            log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
+                        out.update(results.flat_metrics(results.suite.replace("-", "_")))
+                        tables.append(format_table(results))
+                        numbers.append(headline_number(results))
+            running.note = ", ".join(numbers)
+        table = "\n\n".join(tables)
+        if self.rank == 0:
+            detail(f"\n{name}: the tables (step {step})\n{table}\n")
+        return out, table
 
     def _fingerprint(self, step: int) -> str:
         base = self.job.model_fingerprint
@@ -316,9 +327,7 @@ class Trainer:
         spec, opt = self.spec, self.spec.optimization
         self.restore()
         if spec.evaluation.at_start and self.start_step == 0 and spec.evaluation.suites:
-            self.zero_shot, table = self.evaluate(0)
-            if self.rank == 0:
-                print(f"\nZero-shot (step 0):\n{table}\n", flush=True)
+            self.zero_shot, _ = self.evaluate(0)
         started = time.time()
         window = Window()
         curve = set(spec.evaluation.curve_steps(opt.max_steps)) if spec.evaluation.suites else set()
@@ -335,9 +344,7 @@ class Trainer:
                                         started), flush=True)  # fmt: skip
                 window, self.batches.waited_s = Window(), 0.0
             if done in curve:  # a learning-curve point: logged at its step, not reported to Ray
-                _, table = self.evaluate(done)
-                if self.rank == 0:
-                    print(f"\nStep {done}:\n{table}\n", flush=True)
+                self.evaluate(done)
             if opt.checkpoint_every and done % opt.checkpoint_every == 0 and done < opt.max_steps:
                 self.checkpoint(done, metrics)
         self.batches.close()
@@ -347,7 +354,10 @@ class Trainer:
             final.update(scores)
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
-        self.checkpoint(opt.max_steps, final, final=True, report=table)
+        with phase(
+            "export", "the model and its card, to the final checkpoint and MLflow", show=self.rank == 0
+        ):
+            self.checkpoint(opt.max_steps, final, final=True, report=table)
 
 
 @dataclass(frozen=True)

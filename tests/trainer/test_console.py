@@ -54,3 +54,82 @@ def test_a_phase_says_when_it_starts_and_how_long_it_took(capsys: pytest.Capture
         and lines[1].startswith("prepare: done in ")
         and lines[1].endswith(" s")
     )
+
+
+def test_a_phase_can_end_with_a_note_and_be_silent_on_other_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    with phase("zero-shot", "xquad-r") as running:
+        running.note = "xquad-r multi.map 0.2124"
+    with phase("zero-shot", "xquad-r", show=False) as running:
+        running.note = "rank 1"
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[0] == "zero-shot: xquad-r"
+    assert lines[1].startswith("zero-shot: done in ") and lines[1].endswith(" s (xquad-r multi.map 0.2124)")
+
+
+def bar(step: int) -> str:
+    return f"{WORKER}[{'#' * (step * 20 // 8):.<20}] {step}/8 loss=2.7 pairs/s=300.0 eta=1s"
+
+
+def test_off_a_terminal_the_console_shows_the_first_bar_the_one_before_each_other_line_and_the_last(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every bar is logged; the console gets the first, one at most every BAR_EVERY_S seconds, the latest
+    before any other line (the bar an evaluation starts from) and, at the end, the last one."""
+    log = tmp_path / "smoke.log"
+    with QuietConsole(log):
+        print("train: Ray and 1 worker(s)")
+        for step in range(1, 5):
+            print(bar(step))
+        print(f"{WORKER}evaluate step 4: xquad-r")
+        print(f"{WORKER}Encoding tables…", file=sys.stderr)  # the log only: holds nothing back
+        for step in range(5, 9):
+            print(bar(step))
+    shown = [line.split("] ")[-1].split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert shown == ["train:", "1/8", "4/8", "evaluate", "8/8"]
+    assert all(f"] {step}/8 loss" in log.read_text() for step in range(1, 9))
+
+
+def test_a_bar_shows_when_the_console_has_been_quiet_long_enough(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import xling.trainer.console as console
+
+    times = iter([0.0, 10.0, 31.0, 32.0, 70.0])  # when bars 1-5 arrive
+    monkeypatch.setattr(console, "clock", lambda: next(times))
+    with QuietConsole(tmp_path / "smoke.log"):
+        for step in range(1, 6):
+            print(bar(step))
+    shown = [line.split("] ")[-1].split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert shown == ["1/8", "3/8", "5/8"]
+
+
+class Terminal:
+    """A console that is a terminal."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+
+def test_on_a_terminal_each_bar_redraws_the_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with QuietConsole(tmp_path / "smoke.log"):
+        print(bar(1))
+        print(bar(2))
+        print(f"{WORKER}evaluate step 2: xquad-r")
+    assert terminal.text == (
+        f"\r\x1b[K{bar(1).removeprefix(WORKER)}\r\x1b[K{bar(2).removeprefix(WORKER)}\nevaluate step 2: xquad-r\n"
+    )

@@ -45,6 +45,24 @@ def test_the_description_heads_with_the_headline_and_the_before_after_table(
     assert "| xquad_r language bias: rank distance (lower is better) | 38.4000 | 38.0000 | -0.4000 |" in lines
 
 
+def test_the_centering_baseline_is_a_column_beside_the_zero_shot_numbers(smoke_run: tuple[str, str]) -> None:
+    """It was a second block of rows with empty trained and change cells: 14 lines of a smoke run's console
+    where 8 say it all."""
+    uri, run_id = smoke_run
+    client = MlflowClient(uri)
+    client.log_batch(run_id, metrics=[Metric("xquad_r_centered.multi.map", 0.2244, 0, 0),
+                                      Metric("xquad_r_centered.mono.map", 0.4556, 0, 0)])  # fmt: skip
+    lines = describe(client, run_id, "smoke").splitlines()
+    assert "| | zero-shot | zero-shot, centered | trained (step 8) | change |" in lines
+    assert "|---|---|---|---|---|" in lines
+    assert "| xquad_r multilingual pool mAP | 0.2148 | 0.2244 | 0.2215 | +0.0067 |" in lines
+    assert "| xquad_r multilingual R@10 | 0.2945 |  | 0.2987 | +0.0042 |" in lines
+    assert not any(line.startswith("| xquad_r_centered") for line in lines)
+    assert lines[0].startswith("**xquad_r multilingual pool mAP 0.2148 → 0.2215"), (
+        "the headline stays uncentered"
+    )
+
+
 def test_results_on_a_single_run_shows_its_headline(
     smoke_run: tuple[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -84,6 +84,12 @@ def format_table(results: SuiteResults) -> str:
     return _lareqa_table(results)
 
 
+def headline_number(results: SuiteResults) -> str:
+    """The suite's main number in a few words, for a console line: ``xquad-r multi.map 0.2124``."""
+    key = "ndcg10" if isinstance(results, MiraclResults) else "multi.map"
+    return f"{results.suite} {key} {results.summary()[key]:.4f}"
+
+
 def write_results_json(results: SuiteResults, path: str | Path) -> None:
     """One JSON with every number (metrics, matrices, per-language bias, settings, timings)."""
     payload = {**results.to_dict(), "metrics": results.flat_metrics()}
@@ -199,9 +205,11 @@ def save_plots(results: LareqaResults, directory: Path) -> list[Path]:
 
 
 def write_artifacts(results: SuiteResults, directory: Path) -> None:
-    """results.json, plus for LAReQA suites per_query.json, the mAP matrix CSV and the plots."""
+    """results.json and the table ``xling run`` logs (table.txt), plus for LAReQA suites per_query.json,
+    the mAP matrix CSV and the plots."""
     directory.mkdir(parents=True, exist_ok=True)
     write_results_json(results, directory / "results.json")
+    (directory / "table.txt").write_text(format_table(results) + "\n", encoding="utf-8")
     if isinstance(results, LareqaResults):
         write_per_query_json(results, directory / "per_query.json")
         write_matrix_csv(results, directory / "map_matrix.csv")
