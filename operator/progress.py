@@ -1,6 +1,6 @@
 """What MLflow knows about an experiment's runs: progress for the watchdog, links and results for status.
 
-Contract with the trainer (``xling.trainer.contracts``): every MLflow run it starts for a RetrievalExperiment
+Contract with the trainer (``xling.api.contracts``): every MLflow run it starts for a RetrievalExperiment
 (the parent and each trial) carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no
 ``mlflow.parentRunId`` tag) holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
 """
@@ -16,8 +16,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from xling.trainer.spec import KNOWN_LANGUAGES
-from xling.trainer.tags import K8S_UID, PARENT_RUN_ID, tag_is
+from xling.api.spec.base import KNOWN_LANGUAGES
+from xling.api.tags import K8S_UID, PARENT_RUN_ID, tag_is
 
 #: The metric the trainer logs every step (``train_loop``): its newest step is the run's progress.
 LOSS = "train.loss"

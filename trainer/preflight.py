@@ -15,15 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import InputError, Problem
-from xling.trainer.spec import (
-    DataSource,
-    ExperimentSpec,
-    ModelSpec,
-    RetrievalExperiment,
-    SpecError,
-)
+from xling.api.env import EXPERIMENT_UID_ENV
+from xling.api.errors import InputError, Problem
+from xling.api.spec.base import SpecError
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.training import DataSource, ModelSpec
 
 #: The field every model problem names.
 MODEL = "spec.model.name"

@@ -25,8 +25,10 @@ from typing import Any
 
 import yaml
 
-from xling.trainer.errors import InputError
-from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, ModelSpec
+from xling.api.errors import InputError
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.training import ModelSpec
 
 #: The model card, in the directory's root (where the Hugging Face hub reads it).
 CARD_FILE = "README.md"

@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.spec.base import ClusterUnit
+from xling.api.spec.sweep import SweepSpec
+from xling.api.spec.training import CenteringSpec, SamplingSpec
+from xling.api.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 from xling.trainer.evaluation.centering import CENTERED as CENTERED_SUFFIX
-from xling.trainer.spec import CenteringSpec, ClusterUnit, SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
-from xling.trainer.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
