@@ -16,6 +16,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from xling.api.metrics import language_of
 from xling.api.spec.base import KNOWN_LANGUAGES
 from xling.api.tags import K8S_UID, PARENT_RUN_ID, tag_is
 
@@ -57,12 +58,9 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 def language_breakdown(metric: str, metrics: dict[str, float]) -> dict[str, float]:
     """Per-language values of ``metric``, named as the evaluator names them: the language code goes
     before the last part. ``xquad_r.multi.map`` -> ``{"de": <xquad_r.multi.de.map>, ...}``."""
-    head, _, last = metric.rpartition(".")
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        stem, _, tail = key.rpartition(".")
-        prefix, _, lang = stem.rpartition(".")
-        if tail == last and prefix == head and lang in KNOWN_LANGUAGES:
+        if (lang := language_of(metric, key)) in KNOWN_LANGUAGES:
             out[lang] = value
     return dict(sorted(out.items()))
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from xling.api.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.api.env import FAULT_KILL_ENV
 from xling.api.errors import InputError
+from xling.api.metrics import is_headline, suite_prefix
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
@@ -224,7 +225,7 @@ class Trainer:
                 dist.barrier()
             # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-            headline = {k: v for k, v in metrics.items() if k.count(".") <= 2}  # not xquad_r.mono.ar.map
+            headline = {k: v for k, v in metrics.items() if is_headline(k)}  # not xquad_r.mono.ar.map
             ray.train.report({**headline, "step": step}, checkpoint=ckpt)
 
     def publish(self, directory: Path, metrics: dict[str, Any], report: str) -> None:
@@ -265,7 +266,7 @@ class Trainer:
                 for results in evaluated:
                     if self.logger.active:
                         log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
-                    out.update(results.flat_metrics(results.suite.replace("-", "_")))
+                    out.update(results.flat_metrics(suite_prefix(results.suite)))
                     tables.append(format_table(results))
         return out, "\n\n".join(tables)
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
+from xling.api.metrics import prefix_of, suite_prefix
 from xling.api.spec.base import ClusterUnit, PositiveInt, Spec, SpecError, field_error
 
 if TYPE_CHECKING:
@@ -222,11 +223,11 @@ class SweepSpec(Spec):
                     f"sweep.points[{i}]", f"the same spec as sweep.points[{specs[doc]}] (it would run twice)"
                 )
             specs[doc] = i
-        prefixes = {suite.name.replace("-", "_") for suite in base.evaluation.suites} | {"train", "batches"}
+        prefixes = {suite_prefix(suite.name) for suite in base.evaluation.suites} | {"train", "batches"}
         for where, metric in [("sweep.metric", self.metric)] + [
             (f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)
         ]:
-            if metric.split(".")[0] not in prefixes:
+            if prefix_of(metric) not in prefixes:
                 raise field_error(
                     where, f"{metric!r} is not logged: its prefix is none of {sorted(prefixes)}"
                 )

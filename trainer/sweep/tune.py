@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from xling.api.contracts import default_cache_dir
 from xling.api.env import CACHE_ENV
 from xling.api.errors import InputError
+from xling.api.metrics import is_headline
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.tags import (
     ALPHA,
@@ -62,7 +63,7 @@ from xling.trainer.driver import (
     storage_path,
 )
 from xling.trainer.sweep.report import publish
-from xling.trainer.sweep.summary import is_headline, summarize_sweep
+from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
 from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
 from xling.trainer.tracking import flatten, register_run_model, start_run, version_tags

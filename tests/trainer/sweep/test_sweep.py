@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.metrics import is_headline
 from xling.api.spec.base import SpecError
 from xling.api.spec.loading import load_experiment, parse_experiment
 from xling.api.spec.sweep import SweepSpec
@@ -19,7 +20,7 @@ from xling.operator.manifests import sweep_trials
 from xling.trainer.stats import DiffCI, mean_ci
 from xling.trainer.sweep.plots import pareto_front, primary_parameter
 from xling.trainer.sweep.report import publish, to_json, write_report
-from xling.trainer.sweep.summary import is_headline, parse_per_query, per_language_keys, summarize_sweep
+from xling.trainer.sweep.summary import parse_per_query, per_language_keys, summarize_sweep
 from xling.trainer.sweep.tables import markdown
 from xling.trainer.sweep.trials import SweepPlan, plan_sweep
 from xling.trainer.sweep.tune import TrialContext, _child_run, _parent_run, default_concurrency
