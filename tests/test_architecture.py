@@ -129,3 +129,11 @@ def test_every_xling_environment_variable_is_named_in_the_registry() -> None:
     ]
     assert not spelled, spelled
     assert all(name.startswith("XLING_") and doc.strip() for name, doc in VARIABLES.items())
+    deployed = {
+        name
+        for folder in ("helm", "manifests", "docker")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file()
+        for name in re.findall(r"XLING_[A-Z_]+", path.read_text(errors="replace"))
+    }
+    assert deployed <= set(VARIABLES), sorted(deployed - set(VARIABLES))  # the chart sets only known names
