@@ -32,10 +32,11 @@ NAMESPACE_ENV = _variable(
 )
 GPU_MEM_GB_ENV = _variable(
     "XLING_GPU_MEM_GB",
-    "GPU memory in GiB for planning (deepspeed.stage auto, xling plan) where no GPU is visible (a head node).",
+    "Memory of one GPU in GiB, instead of the visible GPU's, for plans and deepspeed.stage auto (a GPU-less head).",
 )
 PEAK_TFLOPS_ENV = _variable(
-    "XLING_PEAK_TFLOPS", "The device's peak TFLOP/s for plans and MFU, instead of the table."
+    "XLING_PEAK_TFLOPS",
+    "The device's peak TFLOP/s for plans and MFU, instead of the GPU table or the CPU probe.",
 )
 FAULT_KILL_ENV = _variable(
     "XLING_FAULT_KILL",
