@@ -84,7 +84,7 @@ def generate(path: Path, pairs: int, seed: int = 0) -> None:
 
 
 def data_spec(path: Path) -> Any:
-    from xling.trainer.spec import DataSource, DataSpec
+    from xling.api.spec.training import DataSource, DataSpec
 
     return DataSpec(
         languages=LANGUAGES, sources=[DataSource(type="pairs", path=str(path))], drop_eval_overlap=False
@@ -107,8 +107,8 @@ class Batches:
     """Times the three parts of a global batch on one worker that holds all of it (world size 1)."""
 
     def __init__(self, corpus: Any, batch: int):
+        from xling.api.spec.training import ModelSpec
         from xling.trainer.model import Tokenize, load_tokenizer, resolve_model_path
-        from xling.trainer.spec import ModelSpec
 
         self.corpus, self.batch = corpus, batch
         spec = ModelSpec(name="xling/multilingual-e5-small", query_prefix="query: ", passage_prefix="passage: ",
@@ -117,8 +117,8 @@ class Batches:
         self.tokenize = Tokenize(load_tokenizer(path, spec), spec)
 
     def sampler(self) -> Any:
+        from xling.api.spec.training import SamplingSpec
         from xling.trainer.sampling import build_sampler
-        from xling.trainer.spec import SamplingSpec
 
         return build_sampler(
             self.corpus.index, self.batch, SamplingSpec(strategy="hybrid", alpha=0.5, seed=0)

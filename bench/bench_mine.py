@@ -30,8 +30,8 @@ MODEL = "xling/multilingual-e5-small"
 
 
 def corpus(pairs: int, root: Path) -> Any:
+    from xling.api.spec.training import DataSource, DataSpec
     from xling.trainer.data import prepare_corpus
-    from xling.trainer.spec import DataSource, DataSpec
 
     spec = DataSpec(languages=["de"], drop_eval_overlap=False, sources=[DataSource(
         type="mlqa", path=str(ROOT / "data/demo/mlqa-test-gxlt"), sides="both", pool="monolingual",
@@ -40,9 +40,9 @@ def corpus(pairs: int, root: Path) -> Any:
 
 
 def xling(prepared: Any, top_k: int, key: str) -> tuple[dict, float]:
+    from xling.api.spec.training import MineSpec, ModelSpec
     from xling.trainer.mining import mine
     from xling.trainer.model import encoder_for, resolve_model_path
-    from xling.trainer.spec import MineSpec, ModelSpec
 
     spec = ModelSpec(name=MODEL, query_prefix="query: ", passage_prefix="passage: ", max_query_length=128,
                      max_passage_length=128)  # fmt: skip

@@ -224,9 +224,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, model: str, batch: int):
         import torch
 
+        from xling.api.spec.loading import parse_experiment
         from xling.trainer.driver import prepare
         from xling.trainer.plan import peak_flops
-        from xling.trainer.spec import parse_experiment
 
         self.args, self.batch = args, batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

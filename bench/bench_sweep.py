@@ -21,13 +21,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from xling.trainer.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
+from xling.api.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench_experiment(trials: int, steps: int, out_dir: Path):
-    from xling.trainer.spec import load_experiment, parse_experiment
+    from xling.api.spec.loading import load_experiment, parse_experiment
 
     exp = load_experiment(ROOT / "manifests/samples/smoke.yaml")
     doc = exp.model_dump(mode="json", by_alias=True, exclude_none=True)

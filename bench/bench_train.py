@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def experiment(
     name: str, steps: int, batch: int, workers: int, zero3: bool, model: str = "tiny", threads: float = 1
 ) -> Any:
-    from xling.trainer.spec import parse_experiment, resolve_paths
+    from xling.api.spec.loading import parse_experiment, resolve_paths
 
     # a spare restart (see tests/trainer/test_faults.py) does not move the median step time
     distributed: dict[str, Any] = {"numWorkers": workers, "cpusPerWorker": threads, "maxFailures": 1}
@@ -79,7 +79,7 @@ def demo_experiment(name: str, steps: int, batch: int, distributed: dict[str, An
     registration, every step logged (the step times come from MLflow's timestamps)."""
     import yaml
 
-    from xling.trainer.spec import parse_experiment, resolve_paths
+    from xling.api.spec.loading import parse_experiment, resolve_paths
 
     doc = yaml.safe_load(DEMO.read_text())
     doc["metadata"]["name"] = name

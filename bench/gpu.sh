@@ -94,6 +94,7 @@ SITE=$GPU/site
 mkdir -p "$SITE/xling"
 ln -sfn "$REPO/trainer" "$SITE/xling/trainer"     # xling is a namespace: the same layout `pip install -e .` maps
 ln -sfn "$REPO/operator" "$SITE/xling/operator"
+ln -sfn "$REPO/api" "$SITE/xling/api"
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 PIPI=("$PY" -m pip install -q --disable-pip-version-check --no-deps --no-compile --target "$SITE" --upgrade)
 if [ -d "$GPU/unpacked/wheels" ] && [ ! -f "$SITE/.staged" ]; then

@@ -96,7 +96,7 @@ def zero3_doc(model_dir: str, steps: int = 15, batch: int = 64, work: str = "run
 
 def experiment(doc: dict[str, Any]) -> Any:
     """Validate as ``xling run`` does; relative data paths resolve against manifests/samples/."""
-    from xling.trainer.spec import parse_experiment, resolve_paths
+    from xling.api.spec.loading import parse_experiment, resolve_paths
 
     return resolve_paths(parse_experiment(doc, doc["metadata"]["name"]), DEMO.parent)
 

@@ -39,10 +39,10 @@ def main() -> None:
     os.environ.setdefault("XLING_CACHE", str(ROOT / ".cache"))
     import torch
 
+    from xling.api.spec.loading import load_experiment
     from xling.trainer.driver import prepare
     from xling.trainer.job import Job
     from xling.trainer.plan import cpu_peak_flops
-    from xling.trainer.spec import load_experiment
     from xling.trainer.train_loop import Trainer
 
     exp = load_experiment(ROOT / "manifests" / "samples" / "demo.yaml")

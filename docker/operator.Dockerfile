@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The operator image: kopf, the kubernetes client and the experiment spec (xling.trainer.spec), and no
-# torch, Ray or DeepSpeed. Build from the repository root:
+# The operator image: kopf, the kubernetes client and the contract package (xling.api: the experiment spec,
+# tags, errors), and no torch, Ray or DeepSpeed. trainer/ is copied because the project installs as one
+# distribution; the operator imports none of it (tests/test_architecture.py). Build from the repository root:
 #   docker build -f docker/operator.Dockerfile -t xling-operator:0.1.0 .
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
@@ -12,6 +13,7 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml requirements.lock README.md ./
+COPY api/ api/
 COPY trainer/ trainer/
 COPY operator/ operator/
 # requirements.lock pins every transitive version; the `train` extra (torch, Ray, ...) is not installed.

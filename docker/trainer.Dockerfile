@@ -20,6 +20,7 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /home/ray/src
 COPY --chown=ray:users pyproject.toml requirements.lock README.md ./
+COPY --chown=ray:users api/ api/
 COPY --chown=ray:users trainer/ trainer/
 COPY --chown=ray:users operator/ operator/
 # DeepSpeed is an sdist; compiling its ops here (for A100 and H100) saves every pod a JIT build at start.

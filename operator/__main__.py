@@ -23,6 +23,18 @@ import kopf
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 import xling.operator.handlers  # noqa: F401  (registers the handlers)
+from xling.api.env import (
+    LEASE_DURATION_ENV,
+    LEASE_NAME_ENV,
+    LEASE_NAMESPACE_ENV,
+    LEASE_RENEW_DEADLINE_ENV,
+    LEASE_RETRY_PERIOD_ENV,
+    LIVENESS_ENV,
+    LOG_FORMAT_ENV,
+    METRICS_PORT_ENV,
+    VERBOSE_ENV,
+    WATCH_NAMESPACES_ENV,
+)
 from xling.operator.election import Elector, Timings
 from xling.operator.kube import Kube
 from xling.operator.metrics import Metrics
@@ -35,33 +47,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "-n",
         "--namespace",
         action="append",
-        default=[n for n in env("XLING_WATCH_NAMESPACES", "").split(",") if n],
+        default=[n for n in env(WATCH_NAMESPACES_ENV, "").split(",") if n],
         help="watch only these namespaces (repeatable; env XLING_WATCH_NAMESPACES=a,b); default: all",
     )
-    p.add_argument(
-        "--liveness", default=env("XLING_LIVENESS", "http://0.0.0.0:8080/healthz"), help="probe URL"
-    )
-    p.add_argument("--log-format", choices=["json", "plain"], default=env("XLING_LOG_FORMAT", "json"))
-    p.add_argument("--verbose", action="store_true", default=env("XLING_VERBOSE") == "1")
+    p.add_argument("--liveness", default=env(LIVENESS_ENV, "http://0.0.0.0:8080/healthz"), help="probe URL")
+    p.add_argument("--log-format", choices=["json", "plain"], default=env(LOG_FORMAT_ENV, "json"))
+    p.add_argument("--verbose", action="store_true", default=env(VERBOSE_ENV) == "1")
     lease = Timings()
     p.add_argument(
         "--lease-name",
-        default=env("XLING_LEASE_NAME", ""),
+        default=env(LEASE_NAME_ENV, ""),
         help="elect a leader on this Lease (env XLING_LEASE_NAME); empty: no election, serve at once",
     )
     p.add_argument(
         "--lease-namespace",
-        default=env("XLING_LEASE_NAMESPACE", "default"),
+        default=env(LEASE_NAMESPACE_ENV, "default"),
         help="the Lease's namespace, the operator's own (env XLING_LEASE_NAMESPACE)",
     )
-    p.add_argument("--lease-duration", type=float, default=float(env("XLING_LEASE_DURATION", lease.duration)))
+    p.add_argument("--lease-duration", type=float, default=float(env(LEASE_DURATION_ENV, lease.duration)))
     p.add_argument(
         "--lease-renew-deadline",
         type=float,
-        default=float(env("XLING_LEASE_RENEW_DEADLINE", lease.renew_deadline)),
+        default=float(env(LEASE_RENEW_DEADLINE_ENV, lease.renew_deadline)),
     )
     p.add_argument(
-        "--lease-retry-period", type=float, default=float(env("XLING_LEASE_RETRY_PERIOD", lease.retry_period))
+        "--lease-retry-period", type=float, default=float(env(LEASE_RETRY_PERIOD_ENV, lease.retry_period))
     )
     return p.parse_args(argv)
 
@@ -110,7 +120,7 @@ async def serve(args: argparse.Namespace) -> int:
     kube = Kube.from_environment(pool_size=2)
     elector = Elector(kube, args.lease_namespace, args.lease_name, identity, timings)
     try:
-        async with standby(args.liveness, os.environ.get("XLING_METRICS_PORT")):
+        async with standby(args.liveness, os.environ.get(METRICS_PORT_ENV)):
             await elector.acquire()
         stop = asyncio.Event()
         operator = asyncio.create_task(kopf.operator(stop_flag=stop, **run))

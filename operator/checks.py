@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from typing import Any, Protocol
 
+from xling.api.spec.experiment import RetrievalExperiment
 from xling.operator import manifests as mf
 from xling.operator.conditions import ConditionReason as Reason
 from xling.operator.defaults import Platform
-from xling.trainer.spec import RetrievalExperiment
 
 Problem = tuple[Reason, str]
 

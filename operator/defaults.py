@@ -26,11 +26,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from xling.api.env import PLATFORM_DEFAULTS_ENV
+from xling.api.spec.base import SpecError
+from xling.api.spec.experiment import RetrievalExperiment
 from xling.operator.manifests import validate
-from xling.trainer.spec import RetrievalExperiment, SpecError
 
-ENV = "XLING_PLATFORM_DEFAULTS"
-#: The key of the platform-defaults ConfigMap that holds the document (mounted as the file ENV names).
+#: The key of the platform-defaults ConfigMap that holds the document (mounted as the file PLATFORM_DEFAULTS_ENV names).
 CONFIGMAP_KEY = "defaults.yaml"
 #: Spec sections a platform may default (the research settings are the user's). A default only takes
 #: effect where the CRD has none (the API server fills those in first): cluster.image, cluster.pod.*,
@@ -83,7 +84,7 @@ class Platform:
     def load(cls, path: str | Path | None = None) -> Platform:
         """From ``path`` or $XLING_PLATFORM_DEFAULTS; none = no defaults, no allow-lists. ``path`` is the
         defaults document the operator mounts, or the ConfigMap holding it (``manifests/operator``)."""
-        path = path or os.environ.get(ENV)
+        path = path or os.environ.get(PLATFORM_DEFAULTS_ENV)
         if not path:
             return cls()
         try:

@@ -18,13 +18,14 @@ from typing import Any
 
 import kopf
 
+from xling.api.env import CONSISTENCY_TIMEOUT_ENV, MAX_WORKERS_ENV, METRICS_PORT_ENV, WATCHDOG_INTERVAL_ENV
+from xling.api.spec.base import API_VERSION, KIND
 from xling.operator import reconcile as rc
 from xling.operator.crd import GROUP, PLURAL, VERSION
 from xling.operator.defaults import Platform
 from xling.operator.kube import Kube
 from xling.operator.manifests import MANAGED_BY
 from xling.operator.metrics import Metrics
-from xling.trainer.spec import API_VERSION, KIND
 
 FINALIZER = f"{GROUP}/finalizer"
 RESOURCE = (GROUP, VERSION, PLURAL)
@@ -66,21 +67,21 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, experiments: kop
     settings.persistence.finalizer = FINALIZER  # none is added now; kopf removes it from older experiments
     settings.posting.reporting_component = MANAGED_BY
     settings.posting.level = logging.WARNING  # our own transition events use kopf.event(), which ignores it
-    settings.execution.max_workers = int(os.environ.get("XLING_MAX_WORKERS", "16"))
+    settings.execution.max_workers = int(os.environ.get(MAX_WORKERS_ENV, "16"))
     settings.watching.server_timeout = 600  # restart watches regularly: survives silent connection drops
     settings.watching.client_timeout = 660
     settings.networking.request_timeout = 30
     # kopf waits this long for its own patch to come back before handling newer events of that object. The
     # status writes of other handlers interleave, so the exact version is often skipped and kopf waits it out;
     # the handlers re-read what they need and are idempotent, so a short wait is safe (measured: bench/).
-    settings.persistence.consistency_timeout = float(os.environ.get("XLING_CONSISTENCY_TIMEOUT", "1"))
+    settings.persistence.consistency_timeout = float(os.environ.get(CONSISTENCY_TIMEOUT_ENV, "1"))
     memo.setdefault("event_vars", {})
-    memo.setdefault("watchdog_interval", float(os.environ.get("XLING_WATCHDOG_INTERVAL", "60")))
+    memo.setdefault("watchdog_interval", float(os.environ.get(WATCHDOG_INTERVAL_ENV, "60")))
     if memo.get("platform") is None:
         memo.platform = Platform.load()  # a broken defaults file stops the operator here, with its path
     if memo.get("metrics") is None:
         memo.metrics = Metrics(phases=lambda: _phases(experiments))
-        if port := os.environ.get("XLING_METRICS_PORT"):
+        if port := os.environ.get(METRICS_PORT_ENV):
             memo.metrics.serve(int(port))
     if memo.get("kube") is None:
         memo.kube = Kube.from_environment()

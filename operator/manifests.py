@@ -15,20 +15,13 @@ from typing import Any
 
 import yaml
 
+from xling.api.env import EXPERIMENT_ENV, EXPERIMENT_UID_ENV, NAMESPACE_ENV
+from xling.api.spec.base import API_VERSION, KIND
+from xling.api.spec.cluster import DEFAULT_IMAGE, RolePod, Toleration, WorkerGroupSpec
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.loading import parse_experiment
+from xling.api.spec.sweep import SweepSpec
 from xling.operator.crd import GROUP, MUTABLE_SPEC_FIELDS, VERSION
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.spec import (
-    API_VERSION,
-    DEFAULT_IMAGE,
-    KIND,
-    ExperimentSpec,
-    RetrievalExperiment,
-    RolePod,
-    SweepSpec,
-    Toleration,
-    WorkerGroupSpec,
-    parse_experiment,
-)
 
 MANAGED_BY = "xling-operator"
 EXPERIMENT_LABEL = f"{GROUP}/experiment"
@@ -259,8 +252,8 @@ def gcs_key_secret(spec: ExperimentSpec) -> str | None:
 
 def _env(exp: RetrievalExperiment, owner: Owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     env = [
-        {"name": "XLING_EXPERIMENT", "value": owner.name},
-        {"name": "XLING_NAMESPACE", "value": owner.namespace},
+        {"name": EXPERIMENT_ENV, "value": owner.name},
+        {"name": NAMESPACE_ENV, "value": owner.namespace},
         {"name": EXPERIMENT_UID_ENV, "value": owner.uid},
     ]
     tracking, cluster = exp.spec.tracking, exp.spec.cluster

@@ -1,6 +1,6 @@
 """What MLflow knows about an experiment's runs: progress for the watchdog, links and results for status.
 
-Contract with the trainer (``xling.trainer.contracts``): every MLflow run it starts for a RetrievalExperiment
+Contract with the trainer (``xling.api.contracts``): every MLflow run it starts for a RetrievalExperiment
 (the parent and each trial) carries the tag ``xling.k8s.uid`` = $XLING_EXPERIMENT_UID; the parent run (no
 ``mlflow.parentRunId`` tag) holds the final metrics. Only the MLflow REST API is used (stdlib HTTP): the operator image has no mlflow.
 """
@@ -16,8 +16,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from xling.trainer.spec import KNOWN_LANGUAGES
-from xling.trainer.tags import K8S_UID, PARENT_RUN_ID, tag_is
+from xling.api.metrics import language_of
+from xling.api.spec.base import KNOWN_LANGUAGES
+from xling.api.tags import K8S_UID, PARENT_RUN_ID, tag_is
 
 #: The metric the trainer logs every step (``train_loop``): its newest step is the run's progress.
 LOSS = "train.loss"
@@ -57,12 +58,9 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 def language_breakdown(metric: str, metrics: dict[str, float]) -> dict[str, float]:
     """Per-language values of ``metric``, named as the evaluator names them: the language code goes
     before the last part. ``xquad_r.multi.map`` -> ``{"de": <xquad_r.multi.de.map>, ...}``."""
-    head, _, last = metric.rpartition(".")
     out: dict[str, float] = {}
     for key, value in metrics.items():
-        stem, _, tail = key.rpartition(".")
-        prefix, _, lang = stem.rpartition(".")
-        if tail == last and prefix == head and lang in KNOWN_LANGUAGES:
+        if (lang := language_of(metric, key)) in KNOWN_LANGUAGES:
             out[lang] = value
     return dict(sorted(out.items()))
 

@@ -17,6 +17,9 @@ from typing import Any, Protocol
 import yaml
 from pydantic import ValidationError
 
+from xling.api.spec.base import API_VERSION, KIND, SpecError
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.sweep import SweepSpec
 from xling.operator import conditions as cnd
 from xling.operator import manifests as mf
 from xling.operator.checks import Problem, cluster_problems, preflight
@@ -26,7 +29,6 @@ from xling.operator.conditions import ConditionType as Type
 from xling.operator.defaults import Platform
 from xling.operator.kube import Conflict, NotInstalled
 from xling.operator.progress import Mlflow, language_breakdown, ms_to_iso
-from xling.trainer.spec import API_VERSION, KIND, ExperimentSpec, RetrievalExperiment, SpecError, SweepSpec
 
 STATUS_RETRIES = 8
 #: A Secret opts in to being read by the operator (for MLflow credentials) with this label set to "true".

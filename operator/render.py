@@ -15,11 +15,11 @@ from pathlib import Path
 
 import yaml
 
+from xling.api.errors import Problem, command
+from xling.api.spec.base import KIND, SpecError
 from xling.operator import manifests as mf
 from xling.operator.checks import cluster_problems
 from xling.operator.defaults import Platform
-from xling.trainer.errors import Problem, command
-from xling.trainer.spec import KIND, SpecError
 
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
 

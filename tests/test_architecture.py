@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 
@@ -21,7 +23,7 @@ def test_the_map_draws_every_module_and_import(tmp_path) -> None:
     ).stdout
     assert "trainer_train_loop[train_loop]" in chart
     assert "trainer_train_loop --> trainer_sampling" in chart  # the loop imports the sampler at module level
-    assert "operator_progress --> trainer_tags" in chart
+    assert "operator_progress --> api_tags" in chart
     assert "torch" not in chart  # only xling's own modules
 
 
@@ -75,3 +77,63 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
     """A two-module cycle behind an acyclic start, and none in a diamond."""
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"b"}}) == ["b", "c", "b"]
     assert _cycle({"a": {"b", "c"}, "b": {"d"}, "c": {"d"}}) is None
+
+
+def test_the_contract_package_imports_neither_side() -> None:
+    """``xling.api`` is what the trainer and the operator share: it imports neither of them, deferred imports
+    included, so the operator cannot reach the trainer through it."""
+    import_graph = load_script("tools", "import_graph")
+    up = sorted(
+        (src, dst)
+        for src, dst in import_graph.edges(import_graph.modules())
+        if src.startswith("xling.api.") and not dst.startswith("xling.api.")
+    )
+    assert not up, up
+    operator_to_trainer = sorted(
+        (src, dst)
+        for src, dst in import_graph.edges(import_graph.modules())
+        if src.startswith("xling.operator.") and dst.startswith("xling.trainer.")
+    )
+    assert not operator_to_trainer, operator_to_trainer
+
+
+def test_the_contract_package_stays_light() -> None:
+    """Every module of ``xling.api`` imports without torch, Ray, DeepSpeed, MLflow or the Kubernetes client: the
+    operator image has none of them, and ``xling render`` runs in both images."""
+    modules = sorted(
+        ".".join(("xling", *path.relative_to(ROOT).with_suffix("").parts)).removesuffix(".__init__")
+        for path in (ROOT / "api").rglob("*.py")
+    )
+    banned = ["torch", "ray", "deepspeed", "transformers", "mlflow", "kopf", "kubernetes", "numpy"]
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
+        f"bad = [m for m in {banned!r} if m in sys.modules]\nassert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_xling_environment_variable_is_named_in_the_registry() -> None:
+    """``xling.api.env`` is the one list of ``XLING_*`` variables: no other module of the trainer or the
+    operator spells one as a string of its own, and each registered name is documented there."""
+    from xling.api.env import VARIABLES
+
+    spelled = [
+        f"{path.relative_to(ROOT)}:{node.lineno}: {node.value}"
+        for folder in ("api", "trainer", "operator")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if path != ROOT / "api" / "env.py"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and re.fullmatch(r"XLING_\w+", node.value)
+    ]
+    assert not spelled, spelled
+    assert all(name.startswith("XLING_") and doc.strip() for name, doc in VARIABLES.items())
+    deployed = {
+        name
+        for folder in ("helm", "manifests", "docker")
+        for path in (ROOT / folder).rglob("*")
+        if path.is_file()
+        for name in re.findall(r"XLING_[A-Z_]+", path.read_text(errors="replace"))
+    }
+    assert deployed <= set(VARIABLES), sorted(deployed - set(VARIABLES))  # the chart sets only known names

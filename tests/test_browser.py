@@ -30,7 +30,7 @@ import pytest
 
 from tests.support import ROOT
 from tests.trainer.sweep.test_sweep_e2e import PLOTS, SmokeSweep, run_smoke_sweep
-from xling.trainer.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
+from xling.api.tags import DATA_FINGERPRINT, ROLE, ROLE_SWEEP
 
 CHROMIUM = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 OUTPUTS = Path(os.environ.get("XLING_TEST_OUTPUTS", ROOT / ".cache" / "test-outputs")) / "browser"

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.support import ROOT
-from xling.trainer.tags import DATA_FINGERPRINT, SAMPLING
+from xling.api.tags import DATA_FINGERPRINT, SAMPLING
 
 pytestmark = pytest.mark.slow
 

@@ -1,9 +1,10 @@
 """The module map of docs/architecture.md, generated from the code's own imports.
 
-Reads every module of ``xling.trainer`` and ``xling.operator`` with :mod:`ast` (nothing is imported or run)
-and writes two Mermaid flowcharts: the packages, with the number of module imports between them, and
-every module grouped by package, one arrow per import of another xling module. An import at module level is a solid arrow; one inside a function (deferred so that a light
-command does not pull torch or ray) is dotted. ``--check FILE`` fails when the chart in FILE is stale.
+Reads every module of ``xling.api``, ``xling.trainer`` and ``xling.operator`` with :mod:`ast` (nothing is
+imported or run) and writes two Mermaid flowcharts: the packages, with the number of module imports between
+them, and every module grouped by package, one arrow per import of another xling module. An import at module
+level is a solid arrow; one inside a function (deferred so that a light command does not pull torch or ray) is
+dotted. ``--check FILE`` fails when the chart in FILE is stale.
 
     python tools/import_graph.py                          # print the chart
     python tools/import_graph.py --write docs/architecture.md
@@ -19,7 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Import name -> folder, as pyproject.toml maps them.
-PACKAGES = {"xling.trainer": ROOT / "trainer", "xling.operator": ROOT / "operator"}
+PACKAGES = {"xling.api": ROOT / "api", "xling.trainer": ROOT / "trainer", "xling.operator": ROOT / "operator"}
 BEGIN, END = "<!-- import-graph:begin -->", "<!-- import-graph:end -->"
 
 

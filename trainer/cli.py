@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+from xling.api.env import EXPERIMENT_UID_ENV
+from xling.api.errors import RunFailed, command, failure_reason, training_failed
+from xling.api.spec.loading import load_experiment
 from xling.trainer.console import QuietConsole
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import RunFailed, command, failure_reason, training_failed
-from xling.trainer.spec import load_experiment
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -62,8 +62,8 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _mine(args: argparse.Namespace) -> int:
+    from xling.api.spec.training import HardNegativesSpec, MineSpec
     from xling.trainer.driver import prepare_data
-    from xling.trainer.spec import HardNegativesSpec, MineSpec
 
     exp = load_experiment(args.file)
     data = exp.spec.data

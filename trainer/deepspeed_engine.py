@@ -21,10 +21,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.training import OffloadSpec
 from xling.trainer.checkpoint_layout import DEEPSPEED_DIR, DEEPSPEED_TAG
 from xling.trainer.optim_engine import make_optimizer, make_scheduler
 from xling.trainer.plan import PlanError
-from xling.trainer.spec import ExperimentSpec, OffloadSpec
 
 
 def _offload(off: OffloadSpec) -> dict[str, Any] | None:

@@ -14,20 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.console import detail
-from xling.trainer.contracts import (
-    CACHE_ENV,
-    EXPERIMENT_UID_ENV,
-    default_cache_dir,
-    prepared_cache_dir,
-    staged_model_cache_dir,
-)
-from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
-from xling.trainer.data.prepare import file_stats, held_out, source_name
-from xling.trainer.errors import InputError, failure_reason
-from xling.trainer.preflight import load_model_files, missing_languages
-from xling.trainer.spec import TINY_MODEL, DistributedSpec, ExperimentSpec, RetrievalExperiment
-from xling.trainer.tags import (
+from xling.api.contracts import default_cache_dir, prepared_cache_dir, staged_model_cache_dir
+from xling.api.env import CACHE_ENV, EXPERIMENT_UID_ENV
+from xling.api.errors import InputError, failure_reason
+from xling.api.spec.base import TINY_MODEL
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.training import DistributedSpec
+from xling.api.tags import (
     BAD_ROWS_SKIPPED,
     DATA_FINGERPRINT,
     DESCRIPTION,
@@ -37,6 +30,10 @@ from xling.trainer.tags import (
     MODEL,
     STATUS,
 )
+from xling.trainer.console import detail
+from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
+from xling.trainer.data.prepare import file_stats, held_out, source_name
+from xling.trainer.preflight import load_model_files, missing_languages
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
 if TYPE_CHECKING:

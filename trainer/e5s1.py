@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from xling.trainer.contracts import CACHE_DEFAULT, default_cache_dir
-from xling.trainer.errors import InputError
+from xling.api.contracts import CACHE_DEFAULT, default_cache_dir
+from xling.api.errors import InputError
 
 if TYPE_CHECKING:  # torch/transformers are imported lazily: the "already converted" path must stay cheap
     import torch

@@ -12,6 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xling.api.errors import InputError
+from xling.api.spec.experiment import ExperimentSpec
 from xling.trainer.checkpoint_layout import (
     DEEPSPEED_DIR,
     DEEPSPEED_TAG,
@@ -23,9 +25,7 @@ from xling.trainer.checkpoint_layout import (
     read_results,
     read_trainer_state,
 )
-from xling.trainer.errors import InputError
 from xling.trainer.sentence_transformers_dir import write_json, write_model_card, write_sentence_transformers
-from xling.trainer.spec import ExperimentSpec
 
 
 def _checkpoint_meta(checkpoint: Path, spec_file: str | None) -> CheckpointMeta:
@@ -37,8 +37,8 @@ def _checkpoint_meta(checkpoint: Path, spec_file: str | None) -> CheckpointMeta:
                 f"{path}: not found (a checkpoint from before xling wrote it): pass --spec FILE"
             )
         return read_checkpoint_meta(checkpoint)
+    from xling.api.spec.loading import load_experiment
     from xling.trainer.model import resolve_model_path
-    from xling.trainer.spec import load_experiment
 
     exp = load_experiment(spec_file)
     if (checkpoint / MODEL_DIR / "config.json").is_file():

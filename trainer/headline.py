@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xling.trainer.tags import DESCRIPTION, ROLE
+from xling.api.tags import DESCRIPTION, ROLE
 
 #: (metric key after the suite's prefix, label, lower is better): the pooled task first (the research
 #: objective), then language bias, then the per-language-pair tasks.

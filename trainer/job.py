@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from xling.trainer.contracts import staged_model_cache_dir
+from xling.api.contracts import staged_model_cache_dir
+from xling.api.spec.experiment import ExperimentSpec
 from xling.trainer.data.store import DataLocation, locate
-from xling.trainer.spec import ExperimentSpec
 
 #: The one key of ``train_loop_config``.
 JOB_KEY = "job"

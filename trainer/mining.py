@@ -33,13 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.training import MineSpec
 from xling.trainer.data.index import PASSAGE, QUERY, CorpusIndex
 from xling.trainer.data.prepare import Prepared
 from xling.trainer.data.store import NEGATIVES, PreparedCorpus, publish_negatives
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.search import build_index, search
-from xling.trainer.spec import ExperimentSpec, MineSpec
 
 RULES = ("positive", "translation", "conflict_key", "skip_top", "score_ratio")
 
@@ -182,7 +183,7 @@ def mining_encoder(
 
         yield encoder_for(path, spec.model, settings.batch_size)
         return
-    from xling.trainer.contracts import staged_model_cache_dir
+    from xling.api.contracts import staged_model_cache_dir
     from xling.trainer.model import stage_model
     from xling.trainer.sharded_encoder import ShardedEncoder
 
@@ -204,7 +205,7 @@ def mine_prepared(
     """Mine ``spec.data.hardNegatives.mine`` into the prepared corpus (once per key, uploaded beside a
     corpus in a bucket); the result's location and corpus carry the negatives. ``model_root``: where to
     stage the model for mining actors on other nodes (:func:`mining_encoder`)."""
-    from xling.trainer.contracts import embedding_cache_dir
+    from xling.api.contracts import embedding_cache_dir
     from xling.trainer.model import model_fingerprint, resolve_model_path
 
     settings = spec.data.hard_negatives.mine

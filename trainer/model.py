@@ -24,9 +24,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from xling.api.errors import InputError
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL, Pooling
+from xling.api.spec.training import ModelSpec
 from xling.trainer.data.store import FORMAT, META, DataLocation, store_once
-from xling.trainer.errors import InputError
-from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ModelSpec, Pooling
 
 log = logging.getLogger(__name__)
 Kind = Literal["query", "passage"]
@@ -231,7 +232,7 @@ def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache
         if tiny_texts is None:
             raise ValueError(f"model.name {TINY_MODEL!r} needs training texts to build its tokenizer")
         texts = list(tiny_texts)
-        from xling.trainer.contracts import default_cache_dir
+        from xling.api.contracts import default_cache_dir
 
         digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
         root = Path(cache or default_cache_dir()) / "models" / f"tiny-random-{digest}"

@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from xling.api.spec.experiment import ExperimentSpec
 from xling.trainer.checkpoint_layout import ENGINE, read_trainer_state, rng_file, write_trainer_state
-from xling.trainer.spec import ExperimentSpec
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: ExperimentSpec) -> Any:

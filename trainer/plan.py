@@ -29,8 +29,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from xling.trainer.errors import InputError
-from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, RetrievalExperiment, load_experiment
+from xling.api.env import GPU_MEM_GB_ENV, PEAK_TFLOPS_ENV
+from xling.api.errors import InputError
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.loading import load_experiment
 
 GiB = 2**30
 
@@ -208,7 +211,7 @@ def peak_flops() -> float:
     probe with the torch threads in use."""
     import torch
 
-    if env := os.environ.get("XLING_PEAK_TFLOPS"):
+    if env := os.environ.get(PEAK_TFLOPS_ENV):
         return float(env) * 1e12
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
@@ -524,7 +527,7 @@ def _host_memory_gb() -> float:
 def _local_gpu_memory_gb() -> float | None:
     import torch
 
-    if env := os.environ.get("XLING_GPU_MEM_GB"):
+    if env := os.environ.get(GPU_MEM_GB_ENV):
         return float(env)
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / GiB

@@ -1,6 +1,6 @@
 """``xling run --check`` and the start of every ``xling run``: what would fail later, found before any work.
 
-The spec's own validation (``spec.py``) checks a file without looking at anything else; this looks at what
+The spec's own validation (:mod:`xling.api.spec`) checks a file without looking at anything else; this looks at what
 the file names: every data and evaluation path (resolved against the spec file), the languages the sources
 and suites actually have, the model as the run will load it, and the fields the chosen strategy ignores.
 Each problem names its field. Cheap: file names and directory listings, no data row is read (a language a
@@ -15,15 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import InputError, Problem
-from xling.trainer.spec import (
-    DataSource,
-    ExperimentSpec,
-    ModelSpec,
-    RetrievalExperiment,
-    SpecError,
-)
+from xling.api.env import EXPERIMENT_UID_ENV
+from xling.api.errors import InputError, Problem
+from xling.api.spec.base import SpecError
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.spec.training import DataSource, ModelSpec
 
 #: The field every model problem names.
 MODEL = "spec.model.name"

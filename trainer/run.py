@@ -8,13 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from xling.api.spec.experiment import RetrievalExperiment
+from xling.api.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
 from xling.trainer.checkpoint_layout import MODEL_DIR
 from xling.trainer.console import phase
 from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
 from xling.trainer.headline import describe
 from xling.trainer.sentence_transformers_dir import CARD_FILE
-from xling.trainer.spec import RetrievalExperiment
-from xling.trainer.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
 from xling.trainer.tracking import run_params, start_run
 
 

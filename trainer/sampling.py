@@ -26,9 +26,9 @@ from typing import Literal
 
 import numpy as np
 
+from xling.api.errors import InputError
+from xling.api.spec.training import SamplingSpec
 from xling.trainer.data.index import CorpusIndex
-from xling.trainer.errors import InputError
-from xling.trainer.spec import SamplingSpec
 
 BatchKind = Literal["xx", "xy", "mixed"]
 

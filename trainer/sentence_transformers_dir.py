@@ -25,8 +25,11 @@ from typing import Any
 
 import yaml
 
-from xling.trainer.errors import InputError
-from xling.trainer.spec import DEMO_MODEL, TINY_MODEL, ExperimentSpec, ModelSpec
+from xling.api.errors import InputError
+from xling.api.metrics import suite_prefix
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.training import ModelSpec
 
 #: The model card, in the directory's root (where the Hugging Face hub reads it).
 CARD_FILE = "README.md"
@@ -210,14 +213,14 @@ def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
 
 def _suite_metrics(metrics: Mapping[str, float], suite: str) -> dict[str, float]:
     """The summary metrics of one suite (``xquad_r.multi.map``), not per-language ones."""
-    prefix = suite.replace("-", "_") + "."
+    prefix = suite_prefix(suite) + "."
     return {k.removeprefix(prefix): float(v) for k, v in metrics.items()
             if k.startswith(prefix) and k.removeprefix(prefix) in CARD_METRICS}  # fmt: skip
 
 
 def headline_metrics(spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, float]:
     """The suites' summary metrics (the card's) under their flat names (``xquad_r.multi.map``)."""
-    return {f"{suite.name.replace('-', '_')}.{k}": v for suite in spec.evaluation.suites
+    return {f"{suite_prefix(suite.name)}.{k}": v for suite in spec.evaluation.suites
             for k, v in _suite_metrics(metrics, suite.name).items()}  # fmt: skip
 
 

@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import ray
 
+from xling.api.errors import InputError
+from xling.api.spec.training import ModelSpec
 from xling.trainer.data.store import DataLocation
-from xling.trainer.errors import InputError
 from xling.trainer.evaluation.protocol import Kind
 from xling.trainer.job import local_model_path
-from xling.trainer.spec import ModelSpec
 
 
 @ray.remote

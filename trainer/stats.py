@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
 
 #: Resamples drawn per matrix product: bounds memory at chunk x questions x seeds x strata float64.
 _CHUNK = 256

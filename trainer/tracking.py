@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from xling.trainer.contracts import EXPERIMENT_UID_ENV
-from xling.trainer.errors import InputError
+from xling.api.env import EXPERIMENT_UID_ENV
+from xling.api.errors import InputError
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.tags import K8S_UID, RUN_ID, STATUS, tag_is
 from xling.trainer.sentence_transformers_dir import embedding_dimension, headline_metrics
-from xling.trainer.spec import ExperimentSpec
-from xling.trainer.tags import K8S_UID, RUN_ID, STATUS, tag_is
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 

@@ -22,13 +22,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xling.api.contracts import embedding_cache_dir, prepared_cache_dir
+from xling.api.env import FAULT_KILL_ENV
+from xling.api.errors import InputError
+from xling.api.metrics import is_headline, suite_prefix
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
 from xling.trainer.console import detail, phase
-from xling.trainer.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
-from xling.trainer.errors import InputError
 from xling.trainer.gradcache import cached_step
 from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
@@ -224,7 +226,7 @@ class Trainer:
                 dist.barrier()
             # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-            headline = {k: v for k, v in metrics.items() if k.count(".") <= 2}  # not xquad_r.mono.ar.map
+            headline = {k: v for k, v in metrics.items() if is_headline(k)}  # not xquad_r.mono.ar.map
             ray.train.report({**headline, "step": step}, checkpoint=ckpt)
 
     def publish(self, directory: Path, metrics: dict[str, Any], report: str) -> None:
@@ -270,7 +272,7 @@ class Trainer:
                     for results in evaluated:
                         if self.logger.active:
                             log_to_mlflow(results, self.logger.client, self.logger.run_id, step)
-                        out.update(results.flat_metrics(results.suite.replace("-", "_")))
+                        out.update(results.flat_metrics(suite_prefix(results.suite)))
                         tables.append(format_table(results))
                         numbers.append(headline_number(results))
             running.note = ", ".join(numbers)
@@ -422,7 +424,7 @@ def inject_fault(step: int, rank: int, resumed: bool) -> None:
     The kill waits until Ray Train has committed the last reported checkpoint: the controller polls
     workers every few seconds, and a worker that dies before the poll takes its report with it, so the
     replacement would start from scratch and hit the same kill again."""
-    if not resumed and os.environ.get("XLING_FAULT_KILL") == f"{step}:{rank}":
+    if not resumed and os.environ.get(FAULT_KILL_ENV) == f"{step}:{rank}":
         import ray.train
 
         ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)

@@ -104,7 +104,7 @@ def test_sample_validates_against_the_crd(sample: Path, cr_validator: jsonschema
             f"{sample.name}: {'.'.join(map(str, e.path))}: {e.message}" for e in errors
         )
         # The CRD's CEL rules mirror the spec's cross-field checks: run those.
-        from xling.trainer.spec import parse_experiment
+        from xling.api.spec.loading import parse_experiment
 
         parse_experiment(doc, sample.name)
 

@@ -14,6 +14,7 @@ from tests.operator.test_reconcile import NOW, FakeKube, FakeMlflow, _cond, _edi
 from tests.support import FIXTURES, ROOT
 from tests.support.k8s_emulator import experiment
 from tests.support.k8s_schema import cel_failures
+from xling.api.spec.base import SpecError
 from xling.operator import conditions as cnd
 from xling.operator import crd
 from xling.operator import manifests as mf
@@ -21,7 +22,6 @@ from xling.operator import reconcile as rc
 from xling.operator.defaults import Platform
 from xling.operator.progress import Report
 from xling.operator.render import render
-from xling.trainer.spec import SpecError
 
 KUBERAY_CRD = FIXTURES / "kuberay" / "ray.io_rayjobs.yaml"
 

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.support.k8s_emulator import experiment
+from xling.api.spec.loading import parse_experiment
 from xling.operator import manifests as mf
 from xling.operator import reconcile as rc
 from xling.operator.kube import Conflict, NotInstalled
 from xling.operator.progress import Report
-from xling.trainer.spec import parse_experiment
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 

@@ -83,8 +83,8 @@ def test_an_experiment_that_runs_again_resumes_from_its_checkpoint(tmp_path: Pat
 
 
 def test_only_runs_of_built_in_names_go_offline(monkeypatch) -> None:
+    from xling.api.spec.experiment import ExperimentSpec
     from xling.trainer.driver import hub_free, local_env
-    from xling.trainer.spec import ExperimentSpec
 
     base = {
         "data": {"languages": ["en"], "sources": [{"type": "pairs", "path": "p"}]},

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from tests.support import ROOT
+from xling.api.spec.experiment import ExperimentSpec
 from xling.trainer import checkpoint_layout as layout
 from xling.trainer.data.store import DataLocation
 from xling.trainer.job import Job, TrackedRun
-from xling.trainer.spec import ExperimentSpec
 
 SPEC = ExperimentSpec.model_validate({
     "model": {"name": "xling/tiny-random"},

@@ -60,9 +60,10 @@ def test_caches_go_to_the_users_cache_directory_outside_the_checkout(
 ) -> None:
     """Run from elsewhere, xling wrote its caches (models, embeddings) into the source checkout it was
     imported from; inside the checkout (``make demo``) they stay in its .cache."""
-    from xling.trainer.contracts import CACHE_ENV, default_cache_dir
+    from xling.api.contracts import default_cache_dir
+    from xling.api.env import CACHE_ENV
+    from xling.api.spec.loading import parse_experiment
     from xling.trainer.driver import local_env
-    from xling.trainer.spec import parse_experiment
 
     monkeypatch.delenv(CACHE_ENV, raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -109,8 +110,8 @@ def test_a_user_error_is_still_one_line(
 ) -> None:
     """A refusal of the user's input (here a pair file of no known format) is an InputError: one line, exit 2."""
     import xling.trainer.preflight
+    from xling.api.errors import EXIT_INPUT
     from xling.trainer.data.loaders import format_of
-    from xling.trainer.errors import EXIT_INPUT
 
     monkeypatch.setattr(
         xling.trainer.preflight, "check", lambda *args, **kwargs: format_of(Path("pairs.txt"))

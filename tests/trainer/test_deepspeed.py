@@ -81,7 +81,7 @@ def tiny_model_dir(path: Path, kind: str = "bert", dropout: float = 0.0) -> Path
 def experiment_spec(stage: int, **overrides: Any) -> Any:
     """An ExperimentSpec around the given DeepSpeed stage; ``overrides`` set dotted camelCase keys. ZeRO-3
     partitions every parameter (the default persistence threshold would keep all of a tiny model's whole)."""
-    from xling.trainer.spec import ExperimentSpec
+    from xling.api.spec.experiment import ExperimentSpec
 
     doc: dict[str, Any] = {
         "model": {"name": "unused", "pooling": "mean"},
@@ -128,8 +128,8 @@ def shard(inputs: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, t
 
 def build(model_dir: Path, pooling: str = "mean") -> Callable[[], torch.nn.Module]:
     def make() -> torch.nn.Module:
+        from xling.api.spec.training import ModelSpec
         from xling.trainer.model import BiEncoder, load_backbone
-        from xling.trainer.spec import ModelSpec
 
         return BiEncoder(load_backbone(str(model_dir), ModelSpec(name=str(model_dir))), pooling)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tests.trainer.test_deepspeed import POOLING, build, tiny_model_dir
+from xling.api.spec.training import ModelSpec
 from xling.trainer.model import Tokenize, train_tiny_tokenizer
-from xling.trainer.spec import ModelSpec
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "while", "dogs", "ran", "far", "away"]
 EOS = "<|endoftext|>"

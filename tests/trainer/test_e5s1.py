@@ -16,8 +16,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast
 
+from xling.api.contracts import default_cache_dir
 from xling.trainer import e5s1
-from xling.trainer.contracts import default_cache_dir
 
 H, NL, NH, FF, VOC, MAXP, TVS = 32, 2, 2, 64, 40, 16, 2
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", ",", ".", "▁", "▁a", "▁b", "▁ab", "▁ba", "é", "<mask>"]

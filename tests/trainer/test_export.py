@@ -20,6 +20,11 @@ import yaml
 from tests.support import ROOT
 from tests.trainer.test_deepspeed import tiny_model_dir
 from tests.trainer.test_deepspeed_models import EOS, WORDS
+from xling.api.spec.base import SuiteName
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.loading import load_experiment
+from xling.api.spec.training import ModelSpec
+from xling.api.tags import RUN_ID
 from xling.trainer.model import (
     BiEncoder,
     HFTextEncoder,
@@ -34,8 +39,6 @@ from xling.trainer.sentence_transformers_dir import (
     write_model_card,
     write_sentence_transformers,
 )
-from xling.trainer.spec import ExperimentSpec, ModelSpec, SuiteName, load_experiment
-from xling.trainer.tags import RUN_ID
 
 E5 = ROOT / ".cache" / "models" / "multilingual-e5-small"
 SHORT = ["the cat", "dogs ran far away", "a mat", "the cat sat on a mat"]  # within the query length
@@ -351,7 +354,7 @@ def test_export_a_final_checkpoint_from_before_the_change_with_its_spec(tmp_path
 
 
 def test_register_best_without_a_registered_model_name_fails_before_any_work(tmp_path: Path) -> None:
-    from xling.trainer.spec import load_experiment
+    from xling.api.spec.loading import load_experiment
     from xling.trainer.sweep.tune import run_sweep
 
     exp = load_experiment(ROOT / "manifests/samples/sweep-smoke.yaml")

@@ -11,11 +11,12 @@ import pytest
 import torch
 from ray.train import ControllerError, WorkerGroupError
 
+from xling.api.errors import RunFailed, command, failure_reason
+from xling.api.spec.base import SpecError
+from xling.api.spec.training import ModelSpec
+from xling.api.tags import DESCRIPTION, FAILURE, STATUS
 from xling.trainer.driver import finish_run
-from xling.trainer.errors import RunFailed, command, failure_reason
 from xling.trainer.preflight import load_model_files
-from xling.trainer.spec import ModelSpec, SpecError
-from xling.trainer.tags import DESCRIPTION, FAILURE, STATUS
 from xling.trainer.tracking import start_run
 
 
@@ -97,7 +98,7 @@ def test_a_worker_that_died_is_said_in_a_short_line_with_its_log() -> None:
 def test_ray_trains_failure_is_told_from_other_errors() -> None:
     """``xling run`` turns Ray Train's failure, and only it, into one line (run_experiment raises it as Ray
     does, for a sweep's trials and library callers)."""
-    from xling.trainer.errors import training_failed
+    from xling.api.errors import training_failed
 
     assert training_failed(WorkerGroupError("", {0: RuntimeError("x")})) and training_failed(
         ControllerError(OSError())

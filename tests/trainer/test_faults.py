@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 
 from tests.support import ROOT
-from xling.trainer.tags import STATUS
+from xling.api.tags import STATUS
 
 pytestmark = pytest.mark.slow
 STEPS, CHECKPOINT_EVERY, KILL_BEFORE = 8, 3, 5  # killed before step index 5: steps 4 and 5 are redone
 
 
 def experiment(name: str, max_failures: int) -> Any:
-    from xling.trainer.spec import parse_experiment, resolve_paths
+    from xling.api.spec.loading import parse_experiment, resolve_paths
 
     doc = {
         "apiVersion": "xling.io/v1alpha1",

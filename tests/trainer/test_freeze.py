@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from xling.api.spec.training import ModelSpec
 from xling.trainer.model import build_tiny_model, load_backbone
-from xling.trainer.spec import ModelSpec
 
 TEXTS = [
     "Wie viele Menschen leben in Berlin?",

@@ -9,9 +9,9 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import Metric
 
+from xling.api.tags import DESCRIPTION
 from xling.trainer.cli import main
 from xling.trainer.headline import describe, headline
-from xling.trainer.tags import DESCRIPTION
 from xling.trainer.tracking import start_run
 
 #: Logged as a smoke run logs them: step 0 is the zero-shot evaluation, step 8 the final one.
@@ -83,8 +83,8 @@ def test_a_local_runs_parameters_are_those_that_apply(monkeypatch: pytest.Monkey
     import yaml
 
     from tests.support import ROOT
-    from xling.trainer.contracts import EXPERIMENT_UID_ENV
-    from xling.trainer.spec import parse_experiment
+    from xling.api.env import EXPERIMENT_UID_ENV
+    from xling.api.spec.loading import parse_experiment
     from xling.trainer.tracking import run_params
 
     monkeypatch.delenv(EXPERIMENT_UID_ENV, raising=False)

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.spec.training import DataSource, DataSpec, MineSpec
 from xling.trainer.data import open_corpus, prepare_corpus
 from xling.trainer.mining import RULES, mine, mined
 from xling.trainer.sampling import BatchPlan, Item
-from xling.trainer.spec import DataSource, DataSpec, MineSpec
 from xling.trainer.train_loop import batch_texts
 
 #: The anchor's English query and the cosine each English passage gets for it (the positive: 0.9).
@@ -136,9 +136,9 @@ def tiny_experiment(tmp: Path, workers: int = 1) -> dict:
 def test_tiny_model_mining_end_to_end_and_a_resumed_worker_reads_the_same_batches(tmp_path: Path) -> None:
     """``xling mine``'s path with a real (tiny, random: so no score ratio) model, reused on a second run; a fresh process opening the
     run's location (a resumed worker) reads the very same texts and negatives for a step."""
+    from xling.api.spec.loading import parse_experiment
     from xling.trainer.driver import prepare_data
     from xling.trainer.sampling import build_sampler
-    from xling.trainer.spec import parse_experiment
 
     doc = tiny_experiment(tmp_path)
     exp = parse_experiment(doc)
@@ -162,9 +162,10 @@ def test_mining_on_ray_workers_finds_the_same_negatives(tmp_path: Path) -> None:
     a wait that never ends."""
     import ray
 
+    from xling.api.spec.loading import parse_experiment
+    from xling.api.spec.training import ModelSpec
     from xling.trainer.driver import prepare_data
     from xling.trainer.sharded_encoder import ShardedEncoder
-    from xling.trainer.spec import ModelSpec, parse_experiment
 
     try:
         alone, spread = (

@@ -39,9 +39,9 @@ def test_a_staged_model_loads_on_a_node_that_never_saw_it(tmp_path: Path, bucket
 def test_only_a_directory_on_this_machine_is_staged_and_only_for_workers_elsewhere(
     tmp_path: Path, monkeypatch
 ) -> None:
+    from xling.api.spec.experiment import ExperimentSpec
     from xling.trainer.driver import stage
     from xling.trainer.model import build_tiny_model
-    from xling.trainer.spec import ExperimentSpec
 
     spec = ExperimentSpec.model_validate({
         "model": {"name": "some/hub-model"}, "outputDir": str(tmp_path / "runs"),
@@ -65,8 +65,8 @@ def test_workers_train_the_staged_model_when_the_drivers_copy_is_gone(tmp_path: 
     from mlflow import MlflowClient
 
     import xling.trainer.run as run_module
+    from xling.api.spec.loading import load_experiment
     from xling.trainer.driver import LOCAL_ENV, set_up
-    from xling.trainer.spec import load_experiment
 
     def set_up_then_lose_the_drivers_copy(*args, **kwargs):
         setup = set_up(*args, **kwargs)
@@ -103,8 +103,8 @@ def test_mining_actors_on_other_nodes_encode_with_the_staged_model(tmp_path: Pat
 
     import xling.trainer.model as model
     from tests.trainer.test_mining import tiny_experiment
+    from xling.api.spec.loading import parse_experiment
     from xling.trainer.driver import prepare_data
-    from xling.trainer.spec import parse_experiment
 
     stage_model = model.stage_model
 

@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from tests.support import ROOT, load_bench
+from xling.api.spec.loading import parse_experiment
 from xling.trainer.cli import main
 from xling.trainer.plan import count_dense_params, flops_per_token, make_plan, model_shape
-from xling.trainer.spec import parse_experiment
 
 GiB = 2**30
 SAMPLES = ROOT / "manifests" / "samples"

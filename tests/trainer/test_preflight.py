@@ -234,9 +234,9 @@ def test_a_spec_written_out_by_the_operator_is_not_refused_for_its_defaults(
 ) -> None:
     """The RayJob's driver runs ``xling run`` on the operator's ConfigMap, where every default (alpha
     included) is written out: no field reads as set by the user there, so none is reported as ignored."""
+    from xling.api.env import EXPERIMENT_UID_ENV
+    from xling.api.spec.loading import parse_experiment
     from xling.operator.manifests import Owner, resolved_document
-    from xling.trainer.contracts import EXPERIMENT_UID_ENV
-    from xling.trainer.spec import parse_experiment
 
     file = _write(_set("spec.sampling.strategy", "xx"), tmp_path)
     exp = parse_experiment(yaml.safe_load(file.read_text()))

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.spec.base import XQUAD_R_LANGUAGES
+from xling.api.spec.loading import load_experiment
+from xling.api.spec.training import DataSource, DataSpec, SamplingSpec
 from xling.trainer.data import load_corpus
 from xling.trainer.data.pairs import PairCorpus
 from xling.trainer.data.pairs import normalise as _normalise
 from xling.trainer.sampling import build_sampler
-from xling.trainer.spec import XQUAD_R_LANGUAGES, DataSource, DataSpec, SamplingSpec, load_experiment
 from xling.trainer.train_loop import batch_texts
 
 DEMO = ROOT / "data" / "demo"

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from xling.api.spec.training import SamplingSpec
 from xling.trainer.data.pairs import Pair, PairCorpus
 from xling.trainer.sampling import Composition, build_sampler
-from xling.trainer.spec import SamplingSpec
 
 LANGS = ["ar", "de", "en", "es", "zh"]
 

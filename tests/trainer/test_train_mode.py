@@ -16,6 +16,8 @@ import pytest
 import torch
 
 from tests.support import ROOT
+from xling.api.spec.base import TINY_MODEL
+from xling.api.spec.experiment import ExperimentSpec
 from xling.trainer.data import prepare_corpus
 from xling.trainer.job import Job
 from xling.trainer.model import (
@@ -27,7 +29,6 @@ from xling.trainer.model import (
     resolve_model_path,
 )
 from xling.trainer.optim_engine import save_trainer_state
-from xling.trainer.spec import TINY_MODEL, ExperimentSpec
 from xling.trainer.train_loop import Prefetch, Trainer
 
 

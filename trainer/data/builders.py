@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from xling.api.errors import InputError
 from xling.trainer.data.loaders import Row, open_text
 from xling.trainer.data.pairs import Pair, PairCorpus, connected_components, normalise, text_key
-from xling.trainer.errors import InputError
 
 #: NTREX-128 file codes -> ISO 639-1. English is the US-English reference (``eng-US``), like the others a
 #: human translation of the WMT19 source, so all 11 languages come from the same process.

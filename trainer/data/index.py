@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
 
 #: Member flag bits: the member has a query / a passage.
 QUERY, PASSAGE = 1, 2

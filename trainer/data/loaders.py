@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from xling.api.errors import InputError
 from xling.trainer.data.pairs import BadRowError, Pair, RowReport
-from xling.trainer.errors import InputError
 
 #: Columns (JSONL keys) every normalised row must have; ``hard_negatives`` and ``keys`` (conflict keys:
 #: rows that share one never meet in a batch, e.g. a source document id) are optional.

@@ -22,9 +22,9 @@ from typing import Literal
 
 import numpy as np
 
+from xling.api.errors import InputError
+from xling.api.spec.base import KNOWN_LANGUAGES
 from xling.trainer.data.index import PASSAGE, QUERY, CorpusIndex, key_hash
-from xling.trainer.errors import InputError
-from xling.trainer.spec import KNOWN_LANGUAGES
 
 Pool = Literal["shared", "monolingual"]
 

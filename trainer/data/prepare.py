@@ -32,6 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
+from xling.api.errors import InputError
+from xling.api.spec.base import KNOWN_LANGUAGES
+from xling.api.spec.training import DataSource, DataSpec
 from xling.trainer.data.builders import (
     HoldOut,
     iapp_rows,
@@ -65,8 +68,6 @@ from xling.trainer.data.store import (
     PreparedCorpus,
     store_once,
 )
-from xling.trainer.errors import InputError
-from xling.trainer.spec import KNOWN_LANGUAGES, DataSource, DataSpec
 
 log = logging.getLogger(__name__)
 

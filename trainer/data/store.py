@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
 
+from xling.api.errors import InputError
 from xling.trainer.data.index import CorpusIndex
 from xling.trainer.data.pairs import Pair, PairCorpus
-from xling.trainer.errors import InputError
 
 #: Bumped whenever the layout or the meaning of a prepared corpus changes: older ones are not reused.
 FORMAT = 1

@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.spec.base import IndexKind
+from xling.api.spec.training import CenteringSpec, EvalSuite
 from xling.trainer.evaluation.centering import CENTERED, LanguageMeans, language_means
 from xling.trainer.evaluation.lareqa import LareqaSuite, load_lareqa, load_mlqa_holdout, load_ntrex_suite
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.miracl import MiraclSuite, evaluate_miracl, load_miracl
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.results import SuiteResults
-from xling.trainer.spec import CenteringSpec, EvalSuite, IndexKind
 
 Suite = LareqaSuite | MiraclSuite
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from xling.api.spec.training import CenteringSpec
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.errors import EvalDataError
 from xling.trainer.evaluation.protocol import Kind, TextEncoder
-from xling.trainer.spec import CenteringSpec
 
 KINDS: tuple[Kind, ...] = ("query", "passage")
 #: The baseline's suite name is the suite's plus this (metrics: ``xquad_r_centered.*``).

@@ -12,18 +12,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
-from xling.trainer.contracts import EMBEDDING_CACHE_DEFAULT, embedding_cache_dir
-from xling.trainer.errors import InputError, Problem, command
-from xling.trainer.spec import (
-    CandidateContext,
-    CenteringSpec,
-    EvalSuite,
-    EvaluationSpec,
-    IndexKind,
-    ModelSpec,
-    Pooling,
-    SuiteName,
-)
+from xling.api.contracts import EMBEDDING_CACHE_DEFAULT, embedding_cache_dir
+from xling.api.errors import InputError, Problem, command
+from xling.api.spec.base import CandidateContext, IndexKind, Pooling, SuiteName
+from xling.api.spec.training import CenteringSpec, EvalSuite, EvaluationSpec, ModelSpec
 
 if TYPE_CHECKING:
     from pydantic_core import ErrorDetails

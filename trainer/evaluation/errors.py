@@ -1,6 +1,6 @@
 """The one error type for unusable evaluation data."""
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
 
 
 class EvalDataError(InputError):

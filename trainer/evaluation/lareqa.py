@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from xling.api.spec.base import CandidateContext, ClusterUnit
+from xling.api.spec.training import HoldOutSpec
 from xling.trainer.data.pairs import connected_components
 from xling.trainer.evaluation.errors import EvalDataError
-from xling.trainer.spec import CandidateContext, ClusterUnit, HoldOutSpec
 
 #: The clusters above the question that per_query.json labels every query with (sweep.bootstrapUnit).
 CLUSTER_UNITS: tuple[ClusterUnit, ...] = ("paragraph", "article")

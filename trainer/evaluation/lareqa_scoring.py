@@ -19,7 +19,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.spec.base import IndexKind
 from xling.trainer.evaluation import metrics
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.centering import LanguageMeans
@@ -29,7 +30,6 @@ from xling.trainer.evaluation.ranking import exact_ranks, list_ranks
 from xling.trainer.evaluation.results import BIAS_METRICS, LareqaResults, mean
 from xling.trainer.evaluation.search import build_index, search
 from xling.trainer.evaluation.trec import RankedLists
-from xling.trainer.spec import IndexKind
 
 #: k of the "share of top-k hits in the query's language" bias view, and of multilingual recall.
 TOP_K = 10

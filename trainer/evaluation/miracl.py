@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from xling.api.spec.base import IndexKind
 from xling.trainer.evaluation.cache import encode_cached
 from xling.trainer.evaluation.errors import EvalDataError
 from xling.trainer.evaluation.protocol import TextEncoder
 from xling.trainer.evaluation.results import MiraclResults
 from xling.trainer.evaluation.search import build_index, search
 from xling.trainer.evaluation.trec import Qrels, RankedLists, mean_scores, read_qrels, score_run
-from xling.trainer.spec import IndexKind
 
 SPLIT = "dev"
 #: trec_eval -M: the official MIRACL scores look at the top 100 only.

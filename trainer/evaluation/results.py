@@ -1,7 +1,8 @@
 """Evaluation results: what the engines compute, flat metric names, and the JSON form.
 
 Flat names have no ``@`` or ``=`` (MLflow and Ray Tune friendly): ``<suite>.<setting>[.<lang>].<metric>``,
-e.g. ``xquad_r.multi.map``, ``xquad_r.cross.ar_de.map``, ``xquad_r.bias.rank_distance``.
+e.g. ``xquad_r.multi.map``, ``xquad_r.cross.ar_de.map``, ``xquad_r.bias.rank_distance``; the format and the
+functions that read it back are :mod:`xling.api.metrics`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from xling.api.metrics import suite_prefix
 from xling.trainer.evaluation.trec import RankedLists
 
 #: Per-query-language bias views, in table order (see docs/evaluation.md).
@@ -42,10 +44,6 @@ def mean(values: Any) -> float:
 def json_number(x: float) -> float | None:
     """JSON has no NaN or infinity: both become null."""
     return float(x) if math.isfinite(x) else None
-
-
-def default_prefix(suite: str) -> str:
-    return suite.replace("-", "_")
 
 
 @dataclass
@@ -119,7 +117,7 @@ class LareqaResults:
 
     def flat_metrics(self, prefix: str | None = None) -> dict[str, float]:
         """Every number under its flat name; undefined values (NaN, inf) are left out."""
-        p = prefix or default_prefix(self.suite)
+        p = prefix or suite_prefix(self.suite)
         out = {f"{p}.{k}": v for k, v in self.summary().items()}
         for lang, row in self.per_language().items():
             for key, value in row.items():
@@ -182,7 +180,7 @@ class MiraclResults:
         return {n: mean([self.scores[lang][n] for lang in self.languages]) for n in names}
 
     def flat_metrics(self, prefix: str | None = None) -> dict[str, float]:
-        p = prefix or default_prefix(self.suite)
+        p = prefix or suite_prefix(self.suite)
         out = {f"{p}.{k}": v for k, v in self.summary().items()}
         for lang, row in self.scores.items():
             out.update({f"{p}.{lang}.{k}": v for k, v in row.items()})

@@ -12,7 +12,7 @@ from typing import get_args
 import faiss
 import numpy as np
 
-from xling.trainer.spec import IndexKind
+from xling.api.spec.base import IndexKind
 
 INDEX_KINDS: tuple[IndexKind, ...] = get_args(IndexKind)
 

@@ -11,12 +11,12 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.tags import parents_of_sweep
 from xling.trainer.headline import find_run, headline, summary_line, table
 from xling.trainer.sweep.report import publish, write_report
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
-from xling.trainer.tags import parents_of_sweep
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -45,7 +45,7 @@ def _results(args: argparse.Namespace) -> int:
 
     name, uri, exp = args.sweep, args.tracking_uri, None
     if Path(args.sweep).is_file():
-        from xling.trainer.spec import load_experiment
+        from xling.api.spec.loading import load_experiment
 
         exp = load_experiment(args.sweep)
         name, uri = exp.metadata.name, uri or exp.spec.tracking.tracking_uri

@@ -15,16 +15,16 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.tags import FULL_POOL
 from xling.trainer.sweep.claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
-from xling.trainer.tags import FULL_POOL
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
     from xling.trainer.evaluation.protocol import TextEncoder
-    from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
     from xling.trainer.sweep.summary import PointSummary
 
 
@@ -63,7 +63,7 @@ def _logged_model_dir(client: MlflowClient, run_id: str, into: Path) -> Path:
 def _evaluate_into(
     client: MlflowClient, run_id: str, step: int, spec: ExperimentSpec, suite_name: str, encoder: TextEncoder
 ) -> None:
-    from xling.trainer.contracts import embedding_cache_dir
+    from xling.api.contracts import embedding_cache_dir
     from xling.trainer.evaluation.api import evaluate_suite, load_suite
     from xling.trainer.evaluation.report import format_table, log_to_mlflow
 

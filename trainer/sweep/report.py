@@ -17,10 +17,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.api.tags import BEST_POINT, TRIALS_FINISHED
 from xling.trainer.sweep.plots import save_plots
 from xling.trainer.sweep.summary import SweepSummary
 from xling.trainer.sweep.tables import header_lines, markdown, tables
-from xling.trainer.tags import BEST_POINT, TRIALS_FINISHED
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

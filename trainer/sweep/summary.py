@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xling.trainer.errors import InputError
+from xling.api.errors import InputError
+from xling.api.metrics import is_headline, language_of, prefix_of, suite_prefix
+from xling.api.spec.base import ClusterUnit
+from xling.api.spec.sweep import SweepSpec
+from xling.api.spec.training import CenteringSpec, SamplingSpec
+from xling.api.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 from xling.trainer.evaluation.centering import CENTERED as CENTERED_SUFFIX
-from xling.trainer.spec import CenteringSpec, ClusterUnit, SamplingSpec, SweepSpec
 from xling.trainer.stats import MeanCI, PairedTest, hierarchical_bootstrap, holm, mean_ci
-from xling.trainer.tags import POINT, POINT_LABEL, POINT_VALUES, SEED, SWEEP, TRIAL, children_of
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -161,11 +164,6 @@ def centering_source(spec: dict[str, Any] | None) -> str | None:
     return f"NTREX-128 lines {first}-{first + centering.sentences - 1} ({centering.sentences} per language)"
 
 
-def is_headline(key: str) -> bool:
-    """Headline metrics: ``xquad_r.multi.map`` or ``train.loss``, not per language, not system metrics."""
-    return key.count(".") <= 2 and not key.startswith("system/")
-
-
 def child_runs(client: MlflowClient, parent_run_id: str) -> list[TrialRecord]:
     """The sweep's trials as MLflow records them (one nested run per trial, newest state)."""
     parent = client.get_run(parent_run_id)
@@ -203,9 +201,8 @@ def zero_shot(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, f
 
 def per_language_keys(metric: str, keys: set[str]) -> dict[str, str]:
     """``xquad_r.multi.map`` -> {"ar": "xquad_r.multi.ar.map", ...} for the keys that exist."""
-    head, _, leaf = metric.rpartition(".")
-    pattern = re.compile(rf"^{re.escape(head)}\.([a-z]{{2,3}})\.{re.escape(leaf)}$")
-    return {m.group(1): k for k in sorted(keys) if (m := pattern.match(k))}
+    found = {k: language_of(metric, k) for k in sorted(keys)}
+    return {lang: k for k, lang in found.items() if lang and re.fullmatch(r"[a-z]{2,3}", lang)}
 
 
 @dataclass
@@ -388,7 +385,7 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     parent = client.get_run(parent_run_id)
     plan = download_json(client, parent_run_id, "sweep/plan.json")
     sweep = SweepSpec.model_validate(plan["sweep"])
-    prefix = sweep.metric.split(".")[0]
+    prefix = prefix_of(sweep.metric)
     records = child_runs(client, parent_run_id)
     finished = [t for t in records if t.status == "FINISHED"]
     keys = {k for t in finished for k in t.metrics}
@@ -401,7 +398,7 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         for k, v in (finished[0].metrics.items() if finished else ())
         if k.split(".")[0].endswith(suffix)
     }
-    suites = [suite["name"].replace("-", "_") for suite in plan["experiment"]["spec"]["evaluation"]["suites"]]
+    suites = [suite_prefix(suite["name"]) for suite in plan["experiment"]["spec"]["evaluation"]["suites"]]
     held_out = [p for p in suites if p != prefix and f"{p}.multi.map" in keys]
     source = centering_source(plan["experiment"]["spec"].get("evaluation", {}).get("centering"))
     zero_keys = [k for k in headline if k.split(".")[0] in (prefix, *held_out)]

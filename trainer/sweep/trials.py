@@ -15,8 +15,9 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from xling.trainer.errors import InputError
-from xling.trainer.spec import RetrievalExperiment, SweepParameter
+from xling.api.errors import InputError
+from xling.api.spec.experiment import RetrievalExperiment
+from xling.api.spec.sweep import SweepParameter
 
 #: What a trial's result depends on: a restored sweep must have been planned from the same values.
 _PLANNED_FIELDS = {"model", "data", "sampling", "loss", "optimization", "distributed", "evaluation"}

@@ -23,25 +23,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.trainer.contracts import CACHE_ENV, default_cache_dir
-from xling.trainer.driver import (
-    RunResult,
-    check_batches,
-    finish_run,
-    fit,
-    init_ray,
-    local_env,
-    log_training_data,
-    set_up,
-    storage_path,
-)
-from xling.trainer.errors import InputError
-from xling.trainer.spec import ExperimentSpec, RetrievalExperiment
-from xling.trainer.sweep.report import publish
-from xling.trainer.sweep.summary import is_headline, summarize_sweep
-from xling.trainer.sweep.tables import markdown
-from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
-from xling.trainer.tags import (
+from xling.api.contracts import default_cache_dir
+from xling.api.env import CACHE_ENV
+from xling.api.errors import InputError
+from xling.api.metrics import is_headline
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
+from xling.api.tags import (
     ALPHA,
     DATA_FINGERPRINT,
     EXPERIMENT_KIND,
@@ -64,6 +51,21 @@ from xling.trainer.tags import (
     parents_of_sweep,
     tag_is,
 )
+from xling.trainer.driver import (
+    RunResult,
+    check_batches,
+    finish_run,
+    fit,
+    init_ray,
+    local_env,
+    log_training_data,
+    set_up,
+    storage_path,
+)
+from xling.trainer.sweep.report import publish
+from xling.trainer.sweep.summary import summarize_sweep
+from xling.trainer.sweep.tables import markdown
+from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
 from xling.trainer.tracking import flatten, register_run_model, start_run, version_tags
 
 if TYPE_CHECKING:

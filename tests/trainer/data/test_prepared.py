@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from xling.api.spec.training import DataSource, DataSpec, SamplingSpec
 from xling.trainer.data import DataLocation, PairCorpus, RowReport, open_corpus, prepare_corpus
 from xling.trainer.data.pairs import BadRowError, Pair
 from xling.trainer.sampling import build_sampler
-from xling.trainer.spec import DataSource, DataSpec, SamplingSpec
 from xling.trainer.train_loop import batch_texts
 
 LANGS = ["ar", "de", "en", "es"]

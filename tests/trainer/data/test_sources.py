@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from tests.support import ROOT
+from xling.api.spec.base import XQUAD_R_LANGUAGES
+from xling.api.spec.training import DataSource, DataSpec
 from xling.trainer.data import builders, load_corpus, loaders, pairs
 from xling.trainer.data.pairs import BadRowError, PairCorpus, RowReport
-from xling.trainer.spec import XQUAD_R_LANGUAGES, DataSource, DataSpec
 
 SHARED = Path(os.environ.get("XLING_SHARED") or ROOT.parent / "shared") / "data"
 DEMO = ROOT / "data" / "demo"
@@ -419,7 +420,7 @@ def test_the_report_counts_a_bad_row_by_the_reason_the_error_carries() -> None:
 def test_a_squad_file_that_is_not_json_is_named(tmp_path: Path) -> None:
     """A truncated download: json's own ValueError used to reach the user without the file's name (and, now
     that only InputError is printed, would show as a traceback)."""
-    from xling.trainer.errors import InputError
+    from xling.api.errors import InputError
 
     (tmp_path / "train.json").write_text('{"data": [')
     with pytest.raises(InputError, match=r"train\.json: not valid JSON \(Expecting value"):

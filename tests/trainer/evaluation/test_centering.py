@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.errors import InputError
+from xling.api.spec.training import CenteringSpec, EvaluationSpec
 from xling.trainer.data.builders import ntrex_sentences
-from xling.trainer.errors import InputError
 from xling.trainer.evaluation.api import evaluate_with_centering
 from xling.trainer.evaluation.centering import language_means
 from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.evaluation.hashing import HashingEncoder
 from xling.trainer.evaluation.lareqa import load_lareqa
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
-from xling.trainer.spec import CenteringSpec, EvaluationSpec
 
 XQUAD, NTREX = ROOT / "data/demo/xquad-r", ROOT / "data/demo/ntrex-128"
 LANGS = ["ar", "de", "en", "th", "zh"]
@@ -141,8 +141,8 @@ def test_xling_eval_prints_and_writes_the_centering_baseline(
 def test_training_never_sees_the_centering_sentences() -> None:
     """The baseline's means must come from text that is neither test nor training data: the driver's
     overlap guard drops training rows that contain them, as it does for the evaluation suites."""
+    from xling.api.spec.loading import load_experiment
     from xling.trainer.driver import eval_guard
-    from xling.trainer.spec import load_experiment
 
     spec = load_experiment(ROOT / "manifests/samples/smoke.yaml").spec  # centres on NTREX lines 1901-1940
     guard = eval_guard(spec)

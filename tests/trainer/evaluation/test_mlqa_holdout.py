@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.spec.experiment import ExperimentSpec
+from xling.api.spec.loading import load_experiment
+from xling.api.spec.training import EvalSuite, SamplingSpec
 from xling.trainer.data import load_corpus
 from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
 from xling.trainer.data.pairs import text_key
@@ -20,7 +23,6 @@ from xling.trainer.data.prepare import held_out
 from xling.trainer.evaluation.api import evaluate_suite, load_suite
 from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.sampling import build_sampler
-from xling.trainer.spec import EvalSuite, ExperimentSpec, SamplingSpec, load_experiment
 
 MLQA = str(ROOT / "data/demo/mlqa-test-gxlt")
 SAMPLES = ["research.yaml", "research-gpu-1.yaml"]

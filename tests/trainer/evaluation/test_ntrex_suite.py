@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.spec.base import XQUAD_R_LANGUAGES
+from xling.api.spec.loading import load_experiment
+from xling.api.spec.training import EvalSuite, EvaluationSpec
 from xling.trainer.data.builders import ntrex_sentences
 from xling.trainer.evaluation.api import evaluate_suite, load_suite
 from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.evaluation.hashing import HashingEncoder
-from xling.trainer.spec import XQUAD_R_LANGUAGES, EvalSuite, EvaluationSpec, load_experiment
 
 NTREX = ROOT / "data/demo/ntrex-128"
 LINES = range(1000, 1060)

@@ -16,6 +16,7 @@ from mlflow.entities import Metric
 from sklearn.metrics import average_precision_score
 
 from tests.support import ROOT
+from xling.api.spec.base import XQUAD_R_LANGUAGES
 from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.evaluation.hashing import HashingEncoder
 from xling.trainer.evaluation.lareqa import LareqaSuite, find_file, load_lareqa
@@ -23,7 +24,6 @@ from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
 from xling.trainer.evaluation.report import format_table, log_to_mlflow, write_artifacts
 from xling.trainer.evaluation.results import EXACT_BIAS_METRICS, LareqaResults
 from xling.trainer.evaluation.trec import mean_scores, read_qrels, read_run, score_run, write_qrels, write_run
-from xling.trainer.spec import XQUAD_R_LANGUAGES
 
 CANDIDATES = {"ar": 1222, "de": 1276, "el": 1234, "en": 1180, "es": 1215, "hi": 1244, "ru": 1219, "th": 852,
               "tr": 1167, "vi": 1209, "zh": 1196}  # fmt: skip

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from pydantic import ValidationError
 
-from xling.trainer.spec import SweepSpec
+from xling.api.spec.sweep import SweepSpec
 from xling.trainer.sweep.claims import CLAIMS, Outcome, verdict
 
 MATCH = next(c for c in CLAIMS if c.matches)  # hybrid matches X-X on mono and X-Y on cross

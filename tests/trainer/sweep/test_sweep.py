@@ -11,16 +11,19 @@ import numpy as np
 import pytest
 
 from tests.support import ROOT
+from xling.api.metrics import is_headline
+from xling.api.spec.base import SpecError
+from xling.api.spec.loading import load_experiment, parse_experiment
+from xling.api.spec.sweep import SweepSpec
+from xling.api.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
 from xling.operator.manifests import sweep_trials
-from xling.trainer.spec import SpecError, SweepSpec, load_experiment, parse_experiment
 from xling.trainer.stats import DiffCI, mean_ci
 from xling.trainer.sweep.plots import pareto_front, primary_parameter
 from xling.trainer.sweep.report import publish, to_json, write_report
-from xling.trainer.sweep.summary import is_headline, parse_per_query, per_language_keys, summarize_sweep
+from xling.trainer.sweep.summary import parse_per_query, per_language_keys, summarize_sweep
 from xling.trainer.sweep.tables import markdown
 from xling.trainer.sweep.trials import SweepPlan, plan_sweep
 from xling.trainer.sweep.tune import TrialContext, _child_run, _parent_run, default_concurrency
-from xling.trainer.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
 
 SAMPLES = ROOT / "manifests/samples"
 LANGS = ("ar", "de", "en", "es")

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from tests.support import ROOT
-from xling.trainer.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
+from xling.api.tags import ROLE, ROLE_TRIAL, TRIAL, tag_is
 
 UID = "5a1e0c4d-0000-4000-8000-0000000beef0"
 STEPS = 4
 
 
 def _sweep(tmp: Path):
-    from xling.trainer.spec import load_experiment, parse_experiment
+    from xling.api.spec.loading import load_experiment, parse_experiment
 
     doc = load_experiment(ROOT / "manifests/samples/smoke.yaml").model_dump(
         mode="json", by_alias=True, exclude_none=True

@@ -21,7 +21,7 @@ import pytest
 from scipy import stats as sps
 
 from tests.support import ROOT
-from xling.trainer.tags import (
+from xling.api.tags import (
     ALPHA,
     BEST_POINT,
     DATA_FINGERPRINT,

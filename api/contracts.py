@@ -1,8 +1,9 @@
-"""Names and defaults that separate parts of xling must agree on, kept in one place.
+"""Defaults that separate parts of xling must agree on, kept in one place: the cache directories.
 
-The operator sets the experiment's uid in the pods' environment, the trainer tags its MLflow runs with it and
-the operator finds the runs by that tag (the tag's name, like every MLflow tag's, is in :mod:`xling.trainer.tags`); the trainer, its workers, ``xling eval`` and the spec's documentation
-share one cache directory. Standard library only: the operator (no torch, no Ray) imports it.
+The trainer, its workers, ``xling eval`` and the spec's documentation share one cache directory. (The
+operator sets the experiment's uid in the pods' environment, :data:`xling.api.env.EXPERIMENT_UID_ENV`, the
+trainer tags its MLflow runs with it and the operator finds the runs by that tag, named in
+:mod:`xling.api.tags`.) Standard library only: the operator (no torch, no Ray) imports it.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-#: Set by the operator on every Ray pod: the RetrievalExperiment's uid (absent in a local run).
-EXPERIMENT_UID_ENV = "XLING_EXPERIMENT_UID"
-#: Overrides the cache directory (models, prepared corpora, embeddings).
-CACHE_ENV = "XLING_CACHE"
+from xling.api.env import CACHE_ENV
 
 
 def default_cache_dir() -> Path:

@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from tests.support import ROOT
-from xling.trainer.spec import SpecError, load_experiment, parse_experiment
+from xling.api.spec.base import SpecError
+from xling.api.spec.loading import load_experiment, parse_experiment
 
 SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 
@@ -130,7 +131,7 @@ def test_wrong_kind_and_bad_yaml(tmp_path: Path) -> None:
 
 
 def test_learning_curve_steps_are_evenly_spaced_and_need_the_start() -> None:
-    from xling.trainer.spec import EvaluationSpec
+    from xling.api.spec.training import EvaluationSpec
 
     assert EvaluationSpec(at_start=True, curve_points=5).curve_steps(40) == [10, 20, 30]
     assert EvaluationSpec(at_start=True, curve_points=4).curve_steps(40) == [13, 27]

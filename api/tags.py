@@ -1,9 +1,9 @@
 """The MLflow tags of xling's runs, named once for the side that writes them and the side that reads them.
 
 A sweep is one parent run (``ROLE`` = ``ROLE_SWEEP``) and one nested child run per trial (``ROLE_TRIAL``,
-linked by MLflow's ``PARENT_RUN_ID``). The driver (:mod:`xling.trainer.sweep.tune`) finds runs again by these
-tags when a sweep continues, and the report (:mod:`xling.trainer.sweep.summary`) rebuilds every trial's
-point and seed from them, so both sides must spell them alike. Single runs carry the run-wide tags too.
+linked by MLflow's ``PARENT_RUN_ID``). The trainer's sweep driver (:mod:`xling.trainer.sweep.tune`) finds
+runs again by these tags when a sweep continues, and the report (:mod:`xling.trainer.sweep.summary`)
+rebuilds every trial's point and seed from them, so both sides must spell them alike. Single runs carry the run-wide tags too.
 """
 
 from __future__ import annotations

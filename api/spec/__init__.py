@@ -1,0 +1,1 @@
+"""The experiment spec, split by audience: see :mod:`xling.api.spec.base`."""
