@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 
 from xling.api.spec.training import DataSpec
-from xling.trainer.data.builders import drop_overlapping
+from xling.trainer.data.overlap import drop_overlapping
 from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport
 from xling.trainer.data.prepare import EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.store import DataLocation, PreparedCorpus, open_corpus

@@ -13,9 +13,8 @@ import functools
 import io
 import json
 import re
-import unicodedata
 import zipfile
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +22,8 @@ import numpy as np
 
 from xling.api.errors import InputError
 from xling.trainer.data.loaders import Row, open_text
-from xling.trainer.data.pairs import Pair, PairCorpus, connected_components, normalise, text_key
+from xling.trainer.data.overlap import SCRIPT_OF
+from xling.trainer.data.pairs import Pair, connected_components, normalise, text_key
 
 #: NTREX-128 file codes -> ISO 639-1. English is the US-English reference (``eng-US``), like the others a
 #: human translation of the WMT19 source, so all 11 languages come from the same process.
@@ -101,7 +101,7 @@ def _contained(lines: list[str], language: str) -> dict[int, list[int]]:
     """For each line, the other lines whose (normalised) sentence it contains: NTREX repeats a quote inside a
     longer line of another document. Found through an index of sentence starts (3 words, or 6 characters in
     scripts without spaces), then checked as substrings: O(total length), not O(lines²)."""
-    unspaced, n = language in _SCRIPT_OF, 6 if language in _SCRIPT_OF else 3
+    unspaced, n = language in SCRIPT_OF, 6 if language in SCRIPT_OF else 3
     norm = [normalise(line) for line in lines]
     tokens = [list(t) if unspaced else t.split() for t in norm]
     starts: dict[tuple[str, ...], list[int]] = {}
@@ -459,77 +459,3 @@ def mlqa_holdout(path: str, fraction: float, seed: int) -> HoldOut:
             break
         held |= dict.fromkeys(members[int(c)], int(c))
     return HoldOut(held, len(component), len(members))
-
-
-# --- overlap guard ----------------------------------------------------------------------------------------
-
-#: Scripts without spaces between words -> (their characters, characters per word). Their overlap is measured
-#: in character n-grams of ``n`` words' length: 2 characters per word for Chinese/Japanese, 4 for Thai (with
-#: 2, everyday 20-character Thai phrases matched XQuAD-R in ~650 XNLI, NTREX and iapp pairs; with 4, none).
-_UNSPACED_SCRIPTS = {
-    "cjk": (re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]"), 2),
-    "thai": (re.compile(r"[\u0e00-\u0e7f]"), 4),
-}
-_SCRIPT_OF = {"zh": "cjk", "ja": "cjk", "th": "thai"}
-
-
-@functools.cache
-def _separators() -> re.Pattern[str]:
-    """Punctuation, symbols, spaces and controls (Unicode categories P, S, Z, C). Python's ``\\w`` would
-    also split at the vowel signs of Devanagari and Thai, so the class is built from the categories."""
-    ranges: list[list[int]] = []
-    for code in range(0x10000):
-        if unicodedata.category(chr(code))[0] in "PSZC":
-            if ranges and ranges[-1][1] == code - 1:
-                ranges[-1][1] = code
-            else:
-                ranges.append([code, code])
-    return re.compile("[" + "".join(f"\\u{a:04x}-\\u{b:04x}" for a, b in ranges) + "]+")
-
-
-def _tokens(text: str) -> list[str]:
-    return _separators().sub(" ", text.lower()).split()
-
-
-def _word_grams(tokens: list[str], n: int) -> set[int]:
-    return {hash(tuple(tokens[i : i + n])) for i in range(len(tokens) - n + 1)}
-
-
-def _char_grams(tokens: list[str], n: int) -> set[int]:
-    chars = "".join(tokens)
-    return {hash(chars[i : i + n]) for i in range(len(chars) - n + 1)}
-
-
-def overlap_test(eval_texts: Iterable[str], n: int = 10) -> Callable[[Pair], bool]:
-    """Whether a pair's query or passage shares a word ``n``-gram with an evaluation text (for zh/ja/th a
-    character n-gram of ``n`` words' length, ignoring spaces and punctuation)."""
-    words: set[int] = set()
-    chars: dict[str, set[int]] = {script: set() for script in _UNSPACED_SCRIPTS}
-    for text in eval_texts:
-        tokens = _tokens(text)
-        words |= _word_grams(tokens, n)
-        for script, (pattern, per_word) in _UNSPACED_SCRIPTS.items():
-            if pattern.search(text):
-                chars[script] |= _char_grams(tokens, n * per_word)
-
-    def overlaps(pair: Pair) -> bool:
-        script = _SCRIPT_OF.get(pair.language)
-        for text in (t for t in (pair.query, pair.passage) if t is not None):
-            tokens = _tokens(text)
-            if script is None:
-                grams, index = _word_grams(tokens, n), words
-            else:
-                grams, index = _char_grams(tokens, n * _UNSPACED_SCRIPTS[script][1]), chars[script]
-            if not index.isdisjoint(grams):
-                return True
-        return False
-
-    return overlaps
-
-
-def drop_overlapping(corpus: PairCorpus, eval_texts: Iterable[str], n: int = 10) -> tuple[PairCorpus, int]:
-    """Drop every group with a member that overlaps an evaluation text (:func:`overlap_test`), so no
-    evaluation text is trained on, in any translation. Returns the filtered corpus and the groups dropped."""
-    overlaps = overlap_test(eval_texts, n)
-    kept = [g for g in corpus.groups if not any(overlaps(p) for p in g.values())]
-    return PairCorpus(kept), len(corpus.groups) - len(kept)

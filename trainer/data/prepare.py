@@ -41,13 +41,13 @@ from xling.trainer.data.builders import (
     mlqa_holdout,
     mlqa_rows,
     ntrex_rows,
-    overlap_test,
     squad_rows,
     tydiqa_rows,
     xnli_rows,
 )
 from xling.trainer.data.index import PASSAGE, QUERY, CorpusIndex, key_hash
 from xling.trainer.data.loaders import Row, read_hf, read_pairs
+from xling.trainer.data.overlap import overlap_test
 from xling.trainer.data.pairs import (
     BadRowError,
     Pair,

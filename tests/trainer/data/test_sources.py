@@ -18,7 +18,7 @@ import pytest
 from tests.support import ROOT
 from xling.api.spec.base import XQUAD_R_LANGUAGES
 from xling.api.spec.training import DataSource, DataSpec
-from xling.trainer.data import builders, load_corpus, loaders, pairs
+from xling.trainer.data import builders, load_corpus, loaders, overlap, pairs
 from xling.trainer.data.pairs import BadRowError, PairCorpus, RowReport
 
 SHARED = Path(os.environ.get("XLING_SHARED") or ROOT.parent / "shared") / "data"
@@ -230,7 +230,7 @@ def test_drop_overlapping_words_and_characters() -> None:
         ("f", "th", "q", "การตรวจสอบการซ้อนทับระหว่าง"),  # < 40 characters
     ]
     corpus = PairCorpus.from_pairs((builders.Pair(*r), "t") for r in rows)
-    kept, dropped = builders.drop_overlapping(corpus, eval_texts)
+    kept, dropped = overlap.drop_overlapping(corpus, eval_texts)
     assert dropped == 3
     assert [next(iter(g.values())).pair_id for g in kept.groups] == ["b", "d", "f"]
 
@@ -326,7 +326,7 @@ def test_overlap_guard_finds_the_oxygen_passage() -> None:
         for t in (p["context"], *(q["question"] for q in p["qas"]))
     ]
     corpus = PairCorpus.from_pairs(builders.tydiqa_rows(SHARED / "tydiqa-goldp", "train"))
-    kept, dropped = builders.drop_overlapping(corpus, texts)
+    kept, dropped = overlap.drop_overlapping(corpus, texts)
     assert dropped == 1 and len(kept) == len(corpus) - 1
     assert not any("Sendivogius" in g["en"].passage for g in kept.groups)
 
