@@ -2,8 +2,10 @@
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 #: The repository root.
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,3 +25,20 @@ def load_script(folder: str, name: str) -> ModuleType:
 def load_bench(name: str) -> ModuleType:
     """Import ``bench/<name>.py`` as module ``name``."""
     return load_script("bench", name)
+
+
+def xling_eval(monkeypatch: Any, load_text_encoder: Callable[..., Any], *argv: str) -> int:
+    """``xling eval ARGV`` in this process with ``load_text_encoder`` in place of the model loader (an oracle
+    or hashing encoder instead of a real model); returns the command's exit code."""
+    import argparse
+    from types import SimpleNamespace
+
+    from xling.trainer.evaluation.cli import add_cli
+
+    monkeypatch.setitem(
+        sys.modules, "xling.trainer.model", SimpleNamespace(load_text_encoder=load_text_encoder)
+    )
+    parser = argparse.ArgumentParser(prog="xling")
+    add_cli(parser.add_subparsers())
+    args = parser.parse_args(["eval", *argv])
+    return args.func(args)

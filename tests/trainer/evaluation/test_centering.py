@@ -3,22 +3,18 @@ hand computation, its effect on a model with a language offset, and its ways in 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, xling_eval
 from xling.api.errors import InputError
 from xling.api.spec.training import CenteringSpec, EvaluationSpec
 from xling.trainer.data.builders import ntrex_sentences
 from xling.trainer.evaluation.api import evaluate_with_centering
 from xling.trainer.evaluation.centering import language_means
-from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.evaluation.hashing import HashingEncoder
 from xling.trainer.evaluation.lareqa import load_lareqa
 from xling.trainer.evaluation.lareqa_scoring import evaluate_lareqa
@@ -116,18 +112,11 @@ def test_bad_centering_input_names_the_field_or_file(suite, tmp_path: Path) -> N
 def test_xling_eval_prints_and_writes_the_centering_baseline(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(
-        sys.modules,
-        "xling.trainer.model",
-        SimpleNamespace(load_text_encoder=lambda name, **_: HashingEncoder()),
-    )
     monkeypatch.chdir(tmp_path)
-    parser = argparse.ArgumentParser(prog="xling")
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--model", "m", "--suite", "xquad-r", "--data", str(XQUAD), "--languages",
-                              "ar,de", "--max-paragraphs", "10", "--centering-data", str(NTREX),
-                              "--centering-sentences", "40", "--out", "res.json"])  # fmt: skip
-    assert args.func(args) == 0
+    argv = ["--model", "m", "--suite", "xquad-r", "--data", str(XQUAD), "--languages", "ar,de",
+            "--max-paragraphs", "10", "--centering-data", str(NTREX), "--centering-sentences", "40",
+            "--out", "res.json"]  # fmt: skip
+    assert xling_eval(monkeypatch, lambda name, **_: HashingEncoder(), *argv) == 0
     out = capsys.readouterr().out
     assert (
         "language-mean centering baseline (means: " in out

@@ -3,16 +3,13 @@ never drawn by any arm, scored as a paragraph-level pooled suite."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, xling_eval
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.spec.loading import load_experiment
 from xling.api.spec.training import EvalSuite, SamplingSpec
@@ -21,7 +18,6 @@ from xling.trainer.data.builders import mlqa_holdout, mlqa_rows
 from xling.trainer.data.pairs import text_key
 from xling.trainer.data.prepare import held_out
 from xling.trainer.evaluation.api import evaluate_suite, load_suite
-from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.sampling import build_sampler
 
 MLQA = str(ROOT / "data/demo/mlqa-test-gxlt")
@@ -167,17 +163,17 @@ def test_the_suite_pools_paragraphs_and_scores_the_perfect_encoder_at_one() -> N
     )
 
 
+def _oracle(name: str, **_: object) -> Oracle:
+    """``load_text_encoder`` for ``xling eval``: the oracle, whatever the model name."""
+    return Oracle()
+
+
 def test_xling_eval_runs_the_suite(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(
-        sys.modules, "xling.trainer.model", SimpleNamespace(load_text_encoder=lambda n, **_: Oracle())
-    )
-    parser = argparse.ArgumentParser(prog="xling")
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--model", "m", "--suite", "mlqa-holdout", "--data", MLQA,
-                              "--hold-out", "0.1", "--languages", "de,zh"])  # fmt: skip
-    assert args.func(args) == 0
+    argv = ["--model", "m", "--suite", "mlqa-holdout", "--data", MLQA, "--hold-out", "0.1",
+            "--languages", "de,zh"]  # fmt: skip
+    assert xling_eval(monkeypatch, _oracle, *argv) == 0
     suite = load_suite(holdout_suite(languages=["de", "zh"]))
     queries = sum(len(d.query_ids) for d in suite.data.values())
     out = capsys.readouterr().out
@@ -190,8 +186,7 @@ def test_xling_eval_runs_the_suite(
             "--max-paragraphs: not for",
         ),
     ):
-        args = parser.parse_args(["eval", "--model", "m", *flags])
-        assert args.func(args) == 2
+        assert xling_eval(monkeypatch, _oracle, "--model", "m", *flags) == 2
         assert problem in capsys.readouterr().err
 
 

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-import sys
 import zlib
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tests.support import ROOT
+from tests.support import ROOT, xling_eval
 from xling.api.spec.base import XQUAD_R_LANGUAGES
 from xling.api.spec.loading import load_experiment
 from xling.api.spec.training import EvalSuite, EvaluationSpec
 from xling.trainer.data.builders import ntrex_sentences
 from xling.trainer.evaluation.api import evaluate_suite, load_suite
-from xling.trainer.evaluation.cli import add_cli
 from xling.trainer.evaluation.hashing import HashingEncoder
 
 NTREX = ROOT / "data/demo/ntrex-128"
@@ -88,15 +84,15 @@ def test_the_mlqa_pool_holds_none_of_the_suites_sentences() -> None:
     assert not overlap
 
 
+def _oracle(name: str, **_: object) -> Oracle:
+    """``load_text_encoder`` for ``xling eval``: the oracle, whatever the model name."""
+    return Oracle()
+
+
 def test_xling_eval_runs_the_suite(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(
-        sys.modules, "xling.trainer.model", SimpleNamespace(load_text_encoder=lambda n, **_: Oracle())
-    )
-    parser = argparse.ArgumentParser(prog="xling")
-    add_cli(parser.add_subparsers())
-    args = parser.parse_args(["eval", "--model", "m", "--suite", "ntrex-r", "--data", str(NTREX), "--first-line",
-                              "1000", "--max-paragraphs", "60", "--languages", "de,zh"])  # fmt: skip
-    assert args.func(args) == 0
+    argv = ["--model", "m", "--suite", "ntrex-r", "--data", str(NTREX), "--first-line", "1000",
+            "--max-paragraphs", "60", "--languages", "de,zh"]  # fmt: skip
+    assert xling_eval(monkeypatch, _oracle, *argv) == 0
     assert "ntrex-r: 2 languages, 120 queries, pool of 120 sentence candidates" in capsys.readouterr().out
