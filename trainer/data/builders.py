@@ -43,12 +43,16 @@ def _wanted(language: str, languages: Collection[str] | None) -> bool:
     return languages is None or language in languages
 
 
+def _existing(directory: Path, name: str) -> Path | None:
+    """``name`` or ``name.gz`` in ``directory`` (staged copies are gzipped, upstream ones are not), or None."""
+    return next((c for c in (directory / name, directory / f"{name}.gz") if c.exists()), None)
+
+
 def _find(directory: Path, name: str) -> Path:
-    """``name`` or ``name.gz`` in ``directory`` (staged copies are gzipped, upstream ones are not)."""
-    for candidate in (directory / name, directory / f"{name}.gz"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"{directory}: missing {name}[.gz]")
+    """:func:`_existing`, or FileNotFoundError naming the directory and the file."""
+    if (found := _existing(directory, name)) is None:
+        raise FileNotFoundError(f"{directory}: missing {name}[.gz]")
+    return found
 
 
 def _lines(path: Path) -> list[str]:
@@ -125,8 +129,7 @@ def ntrex_doc_ids(path: str | Path) -> list[str]:
 def ntrex_languages(path: str | Path) -> list[str]:
     """The languages (of ``NTREX_LANGUAGES``) whose NTREX-128 file is in ``path``, sorted."""
     root = Path(path)
-    have = [lang for code, lang in NTREX_LANGUAGES.items() if (root / f"newstest2019-ref.{code}.txt").exists()
-            or (root / f"newstest2019-ref.{code}.txt.gz").exists()]  # fmt: skip
+    have = [lang for code, lang in NTREX_LANGUAGES.items() if _existing(root, f"newstest2019-ref.{code}.txt")]
     if not have:
         raise FileNotFoundError(f"{root}: no NTREX-128 files newstest2019-ref.<code>.txt[.gz]")
     return sorted(have)
