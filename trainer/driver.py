@@ -285,9 +285,9 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from xling.trainer.capacity.check import auto_stage
     from xling.trainer.job import Job, TrackedRun
     from xling.trainer.model import model_fingerprint
-    from xling.trainer.plan import auto_stage
     from xling.trainer.train_loop import train_loop_per_worker
 
     spec = auto_stage(exp.spec, model_path)  # stage: auto -> the ZeRO stage that fits, printed with why

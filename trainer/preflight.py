@@ -31,7 +31,7 @@ def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) 
     """Raise SpecError (naming ``spec_file`` and each field) if the run cannot do what the spec asks, fields
     it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model)."""
     if run:  # spec-only, so they go first: a model shape with nothing to load; PlanError, with the plan
-        from xling.trainer.plan import check_fits
+        from xling.trainer.capacity.check import check_fits
 
         if problem := exp.spec.model.plan_only():
             raise SpecError(spec_file, problem, field=MODEL)
