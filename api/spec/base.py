@@ -59,6 +59,12 @@ TINY_MODEL = "xling/tiny-random"  # random-init BERT + tokenizer trained on the 
 BUILT_IN_MODELS = (DEMO_MODEL, TINY_MODEL)
 
 
+def is_xling_model(name: str) -> bool:
+    """Whether ``name`` is one of xling's own models (built in, or a shape only ``xling plan`` knows): never a
+    hub repo or a local directory."""
+    return name.startswith("xling/")
+
+
 class Spec(BaseModel):
     """Base: camelCase aliases, unknown fields rejected, assignment validated."""
 

@@ -21,7 +21,7 @@ from xling.operator import manifests as mf
 from xling.operator import reconcile as rc
 from xling.operator.cluster_sizing import worker_groups
 from xling.operator.defaults import Platform
-from xling.operator.progress import Report
+from xling.operator.progress import RunProgress
 from xling.operator.render import render
 
 KUBERAY_CRD = FIXTURES / "kuberay" / "ray.io_rayjobs.yaml"
@@ -433,7 +433,7 @@ def test_no_progress_watchdog_is_off_when_set_to_null():
     _reconcile(kube)
     _mirror(kube, "Running", "RUNNING")
     body = kube.read_experiment("default", "exp")
-    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(Report("7", "r", 1, {})))
+    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(RunProgress("7", "r", 1, {})))
     assert not [c for c in update.conditions if c.type == "Progressing"]
 
 
