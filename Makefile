@@ -33,7 +33,7 @@ bin/helm bin/hadolint:
 	bash tools/install_k8s_tools.sh bin
 
 model: setup
-	$(BIN)/python -m xling.trainer.e5s1 ensure
+	$(BIN)/python -m xling.trainer.demo_model ensure
 
 demo: setup model
 	$(BIN)/xling run manifests/samples/demo.yaml

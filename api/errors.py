@@ -1,7 +1,7 @@
 """The one way a user's mistake reaches the user: an error that says where, and one place that prints it.
 
 A spec, data, a model file or a results file that cannot be used raises :class:`InputError` (or a subclass
-naming the input: ``SpecError``, ``EvalDataError``, ``BadRowError``, ``PlanError``, ``E5S1Error``), which carries
+naming the input: ``SpecError``, ``EvalDataError``, ``BadRowError``, ``PlanError``, ``DemoModelError``), which carries
 the file (or resource), the line where known and the field path of each problem; ``str()`` is the text every
 CLI prints. :func:`command` wraps each CLI handler (``xling run``, ``eval``, ``render``, ...) so that they all
 print and exit alike, and catches only these: any other exception is a bug and keeps its traceback. Standard

@@ -225,8 +225,8 @@ class Bench:
         import torch
 
         from xling.api.spec.loading import parse_experiment
+        from xling.trainer.capacity.flops import peak_flops
         from xling.trainer.driver import prepare
-        from xling.trainer.plan import peak_flops
 
         self.args, self.batch = args, batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -246,7 +246,7 @@ class Bench:
         return Trainer(Job(self.exp(stage).spec, self.data, self.model_path), rank=0, world=1)
 
     def flops_per_token(self, model: Any) -> tuple[int, int]:
-        from xling.trainer.plan import count_dense_params
+        from xling.trainer.capacity.flops import count_dense_params
 
         return count_dense_params(model), count_dense_params(model, trainable_only=True)
 
@@ -255,7 +255,8 @@ class Bench:
         config would partition the plan's meta-device model too)."""
         import torch
 
-        from xling.trainer.plan import make_plan, model_shape
+        from xling.trainer.capacity.estimate import make_plan
+        from xling.trainer.capacity.shapes import model_shape
 
         if self.device.type == "cuda":
             gpu_mem = torch.cuda.get_device_properties(0).total_memory / 2**30
@@ -269,7 +270,7 @@ class Bench:
 
     def result(self, case: str, step_s: float, losses: list[float], params: tuple[int, int],
                plan: tuple[float | None, str], detail: str) -> Result:  # fmt: skip
-        from xling.trainer.plan import model_flops_utilization
+        from xling.trainer.capacity.flops import model_flops_utilization
 
         slots = statistics.mean(b.slots for b in self.batches)
         mfu = model_flops_utilization(params[0], slots, step_s, self.peak, params[1])

@@ -10,7 +10,7 @@ against sentence-transformers, per core.
 maxPassageLength 128, batch 32, the bundled MLQA research pool, lr 1e-5, weight decay 0.01, warm-up 10)
 with the evaluation off: sentence-transformers on 2 threads, xling 1 worker x 2 threads, xling 2 workers
 x 1 thread (plain all-reduce), and xling 1 worker x 1 thread; each xling rate also as model FLOP/s
-((2N + 4 N_trainable) per real token, N = non-embedding parameters, trainer/plan.py) over the CPU peak
+((2N + 4 N_trainable) per real token, N = non-embedding parameters, trainer/capacity/flops.py) over the CPU peak
 of the threads it ran on, measured in the same run (``cpu_peak_flops``: the best fp32 linear-layer
 training step, before and after the runs; the higher counts).
 
@@ -129,10 +129,10 @@ def bench_xling(
 
 
 def flops_per_token(exp: Any) -> float:
-    """(2N + 4 N_trainable) of the experiment's model, as the trainer's MFU counts it (trainer/plan.py)."""
+    """(2N + 4 N_trainable) of the experiment's model, as the trainer's MFU counts it (trainer/capacity/flops.py)."""
+    from xling.trainer.capacity.flops import count_dense_params
     from xling.trainer.driver import prepare
     from xling.trainer.model import BiEncoder, load_backbone
-    from xling.trainer.plan import count_dense_params
 
     _, path = prepare(exp)
     model = BiEncoder(load_backbone(path, exp.spec.model))
@@ -196,9 +196,9 @@ def bench_sentence_transformers(
 
 
 def measure_peaks(peaks: dict[int, float] | None = None, tries: int = 3) -> dict[int, float]:
-    """The CPU peak the trainer's MFU divides by (trainer/plan.py ``cpu_peak_flops``) at 1 and 2 threads:
+    """The CPU peak the trainer's MFU divides by (trainer/capacity/flops.py ``cpu_peak_flops``) at 1 and 2 threads:
     the best of ``tries`` fresh probes and of ``peaks`` measured before (another process only lowers it)."""
-    from xling.trainer.plan import cpu_peak_flops
+    from xling.trainer.capacity.flops import cpu_peak_flops
 
     best = dict(peaks or {})
     for t in (1, 2):

@@ -150,7 +150,7 @@ has faiss || SKIP+=(--skip "eval=needs faiss")
 # e5-small: staged wheels -> $XLING_CACHE/wheels (outside the checkout), then the project's own conversion
 export XLING_CACHE=$GPU/cache
 if [ -d "$GPU/unpacked/e5" ]; then mkdir -p "$XLING_CACHE/wheels" && cp -n "$GPU"/unpacked/e5/*.whl "$XLING_CACHE/wheels/" || true; fi
-if ! has pydantic || ! E5=$(cd /tmp && timeout 120 "$PY" -c 'import sys; from xling.trainer.e5s1 import main; sys.exit(main(["ensure"]))' 2>/tmp/e5.err | tail -1) || [ -z "$E5" ]; then
+if ! has pydantic || ! E5=$(cd /tmp && timeout 120 "$PY" -c 'import sys; from xling.trainer.demo_model import main; sys.exit(main(["ensure"]))' 2>/tmp/e5.err | tail -1) || [ -z "$E5" ]; then
   say "multilingual-e5-small unavailable ($(tail -c 300 /tmp/e5.err 2>/dev/null | tr '\n' ' ')): train and eval skipped"
   SKIP+=(--skip "train=no multilingual-e5-small (stage its wheels: bench/gpu_stage.py)" --skip "eval=no multilingual-e5-small")
 else

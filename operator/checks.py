@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from xling.api.spec.experiment import RetrievalExperiment
 from xling.operator import manifests as mf
+from xling.operator.cluster_sizing import pod_count, worker_groups
 from xling.operator.conditions import ConditionReason as Reason
 from xling.operator.defaults import Platform
 
@@ -29,11 +30,11 @@ def cluster_problems(exp: RetrievalExperiment, platform: Platform) -> list[Probl
     problems: list[Problem] = []
     if plan_only := spec.model.plan_only():
         problems.append((Reason.PLAN_ONLY_MODEL, f"spec.model.name: {plan_only}"))
-    if spec.storage is None and mf.pod_count(spec) > 1:
+    if spec.storage is None and pod_count(spec) > 1:
         problems.append(
             (
                 Reason.SHARED_STORAGE_REQUIRED,
-                f"spec.storage: required: the RayJob has {mf.pod_count(spec)} pods and Ray Train saves "
+                f"spec.storage: required: the RayJob has {pod_count(spec)} pods and Ray Train saves "
                 "checkpoints from each of them, so they need shared storage (s3://, gs:// or a ReadWriteMany "
                 "pvc://); set spec.storage.checkpointUri or ask for a platform default (Helm trainer.storage)",
             )
@@ -101,7 +102,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
                     "grants get on those Secrets only)",
                 )
             )
-    wanted = {g.gpu_resource for g in mf.worker_groups(exp.spec) if g.gpus}
+    wanted = {g.gpu_resource for g in worker_groups(exp.spec) if g.gpus}
     offered = kube.node_resources() if wanted else None
     if offered is not None and (missing := sorted(wanted - offered)):
         field = (
@@ -125,7 +126,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
                     f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} does not exist",
                 )
             )
-        elif mf.pod_count(exp.spec) > 1 and "ReadWriteMany" not in (pvc.get("spec") or {}).get(
+        elif pod_count(exp.spec) > 1 and "ReadWriteMany" not in (pvc.get("spec") or {}).get(
             "accessModes", []
         ):
             modes = ", ".join((pvc.get("spec") or {}).get("accessModes", [])) or "none"
@@ -133,7 +134,7 @@ def preflight(kube: PreflightKube, exp: RetrievalExperiment, namespace: str) -> 
                 (
                     Reason.CLAIM_NOT_SHARED,
                     f"spec.storage.checkpointUri: PersistentVolumeClaim {claim!r} is {modes}, but "
-                    f"{mf.pod_count(exp.spec)} pods on different nodes mount it: it must be ReadWriteMany",
+                    f"{pod_count(exp.spec)} pods on different nodes mount it: it must be ReadWriteMany",
                 )
             )
     return problems

@@ -25,7 +25,7 @@ LOSS = "train.loss"
 
 
 @dataclass(frozen=True)
-class Report:
+class RunProgress:
     """One look at MLflow for one experiment."""
 
     experiment_id: str
@@ -35,14 +35,14 @@ class Report:
     step: int | None = None  # the training step of the run's newest loss
 
 
-def summarize(experiment_id: str, runs: list[dict[str, Any]]) -> Report:
+def summarize(experiment_id: str, runs: list[dict[str, Any]]) -> RunProgress:
     """Newest metric over all runs (trials included); final metrics from the parent run."""
     stamps = [m.get("timestamp", 0) for r in runs for m in (r.get("data") or {}).get("metrics", [])]
     parents = [r for r in runs if PARENT_RUN_ID not in _tags(r)]
     parent = max(parents, key=lambda r: r["info"].get("start_time", 0), default=None)
     logged = ((parent or {}).get("data") or {}).get("metrics", [])
     metrics = {m["key"]: float(m["value"]) for m in logged}
-    return Report(
+    return RunProgress(
         experiment_id=experiment_id,
         run_id=parent["info"]["run_id"] if parent else None,
         last_metric_ms=max(stamps) if stamps else None,
@@ -115,7 +115,7 @@ class Mlflow:
                 return None
             raise
 
-    def report(self, experiment_name: str, uid: str) -> Report | None:
+    def run_progress(self, experiment_name: str, uid: str) -> RunProgress | None:
         """None until the trainer has created the MLflow experiment."""
         exp_id = self.experiment_id(experiment_name)
         if exp_id is None:

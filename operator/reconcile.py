@@ -360,7 +360,7 @@ def watch_progress(
     mlflow = client(
         tracking.tracking_uri, tracking_credentials(kube, body["metadata"]["namespace"], exp, platform)
     )
-    report = mlflow.report(exp.mlflow_experiment_name, body["metadata"].get("uid", ""))
+    report = mlflow.run_progress(exp.mlflow_experiment_name, body["metadata"].get("uid", ""))
     fields = ExperimentStatus()
     conds: list[Cond] = []
     if report is not None:

@@ -19,6 +19,7 @@ from xling.api.errors import Problem, command
 from xling.api.spec.base import KIND, SpecError
 from xling.operator import manifests as mf
 from xling.operator.checks import cluster_problems
+from xling.operator.cluster_sizing import describe_pods
 from xling.operator.defaults import Platform
 
 UID_PLACEHOLDER = "00000000-0000-0000-0000-000000000000"
@@ -56,7 +57,7 @@ def render(path: str | Path, namespace: str | None = None, defaults: str | Path 
     lines = [
         f"Rendered by `xling render {path}`: what the operator creates for {owner.namespace}/{owner.name}."
     ]
-    lines += [f"  {line}" for line in mf.describe_pods(exp.spec)]
+    lines += [f"  {line}" for line in describe_pods(exp.spec)]
     header = "".join(f"# {line}\n" for line in lines)
     docs = [mf.configmap(exp, owner, body.get("spec")), mf.rayjob(exp, owner)]
     return header + yaml.dump_all(docs, Dumper=_Plain, sort_keys=False)

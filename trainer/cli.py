@@ -126,11 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     # Here, not at the top: ``import xling.trainer.cli`` (tests, ``main``) stays as light as the spec. None of
     # these imports torch, Ray or kopf at module level: every image with the base dependencies has them all.
     from xling.operator import render
-    from xling.trainer import export, plan
+    from xling.trainer import export
+    from xling.trainer.capacity import cli as capacity_cli
     from xling.trainer.evaluation import cli as evaluation_cli
     from xling.trainer.sweep import cli as sweep_cli
 
-    for module in (evaluation_cli, render, sweep_cli, plan, export):
+    for module in (evaluation_cli, render, sweep_cli, capacity_cli, export):
         module.add_cli(sub)
     return parser
 

@@ -23,9 +23,9 @@ from torch import nn
 
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.spec.training import OffloadSpec
+from xling.trainer.capacity.check import PlanError
 from xling.trainer.checkpoint_layout import DEEPSPEED_DIR, DEEPSPEED_TAG
 from xling.trainer.optim_engine import make_optimizer, make_scheduler
-from xling.trainer.plan import PlanError
 
 
 def _offload(off: OffloadSpec) -> dict[str, Any] | None:

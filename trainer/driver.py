@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from xling.api.contracts import default_cache_dir, prepared_cache_dir, staged_model_cache_dir
 from xling.api.env import CACHE_ENV, EXPERIMENT_UID_ENV
 from xling.api.errors import InputError, failure_reason
-from xling.api.spec.base import TINY_MODEL
+from xling.api.spec.base import TINY_MODEL, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.training import DistributedSpec
 from xling.api.tags import (
@@ -64,7 +64,7 @@ class RunResult:
 
 def hub_free(spec: ExperimentSpec) -> bool:
     """Built-in model and no hub dataset: only then may a run go offline (HF_HUB_OFFLINE=1)."""
-    return spec.model.name.startswith("xling/") and not any(s.type == "hf" for s in spec.data.sources)
+    return is_xling_model(spec.model.name) and not any(s.type == "hf" for s in spec.data.sources)
 
 
 def local_env(spec: ExperimentSpec) -> dict[str, str]:
@@ -285,9 +285,9 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from xling.trainer.capacity.check import auto_stage
     from xling.trainer.job import Job, TrackedRun
     from xling.trainer.model import model_fingerprint
-    from xling.trainer.plan import auto_stage
     from xling.trainer.train_loop import train_loop_per_worker
 
     spec = auto_stage(exp.spec, model_path)  # stage: auto -> the ZeRO stage that fits, printed with why

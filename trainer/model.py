@@ -225,7 +225,7 @@ def build_tiny_model(texts: Iterable[str], out_dir: Path, seed: int = 0) -> Path
 def resolve_model_path(name: str, tiny_texts: Iterable[str] | None = None, cache: Path | None = None) -> str:
     """Map built-in names to local directories; hub names and paths pass through unchanged."""
     if name == DEMO_MODEL:
-        from xling.trainer.e5s1 import ensure_demo_model
+        from xling.trainer.demo_model import ensure_demo_model
 
         return str(ensure_demo_model(cache))
     if name == TINY_MODEL:

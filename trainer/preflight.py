@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import InputError, Problem
-from xling.api.spec.base import SpecError
+from xling.api.spec.base import SpecError, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.training import DataSource, ModelSpec
 
@@ -31,7 +31,7 @@ def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) 
     """Raise SpecError (naming ``spec_file`` and each field) if the run cannot do what the spec asks, fields
     it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model)."""
     if run:  # spec-only, so they go first: a model shape with nothing to load; PlanError, with the plan
-        from xling.trainer.plan import check_fits
+        from xling.trainer.capacity.check import check_fits
 
         if problem := exp.spec.model.plan_only():
             raise SpecError(spec_file, problem, field=MODEL)
@@ -83,7 +83,7 @@ def source_languages(source: DataSource, skip_bad_rows: bool = False) -> set[str
     dataset."""
     from xling.trainer.data.builders import _MLQA_NAME, _TYDI_NAME, NTREX_LANGUAGES
     from xling.trainer.data.loaders import read_pairs
-    from xling.trainer.data.pairs import RowReport
+    from xling.trainer.data.pairs import BadRows
 
     root = Path(source.path)
     names = [root.name] if root.is_file() else [p.name for p in root.iterdir()] if root.is_dir() else []
@@ -105,7 +105,7 @@ def source_languages(source: DataSource, skip_bad_rows: bool = False) -> set[str
         case "iapp":
             return {"th"}
         case "pairs":
-            return {pair.language for pair, _ in read_pairs(root, RowReport() if skip_bad_rows else None)}
+            return {pair.language for pair, _ in read_pairs(root, BadRows() if skip_bad_rows else None)}
     return None
 
 
@@ -212,7 +212,7 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
     """The model as the run loads it: a built-in name, a local directory with a config, or a hub name in the
     local cache, or else on a hub that answers (offline, HF_HUB_OFFLINE=1, the cache alone decides)."""
     field, name = MODEL, model.name
-    if name.startswith("xling/"):  # a built-in model (plan_only checked the rest)
+    if is_xling_model(name):  # a built-in model (plan_only checked the rest)
         return
     local = Path(name).expanduser()
     if not local.exists() and not local.is_absolute():

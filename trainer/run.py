@@ -26,7 +26,7 @@ def run_experiment(
         raise ValueError(
             "spec.sweep: a sweep runs through xling.trainer.sweep.tune.run_sweep, not run_experiment"
         )
-    from xling.trainer.plan import check_fits
+    from xling.trainer.capacity.check import check_fits
 
     started = time.time()
     env = local_env(exp.spec)

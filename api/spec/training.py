@@ -26,6 +26,7 @@ from xling.api.spec.base import (
     Spec,
     SuiteName,
     field_error,
+    is_xling_model,
 )
 
 
@@ -64,7 +65,7 @@ class ModelSpec(Spec):
     def plan_only(self) -> str | None:
         """Why ``name`` cannot be trained, when it is a shape that only ``xling plan`` knows (no checkpoint
         exists). ``xling run`` and the operator refuse it; the schema does not, so ``xling plan`` takes it."""
-        if not self.name.startswith("xling/") or self.name in BUILT_IN_MODELS:
+        if not is_xling_model(self.name) or self.name in BUILT_IN_MODELS:
             return None
         return (f"{self.name!r} is not a built-in model: `xling/` names other than {' and '.join(BUILT_IN_MODELS)} "
                 "are model shapes that only `xling plan` knows, with no checkpoint; name a Hugging Face hub model, "

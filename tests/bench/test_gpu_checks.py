@@ -47,7 +47,7 @@ def test_big_encoder_is_about_a_billion_parameters():
 
 
 def test_specs_validate_and_plan_fits_one_h200(tmp_path):
-    from xling.trainer.plan import make_plan
+    from xling.trainer.capacity.estimate import make_plan
 
     train = gc.experiment(gc.train_doc(work=str(tmp_path)))
     dist = train.spec.distributed

@@ -19,8 +19,9 @@ from xling.operator import conditions as cnd
 from xling.operator import crd
 from xling.operator import manifests as mf
 from xling.operator import reconcile as rc
+from xling.operator.cluster_sizing import worker_groups
 from xling.operator.defaults import Platform
-from xling.operator.progress import Report
+from xling.operator.progress import RunProgress
 from xling.operator.render import render
 
 KUBERAY_CRD = FIXTURES / "kuberay" / "ray.io_rayjobs.yaml"
@@ -402,13 +403,13 @@ def test_a_sweep_gets_a_cluster_for_its_concurrent_trials(tmp_path):
         "optimization": {"globalBatchSize": 64},
     }
     exp = mf.validate(experiment(**spec))
-    (group,) = mf.worker_groups(exp.spec)
+    (group,) = worker_groups(exp.spec)
     assert (group.replicas, group.gpus) == (4, 8)  # 4 trials x one 8-GPU pod each
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(experiment(**spec)))
     assert "#   sweep: 8 trial(s), 4 at once (32 GPUs at once), 2 round(s)" in render(path)
     cpu = mf.validate(experiment(sweep=sweep, distributed={"numWorkers": 2, "cpusPerWorker": 2}))
-    (group,) = mf.worker_groups(cpu.spec)
+    (group,) = worker_groups(cpu.spec)
     assert (group.replicas, group.cpu) == (8, "3")  # 4 trials x 2 ranks; +1 CPU for the trial drivers
 
 
@@ -432,7 +433,7 @@ def test_no_progress_watchdog_is_off_when_set_to_null():
     _reconcile(kube)
     _mirror(kube, "Running", "RUNNING")
     body = kube.read_experiment("default", "exp")
-    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(Report("7", "r", 1, {})))
+    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(RunProgress("7", "r", 1, {})))
     assert not [c for c in update.conditions if c.type == "Progressing"]
 
 

@@ -17,7 +17,7 @@ from xling.api.spec.loading import parse_experiment
 from xling.operator import manifests as mf
 from xling.operator import reconcile as rc
 from xling.operator.kube import Conflict, NotInstalled
-from xling.operator.progress import Report
+from xling.operator.progress import RunProgress
 
 NOW = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
 
@@ -261,7 +261,7 @@ def test_status_writer_retries_on_conflict():
 
 
 class FakeMlflow:
-    def __init__(self, report: Report | None) -> None:
+    def __init__(self, report: RunProgress | None) -> None:
         self._report = report
         self.killed: list[str] = []
 
@@ -269,7 +269,7 @@ class FakeMlflow:
         assert creds == {"MLFLOW_TRACKING_TOKEN": "t"}
         return self
 
-    def report(self, experiment_name: str, uid: str) -> Report | None:
+    def run_progress(self, experiment_name: str, uid: str) -> RunProgress | None:
         assert (experiment_name, uid) == ("exp", "uid-exp")
         return self._report
 
@@ -294,7 +294,7 @@ def test_watchdog_fires_when_metrics_stop():
     kube = FakeKube()
     body = _running(kube, since="2026-01-01T11:00:00Z")
     stale = int(datetime.datetime(2026, 1, 1, 11, 30, tzinfo=datetime.UTC).timestamp() * 1000)
-    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(Report("7", "run1", stale, {})))
+    update = rc.watch_progress(kube, body, NOW, client=FakeMlflow(RunProgress("7", "run1", stale, {})))
     events = rc.write_status(kube, "default", "exp", update)
     cond = _cond(kube, "Progressing")
     assert cond["status"] == "False" and cond["reason"] == "NoProgress" and "1800 s" in cond["message"]
@@ -304,7 +304,7 @@ def test_watchdog_fires_when_metrics_stop():
     assert status["lastMetricTime"] == "2026-01-01T11:30:00Z"
     fresh = int(NOW.timestamp() * 1000) - 5000
     update = rc.watch_progress(
-        kube, kube.read_experiment("default", "exp"), NOW, client=FakeMlflow(Report("7", "run1", fresh))
+        kube, kube.read_experiment("default", "exp"), NOW, client=FakeMlflow(RunProgress("7", "run1", fresh))
     )
     rc.write_status(kube, "default", "exp", update)
     assert _cond(kube, "Progressing")["status"] == "True"
@@ -329,7 +329,7 @@ def test_finished_experiment_gets_best_metric_and_languages_once():
         kube,
         "default",
         "exp",
-        rc.watch_progress(kube, body, NOW, client=FakeMlflow(Report("7", "r", 1, metrics))),
+        rc.watch_progress(kube, body, NOW, client=FakeMlflow(RunProgress("7", "r", 1, metrics))),
     )
     status = _status(kube)
     assert status["best"] == {"metric": "xquad_r.multi.map", "value": 0.5}
@@ -439,7 +439,7 @@ def test_ready_summarises_why_not_and_progress_counts_steps():
     body = _running(kube, since="2026-01-01T11:55:00Z")
     ready = _cond(kube, "Ready")
     assert (ready["status"], ready["reason"]) == ("False", "JobRunning")
-    report = Report("7", "run1", int(NOW.timestamp() * 1000), {}, step=5)
+    report = RunProgress("7", "run1", int(NOW.timestamp() * 1000), {}, step=5)
     rc.write_status(kube, "default", "exp", rc.watch_progress(kube, body, NOW, client=FakeMlflow(report)))
     steps = parse_experiment(body).spec.optimization.max_steps
     assert _status(kube)["progress"] == f"5/{steps}"

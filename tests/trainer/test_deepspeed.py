@@ -316,7 +316,7 @@ def test_zero3_checkpoint_consolidates_shard_by_shard_into_a_sentence_transforme
 def _low_stages_session(rank: int, world: int, model_dir: Path) -> dict[int, tuple[float, dict]]:
     """``stage: auto`` as the trainer resolves it (plan.auto_stage: a tiny model on CPU needs no
     sharding: ZeRO-0), and ZeRO-2, each through DeepSpeedEngine on 2 gloo ranks."""
-    from xling.trainer.plan import auto_stage
+    from xling.trainer.capacity.check import auto_stage
 
     auto = auto_stage(experiment_spec("auto"), str(model_dir))
     return {spec.distributed.deepspeed.stage: _equivalence(rank, world, model_dir, spec)

@@ -111,8 +111,8 @@ def test_a_workers_input_error_reaches_the_driver_whole() -> None:
     text alone), now with its type, text and fields, so failure_reason prints it as the user's to fix."""
     import pickle
 
+    from xling.trainer.capacity.check import PlanError
     from xling.trainer.data.pairs import BadRowError
-    from xling.trainer.plan import PlanError
 
     for err in (
         BadRowError("pairs.jsonl:3", "empty query"),

@@ -45,7 +45,7 @@ def test_more_frozen_layers_than_the_model_has_is_refused(tiny: Path) -> None:
 
 def test_mfu_counts_no_backward_for_frozen_layers(tiny: Path) -> None:
     """6N per token when everything trains; 2N + 4 x (the trainable part) when lower layers are frozen."""
-    from xling.trainer.plan import count_dense_params, model_flops_utilization
+    from xling.trainer.capacity.flops import count_dense_params, model_flops_utilization
 
     full = load_backbone(str(tiny), ModelSpec(name=str(tiny)))
     frozen = load_backbone(str(tiny), ModelSpec(name=str(tiny), freezeLayers=1))

@@ -197,7 +197,7 @@ def test_a_step_reads_no_value_back_from_the_device(
 def test_the_log_reads_the_window_once_and_counts_padding(setup: dict[str, Any]) -> None:
     """``train.loss`` is the window's mean loss; ``train.mfu`` counts every token slot the device computed
     (padding included), and ``train.padding_share`` says how many of them were padding."""
-    from xling.trainer.plan import model_flops_utilization
+    from xling.trainer.capacity.flops import model_flops_utilization
     from xling.trainer.train_loop import StepResult, Window
 
     trainer = make(setup)

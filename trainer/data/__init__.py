@@ -12,7 +12,7 @@ import tempfile
 
 from xling.api.spec.training import DataSpec
 from xling.trainer.data.overlap import drop_overlapping
-from xling.trainer.data.pairs import BadRowError, Pair, PairCorpus, RowReport
+from xling.trainer.data.pairs import BadRowError, BadRows, Pair, PairCorpus
 from xling.trainer.data.prepare import EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.store import DataLocation, PreparedCorpus, open_corpus
 
@@ -24,7 +24,7 @@ __all__ = [
     "PairCorpus",
     "Prepared",
     "PreparedCorpus",
-    "RowReport",
+    "BadRows",
     "drop_overlapping",
     "load_corpus",
     "open_corpus",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 
-def load_corpus(spec: DataSpec, report: RowReport | None = None) -> PairCorpus:
+def load_corpus(spec: DataSpec, report: BadRows | None = None) -> PairCorpus:
     """Every source of ``spec``, prepared in a temporary directory and read back into memory. Bad rows
     raise BadRowError naming file and row, unless ``spec.skip_bad_rows``: then they are counted in
     ``report``."""

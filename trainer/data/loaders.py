@@ -4,7 +4,7 @@ Every reader yields ``(Pair, where)``; ``where`` names the file and row (``file:
 1-based line of the row's first physical line; ``file:index`` for Parquet and Hugging Face rows, 0-based as
 pandas shows them), so :meth:`PairCorpus.from_pairs` can report bad rows precisely. Rows that cannot even be
 turned into a Pair (invalid JSON, a missing JSONL key, a malformed hard-negative list) raise
-:class:`BadRowError` here, or are counted in the :class:`RowReport` when one is given (``skipBadRows``).
+:class:`BadRowError` here, or are counted in the :class:`BadRows` when one is given (``skipBadRows``).
 A file that lacks a required column fails as a whole, naming the file and the column.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from xling.api.errors import InputError
-from xling.trainer.data.pairs import BadRowError, Pair, RowReport
+from xling.trainer.data.pairs import BadRowError, BadRows, Pair
 
 #: Columns (JSONL keys) every normalised row must have; ``hard_negatives`` and ``keys`` (conflict keys:
 #: rows that share one never meet in a batch, e.g. a source document id) are optional.
@@ -100,7 +100,7 @@ def to_pair(record: Mapping[str, Any], where: str) -> Pair:
     )
 
 
-def _guarded(report: RowReport | None, make: Callable[..., Pair], *args: Any) -> Pair | None:
+def _guarded(report: BadRows | None, make: Callable[..., Pair], *args: Any) -> Pair | None:
     """Call ``make``; a BadRowError is raised, or counted and the row dropped when a report is given."""
     try:
         return make(*args)
@@ -111,7 +111,7 @@ def _guarded(report: RowReport | None, make: Callable[..., Pair], *args: Any) ->
         return None
 
 
-def _emit(records: Iterable[tuple[Mapping[str, Any], str]], report: RowReport | None) -> Iterator[Row]:
+def _emit(records: Iterable[tuple[Mapping[str, Any], str]], report: BadRows | None) -> Iterator[Row]:
     for record, where in records:
         pair = _guarded(report, to_pair, record, where)
         if pair is not None:
@@ -138,7 +138,7 @@ def _json_pair(line: str, where: str) -> Pair:
     return to_pair(record, where)
 
 
-def read_jsonl(path: Path, report: RowReport | None = None) -> Iterator[Row]:
+def read_jsonl(path: Path, report: BadRows | None = None) -> Iterator[Row]:
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -149,7 +149,7 @@ def read_jsonl(path: Path, report: RowReport | None = None) -> Iterator[Row]:
                 yield pair, where
 
 
-def read_csv(path: Path, report: RowReport | None = None, delimiter: str = ",") -> Iterator[Row]:
+def read_csv(path: Path, report: BadRows | None = None, delimiter: str = ",") -> Iterator[Row]:
     with open_text(path) as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         require_columns(reader.fieldnames or (), str(path))
@@ -163,7 +163,7 @@ def read_csv(path: Path, report: RowReport | None = None, delimiter: str = ",") 
         yield from _emit(records(), report)
 
 
-def read_parquet(path: Path, report: RowReport | None = None) -> Iterator[Row]:
+def read_parquet(path: Path, report: BadRows | None = None) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     source = io.BytesIO(gzip.decompress(path.read_bytes())) if path.suffix == ".gz" else path
@@ -193,7 +193,7 @@ def pair_files(path: str | Path) -> list[Path]:
     return [path]
 
 
-def read_pairs(path: str | Path, report: RowReport | None = None) -> Iterator[Row]:
+def read_pairs(path: str | Path, report: BadRows | None = None) -> Iterator[Row]:
     """Rows of a normalised pair file, or of all pair files in a directory (so parallel files can group). A
     file that cannot be decoded at all (not UTF-8, not Parquet) is the user's to fix: an InputError naming it."""
     from pyarrow import ArrowInvalid
@@ -211,7 +211,7 @@ def read_pairs(path: str | Path, report: RowReport | None = None) -> Iterator[Ro
             raise InputError(file, f"cannot be read as {fmt}: {err}") from err
 
 
-def read_hf(name: str, split: str = "train", report: RowReport | None = None) -> Iterator[Row]:
+def read_hf(name: str, split: str = "train", report: BadRows | None = None) -> Iterator[Row]:
     """Rows of a Hugging Face dataset in the normalised form: a hub name, a local dataset folder, or a
     ``save_to_disk`` folder. Loading failures (offline, unknown name, unknown split) name the dataset."""
     import datasets

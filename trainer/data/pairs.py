@@ -48,7 +48,7 @@ class Pair:
 
 class BadRowError(InputError):
     """A data row that cannot be used: ``source`` names the file and row (``where``), ``reason`` what is
-    wrong with it, so that :class:`RowReport` counts by reason without parsing the text."""
+    wrong with it, so that :class:`BadRows` counts by reason without parsing the text."""
 
     def __init__(self, where: str, reason: str):
         super().__init__(where, reason)
@@ -56,7 +56,7 @@ class BadRowError(InputError):
 
 
 @dataclass
-class RowReport:
+class BadRows:
     """Bad rows seen while loading with ``skip_bad_rows``: counted per reason, with a few examples."""
 
     skipped: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -214,7 +214,7 @@ class PairCorpus:
         return [[(n, None) for n in pair.hard_negatives] for pair in self.members(refs)]
 
     @classmethod
-    def from_pairs(cls, rows: Iterable[tuple[Pair, str]], report: RowReport | None = None) -> PairCorpus:
+    def from_pairs(cls, rows: Iterable[tuple[Pair, str]], report: BadRows | None = None) -> PairCorpus:
         """Group ``(pair, where)`` rows by pair_id. A pair_id that repeats a language is a bad row."""
         index: dict[str, dict[str, Pair]] = {}
         for pair, where in rows:

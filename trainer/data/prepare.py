@@ -50,8 +50,8 @@ from xling.trainer.data.loaders import Row, read_hf, read_pairs
 from xling.trainer.data.overlap import overlap_test
 from xling.trainer.data.pairs import (
     BadRowError,
+    BadRows,
     Pair,
-    RowReport,
     check_pair,
     flags,
     member_digest,
@@ -90,12 +90,12 @@ class Prepared:
 
     corpus: PreparedCorpus
     location: DataLocation
-    report: RowReport
+    report: BadRows
     reused: bool
     mined: dict | None = None  # what mining found and removed (``mining``)
 
 
-def source_rows(source: DataSource, languages: Collection[str], report: RowReport | None) -> Iterator[Row]:
+def source_rows(source: DataSource, languages: Collection[str], report: BadRows | None) -> Iterator[Row]:
     """The rows of one source; ``languages`` lets the per-language-file builders skip files."""
     path = source.path
     match source.type:
@@ -144,7 +144,7 @@ def preparation_key(spec: DataSpec, guard: EvalGuard | None) -> str:
 
 
 def prepare_corpus(
-    spec: DataSpec, root: str, guard: EvalGuard | None = None, report: RowReport | None = None,
+    spec: DataSpec, root: str, guard: EvalGuard | None = None, report: BadRows | None = None,
     cache: Path | None = None,
 ) -> Prepared:  # fmt: skip
     """The prepared corpus of ``spec`` under ``root`` (a directory or a URI), built unless one with the same
@@ -153,7 +153,7 @@ def prepare_corpus(
     of a corpus in a URI root (default: a temporary directory)."""
     from xling.trainer.data.store import open_corpus
 
-    report = (report if report is not None else RowReport()) if spec.skip_bad_rows else None
+    report = (report if report is not None else BadRows()) if spec.skip_bad_rows else None
     key = preparation_key(spec, guard)
     target = f"{root.rstrip('/')}/{key}"
     cache = cache or Path(tempfile.gettempdir()) / "xling-prepared"
@@ -161,7 +161,7 @@ def prepare_corpus(
     location = DataLocation(target, meta["fingerprint"])
     corpus = open_corpus(location, cache)
     if report is None:
-        report = RowReport()
+        report = BadRows()
     if reused:
         report.skipped.update(meta["bad_rows"]["skipped"])
         report.examples += meta["bad_rows"]["examples"]
@@ -221,7 +221,7 @@ def held_out(source: DataSource) -> HoldOut | None:
     return mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
 
 
-def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowReport | None) -> _Rows:
+def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> _Rows:
     """Read every source once: each row checked (a bad one raised or counted) and written."""
     overlaps = overlap_test(guard.texts()) if guard is not None and spec.drop_eval_overlap else None
     with pa.OSFile(str(staging / ROWS), "wb") as sink, pa.ipc.new_file(sink, ROW_SCHEMA) as writer:
@@ -252,7 +252,7 @@ def _bad(
     table: pa.Table,
     bad: Iterable[int],
     message: Callable[[int, dict], tuple[str, str]],
-    report: RowReport | None,
+    report: BadRows | None,
 ) -> None:
     """Raise the first of the bad rows ``bad`` (row numbers, in order), or count them all; ``message`` gives
     a row's where and reason."""
@@ -276,7 +276,7 @@ def _first_of_runs(start: np.ndarray) -> np.ndarray:
     return np.flatnonzero(start)[np.cumsum(start) - 1]
 
 
-def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowReport | None) -> dict:
+def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> dict:
     """Stream the sources into ``staging``, group the rows, write the index and meta; returns the meta."""
     rows = _stream(spec, staging, guard, report)
     a = rows.arrays()
@@ -324,7 +324,7 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: RowRe
 
 def _finish(
     spec: DataSpec, staging: Path, a: dict[str, np.ndarray], kept: np.ndarray, member: np.ndarray,
-    first_seq: np.ndarray, names: list[str], report: RowReport | None,
+    first_seq: np.ndarray, names: list[str], report: BadRows | None,
 ) -> dict:  # fmt: skip
     """Order the groups, apply the shared-pool rule and the overlap guard, write the index and meta."""
     src, pid, lang = a["source"], a["pid"], a["lang"]
@@ -391,7 +391,7 @@ def _count_per_group(group: np.ndarray, n_groups: int, mask: np.ndarray) -> np.n
 
 def _write(
     staging: Path, a: dict[str, np.ndarray], rows: np.ndarray, group: np.ndarray, group_shared: np.ndarray,
-    dropped_overlap: int, report: RowReport | None,
+    dropped_overlap: int, report: BadRows | None,
 ) -> dict:  # fmt: skip
     """The index and meta of the members ``rows`` (row numbers) in groups ``group`` (0..G-1, in order)."""
     present = np.unique(a["lang"][rows])

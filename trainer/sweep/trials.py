@@ -102,6 +102,8 @@ def plan_sweep(exp: RetrievalExperiment) -> SweepPlan:
             raise InputError(None, f"sweep point {point.label}: {err}") from None
     width = len(str(len(points) - 1))
     trials = [Trial(f"p{i:0{width}d}-s{seed}", i, seed) for i in range(len(points)) for seed in sweep.seeds]
+    if len(trials) != sweep.trial_count:  # the operator sized the cluster for trial_count trials
+        raise RuntimeError(f"planned {len(trials)} trials, SweepSpec.trial_count says {sweep.trial_count}")
     # What the file says (not defaults, which may grow with new spec fields) and the resulting trials.
     basis = {"spec": spec.model_dump(mode="json", include=_PLANNED_FIELDS, exclude_unset=True),
              "points": [asdict(p) for p in points], "trials": [asdict(t) for t in trials]}  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from xling.api.spec.training import DataSource, DataSpec, SamplingSpec
-from xling.trainer.data import DataLocation, PairCorpus, RowReport, open_corpus, prepare_corpus
+from xling.trainer.data import BadRows, DataLocation, PairCorpus, open_corpus, prepare_corpus
 from xling.trainer.data.pairs import BadRowError, Pair
 from xling.trainer.sampling import build_sampler
 from xling.trainer.train_loop import batch_texts
@@ -133,7 +133,7 @@ def test_bad_rows_name_the_row_or_are_counted_and_kept_on_reuse(tmp_path: Path) 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     skip = spec.model_copy(update={"skip_bad_rows": True})
     for reused in (False, True):
-        report = RowReport()
+        report = BadRows()
         prepared = prepare_corpus(skip, str(tmp_path / "b"), report=report)
         assert prepared.reused == reused and report.total == 2 and prepared.corpus.num_pairs() == 3
 

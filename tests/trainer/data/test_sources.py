@@ -19,7 +19,7 @@ from tests.support import ROOT
 from xling.api.spec.base import XQUAD_R_LANGUAGES
 from xling.api.spec.training import DataSource, DataSpec
 from xling.trainer.data import builders, load_corpus, loaders, overlap, pairs
-from xling.trainer.data.pairs import BadRowError, PairCorpus, RowReport
+from xling.trainer.data.pairs import BadRowError, BadRows, PairCorpus
 
 SHARED = Path(os.environ.get("XLING_SHARED") or ROOT.parent / "shared") / "data"
 DEMO = ROOT / "data" / "demo"
@@ -117,7 +117,7 @@ def test_skip_bad_rows_counts_them(tmp_path: Path) -> None:
         sources=[DataSource(type="pairs", path=str(path), pool="monolingual")],
         skip_bad_rows=True,
     )
-    report = RowReport()
+    report = BadRows()
     corpus = load_corpus(spec, report)
     assert corpus.num_pairs() == 2 and report.total == 5
     assert report.skipped["empty query"] == 1 and report.skipped["unknown language code 'xx'"] == 1
@@ -299,7 +299,7 @@ def test_squad_cmrc_bad_questions_are_reported() -> None:
         BadRowError, match=r"cmrc2018_trial\.json\.gz:question 748 \(id TRIAL_776_QUERY_4\): empty query"
     ):
         PairCorpus.from_pairs(builders.squad_rows(path, "zh"))
-    report = RowReport()
+    report = BadRows()
     assert PairCorpus.from_pairs(builders.squad_rows(path, "zh"), report).sizes() == {"zh": 3732}
     assert report.total == 2
 
@@ -411,7 +411,7 @@ def test_the_report_counts_a_bad_row_by_the_reason_the_error_carries() -> None:
     """The reason is the error's own field, not the text after its last ": " (a reason may hold one)."""
     reason = "hard_negatives is not a valid JSON list (Expecting value: line 1 column 1 (char 0))"
     err = BadRowError("rows.csv:4", reason)
-    report = RowReport()
+    report = BadRows()
     report.add(err)
     assert dict(report.skipped) == {reason: 1} and report.examples == [f"rows.csv:4: {reason}"]
     assert (err.source, err.reason) == ("rows.csv:4", reason)

@@ -16,7 +16,6 @@ from xling.api.spec.base import SpecError
 from xling.api.spec.loading import load_experiment, parse_experiment
 from xling.api.spec.sweep import SweepSpec
 from xling.api.tags import BEST_POINT, DATA_FINGERPRINT, GIT_COMMIT, MODEL, SWEEP, TRIAL, tag_is
-from xling.operator.manifests import sweep_trials
 from xling.trainer.stats import DiffCI, mean_ci
 from xling.trainer.sweep.plots import pareto_front, primary_parameter
 from xling.trainer.sweep.report import publish, to_json, write_report
@@ -169,13 +168,29 @@ def test_trials_share_one_gpu_with_a_fraction_each() -> None:
 
 
 @pytest.mark.parametrize(
+    "sweep",
+    [
+        {"parameters": {"sampling.alpha": {"grid": [0.0, 0.5, 1.0]}}, "seeds": [3, 4]},
+        {"parameters": {"sampling.strategy": {"grid": ["xx", "hybrid"]}, "loss.temperature": {"uniform": [0.02, 0.1]},
+                        "sampling.alpha": {"grid": [0.0, 1.0]}}, "numSamples": 3, "seeds": [0, 1, 2]},
+        {"points": [{"sampling.strategy": "xx"}, {"sampling.strategy": "hybrid", "sampling.alpha": 0.25}],
+         "parameters": {"loss.temperature": {"grid": [0.05, 0.1]}}, "seeds": [7]},
+    ],
+)  # fmt: skip
+def test_trial_count_is_the_number_of_trials_planned(sweep: dict) -> None:
+    """The operator sizes the cluster by ``SweepSpec.trial_count`` before the trainer plans the trials."""
+    exp = experiment(sweep)
+    assert exp.spec.sweep.trial_count == len(plan_sweep(exp).trials)
+
+
+@pytest.mark.parametrize(
     ("name", "points", "trials"), [("sweep-smoke", 2, 4), ("research", 4, 8), ("research-gpu-1", 4, 20)]
 )
 def test_sample_sweeps_plan(name: str, points: int, trials: int) -> None:
     exp = load_experiment(SAMPLES / f"{name}.yaml")
     plan = plan_sweep(exp)
     assert (len(plan.points), len(plan.trials)) == (points, trials)
-    assert sweep_trials(exp.spec.sweep) == trials, "the operator sizes the cluster for the same plan"
+    assert exp.spec.sweep.trial_count == trials, "the operator sizes the cluster for the same plan"
 
 
 def test_research_sweep_runs_every_strategy_with_the_baselines_and_the_new_inference() -> None:

