@@ -225,7 +225,7 @@ class Bench:
         import torch
 
         from xling.api.spec.loading import parse_experiment
-        from xling.trainer.driver import prepare
+        from xling.trainer.driver import prepare_data, resolve_model
         from xling.trainer.plan import peak_flops
 
         self.args, self.batch = args, batch
@@ -233,7 +233,9 @@ class Bench:
         self.exp = lambda stage: parse_experiment(
             spec_doc(args.mode, model, batch, args.precision, stage, args.output_dir), "b"
         )
-        prepared, self.model_path = prepare(self.exp(None))
+        exp = self.exp(None)
+        prepared = prepare_data(exp)
+        self.model_path = resolve_model(exp.spec, prepared)
         self.data = prepared.location
         self.peak = peak_flops()
         self.n = args.warmup + args.steps
