@@ -19,10 +19,10 @@ from xling.trainer.console import QuietConsole
 
 
 def _run(args: argparse.Namespace) -> int:
+    from xling.trainer.driver import skipping_bad_rows
     from xling.trainer.preflight import check
 
-    exp = load_experiment(args.file)
-    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    exp = skipping_bad_rows(load_experiment(args.file), args.skip_bad_rows)
     check(exp, args.file)  # plan-only models, paths, languages, the model, ignored fields: before any work
     if args.check:
         print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")

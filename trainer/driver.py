@@ -1,8 +1,9 @@
-"""What both drivers share (``run``: one training run, ``sweep``: a Ray Tune sweep of them): the local
-environment, the data and model before the first worker, the tags of their MLflow runs, Ray, the storage,
-fitting one ``TorchTrainer`` and closing its MLflow run.
+"""What both drivers share (``run``: one training run, ``sweep``: a Ray Tune sweep of them): one sequence
+before the first worker (:func:`prepare_run`: the local environment, the fit check, data, model, tracking URI and
+tags of their MLflow runs), Ray, the storage, fitting one ``TorchTrainer`` and closing its MLflow run.
 
-Everything that can fail cheaply (spec, data rows, model name) fails here, before Ray starts.
+Everything that can fail cheaply (spec, memory plan, data rows, model name) fails in :func:`prepare_run`,
+before MLflow is opened or Ray starts.
 """
 
 from __future__ import annotations
