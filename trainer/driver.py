@@ -226,7 +226,7 @@ class PreparedRun:
     """What a driver holds once everything that can fail cheaply was checked and data and model are ready,
     before it opens its MLflow run(s): what :func:`prepare_run` returns, and all the drivers take from it."""
 
-    exp: RetrievalExperiment  # as it runs (with ``data.skipBadRows`` when asked for); never the caller's, changed
+    exp: RetrievalExperiment  # as it runs: a copy with ``data.skipBadRows`` when asked for
     env: dict[str, str]  # the workers' environment (:func:`local_env`)
     prepared: Prepared
     model_path: str  # the resolved model (:func:`resolve_model`)

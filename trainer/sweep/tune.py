@@ -91,9 +91,8 @@ class TrialContext:
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
         spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
-        tracking = spec.tracking.model_copy(
-            update={"registered_model_name": None}
-        )  # only the best is registered
+        # Trials log their model; only the sweep's best is registered.
+        tracking = spec.tracking.model_copy(update={"registered_model_name": None})
         return spec.model_copy(update={"tracking": tracking})
 
     def experiment(self, trial: Trial) -> RetrievalExperiment:
