@@ -1,4 +1,5 @@
-"""Defaults that separate parts of xling must agree on, kept in one place: the cache directories.
+"""Defaults that separate parts of xling must agree on, kept in one place: the cache directories and the
+default MLflow tracking URI.
 
 The trainer, its workers, ``xling eval`` and the spec's documentation share one cache directory. (The
 operator sets the experiment's uid in the pods' environment, :data:`xling.api.env.EXPERIMENT_UID_ENV`, the
@@ -25,6 +26,11 @@ def default_cache_dir() -> Path:
         return repo / ".cache"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xling"
 
+
+#: Where runs are tracked when neither ``--tracking-uri``, ``spec.tracking.trackingUri`` nor
+#: ``$MLFLOW_TRACKING_URI`` says (a SQLite file in the working directory); the help texts and the spec's field
+#: description quote it.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 #: The default cache directory in words, for the spec's field description and ``--help``.
 CACHE_DEFAULT = "$XLING_CACHE, else .cache in the source checkout when run inside it, else ~/.cache/xling"

@@ -226,14 +226,16 @@ class Bench:
 
         from xling.api.spec.loading import parse_experiment
         from xling.trainer.capacity.flops import peak_flops
-        from xling.trainer.driver import prepare
+        from xling.trainer.driver import prepare_data, resolve_model
 
         self.args, self.batch = args, batch
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.exp = lambda stage: parse_experiment(
             spec_doc(args.mode, model, batch, args.precision, stage, args.output_dir), "b"
         )
-        prepared, self.model_path = prepare(self.exp(None))
+        exp = self.exp(None)
+        prepared = prepare_data(exp)
+        self.model_path = resolve_model(exp.spec, prepared)
         self.data = prepared.location
         self.peak = peak_flops()
         self.n = args.warmup + args.steps

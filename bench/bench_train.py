@@ -131,10 +131,10 @@ def bench_xling(
 def flops_per_token(exp: Any) -> float:
     """(2N + 4 N_trainable) of the experiment's model, as the trainer's MFU counts it (trainer/capacity/flops.py)."""
     from xling.trainer.capacity.flops import count_dense_params
-    from xling.trainer.driver import prepare
+    from xling.trainer.driver import prepare_data, resolve_model
     from xling.trainer.model import BiEncoder, load_backbone
 
-    _, path = prepare(exp)
+    path = resolve_model(exp.spec, prepare_data(exp))
     model = BiEncoder(load_backbone(path, exp.spec.model))
     return 2 * count_dense_params(model) + 4 * count_dense_params(model, trainable_only=True)
 
@@ -150,13 +150,14 @@ def bench_sentence_transformers(
     from sentence_transformers.training_args import SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
 
-    from xling.trainer.driver import prepare
+    from xling.trainer.driver import prepare_data, resolve_model
     from xling.trainer.sampling import build_sampler
     from xling.trainer.train_loop import batch_texts
 
     exp = experiment("st", steps, batch, 1, False, model, threads)
     spec = exp.spec
-    prepared, model_path = prepare(exp)
+    prepared = prepare_data(exp)
+    model_path = resolve_model(spec, prepared)
     corpus = prepared.corpus
     sampler = build_sampler(corpus.index, batch, spec.sampling)
     anchors, positives = [], []

@@ -41,14 +41,15 @@ def main() -> None:
 
     from xling.api.spec.loading import load_experiment
     from xling.trainer.capacity.flops import cpu_peak_flops
-    from xling.trainer.driver import prepare
+    from xling.trainer.driver import prepare_data, resolve_model
     from xling.trainer.job import Job
     from xling.trainer.train_loop import Trainer
 
     exp = load_experiment(ROOT / "manifests" / "samples" / "demo.yaml")
     exp.spec.distributed.cpus_per_worker = args.threads
     exp.spec.evaluation.suites = []
-    prepared, path = prepare(exp)
+    prepared = prepare_data(exp)
+    path = resolve_model(exp.spec, prepared)
     trainer = Trainer(Job(exp.spec, prepared.location, path), rank=0, world=1)
     backbone = trainer.model.backbone
     dropouts = [m for m in backbone.modules() if isinstance(m, torch.nn.Dropout)]

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from xling.api.contracts import DEFAULT_TRACKING_URI
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import RunFailed, command, failure_reason, training_failed
 from xling.api.spec.loading import load_experiment
@@ -18,10 +19,10 @@ from xling.trainer.console import QuietConsole
 
 
 def _run(args: argparse.Namespace) -> int:
+    from xling.trainer.driver import skipping_bad_rows
     from xling.trainer.preflight import check
 
-    exp = load_experiment(args.file)
-    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    exp = skipping_bad_rows(load_experiment(args.file), args.skip_bad_rows)
     check(exp, args.file)  # plan-only models, paths, languages, the model, ignored fields: before any work
     if args.check:
         print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")
@@ -48,13 +49,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from xling.trainer.driver import prepare_data
+    from xling.trainer.driver import prepare_data, skipping_bad_rows
     from xling.trainer.preflight import check
 
-    exp = load_experiment(args.file)
-    exp.spec.data.skip_bad_rows |= args.skip_bad_rows
+    exp = skipping_bad_rows(load_experiment(args.file), args.skip_bad_rows)
     check(exp, args.file, run=False)
-    prepared = prepare_data(exp, skip_bad_rows=args.skip_bad_rows)
+    prepared = prepare_data(exp)
     corpus = prepared.corpus
     print(f"{corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}, "
           f"index {corpus.meta['index_bytes'] / max(1, corpus.num_pairs()):.1f} bytes per pair")  # fmt: skip
@@ -68,7 +68,8 @@ def _mine(args: argparse.Namespace) -> int:
     exp = load_experiment(args.file)
     data = exp.spec.data
     if not (data.hard_negatives and data.hard_negatives.mine):  # the defaults, to look before configuring
-        data.hard_negatives = HardNegativesSpec(mine=MineSpec())
+        data = data.model_copy(update={"hard_negatives": HardNegativesSpec(mine=MineSpec())})
+        exp = exp.model_copy(update={"spec": exp.spec.model_copy(update={"data": data})})
     meta = prepare_data(exp).mined
     print(f"{meta['negatives']} negatives for {meta['with_negatives']} of {meta['passages']} passages; "
           f"removed {meta['removed']}; negatives/{meta['key']}")  # fmt: skip
@@ -99,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run an experiment YAML (a RetrievalExperiment) on local Ray")
     run.add_argument("file")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
+    run.add_argument("--tracking-uri", help=f"MLflow tracking URI (default: {DEFAULT_TRACKING_URI})")
     run.add_argument(
         "--skip-bad-rows", action="store_true", help="count and report bad data rows instead of failing"
     )

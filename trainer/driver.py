@@ -1,8 +1,9 @@
-"""What both drivers share (``run``: one training run, ``sweep``: a Ray Tune sweep of them): the local
-environment, the data and model before the first worker, the tags of their MLflow runs, Ray, the storage,
-fitting one ``TorchTrainer`` and closing its MLflow run.
+"""What both drivers share (``run``: one training run, ``sweep``: a Ray Tune sweep of them): one sequence
+before the first worker (:func:`prepare_run`: the local environment, the fit check, data, model, tracking URI and
+tags of their MLflow runs), Ray, the storage, fitting one ``TorchTrainer`` and closing its MLflow run.
 
-Everything that can fail cheaply (spec, data rows, model name) fails here, before Ray starts.
+Everything that can fail cheaply (spec, memory plan, data rows, model name) fails in :func:`prepare_run`,
+before MLflow is opened or Ray starts.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,16 +92,14 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def prepare(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> tuple[Prepared, str]:
-    """Prepare (or find) the training corpus and resolve the model: everything before the first worker."""
+def resolve_model(spec: ExperimentSpec, prepared: Prepared) -> str:
+    """The model's local path, checked to load (``preflight.load_model_files``): the spec's model name is
+    resolved here once, and only this path travels on (the tiny test model is built from the corpus)."""
     from xling.trainer.model import resolve_model_path
 
-    spec = exp.spec
-    prepared = prepare_data(exp, skip_bad_rows)
-    check_batches(prepared.corpus.index, spec)
     path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
     load_model_files(path, spec.model)
-    return prepared, path
+    return path
 
 
 def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
@@ -108,12 +109,10 @@ def tiny_texts(model: str, prepared: Prepared) -> list[str] | None:
     return [p.query or p.passage or "" for g in prepared.corpus.materialize(3000).groups for p in g.values()]
 
 
-def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepared:
+def prepare_data(exp: RetrievalExperiment) -> Prepared:
     """The prepared corpus of the spec (``xling data prepare``): built once per preparation key, in the run's
     storage, and reused by every later run and sweep trial."""
     spec = exp.spec
-    if skip_bad_rows:
-        spec.data.skip_bad_rows = True
     try:
         prepared = prepare_corpus(
             spec.data, data_root(spec.output_dir), eval_guard(spec), cache=prepared_cache_dir()
@@ -146,6 +145,16 @@ def prepare_data(exp: RetrievalExperiment, skip_bad_rows: bool = False) -> Prepa
         texts = tiny_texts(spec.data.hard_negatives.mine.model or spec.model.name, prepared)
         prepared = mine_prepared(prepared, spec, texts, model_root(spec))
     return prepared
+
+
+def skipping_bad_rows(exp: RetrievalExperiment, skip: bool) -> RetrievalExperiment:
+    """``exp`` with ``data.skipBadRows`` on when ``--skip-bad-rows`` asks for it (a copy: the caller's spec is
+    left as it was); ``exp`` itself otherwise."""
+    if not skip:
+        return exp
+    spec = exp.spec
+    data = spec.data.model_copy(update={"skip_bad_rows": True})
+    return exp.model_copy(update={"spec": spec.model_copy(update={"data": data})})
 
 
 def data_root(output_dir: str) -> str:
@@ -213,34 +222,63 @@ def eval_guard(spec: ExperimentSpec) -> EvalGuard | None:
 
 
 @dataclass(frozen=True)
-class Setup:
-    """What a driver holds once data and model are ready, before it opens its MLflow run."""
+class PreparedRun:
+    """What a driver holds once everything that can fail cheaply was checked and data and model are ready,
+    before it opens its MLflow run(s): what :func:`prepare_run` returns, and all the drivers take from it."""
 
+    exp: RetrievalExperiment  # as it runs: a copy with ``data.skipBadRows`` when asked for
+    env: dict[str, str]  # the workers' environment (:func:`local_env`)
     prepared: Prepared
-    model_path: str
+    model_path: str  # the resolved model (:func:`resolve_model`)
     tracking_uri: str
-    experiment_name: str
-    tags: dict[str, str]  # of every MLflow run the driver opens (:func:`run_tags`); a driver adds its own
+    tags: dict[str, str]  # of every MLflow run the driver opens; a driver adds its own
     staged_model: DataLocation | None = None  # where the workers load the model from (:func:`stage`)
 
 
-def set_up(exp: RetrievalExperiment, tracking_uri: str | None, skip_bad_rows: bool) -> Setup:
-    """Prepare the corpus and the model (:func:`prepare`, :func:`stage`), and resolve where and under which
-    tags to track."""
-    spec = exp.spec
-    prepared, model_path = prepare(exp, skip_bad_rows)
-    staged_model = stage(model_path, spec)
+def prepare_run(
+    exp: RetrievalExperiment,
+    tracking_uri: str | None,
+    skip_bad_rows: bool,
+    points: Sequence[tuple[str, ExperimentSpec]] = (),
+) -> PreparedRun:
+    """Everything before the first worker, in one order for both drivers: the local environment; the fit
+    check of every spec that will run (``capacity.check.check_fits``: the run's, or each sweep point's, ``points``
+    being (label, trial spec) pairs); the data (:func:`prepare_data`) and whether each spec's batches can be
+    filled from it; the model (:func:`resolve_model`, :func:`stage`); where and under which tags to track.
+    A spec that cannot fit is refused before any data is read, MLflow is opened or Ray started; an error of
+    one sweep point names it."""
+    from xling.trainer.capacity.check import check_fits
+
+    env = local_env(exp.spec)
+    runs = list(points) or [(None, exp.spec)]
+    for label, spec in runs:
+        with _naming(label):
+            check_fits(exp.model_copy(update={"spec": spec}))
+    exp = skipping_bad_rows(exp, skip_bad_rows)
+    prepared = prepare_data(exp)
+    for label, spec in runs:
+        with _naming(label):
+            check_batches(prepared.corpus.index, spec)
+    model_path = resolve_model(exp.spec, prepared)
+    staged_model = stage(model_path, exp.spec)
     corpus = prepared.corpus
     print(f"data: {corpus.num_pairs()} pairs in {len(corpus)} groups, languages {corpus.sizes()}", flush=True)
-    uri = resolve_tracking_uri(tracking_uri or spec.tracking.tracking_uri)
-    experiment_name = exp.mlflow_experiment_name
-    return Setup(prepared, model_path, uri, experiment_name, run_tags(exp, prepared), staged_model)
-
-
-def run_tags(exp: RetrievalExperiment, prepared: Prepared) -> dict[str, str]:
-    """The tags every run of ``exp`` carries: model, data fingerprint and bad rows, code version, source."""
-    return {MODEL: exp.spec.model.name, DATA_FINGERPRINT: prepared.corpus.fingerprint(), GIT_COMMIT: git_commit(),
+    uri = resolve_tracking_uri(tracking_uri or exp.spec.tracking.tracking_uri)
+    tags = {MODEL: exp.spec.model.name, DATA_FINGERPRINT: corpus.fingerprint(), GIT_COMMIT: git_commit(),
             BAD_ROWS_SKIPPED: str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
+    return PreparedRun(exp, env, prepared, model_path, uri, tags, staged_model)
+
+
+@contextmanager
+def _naming(point: str | None) -> Iterator[None]:
+    """An input error of one sweep point's spec, prefixed with the point's label (as ``plan_sweep`` does)."""
+    if point is None:
+        yield
+        return
+    try:
+        yield
+    except InputError as err:
+        raise InputError(None, f"sweep point {point}: {err}") from None
 
 
 def log_training_data(

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 
 from xling.api.spec.experiment import RetrievalExperiment
-from xling.api.tags import ALPHA, DATA_FINGERPRINT, SAMPLING
+from xling.api.tags import DATA_FINGERPRINT
 from xling.trainer.checkpoint_layout import MODEL_DIR
 from xling.trainer.console import phase
-from xling.trainer.driver import RunResult, fit, local_env, log_training_data, set_up
+from xling.trainer.driver import RunResult, fit, log_training_data, prepare_run
 from xling.trainer.headline import describe
 from xling.trainer.sentence_transformers_dir import CARD_FILE
-from xling.trainer.tracking import run_params, start_run
+from xling.trainer.tracking import run_params, sampling_tags, start_run
 
 
 def run_experiment(
@@ -26,20 +26,17 @@ def run_experiment(
         raise ValueError(
             "spec.sweep: a sweep runs through xling.trainer.sweep.tune.run_sweep, not run_experiment"
         )
-    from xling.trainer.capacity.check import check_fits
-
     started = time.time()
-    env = local_env(exp.spec)
-    spec = exp.spec
-    check_fits(exp)  # a run that cannot fit is refused before data loading or any worker
     with phase("prepare", "the training data (built once, then reused) and the model"):
-        setup = set_up(exp, tracking_uri, skip_bad_rows)
-    uri, prepared = setup.tracking_uri, setup.prepared
-    tags = {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha), **setup.tags}
-    run_name = spec.tracking.run_name or exp.metadata.name
-    run_id = start_run(uri, setup.experiment_name, run_name, run_params(spec), tags)
+        run = prepare_run(exp, tracking_uri, skip_bad_rows)  # a run that cannot fit is refused first
+    exp, spec, uri, prepared = run.exp, run.exp.spec, run.tracking_uri, run.prepared
+    tags = {**sampling_tags(spec), **run.tags}
+    experiment_name = exp.mlflow_experiment_name
+    run_id = start_run(
+        uri, experiment_name, spec.tracking.run_name or exp.metadata.name, run_params(spec), tags
+    )
     log_training_data(uri, run_id, spec, tags[DATA_FINGERPRINT], prepared.mined)
-    print(f"mlflow: {uri} experiment={setup.experiment_name!r} run_id={run_id}", flush=True)
+    print(f"mlflow: {uri} experiment={experiment_name!r} run_id={run_id}", flush=True)
 
     workers = f"{spec.distributed.num_workers} worker(s)"
     with phase(
@@ -47,7 +44,7 @@ def run_experiment(
         f"Ray and {workers}: zero-shot evaluation, {spec.optimization.max_steps} steps, evaluation, export",
     ):
         result = fit(
-            exp, prepared.location, setup.model_path, uri, run_id, env, staged_model=setup.staged_model
+            exp, prepared.location, run.model_path, uri, run_id, run.env, staged_model=run.staged_model
         )
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint else None

@@ -18,17 +18,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from xling.api.contracts import DEFAULT_TRACKING_URI
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import InputError
 from xling.api.spec.experiment import ExperimentSpec
-from xling.api.tags import K8S_UID, RUN_ID, STATUS, tag_is
+from xling.api.tags import ALPHA, K8S_UID, RUN_ID, SAMPLING, STATUS, tag_is
 from xling.trainer.sentence_transformers_dir import embedding_dimension, headline_metrics
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    """Default: ./mlflow.db; relative sqlite paths become absolute so Ray workers in other CWDs agree."""
+    """Default: ``$MLFLOW_TRACKING_URI``, else ``contracts.DEFAULT_TRACKING_URI`` (./mlflow.db); relative
+    sqlite paths become absolute so Ray workers in other CWDs agree."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
@@ -66,6 +66,11 @@ def run_params(spec: ExperimentSpec) -> dict[str, str]:
     if not spec.loss.grad_cache.enabled:
         doc["loss"]["grad_cache"] = {"enabled": False}
     return flatten(doc)
+
+
+def sampling_tags(spec: ExperimentSpec) -> dict[str, str]:
+    """The batch strategy and alpha of a run that trains (a single run, a sweep's trial), to filter runs by."""
+    return {SAMPLING: spec.sampling.strategy, ALPHA: str(spec.sampling.alpha)}
 
 
 def git_commit(short: bool = True) -> str:

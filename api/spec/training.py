@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from xling.api.contracts import EMBEDDING_CACHE_DEFAULT
+from xling.api.contracts import DEFAULT_TRACKING_URI, EMBEDDING_CACHE_DEFAULT
 from xling.api.spec.base import (
     BUILT_IN_MODELS,
     DEMO_MODEL,
@@ -374,7 +374,7 @@ class EvaluationSpec(Spec):
 
 
 class TrackingSpec(Spec):
-    tracking_uri: str | None = Field(default=None, description="Default: sqlite:///mlflow.db in the CWD.")
+    tracking_uri: str | None = Field(default=None, description=f"Default: {DEFAULT_TRACKING_URI} in the CWD.")
     experiment_name: str | None = Field(default=None, description="Default: metadata.name.")
     run_name: str | None = None
     registered_model_name: str | None = Field(

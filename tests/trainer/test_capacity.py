@@ -109,6 +109,25 @@ def test_run_that_cannot_fit_is_refused_before_anything_starts(
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()
 
 
+def test_sweep_with_a_point_that_cannot_fit_is_refused_before_anything_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 32B model fits 16 GPUs of 80 GiB, not 8: a sweep over numWorkers is refused naming its point,
+    before data (its pairs file does not even exist), MLflow or Ray. A sweep used to skip the fit check
+    (the CLI's preflight checks the base spec only, which fits)."""
+    from xling.api.errors import InputError
+    from xling.trainer.sweep.tune import run_sweep
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XLING_GPU_MEM_GB", "80")  # as on a GPU-less head node
+    doc = experiment("Qwen/Qwen2.5-32B")
+    grid = {"distributed.numWorkers": {"grid": [16, 8]}}
+    doc["spec"]["sweep"] = {"metric": "train.loss", "mode": "min", "parameters": grid}
+    with pytest.raises(InputError, match="sweep point numWorkers=8: big: refused before starting any worker"):
+        run_sweep(parse_experiment(doc))
+    assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()
+
+
 def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

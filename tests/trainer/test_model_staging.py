@@ -66,12 +66,12 @@ def test_workers_train_the_staged_model_when_the_drivers_copy_is_gone(tmp_path: 
 
     import xling.trainer.run as run_module
     from xling.api.spec.loading import load_experiment
-    from xling.trainer.driver import LOCAL_ENV, set_up
+    from xling.trainer.driver import LOCAL_ENV, prepare_run
 
-    def set_up_then_lose_the_drivers_copy(*args, **kwargs):
-        setup = set_up(*args, **kwargs)
-        shutil.rmtree(setup.model_path)  # what a worker on another node sees of the driver's disk
-        return setup
+    def prepare_then_lose_the_drivers_copy(*args, **kwargs):
+        run = prepare_run(*args, **kwargs)
+        shutil.rmtree(run.model_path)  # what a worker on another node sees of the driver's disk
+        return run
 
     exp = load_experiment(ROOT / "manifests/samples/smoke.yaml")
     exp.spec.optimization.max_steps, exp.spec.optimization.checkpoint_every = 2, 2
@@ -83,7 +83,7 @@ def test_workers_train_the_staged_model_when_the_drivers_copy_is_gone(tmp_path: 
         for key, value in {**LOCAL_ENV, "XLING_CACHE": str(tmp_path / "driver-cache")}.items():
             mp.setenv(key, os.environ.get(key, value))
         mp.setenv("XLING_EXPERIMENT_UID", UID)  # what the operator sets on every Ray pod
-        mp.setattr(run_module, "set_up", set_up_then_lose_the_drivers_copy)
+        mp.setattr(run_module, "prepare_run", prepare_then_lose_the_drivers_copy)
         workers = {**LOCAL_ENV, "XLING_CACHE": str(tmp_path / "worker-cache")}
         ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": workers})
         try:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from xling.api.contracts import DEFAULT_TRACKING_URI
 from xling.api.errors import InputError
 from xling.api.tags import parents_of_sweep
 from xling.trainer.headline import find_run, headline, summary_line, table
@@ -90,7 +91,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("sweep", help="the sweep's YAML file, its metadata.name, or its parent run id")
     p.add_argument(
-        "--tracking-uri", help="MLflow tracking URI (default: the spec's, else sqlite:///mlflow.db)"
+        "--tracking-uri", help=f"MLflow tracking URI (default: the spec's, else {DEFAULT_TRACKING_URI})"
     )
     p.add_argument(
         "--out", metavar="DIR", help="also write summary.md/html/json, points.csv and the plots here"

@@ -23,13 +23,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from xling.api.contracts import default_cache_dir
-from xling.api.env import CACHE_ENV
 from xling.api.errors import InputError
 from xling.api.metrics import is_headline
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.tags import (
-    ALPHA,
     DATA_FINGERPRINT,
     EXPERIMENT_KIND,
     PARENT_RUN_ID,
@@ -53,20 +50,18 @@ from xling.api.tags import (
 )
 from xling.trainer.driver import (
     RunResult,
-    check_batches,
     finish_run,
     fit,
     init_ray,
-    local_env,
     log_training_data,
-    set_up,
+    prepare_run,
     storage_path,
 )
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
 from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
-from xling.trainer.tracking import flatten, register_run_model, start_run, version_tags
+from xling.trainer.tracking import flatten, register_run_model, sampling_tags, start_run, version_tags
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -96,8 +91,9 @@ class TrialContext:
 
     def spec(self, point: int, seed: int) -> ExperimentSpec:
         spec = self.exp.spec.sweep.trial_spec(self.exp.spec, self.plan.points[point].values, seed)
-        spec.tracking.registered_model_name = None  # trials log their model; only the best is registered
-        return spec
+        # Trials log their model; only the sweep's best is registered.
+        tracking = spec.tracking.model_copy(update={"registered_model_name": None})
+        return spec.model_copy(update={"tracking": tracking})
 
     def experiment(self, trial: Trial) -> RetrievalExperiment:
         return self.exp.model_copy(update={"spec": self.spec(trial.point, trial.seed)})
@@ -127,8 +123,7 @@ def _child_run(ctx: TrialContext, trial: Trial, spec: ExperimentSpec) -> tuple[s
     point = ctx.plan.points[trial.point]
     tags = {**ctx.tags, PARENT_RUN_ID: ctx.parent_run_id, ROLE: ROLE_TRIAL, TRIAL: trial.name,
             POINT: str(trial.point), POINT_LABEL: point.label, POINT_VALUES: json.dumps(point.values),
-            SEED: str(trial.seed), SAMPLING: spec.sampling.strategy,
-            ALPHA: str(spec.sampling.alpha)}  # fmt: skip
+            SEED: str(trial.seed), **sampling_tags(spec)}  # fmt: skip
     params = flatten(spec.model_dump(mode="json"))
     run_id = start_run(
         ctx.tracking_uri, ctx.experiment_name, f"{point.label} seed={trial.seed}", params, tags
@@ -265,12 +260,6 @@ def _settle_children(client: MlflowClient, ctx: TrialContext, grid: Any) -> None
         )
 
 
-def trial_env(spec: ExperimentSpec) -> dict[str, str]:
-    """What every trial's workers get: the local-run defaults (offline only for hub-free specs), and the cache
-    pinned for all trials (models, zero-shot embeddings), since trials run in Tune's trial directories."""
-    return {**local_env(spec), CACHE_ENV: str(default_cache_dir().resolve())}
-
-
 def run_sweep(
     exp: RetrievalExperiment, tracking_uri: str | None = None, skip_bad_rows: bool = False
 ) -> RunResult:
@@ -282,27 +271,21 @@ def run_sweep(
     plan = plan_sweep(exp)  # every error in the sweep surfaces before data, model or Ray
     if exp.spec.sweep.register_best and not exp.spec.tracking.registered_model_name:
         raise InputError(None, "needs spec.tracking.registeredModelName", field="spec.sweep.registerBest")
-    env = trial_env(exp.spec)
-    exp = exp.model_copy(deep=True)
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
-        exp.spec.output_dir = str(Path(exp.spec.output_dir).resolve())
-    setup = set_up(exp, tracking_uri, skip_bad_rows)  # once for every trial
-    prepared, corpus = setup.prepared, setup.prepared.corpus
-    for point in plan.points:  # every point's batches, not only the base spec's
-        try:
-            check_batches(
-                corpus.index, exp.spec.sweep.trial_spec(exp.spec, point.values, exp.spec.sweep.seeds[0])
-            )
-        except InputError as err:
-            raise InputError(None, f"sweep point {point.label}: {err}") from None
-    uri, experiment_name = setup.tracking_uri, setup.experiment_name
+        output_dir = str(Path(exp.spec.output_dir).resolve())
+        exp = exp.model_copy(update={"spec": exp.spec.model_copy(update={"output_dir": output_dir})})
+    sweep = exp.spec.sweep
+    points = [(p.label, sweep.trial_spec(exp.spec, p.values, sweep.seeds[0])) for p in plan.points]
+    run = prepare_run(exp, tracking_uri, skip_bad_rows, points)  # once for every trial
+    exp, prepared, uri = run.exp, run.prepared, run.tracking_uri
+    experiment_name = exp.mlflow_experiment_name
     storage = storage_path(exp.spec.output_dir)
-    tags = {SWEEP: exp.metadata.name, **setup.tags}
+    tags = {SWEEP: exp.metadata.name, **run.tags}
     tune_path = f"{storage}/{exp.metadata.name}"
     stored = tune_path if tune.Tuner.can_restore(tune_path) else None  # a stopped run to continue
     parent = _parent_run(exp, plan, uri, experiment_name, tags, stored)
-    ctx = TrialContext(exp, plan, uri, experiment_name, parent, env, setup.model_path, tags, prepared.mined,
-                       setup.staged_model)  # fmt: skip
+    ctx = TrialContext(exp, plan, uri, experiment_name, parent, run.env, run.model_path, tags, prepared.mined,
+                       run.staged_model)  # fmt: skip
     print(f"mlflow: {uri} experiment={experiment_name!r} sweep parent run_id={parent}", flush=True)
 
     grid = _tune(ctx, prepared.location, storage, stored)
