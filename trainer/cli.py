@@ -23,7 +23,9 @@ def _run(args: argparse.Namespace) -> int:
     from xling.trainer.preflight import check
 
     exp = skipping_bad_rows(load_experiment(args.file), args.skip_bad_rows)
-    check(exp, args.file)  # plan-only models, paths, languages, the model, ignored fields: before any work
+    # plan-only models, the memory plan, paths, languages, the model, ignored fields: before any work. A run
+    # leaves loading the model's files to driver.prepare_run, which loads them before Ray starts.
+    check(exp, args.file, ahead=args.check)
     if args.check:
         print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")
         return 0
@@ -40,7 +42,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"log: {log} (evaluation tables, the libraries' output, tracebacks)", flush=True)
     try:
         with QuietConsole(log) if log else contextlib.nullcontext():
-            drive(exp, tracking_uri=args.tracking_uri, skip_bad_rows=args.skip_bad_rows)
+            drive(exp, tracking_uri=args.tracking_uri)  # exp carries --skip-bad-rows
     except Exception as err:
         if not training_failed(err):
             raise

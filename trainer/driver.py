@@ -36,7 +36,7 @@ from xling.api.tags import (
 from xling.trainer.console import detail
 from xling.trainer.data import BadRowError, DataLocation, EvalGuard, Prepared, prepare_corpus
 from xling.trainer.data.prepare import file_stats, held_out, source_name
-from xling.trainer.preflight import load_model_files, missing_languages
+from xling.trainer.preflight import missing_languages
 from xling.trainer.tracking import git_commit, log_dataset, resolve_tracking_uri, source_tags
 
 if TYPE_CHECKING:
@@ -93,9 +93,9 @@ def _has_gpu() -> bool:
 
 
 def resolve_model(spec: ExperimentSpec, prepared: Prepared) -> str:
-    """The model's local path, checked to load (``preflight.load_model_files``): the spec's model name is
+    """The model's local path, checked to load (``model.load_model_files``): the spec's model name is
     resolved here once, and only this path travels on (the tiny test model is built from the corpus)."""
-    from xling.trainer.model import resolve_model_path
+    from xling.trainer.model import load_model_files, resolve_model_path
 
     path = resolve_model_path(spec.model.name, tiny_texts(spec.model.name, prepared))
     load_model_files(path, spec.model)
@@ -323,12 +323,11 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from xling.trainer.capacity.check import auto_stage
     from xling.trainer.job import Job, TrackedRun
     from xling.trainer.model import model_fingerprint
     from xling.trainer.train_loop import train_loop_per_worker
 
-    spec = auto_stage(exp.spec, model_path)  # stage: auto -> the ZeRO stage that fits, printed with why
+    spec = exp.spec  # stage: auto is resolved on the workers, which see their GPUs (train_loop.Trainer)
     dist = spec.distributed
     use_gpu = dist.gpus_per_worker > 0
     init_ray(env, use_gpu)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xling.api.errors import InputError
-from xling.api.spec.base import DEMO_MODEL, TINY_MODEL, Pooling
+from xling.api.spec.base import DEMO_MODEL, TINY_MODEL, Pooling, SpecError
 from xling.api.spec.training import ModelSpec
 from xling.trainer.data.store import FORMAT, META, DataLocation, store_once
 
@@ -426,3 +426,17 @@ def model_fingerprint(model_path: str) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return h.hexdigest()[:16]
+
+
+def load_model_files(path: str, model: ModelSpec) -> None:
+    """Load the config and tokenizer here, as every worker will: a model that cannot load fails now, in one
+    line naming spec.model.name, not in each worker's traceback after Ray started."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        load_tokenizer(path, model)
+    except (OSError, ValueError) as err:
+        raise SpecError(
+            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field="spec.model.name"
+        ) from None

@@ -27,9 +27,11 @@ MODEL = "spec.model.name"
 HUB_SOURCES = ("hf",)
 
 
-def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) -> None:
+def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True, ahead: bool = True) -> None:
     """Raise SpecError (naming ``spec_file`` and each field) if the run cannot do what the spec asks, fields
-    it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model)."""
+    it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model).
+    ``ahead=False``: leave loading the model's files to the run that follows (``driver.resolve_model`` loads
+    them before Ray starts), so they are not loaded twice."""
     if run:  # spec-only, so they go first: a model shape with nothing to load; PlanError, with the plan
         from xling.trainer.capacity.check import check_fits
 
@@ -44,7 +46,7 @@ def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True) 
     if not errors:  # languages are looked up in the paths just checked
         errors += language_problems(spec)
     if run and not errors:
-        errors += model_problems(spec.model, base)
+        errors += model_problems(spec.model, base, load=ahead)
     if len(errors) == 1:
         raise SpecError(spec_file, errors[0].message, field=errors[0].field)
     if errors:
@@ -208,9 +210,10 @@ def ignored_fields(spec: ExperimentSpec) -> Iterator[Problem]:
 # ----------------------------------------------------------------------------------------------- model
 
 
-def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
-    """The model as the run loads it: a built-in name, a local directory with a config, or a hub name in the
-    local cache, or else on a hub that answers (offline, HF_HUB_OFFLINE=1, the cache alone decides)."""
+def model_problems(model: ModelSpec, base: Path, load: bool = True) -> Iterator[Problem]:
+    """The model as the run loads it: a built-in name, a local directory with a config (its files loaded
+    unless ``load`` is False), or a hub name in the local cache, or else on a hub that answers (offline,
+    HF_HUB_OFFLINE=1, the cache alone decides)."""
     field, name = MODEL, model.name
     if is_xling_model(name):  # a built-in model (plan_only checked the rest)
         return
@@ -220,7 +223,9 @@ def model_problems(model: ModelSpec, base: Path) -> Iterator[Problem]:
     if local.exists() or name.startswith((".", "/", "~")):
         if not (local / "config.json").is_file():
             yield Problem(f"{local.resolve()} has no config.json (not a Hugging Face model directory)", field)
-        else:
+        elif load:
+            from xling.trainer.model import load_model_files
+
             try:
                 load_model_files(str(local), model)
             except SpecError as err:
@@ -258,19 +263,3 @@ def hub_model_problem(model: ModelSpec) -> str | None:
     except (OSError, ValueError) as err:
         return f"{model.name!r}: the hub cannot give it: {str(err).splitlines()[0]}"
     return None
-
-
-def load_model_files(path: str, model: ModelSpec) -> None:
-    """Load the config and tokenizer here, as every worker will: a model that cannot load fails now, in one
-    line naming spec.model.name, not in each worker's traceback after Ray started."""
-    from transformers import AutoConfig
-
-    from xling.trainer.model import load_tokenizer
-
-    try:
-        AutoConfig.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
-        load_tokenizer(path, model)
-    except (OSError, ValueError) as err:
-        raise SpecError(
-            None, f"{model.name!r} cannot be loaded: {' '.join(str(err).split())}", field=MODEL
-        ) from None

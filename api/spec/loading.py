@@ -42,22 +42,29 @@ def parse_experiment(doc: dict[str, Any], source: str = "<spec>") -> RetrievalEx
 
 
 def resolve_paths(exp: RetrievalExperiment, base: Path) -> RetrievalExperiment:
-    """Make data and evaluation paths that exist relative to ``base`` absolute (hub names stay as they are)."""
+    """A copy of ``exp`` with the data, evaluation and model paths that exist relative to ``base`` made
+    absolute (hub names stay as they are)."""
 
     def fix(p: str) -> str:
         candidate = base / p
         return str(candidate.resolve()) if not Path(p).is_absolute() and candidate.exists() else p
 
-    for source in exp.spec.data.sources:
-        source.path = fix(source.path)
-    for suite in exp.spec.evaluation.suites:
-        suite.path = fix(suite.path)
-    if exp.spec.evaluation.centering is not None:
-        exp.spec.evaluation.centering.path = fix(exp.spec.evaluation.centering.path)
-    model = exp.spec.model
-    if not is_xling_model(model.name):
-        model.name = fix(model.name)
-    return exp
+    def moved(item: Any) -> Any:
+        return item.model_copy(update={"path": fix(item.path)})
+
+    spec = exp.spec
+    update: dict[str, Any] = {
+        "data": spec.data.model_copy(update={"sources": [moved(s) for s in spec.data.sources]}),
+        "evaluation": spec.evaluation.model_copy(
+            update={
+                "suites": [moved(s) for s in spec.evaluation.suites],
+                "centering": spec.evaluation.centering and moved(spec.evaluation.centering),
+            }
+        ),
+    }
+    if not is_xling_model(spec.model.name):
+        update["model"] = spec.model.model_copy(update={"name": fix(spec.model.name)})
+    return exp.model_copy(update={"spec": spec.model_copy(update=update)})
 
 
 def load_experiment(path: str | Path) -> RetrievalExperiment:

@@ -16,7 +16,7 @@ from xling.api.spec.base import SpecError
 from xling.api.spec.training import ModelSpec
 from xling.api.tags import DESCRIPTION, FAILURE, STATUS
 from xling.trainer.driver import finish_run
-from xling.trainer.preflight import load_model_files
+from xling.trainer.model import load_model_files
 from xling.trainer.tracking import start_run
 
 
