@@ -20,6 +20,7 @@ from typing import Any
 
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import InputError
+from xling.api.metrics import LOSS
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.tags import K8S_UID, RUN_ID, STATUS, tag_is
 from xling.trainer.sentence_transformers_dir import embedding_dimension, headline_metrics
@@ -152,7 +153,7 @@ class StepLogger:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
-            history = self.client.get_metric_history(run_id, "train.loss")
+            history = self.client.get_metric_history(run_id, LOSS)
             self.last_logged = max((m.step for m in history), default=-1)
 
     def log(self, step: int, metrics: dict[str, float], force: bool = False) -> None:
