@@ -27,7 +27,7 @@ from xling.api.env import FAULT_KILL_ENV
 from xling.api.errors import InputError
 from xling.api.metrics import LOSS, is_headline, suite_prefix, train_metric
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
-from xling.trainer.console import detail, phase
+from xling.trainer.console import detail, labelled, phase
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
@@ -257,7 +257,7 @@ class Trainer:
         name = "zero-shot" if step == 0 else f"evaluate step {step}"
         centering = ev.centering if step == 0 else None  # a property of the untrained model: step 0 only
         what = ", ".join(s.name for s in ev.suites) + (", with the centering baseline" if centering else "")
-        with phase(name, what, show=self.rank == 0) as running:
+        with phase(name, what, show=self.rank == 0, label=self.job.trial) as running:
             numbers: list[str] = []
             for suite_spec in ev.suites:
                 suite = load_suite(suite_spec)
@@ -344,7 +344,7 @@ class Trainer:
                 if self.rank == 0:
                     line = progress_line(done, opt.max_steps, metrics[LOSS], metrics[train_metric("pairs_per_s")],
                                          started)  # fmt: skip
-                    print(line, flush=True)
+                    print(labelled(line, self.job.trial), flush=True)
                 window, self.batches.waited_s = Window(), 0.0
             if done in curve:  # a learning-curve point: logged at its step, not reported to Ray
                 self.evaluate(done)
@@ -357,7 +357,8 @@ class Trainer:
             final.update(scores)
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
-        with phase("export", "the model and its card, to the final checkpoint and MLflow", show=self.rank == 0):  # fmt: skip
+        with phase("export", "the model and its card, to the final checkpoint and MLflow", show=self.rank == 0,
+                   label=self.job.trial):  # fmt: skip
             self.checkpoint(opt.max_steps, final, final=True, report=table)
 
 
