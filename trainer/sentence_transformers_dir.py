@@ -214,8 +214,8 @@ def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
 def _suite_metrics(metrics: Mapping[str, float], suite: str) -> dict[str, float]:
     """The summary metrics of one suite (``xquad_r/multi/map``) under the card's keys (``multi.map``), not
     per-language ones."""
-    names = {key: flat_name(suite_prefix(suite), key) for key in CARD_METRICS}
-    return {key: float(metrics[name]) for key, name in names.items() if name in metrics}
+    keys = {flat_name(suite_prefix(suite), key): key for key in CARD_METRICS}
+    return {keys[name]: float(v) for name, v in metrics.items() if name in keys}  # in the run's order
 
 
 def headline_metrics(spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, float]:

@@ -181,7 +181,7 @@ def test_the_card_names_every_suite_a_research_trial_logs() -> None:
     """A research trial logs ntrex-r too: its card raised KeyError 'ntrex-r' when the final model was exported."""
     spec = load_experiment(ROOT / "manifests/samples/research.yaml").spec
     names = [suite.name for suite in spec.evaluation.suites]
-    metrics = {f"{name.replace('-', '_')}.multi.map": 0.5 for name in names}
+    metrics = {f"{name.replace('-', '_')}/multi/map": 0.5 for name in names}
     [index] = model_index("trial", spec, metrics)
     assert len(index["results"]) == len(names) == 3
     assert set(SUITE_DATASETS) == set(get_args(SuiteName)), "a card for every suite a spec can name"

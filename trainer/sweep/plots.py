@@ -232,7 +232,7 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
     plots = [(f"metric_vs_{x_name}", _plot_metric_vs_parameter)]
     if _alpha_points(s) and x_name != "alpha":  # an alpha grid has its curve already: metric_vs_alpha
         plots.append(("alpha_curve", _plot_alpha_curve))
-    if f"{s.prefix}.bias.rank_distance" in s.main_metrics():
+    if flat_name(s.prefix, "bias.rank_distance") in s.main_metrics():
         plots += [("pareto", _plot_pareto), ("bias", _plot_bias)]
     if s.languages():
         plots.append(("heatmaps", _plot_heatmaps))
