@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,6 +115,17 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(smoke_swe
     before = smoke_sweep.finished_before
     assert 1 <= len(before) < 4, "the interrupt came after at least one and before all trials finished"
     assert "continuing" in smoke_sweep.second and "4 of 4 trials finished" in smoke_sweep.second
+    # the console: a line per ended trial (counting on after the restart), worker lines under their trial's
+    # label, and no Tune status table
+    ended = [line for line in smoke_sweep.second.splitlines() if line.startswith("sweep: trial p")]
+    assert ended and ended[-1].endswith("(4/4 finished, done)"), smoke_sweep.second[-4000:]
+    assert re.search(
+        r"^sweep: trial p\d-s\d finished: xquad_r/multi/map [\d.]+ \(1/4 finished, ETA ",
+        smoke_sweep.first,
+        re.M,
+    )
+    assert re.search(r"^\[p\d-s\d\] zero-shot: xquad-r$", smoke_sweep.first, re.M)
+    assert "Trial status" not in smoke_sweep.first + smoke_sweep.second
     client = MlflowClient(smoke_sweep.uri)
     for run_id, end_time in before.items():
         run = client.get_run(run_id)
