@@ -232,7 +232,7 @@ def demo_step_seconds(prefetch: int, steps: int, work: Path) -> float:
     exp.spec.output_dir = str(work / "runs")
     uri = f"sqlite:///{work}/mlflow.db"
     result = run_experiment(exp, tracking_uri=uri)
-    history = sorted(MlflowClient(uri).get_metric_history(result.run_id, "train.loss"), key=lambda m: m.step)
+    history = sorted(MlflowClient(uri).get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)
     return 32 / steady_rate([m.timestamp / 1000 for m in history], 32, 2)
 
 

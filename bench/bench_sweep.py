@@ -5,7 +5,7 @@ real driver (``run_sweep``: Ray Tune trial -> TorchTrainer -> worker) and reads 
 MLflow, where they are recorded anyway:
 
 - trial start: the child run's start time (created first thing in the Tune trial function);
-- first step: the timestamp of ``train.loss`` at step 1, minus one step's duration (the median gap
+- first step: the timestamp of ``train/loss`` at step 1, minus one step's duration (the median gap
   between later steps), so the result is the setup alone, not the first step's compute.
 
     python bench/bench_sweep.py [--trials 4] [--steps 4] [--out bench/results/sweep.json]
@@ -37,7 +37,7 @@ def bench_experiment(trials: int, steps: int, out_dir: Path):
     spec["optimization"].update(maxSteps=steps, checkpointEvery=0, logEvery=1, warmupSteps=0)
     spec["outputDir"] = str(out_dir / "runs")
     alphas = [round((i + 1) / (trials + 1), 3) for i in range(trials)]
-    spec["sweep"] = {"parameters": {"sampling.alpha": {"grid": alphas}}, "seeds": [0], "metric": "train.loss",
+    spec["sweep"] = {"parameters": {"sampling.alpha": {"grid": alphas}}, "seeds": [0], "metric": "train/loss",
                      "mode": "min", "bootstrapSamples": 100}  # fmt: skip
     return parse_experiment(doc, "bench")
 
@@ -52,7 +52,7 @@ def trial_timings(uri: str, experiment: str) -> list[dict[str, float]]:
     )
     rows = []
     for run in runs:
-        history = sorted(client.get_metric_history(run.info.run_id, "train.loss"), key=lambda m: m.step)
+        history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
         stamps = [m.timestamp for m in history]
         step_ms = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
         rows.append({

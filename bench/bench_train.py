@@ -120,9 +120,9 @@ def bench_xling(
     uri = f"sqlite:///{tmp}/mlflow.db"
     result = run_experiment(exp, tracking_uri=uri)
     client = MlflowClient(uri)
-    history = sorted(client.get_metric_history(result.run_id, "train.loss"), key=lambda m: m.step)
+    history = sorted(client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step)
     # logEvery 1: each logged tokens/s is one step's real tokens (all ranks) over its time
-    tokens = sorted(client.get_metric_history(result.run_id, "train.tokens_per_s"), key=lambda m: m.step)
+    tokens = sorted(client.get_metric_history(result.run_id, "train/tokens_per_s"), key=lambda m: m.step)
     tokens_per_s = statistics.median(m.value for m in tokens[warmup:]) if model == "e5-small" else 0.0
     return Rate(steady_rate([m.timestamp / 1000 for m in history], batch, warmup),
                 tokens_per_s * flops_per_token(exp), workers * threads)  # fmt: skip

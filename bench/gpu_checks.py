@@ -9,7 +9,7 @@
    xling/reference ratio, the plan's step time against the measured one, and whether the loss fell.
 2. ``zero3``: a random-init XLM-R-shaped encoder of about 1.3B parameters (1.2B non-embedding: hidden 2048,
    24 layers, 16 heads, FFN 8192, vocabulary 32768) under DeepSpeed ZeRO-3 on one GPU in bf16, a short run;
-   tokens/s, MFU and peak allocated GPU memory (``train.gpu_mem_gb``) against ``xling plan``'s estimate for
+   tokens/s, MFU and peak allocated GPU memory (``train/gpu_mem_gb``) against ``xling plan``'s estimate for
    the same spec (:func:`xling.trainer.capacity.estimate.make_plan`).
 3. ``eval``: ``xling eval`` of e5-small on the bundled XQuAD-R (11 languages), FAISS on the GPU when the
    installed faiss has GPU support, else CPU FAISS (said in the output); mAP and the encode/score times.
@@ -49,12 +49,12 @@ SECTION_LIMIT_S = {"train": 120, "step": 150, "zero3": 130, "eval": 60}
 #: against plain bf16 PyTorch, ZeRO-3 against raw DeepSpeed) and 64 (ZeRO-3's overhead).
 STEP_CASES = ((256, "ref-bf16,xling-auto,ds-zero3,xling-zero3"), (64, "ds-zero3,xling-zero3"))
 #: The pooled (all languages at once) XQuAD-R mAP the train section reads before and after training.
-POOLED_MAP = "xquad_r.multi.map"
+POOLED_MAP = "xquad_r/multi/map"
 #: The ~1B encoder: XLM-R's architecture (post-LN, learned positions 514, pad id 1) at this size.
 BIG_SHAPE = {"hidden_size": 2048, "num_hidden_layers": 24, "num_attention_heads": 16,
              "intermediate_size": 8192, "vocab_size": 32768}  # fmt: skip
 TOKENIZER_VOCAB = 8000
-METRICS = ("train.tokens_per_s", "train.mfu", "train.pairs_per_s", "train.gpu_mem_gb", "train.loss")
+METRICS = ("train/tokens_per_s", "train/mfu", "train/pairs_per_s", "train/gpu_mem_gb", "train/loss")
 
 
 # ------------------------------------------------------------------------------------------ specs (pure)
@@ -197,7 +197,7 @@ def read_metrics(uri: str, run_id: str) -> dict[str, Any]:
 def learned(metrics: dict[str, Any]) -> dict[str, Any]:
     """Did the run learn? The loss of the first logged window against the last, pooled mAP before
     (step 0, zero-shot) against after."""
-    loss, pooled = metrics.get("train.loss", {}), metrics.get(POOLED_MAP, {})
+    loss, pooled = metrics.get("train/loss", {}), metrics.get(POOLED_MAP, {})
     out: dict[str, Any] = {
         "loss": (loss.get("first"), loss.get("last")),
         "map": (pooled.get("first"), pooled.get("last")),
@@ -273,7 +273,7 @@ def section_zero3(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     mem = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 80.0
     plan = make_plan(exp.spec, gpus=1, gpu_mem_gb=mem)
     out = run_training(doc, work)
-    measured = (out["metrics"].get("train.gpu_mem_gb") or {}).get("max")
+    measured = (out["metrics"].get("train/gpu_mem_gb") or {}).get("max")
     out["plan"] = {k: v for k, v in asdict(plan).items() if k in (
         "total_params", "dense_params", "memory_breakdown_gb", "memory_per_gpu_gb", "step_time_s", "fits")}  # fmt: skip
     out["peak_alloc_gib"] = measured
@@ -302,9 +302,8 @@ def section_eval(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if rc:
         raise RuntimeError(f"xling eval exited {rc}")
     res = json.loads(out_json.read_text())
-    m = res["metrics"]
     return {"faiss": f"{'GPU' if gpus else 'CPU'} faiss {faiss.__version__} ({gpus} GPU(s) visible to faiss)",
-            "map": {k.split(".", 1)[1]: round(v, 4) for k, v in m.items() if k.count(".") == 2 and k.endswith(".map")},
+            "map": {k: round(v, 4) for k, v in res["summary"].items() if k.endswith(".map") and v is not None},
             "timings_s": {k: round(v, 2) for k, v in res.get("timings", {}).items()},
             "n_queries": res.get("n_queries"), "wall_s": round(time.time() - t0, 1)}  # fmt: skip
 
@@ -347,12 +346,12 @@ def summary_lines(results: dict[str, dict[str, Any]], info: dict[str, Any]) -> l
             lines.append(f"[{name}] FAILED/SKIPPED: {r.get('error')}")
             continue
         m = r.get("metrics", {})
-        tok, mfu = m.get("train.tokens_per_s", {}), m.get("train.mfu", {})
+        tok, mfu = m.get("train/tokens_per_s", {}), m.get("train/mfu", {})
         if name == "train":
             lines.append(f"[train] e5-small hybrid bf16, {r['spec']['steps']} steps x batch {r['spec']['globalBatchSize']}: "
                          f"tokens/s {_fmt(tok.get('steady'), ',.0f')} (median of windows after the first), "
-                         f"MFU {_fmt(mfu.get('steady'))}, pairs/s {_fmt(m.get('train.pairs_per_s', {}).get('steady'), ',.0f')}, "
-                         f"peak alloc {_fmt(m.get('train.gpu_mem_gb', {}).get('max'))} GiB, run {r['wall_s']} s")  # fmt: skip
+                         f"MFU {_fmt(mfu.get('steady'))}, pairs/s {_fmt(m.get('train/pairs_per_s', {}).get('steady'), ',.0f')}, "
+                         f"peak alloc {_fmt(m.get('train/gpu_mem_gb', {}).get('max'))} GiB, run {r['wall_s']} s")  # fmt: skip
             if learn := r.get("learned"):
                 (l0, l1), (m0, m1) = learn["loss"], learn["map"]
                 lines.append(f"[train] learning: loss {_fmt(l0, '.4f')} -> {_fmt(l1, '.4f')} (fell: {learn['loss_fell']}), "

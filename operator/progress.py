@@ -16,12 +16,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from xling.api.metrics import language_of
+from xling.api.metrics import LOSS, language_of
 from xling.api.spec.base import KNOWN_LANGUAGES
 from xling.api.tags import K8S_UID, PARENT_RUN_ID, tag_is
-
-#: The metric the trainer logs every step (``train_loop``): its newest step is the run's progress.
-LOSS = "train.loss"
 
 
 @dataclass(frozen=True)
@@ -56,8 +53,8 @@ def _tags(run: dict[str, Any]) -> dict[str, str]:
 
 
 def language_breakdown(metric: str, metrics: dict[str, float]) -> dict[str, float]:
-    """Per-language values of ``metric``, named as the evaluator names them: the language code goes
-    before the last part. ``xquad_r.multi.map`` -> ``{"de": <xquad_r.multi.de.map>, ...}``."""
+    """Per-language values of ``metric``, named as the evaluator names them: the language code is the
+    last part. ``xquad_r/multi/map`` -> ``{"de": <xquad_r/multi/map/de>, ...}``."""
     out: dict[str, float] = {}
     for key, value in metrics.items():
         if (lang := language_of(metric, key)) in KNOWN_LANGUAGES:

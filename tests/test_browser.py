@@ -242,7 +242,7 @@ def test_parent_run_page_shows_the_summary_metrics_and_plots(
     exp_id, parent, _ = _runs(sweep)
     run_url = f"{server}/#/experiments/{exp_id}/runs/{parent.info.run_id}"
     browser.goto(
-        run_url, shows("best.xquad_r.multi.map", "best.xquad_r.bias.rank_distance", "sweep.trials_finished")
+        run_url, shows("best/xquad_r/multi/map", "best/xquad_r/bias/rank_distance", "sweep/trials_finished")
     )
     browser.screenshot(OUTPUTS / "parent-run.png")
     local = Path(parent.info.artifact_uri.removeprefix("file://")) / "summary"
@@ -267,7 +267,7 @@ def test_trial_run_page_shows_metrics_params_and_system_metrics(
     exp_id, parent, children = _runs(sweep)
     child = min(children, key=lambda r: r.info.run_name)
     # the metrics, params, system metrics, and the parent run's name (linked from the page)
-    ready = shows("xquad_r.multi.map", "sampling.alpha", "cpu_utilization_percentage", parent.info.run_name)
+    ready = shows("xquad_r/multi/map", "sampling.alpha", "cpu_utilization_percentage", parent.info.run_name)
     browser.goto(f"{server}/#/experiments/{exp_id}/runs/{child.info.run_id}", ready)
     browser.screenshot(OUTPUTS / "trial-run.png")
 
@@ -305,7 +305,7 @@ def single_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, 
     run_id = start_run(uri, "smoke", "smoke", {"sampling.strategy": "hybrid"}, {})
     client = MlflowClient(uri)
     client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, pair in
-                                      {"xquad_r.multi.map": (0.2148, 0.2215), "xquad_r.mono.map": (0.4, 0.42)}.items()
+                                      {"xquad_r/multi/map": (0.2148, 0.2215), "xquad_r/mono/map": (0.4, 0.42)}.items()
                                       for step, v in zip((0, 8), pair, strict=True)])  # fmt: skip
     describe(client, run_id, "smoke: xling/tiny-random, hybrid batches (alpha 0.5)")
     client.set_terminated(run_id, "FINISHED")
@@ -320,7 +320,7 @@ def test_single_run_page_shows_the_headline_at_the_top(
     table, above the metrics."""
     url, exp_id, run_id = single_run
     headline = "xquad_r multilingual pool mAP 0.2148 → 0.2215 (+0.0067) from zero-shot to trained"
-    browser.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}", shows(headline, "xquad_r.multi.map"))
+    browser.goto(f"{url}/#/experiments/{exp_id}/runs/{run_id}", shows(headline, "xquad_r/multi/map"))
     browser.screenshot(OUTPUTS / "single-run.png")
     top = """(t => {
         const walker = document.createTreeWalker(document.body, NodeFilter.SHOW_TEXT);
@@ -329,5 +329,5 @@ def test_single_run_page_shows_the_headline_at_the_top(
             return range.getBoundingClientRect().top; }
         return null; })"""
     headline_top = browser.evaluate(f"{top}({json.dumps(headline)})")
-    metrics_top = browser.evaluate(f"{top}('xquad_r.multi.map')")
+    metrics_top = browser.evaluate(f"{top}('xquad_r/multi/map')")
     assert headline_top is not None and metrics_top is not None and headline_top < metrics_top

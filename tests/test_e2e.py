@@ -86,15 +86,15 @@ def test_smoke_run_end_to_end(smoke_run: SmokeRun) -> None:
     assert run.info.status == "FINISHED"
     assert run.data.params["sampling.strategy"] == "hybrid" and run.data.params["sampling.alpha"] == "0.5"
     assert run.data.tags[SAMPLING] == "hybrid"
-    loss = client.get_metric_history(run.info.run_id, "train.loss")
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in loss) == list(range(1, 9)), "one loss value per step, no duplicates"
-    mapk = client.get_metric_history(run.info.run_id, "xquad_r.multi.map")
+    mapk = client.get_metric_history(run.info.run_id, "xquad_r/multi/map")
     assert sorted(m.step for m in mapk) == [0, 4, 8]  # zero-shot, the curve's middle point and final
-    centered = client.get_metric_history(run.info.run_id, "xquad_r_centered.multi.map")
+    centered = client.get_metric_history(run.info.run_id, "xquad_r_centered/multi/map")
     assert [m.step for m in centered] == [0], "the centering baseline: the untrained model only"
     assert "xquad-r-centered multi.map" in out
     assert all(0.0 <= m.value <= 1.0 for m in mapk)
-    assert "batches.xx_fraction" in run.data.metrics
+    assert "batches/xx_fraction" in run.data.metrics
     for side in ("query", "passage"):  # the realised per-language shares of every run
         shares = {k: v for k, v in run.data.metrics.items() if k.startswith(f"batches.{side}_share.")}
         assert set(shares) == {f"batches.{side}_share.{lang}" for lang in ("ar", "de", "en", "es")}
@@ -115,8 +115,8 @@ def test_smoke_run_end_to_end(smoke_run: SmokeRun) -> None:
     assert logged.source_run_id == run.info.run_id
     [version] = client.search_model_versions("name = 'xling-smoke'")
     assert version.run_id == run.info.run_id
-    assert float(version.tags["xquad_r.multi.map"]) == pytest.approx(
-        run.data.metrics["xquad_r.multi.map"], abs=1e-4
+    assert float(version.tags["xquad_r/multi/map"]) == pytest.approx(
+        run.data.metrics["xquad_r/multi/map"], abs=1e-4
     )
     # the final checkpoint holds a sentence-transformers model whose card has the run's numbers
     ckpt = Path(out.split("checkpoint: ")[1].split()[0])
@@ -128,7 +128,7 @@ def test_smoke_run_end_to_end(smoke_run: SmokeRun) -> None:
     assert st.prompts["query"] == "query: " and st.get_embedding_dimension() == 32
     card = (ckpt / "model" / "README.md").read_text()
     assert (
-        f"{run.data.metrics['xquad_r.multi.map']:.4f}" in card
+        f"{run.data.metrics['xquad_r/multi/map']:.4f}" in card
         and (ckpt / "results.txt").read_text().strip() in card
     )
     assert (ckpt / "trainer_state.json").exists()

@@ -5,7 +5,8 @@ is xling's (phases, the progress bar), standard error is the libraries' (Ray Tra
 probe, MLflow's warnings and artifact bars, tracebacks) and xling's details (:func:`detail`: the evaluation
 tables). :class:`QuietConsole` sends worker standard output to the terminal without the prefix, and every
 line, both streams, to the log file. Progress bars are thinned out on the way (:class:`_Lines`).
-:func:`phase` marks a phase with its elapsed time.
+:func:`phase` marks a phase with its elapsed time; in a sweep, whose trials run side by side, a worker's
+lines carry the trial's label (:func:`labelled`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import IO
 #: Ray's prefix of a forwarded line (with its colour codes); group 1 is the actor class.
 RAY_PREFIX = re.compile(r"^(?:\x1b\[\d+m)?\((\w+)(?: pid=\d+)?(?:, ip=[\d.]+)?\)(?:\x1b\[0m)? ?")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-#: A line of the training progress bar (``train_loop.progress_line``).
-PROGRESS = re.compile(r"^\[[#.]+\] \d+/\d+ ")
+#: A line of the training progress bar (``train_loop.progress_line``), a sweep trial's label before it.
+PROGRESS = re.compile(r"^(?:\[[\w-]+\] )?\[[#.]+\] \d+/\d+ ")
 #: Off a terminal, the console shows a progress bar at most this often; every bar is in the log.
 BAR_EVERY_S = 30.0
 #: What :class:`_Lines` times bars by (a test sets its own).
@@ -137,6 +138,11 @@ def detail(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def labelled(text: str, label: str | None) -> str:
+    """``text`` under a sweep trial's label (``[p0-s1] train: ...``); as it is in a single run (no label)."""
+    return f"[{label}] {text}" if label else text
+
+
 @dataclass
 class Phase:
     """A running phase; ``note`` (e.g. the evaluation's headline numbers) ends its ``done`` line."""
@@ -145,14 +151,14 @@ class Phase:
 
 
 @contextmanager
-def phase(name: str, what: str = "", show: bool = True) -> Iterator[Phase]:
+def phase(name: str, what: str = "", show: bool = True, label: str | None = None) -> Iterator[Phase]:
     """``name: what`` when the phase starts, ``name: done in N s`` (and its note) when it ends: no silent
-    minute. ``show=False`` (a worker other than rank 0) prints nothing."""
+    minute. ``show=False`` (a worker other than rank 0) prints nothing; ``label`` names a sweep's trial."""
     if show:
-        print(f"{name}: {what}" if what else f"{name}…", flush=True)
+        print(labelled(f"{name}: {what}" if what else f"{name}…", label), flush=True)
     started = time.monotonic()
     running = Phase()
     yield running
     if show:
         note = f" ({running.note})" if running.note else ""
-        print(f"{name}: done in {time.monotonic() - started:.1f} s{note}", flush=True)
+        print(labelled(f"{name}: done in {time.monotonic() - started:.1f} s{note}", label), flush=True)

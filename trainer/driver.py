@@ -334,7 +334,7 @@ def fit(
     resources = worker_resources(dist, gpu_share)
     storage = storage_path(spec.output_dir)
     job = Job(spec, data, model_path, model_fingerprint(model_path), exp.metadata.name, TrackedRun(uri, run_id),
-              staged_model)  # fmt: skip
+              staged_model, trial)  # fmt: skip
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.train_loop_config(),

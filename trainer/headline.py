@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from xling.api.metrics import flat_name, prefix_of
 from xling.api.tags import DESCRIPTION, ROLE
 
 #: (metric key after the suite's prefix, label, lower is better): the pooled task first (the research
@@ -38,13 +39,14 @@ class Row:
 def headline(client: Any, run_id: str) -> tuple[list[Row], int | None]:
     """The headline rows of every suite the run evaluated, and the step of its last evaluation."""
     metrics = client.get_run(run_id).data.metrics
-    suites = sorted({k.removesuffix(".multi.map") for k in metrics if k.endswith(".multi.map")})
+    suites = sorted({p for k in metrics if k == flat_name(p := prefix_of(k), "multi.map")})
     rows, last = [], None
     for suite in suites:
         for key, label, lower in HEADLINE:
-            if f"{suite}.{key}" not in metrics:
+            name = flat_name(suite, key)
+            if name not in metrics:
                 continue
-            history = {m.step: m.value for m in client.get_metric_history(run_id, f"{suite}.{key}")}
+            history = {m.step: m.value for m in client.get_metric_history(run_id, name)}
             final = max(history)
             last = final if final > 0 else last
             rows.append(Row(suite, label, history.get(0), history[final] if final > 0 else None, lower))

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from xling.api.errors import InputError
+from xling.api.metrics import BATCHES, join
 from xling.api.spec.training import SamplingSpec
 from xling.trainer.data.index import CorpusIndex
 
@@ -330,11 +331,11 @@ class Composition:
     def metrics(self) -> dict[str, float]:
         """Batch-kind fractions and the realised per-language query and passage shares."""
         total = max(1, sum(self.kinds.values()))
-        out = {f"batches.{k}_fraction": v / total for k, v in self.kinds.items()}
-        out["batches.total"] = float(total)
+        out = {join(BATCHES, f"{k}_fraction"): v / total for k, v in self.kinds.items()}
+        out[join(BATCHES, "total")] = float(total)
         for name, counts in (("query_share", self.languages), ("passage_share", self.passages)):
             n = max(1, sum(counts.values()))
-            out.update({f"batches.{name}.{lang}": c / n for lang, c in sorted(counts.items())})
+            out.update({join(BATCHES, name, lang): c / n for lang, c in sorted(counts.items())})
         return out
 
     @classmethod

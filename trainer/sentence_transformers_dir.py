@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from xling.api.errors import InputError
-from xling.api.metrics import suite_prefix
+from xling.api.metrics import flat_name, suite_prefix
 from xling.api.spec.base import DEMO_MODEL, TINY_MODEL, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.spec.training import ModelSpec
@@ -212,15 +212,15 @@ def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
 
 
 def _suite_metrics(metrics: Mapping[str, float], suite: str) -> dict[str, float]:
-    """The summary metrics of one suite (``xquad_r.multi.map``), not per-language ones."""
-    prefix = suite_prefix(suite) + "."
-    return {k.removeprefix(prefix): float(v) for k, v in metrics.items()
-            if k.startswith(prefix) and k.removeprefix(prefix) in CARD_METRICS}  # fmt: skip
+    """The summary metrics of one suite (``xquad_r/multi/map``) under the card's keys (``multi.map``), not
+    per-language ones."""
+    keys = {flat_name(suite_prefix(suite), key): key for key in CARD_METRICS}
+    return {keys[name]: float(v) for name, v in metrics.items() if name in keys}  # in the run's order
 
 
 def headline_metrics(spec: ExperimentSpec, metrics: Mapping[str, float]) -> dict[str, float]:
-    """The suites' summary metrics (the card's) under their flat names (``xquad_r.multi.map``)."""
-    return {f"{suite_prefix(suite.name)}.{k}": v for suite in spec.evaluation.suites
+    """The suites' summary metrics (the card's) under their flat names (``xquad_r/multi/map``)."""
+    return {flat_name(suite_prefix(suite.name), k): v for suite in spec.evaluation.suites
             for k, v in _suite_metrics(metrics, suite.name).items()}  # fmt: skip
 
 

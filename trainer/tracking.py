@@ -21,6 +21,7 @@ from typing import Any
 from xling.api.contracts import DEFAULT_TRACKING_URI
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import InputError
+from xling.api.metrics import LOSS
 from xling.api.spec.experiment import ExperimentSpec
 from xling.api.tags import ALPHA, K8S_UID, RUN_ID, SAMPLING, STATUS, tag_is
 from xling.trainer.sentence_transformers_dir import embedding_dimension, headline_metrics
@@ -157,7 +158,7 @@ class StepLogger:
             from mlflow import MlflowClient
 
             self.client = MlflowClient(tracking_uri)
-            history = self.client.get_metric_history(run_id, "train.loss")
+            history = self.client.get_metric_history(run_id, LOSS)
             self.last_logged = max((m.step for m in history), default=-1)
 
     def log(self, step: int, metrics: dict[str, float], force: bool = False) -> None:

@@ -25,11 +25,11 @@ import torch.distributed as dist
 from xling.api.contracts import embedding_cache_dir, prepared_cache_dir
 from xling.api.env import FAULT_KILL_ENV
 from xling.api.errors import InputError
-from xling.api.metrics import is_headline, suite_prefix
+from xling.api.metrics import LOSS, is_headline, suite_prefix, train_metric
 from xling.trainer.capacity.check import auto_stage
 from xling.trainer.capacity.flops import count_dense_params, model_flops_utilization, peak_flops
 from xling.trainer.checkpoint_layout import MODEL_DIR, job_meta, write_checkpoint_meta, write_results
-from xling.trainer.console import detail, phase
+from xling.trainer.console import detail, labelled, phase
 from xling.trainer.data.index import key_hash
 from xling.trainer.data.pairs import PairCorpus, text_key
 from xling.trainer.data.store import PreparedCorpus, open_corpus
@@ -130,7 +130,7 @@ class Trainer:
     def __init__(self, job: Job, rank: int | None = None, world: int | None = None):
         """``rank`` and ``world`` come from Ray Train's context unless given (one process, in tests)."""
         self.job = job
-        self.spec = auto_stage(job.spec, job.model_path)  # still auto only where the driver saw no GPU
+        self.spec = auto_stage(job.spec, job.model_path)  # stage: auto -> what fits on its GPUs
         ds = self.spec.distributed.deepspeed
         if self.spec.distributed.compile and ds is not None and ds.stage == 3:  # stage: auto chose ZeRO-3
             raise InputError(
@@ -204,7 +204,7 @@ class Trainer:
         self.composition = Composition.from_dict(state.get("composition", {}))
         log.info("rank %d resumed at step %d", self.rank, self.start_step)
         self.logger.log(
-            self.start_step, {"train.resumed_at_step": self.start_step}, force=True
+            self.start_step, {train_metric("resumed_at_step"): self.start_step}, force=True
         )  # restarts show in MLflow
 
     def checkpoint(self, step: int, metrics: dict[str, Any], final: bool = False, report: str = "") -> None:
@@ -227,7 +227,7 @@ class Trainer:
                 dist.barrier()
             # every rank reports its own files (ZeRO shard, RNG); Ray merges them into one checkpoint
             ckpt = ray.train.Checkpoint.from_directory(tmp)
-            headline = {k: v for k, v in metrics.items() if is_headline(k)}  # not xquad_r.mono.ar.map
+            headline = {k: v for k, v in metrics.items() if is_headline(k)}  # not xquad_r/mono/map/ar
             ray.train.report({**headline, "step": step}, checkpoint=ckpt)
 
     def publish(self, directory: Path, metrics: dict[str, Any], report: str) -> None:
@@ -258,7 +258,7 @@ class Trainer:
         name = "zero-shot" if step == 0 else f"evaluate step {step}"
         centering = ev.centering if step == 0 else None  # a property of the untrained model: step 0 only
         what = ", ".join(s.name for s in ev.suites) + (", with the centering baseline" if centering else "")
-        with phase(name, what, show=self.rank == 0) as running:
+        with phase(name, what, show=self.rank == 0, label=self.job.trial) as running:
             numbers: list[str] = []
             for suite_spec in ev.suites:
                 suite = load_suite(suite_spec)
@@ -343,8 +343,9 @@ class Trainer:
                 metrics = window.metrics(self)  # the one device sync of the window
                 self.logger.log(done, metrics)
                 if self.rank == 0:
-                    print(progress_line(done, opt.max_steps, metrics["train.loss"], metrics["train.pairs_per_s"],
-                                        started), flush=True)  # fmt: skip
+                    line = progress_line(done, opt.max_steps, metrics[LOSS], metrics[train_metric("pairs_per_s")],
+                                         started)  # fmt: skip
+                    print(labelled(line, self.job.trial), flush=True)
                 window, self.batches.waited_s = Window(), 0.0
             if done in curve:  # a learning-curve point: logged at its step, not reported to Ray
                 self.evaluate(done)
@@ -357,9 +358,8 @@ class Trainer:
             final.update(scores)
         if self.rank == 0:
             self.logger.log_dict(self.composition.as_dict(), "batch_composition.json")
-        with phase(
-            "export", "the model and its card, to the final checkpoint and MLflow", show=self.rank == 0
-        ):
+        with phase("export", "the model and its card, to the final checkpoint and MLflow", show=self.rank == 0,
+                   label=self.job.trial):  # fmt: skip
             self.checkpoint(opt.max_steps, final, final=True, report=table)
 
 
@@ -398,23 +398,23 @@ class Window:
     def metrics(self, trainer: Trainer) -> dict[str, Any]:
         elapsed = max(time.time() - self.started, 1e-9)
         out = {
-            "train.loss": float(self.loss_sum) / self.steps,  # the mean over the window's steps
-            "train.lr": trainer.engine.lr,
-            "train.pairs_per_s": self.pairs / elapsed,
-            "train.tokens_per_s": self.tokens / elapsed,
+            LOSS: float(self.loss_sum) / self.steps,  # the mean over the window's steps
+            train_metric("lr"): trainer.engine.lr,
+            train_metric("pairs_per_s"): self.pairs / elapsed,
+            train_metric("tokens_per_s"): self.tokens / elapsed,
             # model FLOPs (6N per token the device computed, padding included; less with frozen layers)
             # over the peak of all ranks' devices, and the share of those tokens that were padding
-            "train.mfu": model_flops_utilization(trainer.dense_params, self.slots, elapsed,
+            train_metric("mfu"): model_flops_utilization(trainer.dense_params, self.slots, elapsed,
                                                  trainer.peak_flops * trainer.world, trainer.trainable_params),
-            "train.padding_share": 1 - self.tokens / max(self.slots, 1),
+            train_metric("padding_share"): 1 - self.tokens / max(self.slots, 1),
             # time a step waited for its texts and tokens (near 0 when prefetching keeps up)
-            "train.data_wait_s": trainer.batches.waited_s / self.steps,
+            train_metric("data_wait_s"): trainer.batches.waited_s / self.steps,
             **trainer.composition.metrics(),
         }  # fmt: skip
         if self.grad_norm is not None:  # the last step's norm before clipping
-            out["train.grad_norm"] = float(self.grad_norm)
+            out[train_metric("grad_norm")] = float(self.grad_norm)
         if trainer.device.type == "cuda":
-            out["train.gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            out[train_metric("gpu_mem_gb")] = torch.cuda.max_memory_allocated() / 2**30
         return out
 
 

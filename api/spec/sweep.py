@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
-from xling.api.metrics import prefix_of, suite_prefix
+from xling.api.metrics import BATCHES, LOSS, TRAIN, from_dotted, prefix_of, suite_prefix
 from xling.api.spec.base import ClusterUnit, PositiveInt, Spec, SpecError, field_error
 
 if TYPE_CHECKING:
@@ -65,13 +65,13 @@ class SweepParameter(Spec):
 class SweepConstraint(Spec):
     """A condition a point must meet to be picked as best (infeasible points stay in the report)."""
 
-    metric: str = Field(description="Flat metric name, e.g. xquad_r.bias.rank_distance or xquad_r.multi.map.")
+    metric: str = Field(description="Flat metric name, e.g. xquad_r/bias/rank_distance or xquad_r/multi/map.")
     max: float | None = Field(default=None, description="The seed mean must be at most this.")
     min: float | None = Field(default=None, description="The seed mean must be at least this.")
     at_least_zero_shot: bool = Field(
         default=False,
         description="No language below its zero-shot value: every per-language metric "
-        "(xquad_r.multi.<lang>.map for xquad_r.multi.map) must reach its step-0 value. Needs evaluation.atStart.",
+        "(xquad_r/multi/map/<lang> for xquad_r/multi/map) must reach its step-0 value. Needs evaluation.atStart.",
     )
 
     @model_validator(mode="after")
@@ -85,7 +85,7 @@ class AshaSpec(Spec):
     """ASHA early stopping on an intermediate metric; results arrive at each checkpoint
     (optimization.checkpointEvery), the only place the workers report to Ray."""
 
-    metric: str = Field(default="train.loss", description="Reported at every checkpoint.")
+    metric: str = Field(default=LOSS, description="Reported at every checkpoint.")
     mode: Literal["max", "min"] = "min"
     grace_period: PositiveInt = Field(default=1, description="Training steps before a trial can be stopped.")
     reduction_factor: Annotated[float, Field(gt=1.0)] = 2.0
@@ -119,7 +119,7 @@ class SweepSpec(Spec):
         description="Every point runs once per seed (sampling.seed).",
     )
     metric: str = Field(
-        default="xquad_r.multi.map", description="Objective: a flat metric of the final evaluation."
+        default="xquad_r/multi/map", description="Objective: a flat metric of the final evaluation."
     )
     mode: Literal["max", "min"] = "max"
     max_concurrent_trials: PositiveInt | None = Field(
@@ -196,6 +196,14 @@ class SweepSpec(Spec):
                 ),
             ) from None
 
+    def metric_fields(self) -> list[tuple[str, str]]:
+        """Every metric name the sweep names, with the field that names it."""
+        return (
+            [("sweep.metric", self.metric)]
+            + [(f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)]
+            + ([("sweep.asha.metric", self.asha.metric)] if self.asha else [])
+        )
+
     def check(self, base: ExperimentSpec) -> None:
         """Fail before any work: unknown paths, values the spec rejects, metrics nothing will log."""
         for where, path in [(f"sweep.parameters.{p}", p) for p in self.parameters] + [
@@ -229,10 +237,13 @@ class SweepSpec(Spec):
                     f"sweep.points[{i}]", f"the same spec as sweep.points[{specs[doc]}] (it would run twice)"
                 )
             specs[doc] = i
-        prefixes = {suite_prefix(suite.name) for suite in base.evaluation.suites} | {"train", "batches"}
-        for where, metric in [("sweep.metric", self.metric)] + [
-            (f"sweep.constraints[{i}].metric", c.metric) for i, c in enumerate(self.constraints)
-        ]:
+        prefixes = {suite_prefix(suite.name) for suite in base.evaluation.suites} | {TRAIN, BATCHES}
+        for where, metric in self.metric_fields():
+            if (new := from_dotted(metric)) is not None:
+                raise field_error(
+                    where,
+                    f"{metric!r} is the old dotted spelling: metric names are '/'-separated, write {new!r}",
+                )
             if prefix_of(metric) not in prefixes:
                 raise field_error(
                     where, f"{metric!r} is not logged: its prefix is none of {sorted(prefixes)}"

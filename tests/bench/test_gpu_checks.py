@@ -102,7 +102,7 @@ def test_orchestrator_reports_skips_and_failures(tmp_path, capsys):
 
 def test_learning_and_step_lines():
     metrics = {
-        "train.loss": {"first": 2.1, "last": 1.2},
+        "train/loss": {"first": 2.1, "last": 1.2},
         gc.POOLED_MAP: {"first": 0.41, "last": 0.47, "windows": 2},
     }
     assert gc.learned(metrics) == {
@@ -126,7 +126,7 @@ def test_learning_and_step_lines():
 def test_summary_lines_format_results(name):
     results = {
         "train": {"ok": True, "wall_s": 40.0, "spec": {"steps": 60, "globalBatchSize": 256},
-                  "metrics": {"train.tokens_per_s": {"steady": 1e5}, "train.mfu": {"steady": 0.05}}},
+                  "metrics": {"train/tokens_per_s": {"steady": 1e5}, "train/mfu": {"steady": 0.05}}},
         "zero3": {"ok": True, "wall_s": 90.0, "spec": {"steps": 30, "globalBatchSize": 64}, "peak_alloc_gib": 30.0,
                   "plan": {"total_params": 1.28e9, "dense_params": 1.21e9, "memory_per_gpu_gb": 40.0,
                            "memory_breakdown_gb": {"runtime": 2.0}}, "metrics": {}},

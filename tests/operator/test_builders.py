@@ -329,12 +329,12 @@ def test_summarize_uses_parent_metrics_and_newest_timestamp():
 
 def test_language_breakdown():
     metrics = {
-        "xquad_r.multi.map": 0.5,
-        "xquad_r.multi.de.map": 0.6,
-        "xquad_r.multi.sw.map": 0.4,
-        "xquad_r.multi.de.mrr": 0.1,
+        "xquad_r/multi/map": 0.5,
+        "xquad_r/multi/map/de": 0.6,
+        "xquad_r/multi/map/sw": 0.4,
+        "xquad_r/multi/mrr/de": 0.1,
     }
-    assert language_breakdown("xquad_r.multi.map", metrics) == {"de": 0.6, "sw": 0.4}
+    assert language_breakdown("xquad_r/multi/map", metrics) == {"de": 0.6, "sw": 0.4}
 
 
 @pytest.mark.parametrize(

@@ -394,7 +394,7 @@ def test_a_sweep_gets_a_cluster_for_its_concurrent_trials(tmp_path):
         "parameters": {"sampling.alpha": {"grid": [0.0, 0.25, 0.5, 0.75]}},
         "seeds": [0, 1],
         "maxConcurrentTrials": 4,
-        "metric": "train.loss",
+        "metric": "train/loss",
         "mode": "min",
     }
     spec = {

@@ -174,9 +174,9 @@ async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster
     c = cluster
     old = int((time.time() - 3600) * 1000)
     metrics = [
-        {"key": "xquad_r.multi.map", "value": 0.5, "timestamp": old},
-        {"key": "xquad_r.multi.de.map", "value": 0.6, "timestamp": old},
-        {"key": "xquad_r.multi.sw.map", "value": 0.4, "timestamp": old},
+        {"key": "xquad_r/multi/map", "value": 0.5, "timestamp": old},
+        {"key": "xquad_r/multi/map/de", "value": 0.6, "timestamp": old},
+        {"key": "xquad_r/multi/map/sw", "value": 0.4, "timestamp": old},
     ]
     async with fake_mlflow(metrics) as mlflow_url, operator(c, watchdog_interval=0.2):
         secret = {  # opted in: the operator reads only Secrets labelled so (or named in its Helm values)
@@ -238,7 +238,7 @@ async def test_full_lifecycle_and_recorded_api_calls_match_rbac(cluster: Cluster
         await c.kuberay("life", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
         await until(lambda: c.status("life").get("phase") == "Succeeded")
         await until(lambda: c.status("life").get("best"), what="the final metrics")
-        assert c.status("life")["best"] == {"metric": "xquad_r.multi.map", "value": 0.5}
+        assert c.status("life")["best"] == {"metric": "xquad_r/multi/map", "value": 0.5}
         assert c.status("life")["languages"] == {"de": 0.6, "sw": 0.4}
         assert (
             c.cond("life", "Succeeded")["status"] == "True" and c.cond("life", "Failed")["status"] == "False"

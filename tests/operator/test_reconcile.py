@@ -322,7 +322,7 @@ def test_finished_experiment_gets_best_metric_and_languages_once():
     _running(kube, since="2026-01-01T11:00:00Z")
     job = {"status": {"jobDeploymentStatus": "Complete", "jobStatus": "SUCCEEDED"}}
     rc.write_status(kube, "default", "exp", rc.mirror_rayjob(job, deleted=False))
-    metrics = {"xquad_r.multi.map": 0.5, "xquad_r.multi.de.map": 0.6, "xquad_r.multi.sw.map": 0.3}
+    metrics = {"xquad_r/multi/map": 0.5, "xquad_r/multi/map/de": 0.6, "xquad_r/multi/map/sw": 0.3}
     body = kube.read_experiment("default", "exp")
     assert rc.needs_watch(body["status"])
     rc.write_status(
@@ -332,7 +332,7 @@ def test_finished_experiment_gets_best_metric_and_languages_once():
         rc.watch_progress(kube, body, NOW, client=FakeMlflow(RunProgress("7", "r", 1, metrics))),
     )
     status = _status(kube)
-    assert status["best"] == {"metric": "xquad_r.multi.map", "value": 0.5}
+    assert status["best"] == {"metric": "xquad_r/multi/map", "value": 0.5}
     assert status["languages"] == {"de": 0.6, "sw": 0.3} and not rc.needs_watch(status)
 
 

@@ -77,8 +77,8 @@ def test_an_experiment_that_runs_again_resumes_from_its_checkpoint(tmp_path: Pat
     assert result.run_id == first.info.run_id, "the same MLflow run continues"
     steps = history(tmp_path, result.run_id)
     last_checkpoint = KILL_BEFORE // CHECKPOINT_EVERY * CHECKPOINT_EVERY
-    assert (last_checkpoint, float(last_checkpoint)) in steps["train.resumed_at_step"], "not from step 0"
-    assert [s for s, _ in steps["train.loss"]] == list(range(1, STEPS + 1)), "each step exactly once"
+    assert (last_checkpoint, float(last_checkpoint)) in steps["train/resumed_at_step"], "not from step 0"
+    assert [s for s, _ in steps["train/loss"]] == list(range(1, STEPS + 1)), "each step exactly once"
     assert MlflowClient(store(tmp_path)).get_run(result.run_id).info.status == "FINISHED"
 
 

@@ -23,11 +23,11 @@ def test_a_jobs_record_reads_back_as_written(tmp_path: Path) -> None:
     job = Job(
         SPEC, DataLocation("/data", "fp"), "/models/base", name="demo", run=TrackedRun("sqlite:///m.db", "r1")
     )
-    metrics = {"xquad_r.multi.map": 0.5, "step": 60, "note": "not a number"}
+    metrics = {"xquad_r/multi/map": 0.5, "step": 60, "note": "not a number"}
     layout.write_checkpoint_meta(tmp_path, layout.job_meta(job), metrics)
     meta = layout.read_checkpoint_meta(tmp_path)
     assert meta == layout.CheckpointMeta(SPEC.model_dump(mode="json"), "/models/base", "demo", "r1",
-                                         {"xquad_r.multi.map": 0.5, "step": 60})  # fmt: skip
+                                         {"xquad_r/multi/map": 0.5, "step": 60})  # fmt: skip
     assert ExperimentSpec.model_validate(meta.spec) == SPEC
     assert set(json.loads((tmp_path / "xling.json").read_text())) == {
         "spec",

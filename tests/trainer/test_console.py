@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from xling.trainer.console import QuietConsole, phase
+from xling.trainer.sweep.progress import SweepProgress, eta_text
 
 WORKER = "\x1b[36m(RayTrainWorker pid=21016)\x1b[0m "
 
@@ -64,6 +65,39 @@ def test_a_phase_can_end_with_a_note_and_be_silent_on_other_ranks(capsys: pytest
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[0] == "zero-shot: xquad-r"
     assert lines[1].startswith("zero-shot: done in ") and lines[1].endswith(" s (xquad-r multi.map 0.2124)")
+
+
+def test_a_sweep_trial_labels_its_phases_and_bars_a_single_run_does_not(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trials run side by side: each worker line says whose it is; a labelled bar is still a bar (thinned)."""
+    with QuietConsole(tmp_path / "sweep.log"):
+        with phase("zero-shot", "xquad-r", label="p0-s1"):
+            pass
+        for step in (1, 2):
+            print(f"{WORKER}[p0-s1] " + bar(step).removeprefix(WORKER))
+        with phase("export", "the model"):
+            pass
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "[p0-s1] zero-shot: xquad-r" and lines[1].startswith("[p0-s1] zero-shot: done in ")
+    # the first bar, then the latest before the next other line: both bars, each held to one line
+    assert lines[2].startswith("[p0-s1] [##..") and lines[2].split()[2] == "1/8"
+    assert lines[3].startswith("[p0-s1] [#####..") and lines[3].split()[2] == "2/8"
+    assert lines[4] == "export: the model" and lines[5].startswith("export: done in ") and len(lines) == 6
+
+
+def test_each_finished_trial_is_one_line_with_the_count_and_an_eta() -> None:
+    now = [100.0]
+    progress = SweepProgress(4, "xquad_r/multi/map", clock=lambda: now[0])
+    now[0] = 160.0
+    first = progress.line("p0-s0", 1, {"xquad_r/multi/map": 0.31234, "step": 8})
+    assert first == "sweep: trial p0-s0 finished: xquad_r/multi/map 0.3123 (1/4 finished, ETA 3m 00s)"
+    now[0] = 220.0
+    assert (
+        progress.line("p1-s0", 2, None, failed=True) == "sweep: trial p1-s0 failed (2/4 finished, ETA 2m 00s)"
+    )
+    assert progress.line("p0-s1", 4, {}).endswith("(4/4 finished, done)")
+    assert eta_text(3 * 3600 + 5 * 60) == "ETA 3h 05m" and eta_text(42) == "ETA 42s"
 
 
 def bar(step: int) -> str:

@@ -156,8 +156,8 @@ def test_model_card_front_matter_and_numbers(tmp_path: Path) -> None:
         "sampling": {"strategy": "hybrid", "alpha": 0.25},
         "evaluation": {"suites": [{"name": "xquad-r", "path": "data/demo/xquad-r", "languages": ["en", "de", "ar"]}]},
     })  # fmt: skip
-    metrics = {"xquad_r.multi.map": 0.61234, "xquad_r.mono.map": 0.7, "xquad_r.cross.map": 0.5,
-               "xquad_r.mono.en.map": 0.9, "train.loss": 1.5}  # fmt: skip
+    metrics = {"xquad_r/multi/map": 0.61234, "xquad_r/mono/map": 0.7, "xquad_r/cross/map": 0.5,
+               "xquad_r/mono/map/en": 0.9, "train/loss": 1.5}  # fmt: skip
     composition = {"kinds": {"xx": 3, "xy": 9}, "languages": {"en": 4}, "pairs": {"en-de": 5, "de-de": 2}}
     card = write_model_card(tmp_path, spec, name="demo", metrics=metrics, composition=composition,
                             report="xquad-r: 3 languages\nmean 0.6123", run_id="abc123").read_text()  # fmt: skip
@@ -181,7 +181,7 @@ def test_the_card_names_every_suite_a_research_trial_logs() -> None:
     """A research trial logs ntrex-r too: its card raised KeyError 'ntrex-r' when the final model was exported."""
     spec = load_experiment(ROOT / "manifests/samples/research.yaml").spec
     names = [suite.name for suite in spec.evaluation.suites]
-    metrics = {f"{name.replace('-', '_')}.multi.map": 0.5 for name in names}
+    metrics = {f"{name.replace('-', '_')}/multi/map": 0.5 for name in names}
     [index] = model_index("trial", spec, metrics)
     assert len(index["results"]) == len(names) == 3
     assert set(SUITE_DATASETS) == set(get_args(SuiteName)), "a card for every suite a spec can name"
@@ -269,7 +269,7 @@ def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
     })  # fmt: skip
     backbone = twin(tmp_path / "backbone", "bert")
     export(backbone, load_tokenizer(str(backbone)), spec.model, tmp_path / "export")
-    metrics = {"xquad_r.multi.map": 0.25, "xquad_r.mono.en.map": 0.5, "train.loss": 2.0}
+    metrics = {"xquad_r/multi/map": 0.25, "xquad_r/mono/map/en": 0.5, "train/loss": 2.0}
     info = log_model(tmp_path / "export", spec, tracking_uri=uri, run_id=run_id, metrics=metrics)
 
     client = mlflow.MlflowClient(uri)
@@ -278,7 +278,7 @@ def test_logged_model_is_registered_tagged_and_serves_the_embeddings(
     [version] = client.search_model_versions("name = 'retriever'")
     assert version.run_id == run_id and version.tags == {
         RUN_ID: run_id,
-        "xquad_r.multi.map": "0.2500",
+        "xquad_r/multi/map": "0.2500",
     }
     served = mlflow.pyfunc.load_model("models:/retriever/1")
     assert served.metadata.signature.params.to_dict()[0]["name"] == "kind"
@@ -375,8 +375,8 @@ def test_model_card_has_a_zero_shot_row_a_license_versions_and_no_local_paths(tm
         "sampling": {"strategy": "xy"},
         "evaluation": {"suites": [{"name": "xquad-r", "path": suite}]},
     })  # fmt: skip
-    metrics = {"xquad_r.multi.map": 0.6, "xquad_r.mono.map": 0.7, "xquad_r.cross.map": 0.5}
-    zero_shot = {"xquad_r.multi.map": 0.4, "xquad_r.mono.map": 0.8, "xquad_r.cross.map": 0.45}
+    metrics = {"xquad_r/multi/map": 0.6, "xquad_r/mono/map": 0.7, "xquad_r/cross/map": 0.5}
+    zero_shot = {"xquad_r/multi/map": 0.4, "xquad_r/mono/map": 0.8, "xquad_r/cross/map": 0.45}
     card = write_model_card(tmp_path, spec, name="demo", metrics=metrics, composition={}, zero_shot=zero_shot)
     head, body = card.read_text().removeprefix("---\n").split("\n---\n", 1)
     assert yaml.safe_load(head)["license"] == "mit"

@@ -90,7 +90,7 @@ def history(tmp: Path, run_id: str) -> dict[str, list[tuple[int, float]]]:
     client = MlflowClient(store(tmp))
     return {
         key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        for key in ("train.loss", "train.lr", "train.resumed_at_step", "train.mfu", "train.pairs_per_s")
+        for key in ("train/loss", "train/lr", "train/resumed_at_step", "train/mfu", "train/pairs_per_s")
     }
 
 
@@ -119,10 +119,10 @@ def test_two_worker_zero3_gradcache_runs_end_to_end(runs: dict[str, Any]) -> Non
     from transformers import AutoModel
 
     result, history = runs["a"]
-    losses = [v for _, v in history["train.loss"]]
-    assert [s for s, _ in history["train.loss"]] == list(range(1, STEPS + 1))
+    losses = [v for _, v in history["train/loss"]]
+    assert [s for s, _ in history["train/loss"]] == list(range(1, STEPS + 1))
     assert losses[-1] < losses[0], "the tiny model learns"
-    assert all(v > 0 for _, v in history["train.mfu"]) and all(v > 0 for _, v in history["train.pairs_per_s"])
+    assert all(v > 0 for _, v in history["train/mfu"]) and all(v > 0 for _, v in history["train/pairs_per_s"])
     ckpt = Path(result.checkpoint_path)
     shards = sorted(p.name for p in ckpt.glob("deepspeed/state/*optim_states.pt"))
     assert shards == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)], "both ranks' shards"
@@ -135,9 +135,9 @@ def test_killed_worker_is_replaced_and_resumes_without_losing_or_duplicating_met
 ) -> None:
     (_, a), (_, b) = runs["a"], runs["b"]
     last_checkpoint = KILL_BEFORE // CHECKPOINT_EVERY * CHECKPOINT_EVERY
-    assert (last_checkpoint, float(last_checkpoint)) in b["train.resumed_at_step"], "restarted from step 3"
-    assert [s for s, _ in b["train.loss"]] == list(range(1, STEPS + 1)), "each step exactly once"
-    for key in ("train.loss", "train.lr"):
+    assert (last_checkpoint, float(last_checkpoint)) in b["train/resumed_at_step"], "restarted from step 3"
+    assert [s for s, _ in b["train/loss"]] == list(range(1, STEPS + 1)), "each step exactly once"
+    for key in ("train/loss", "train/lr"):
         for (step, got), (_, want) in zip(b[key], a[key], strict=True):
             assert got == pytest.approx(want, rel=1e-6, abs=1e-9), f"{key} at step {step}"
 
@@ -152,7 +152,7 @@ def test_a_run_out_of_retries_fails_in_mlflow_and_keeps_what_it_did(runs: dict[s
     client = MlflowClient(store(tmp))
     (run,) = client.search_runs([client.get_experiment_by_name("exhausted").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags[STATUS] == "failed"
-    assert [s for s, _ in history(tmp, run.info.run_id)["train.loss"]] == list(range(1, KILL_BEFORE + 1))
+    assert [s for s, _ in history(tmp, run.info.run_id)["train/loss"]] == list(range(1, KILL_BEFORE + 1))
     kept = list(
         (tmp / "runs" / "ray").glob(f"exhausted-{run.info.run_id[:8]}/checkpoint_*/trainer_state.json")
     )

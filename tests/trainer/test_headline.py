@@ -15,8 +15,8 @@ from xling.trainer.headline import describe, headline
 from xling.trainer.tracking import start_run
 
 #: Logged as a smoke run logs them: step 0 is the zero-shot evaluation, step 8 the final one.
-LOGGED = {"xquad_r.multi.map": (0.2148, 0.2215), "xquad_r.multi.r10": (0.2945, 0.2987),
-          "xquad_r.bias.rank_distance": (38.4, 38.0), "xquad_r.mono.map": (0.4, 0.4211)}  # fmt: skip
+LOGGED = {"xquad_r/multi/map": (0.2148, 0.2215), "xquad_r/multi/r10": (0.2945, 0.2987),
+          "xquad_r/bias/rank_distance": (38.4, 38.0), "xquad_r/mono/map": (0.4, 0.4211)}  # fmt: skip
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def smoke_run(tmp_path: Path) -> tuple[str, str]:
     client = MlflowClient(uri)
     client.log_batch(run_id, metrics=[Metric(k, v, 0, step) for k, values in LOGGED.items()
                                       for step, v in zip((0, 8), values, strict=True)])  # fmt: skip
-    client.log_metric(run_id, "train.loss", 2.8, step=8)
+    client.log_metric(run_id, "train/loss", 2.8, step=8)
     return uri, run_id
 
 
@@ -50,8 +50,8 @@ def test_the_centering_baseline_is_a_column_beside_the_zero_shot_numbers(smoke_r
     where 8 say it all."""
     uri, run_id = smoke_run
     client = MlflowClient(uri)
-    client.log_batch(run_id, metrics=[Metric("xquad_r_centered.multi.map", 0.2244, 0, 0),
-                                      Metric("xquad_r_centered.mono.map", 0.4556, 0, 0)])  # fmt: skip
+    client.log_batch(run_id, metrics=[Metric("xquad_r_centered/multi/map", 0.2244, 0, 0),
+                                      Metric("xquad_r_centered/mono/map", 0.4556, 0, 0)])  # fmt: skip
     lines = describe(client, run_id, "smoke").splitlines()
     assert "| | zero-shot | zero-shot, centered | trained (step 8) | change |" in lines
     assert "|---|---|---|---|---|" in lines

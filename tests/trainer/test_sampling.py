@@ -104,7 +104,7 @@ def test_hybrid_realises_alpha() -> None:
     comp = Composition()
     for s in range(2000):
         comp.add(sampler.plan(s))
-    assert abs(comp.metrics()["batches.xx_fraction"] - 0.3) < 0.04
+    assert abs(comp.metrics()["batches/xx_fraction"] - 0.3) < 0.04
     assert comp.kinds["xx"] + comp.kinds["xy"] == 2000
 
 
@@ -119,7 +119,7 @@ def test_exact_schedule_gives_round_alpha_n_xx_batches(alpha: float, steps: int,
     for s in range(steps):
         comp.add(sampler.plan(s))
     assert comp.kinds["xx"] == math.floor(alpha * steps + 0.5)
-    assert comp.metrics().get("batches.xx_fraction", 0.0) == comp.kinds["xx"] / steps
+    assert comp.metrics().get("batches/xx_fraction", 0.0) == comp.kinds["xx"] / steps
     assert comp.kinds["xx"] + comp.kinds["xy"] == steps
 
 
@@ -212,10 +212,10 @@ def test_composition_logs_query_and_passage_shares() -> None:
     for s in range(50):
         comp.add(sampler.plan(s))
     m = comp.metrics()
-    queries = {k: v for k, v in m.items() if k.startswith("batches.query_share.")}
-    passages = {k: v for k, v in m.items() if k.startswith("batches.passage_share.")}
-    assert set(queries) == {f"batches.query_share.{lang}" for lang in LANGS + ["hi"]}
-    assert "batches.query_share.de" in queries and "batches.passage_share.hi" not in passages
+    queries = {k: v for k, v in m.items() if k.startswith("batches/query_share/")}
+    passages = {k: v for k, v in m.items() if k.startswith("batches/passage_share/")}
+    assert set(queries) == {f"batches/query_share/{lang}" for lang in LANGS + ["hi"]}
+    assert "batches/query_share/de" in queries and "batches/passage_share/hi" not in passages
     assert sum(queries.values()) == pytest.approx(1) and sum(passages.values()) == pytest.approx(1)
     assert Composition.from_dict(comp.as_dict()) == comp
 

@@ -161,7 +161,7 @@ def test_a_step_reads_no_value_back_from_the_device(
     turn a tensor into a Python number in a step (``float()``, ``.item()``); the loop reads the window's
     sum at log steps. (torch's AdamW reads its step counter, a host tensor, with ``.item()``: not counted.)
     The counts come from the host-side masks: the real tokens, and the token slots computed (padding
-    included, what ``train.mfu`` counts)."""
+    included, what ``train/mfu`` counts)."""
     import sys
 
     import xling.trainer
@@ -195,8 +195,8 @@ def test_a_step_reads_no_value_back_from_the_device(
 
 
 def test_the_log_reads_the_window_once_and_counts_padding(setup: dict[str, Any]) -> None:
-    """``train.loss`` is the window's mean loss; ``train.mfu`` counts every token slot the device computed
-    (padding included), and ``train.padding_share`` says how many of them were padding."""
+    """``train/loss`` is the window's mean loss; ``train/mfu`` counts every token slot the device computed
+    (padding included), and ``train/padding_share`` says how many of them were padding."""
     from xling.trainer.capacity.flops import model_flops_utilization
     from xling.trainer.train_loop import StepResult, Window
 
@@ -206,15 +206,15 @@ def test_the_log_reads_the_window_once_and_counts_padding(setup: dict[str, Any])
     window.add(StepResult(torch.tensor(1.0), torch.tensor(5.0), 4, 90, 100), world=1)
     window.started -= 2.0  # two seconds ago
     m = window.metrics(trainer)
-    assert m["train.loss"] == 1.5 and m["train.grad_norm"] == 5.0
-    assert m["train.padding_share"] == pytest.approx(0.25)
-    assert m["train.tokens_per_s"] == pytest.approx(75, rel=0.01) and m["train.pairs_per_s"] == pytest.approx(
+    assert m["train/loss"] == 1.5 and m["train/grad_norm"] == 5.0
+    assert m["train/padding_share"] == pytest.approx(0.25)
+    assert m["train/tokens_per_s"] == pytest.approx(75, rel=0.01) and m["train/pairs_per_s"] == pytest.approx(
         4, rel=0.01
     )
     want = model_flops_utilization(
         trainer.dense_params, 200, 2.0, trainer.peak_flops, trainer.trainable_params
     )
-    assert m["train.mfu"] == pytest.approx(want, rel=0.01)
+    assert m["train/mfu"] == pytest.approx(want, rel=0.01)
 
 
 # ---------------------------------------------------------------------------- distributed.compile (issue 26)

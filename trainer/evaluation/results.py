@@ -1,8 +1,9 @@
 """Evaluation results: what the engines compute, flat metric names, and the JSON form.
 
-Flat names have no ``@`` or ``=`` (MLflow and Ray Tune friendly): ``<suite>.<setting>[.<lang>].<metric>``,
-e.g. ``xquad_r.multi.map``, ``xquad_r.cross.ar_de.map``, ``xquad_r.bias.rank_distance``; the format and the
-functions that read it back are :mod:`xling.api.metrics`.
+Flat names have no ``@`` or ``=`` (MLflow and Ray Tune friendly): ``<suite>/<setting>/<metric>[/<lang>]``,
+e.g. ``xquad_r/multi/map``, ``xquad_r/cross/map/ar_de``, ``xquad_r/bias/rank_distance``; the format and the
+functions that build and read them are :mod:`xling.api.metrics`. The results files keep their own keys
+(``multi.map``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from xling.api.metrics import suite_prefix
+from xling.api.metrics import flat_name, suite_prefix
 from xling.trainer.evaluation.trec import RankedLists
 
 #: Per-query-language bias views, in table order (see docs/evaluation.md).
@@ -118,16 +119,14 @@ class LareqaResults:
     def flat_metrics(self, prefix: str | None = None) -> dict[str, float]:
         """Every number under its flat name; undefined values (NaN, inf) are left out."""
         p = prefix or suite_prefix(self.suite)
-        out = {f"{p}.{k}": v for k, v in self.summary().items()}
+        out = {flat_name(p, k): v for k, v in self.summary().items()}
         for lang, row in self.per_language().items():
-            for key, value in row.items():
-                setting, metric = key.split(".", 1)
-                out[f"{p}.{setting}.{lang}.{metric}"] = value
+            out.update({flat_name(p, key, lang): value for key, value in row.items()})
         for i, x in enumerate(self.languages):
             for j, y in enumerate(self.languages):
                 if i != j:
-                    out[f"{p}.cross.{x}_{y}.map"] = float(self.map_matrix[i, j])
-                    out[f"{p}.cross.{x}_{y}.r1"] = float(self.r1_matrix[i, j])
+                    out[flat_name(p, "cross.map", f"{x}_{y}")] = float(self.map_matrix[i, j])
+                    out[flat_name(p, "cross.r1", f"{x}_{y}")] = float(self.r1_matrix[i, j])
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
     def to_dict(self) -> dict[str, Any]:
@@ -181,9 +180,9 @@ class MiraclResults:
 
     def flat_metrics(self, prefix: str | None = None) -> dict[str, float]:
         p = prefix or suite_prefix(self.suite)
-        out = {f"{p}.{k}": v for k, v in self.summary().items()}
+        out = {flat_name(p, k): v for k, v in self.summary().items()}
         for lang, row in self.scores.items():
-            out.update({f"{p}.{lang}.{k}": v for k, v in row.items()})
+            out.update({flat_name(p, k, lang): v for k, v in row.items()})
         return {k: float(v) for k, v in out.items() if math.isfinite(v)}
 
     def to_dict(self) -> dict[str, Any]:

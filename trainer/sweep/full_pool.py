@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from xling.api.errors import InputError
+from xling.api.metrics import flat_name
 from xling.api.tags import FULL_POOL
 from xling.trainer.sweep.claims import roles
 from xling.trainer.sweep.summary import FULL_SUFFIX, SweepSummary, full_prefix
@@ -87,7 +88,7 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     spec = exp.spec
     torch.set_num_threads(os.cpu_count() or 1)
     suite_name = s.prefix.replace("_", "-")
-    done_key = f"{full_prefix(s.prefix)}.multi.map"
+    done_key = flat_name(full_prefix(s.prefix), "multi.map")
     ran = 0
     if done_key not in client.get_run(s.parent_run_id).data.metrics:
         print(f"full pool: zero-shot {spec.model.name}", flush=True)

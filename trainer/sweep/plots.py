@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from xling.api.metrics import flat_name
 from xling.trainer.evaluation.report import write_pngs
 from xling.trainer.sweep.summary import PointSummary, SweepSummary, curve_keys, short_key
 
@@ -96,7 +97,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _plot_pareto(s: SweepSummary, plt: Any) -> Any:
-    xk, yk = f"{s.prefix}.bias.rank_distance", f"{s.prefix}.multi.map"
+    xk, yk = curve_keys(s.prefix)[::-1]
     pts = [p for p in s.points if xk in p.stats and yk in p.stats and p.stats[yk].n]
     fig, ax = plt.subplots(figsize=(6, 4.5))
     coords = [(p.stats[xk].mean, p.stats[yk].mean) for p in pts]
@@ -136,7 +137,7 @@ def _plot_heatmaps(s: SweepSummary, plt: Any) -> Any:
     image = None
     for ax, p in zip(axes.ravel(), pts, strict=False):
         m = np.array(
-            [[p.mean(f"{s.prefix}.mono.{a}.map" if a == b else f"{s.prefix}.cross.{a}_{b}.map") for b in langs]
+            [[p.mean(flat_name(s.prefix, "mono.map", a) if a == b else flat_name(s.prefix, "cross.map", f"{a}_{b}")) for b in langs]
              for a in langs]
         )  # fmt: skip
         image = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
@@ -162,7 +163,7 @@ def _plot_bias(s: SweepSummary, plt: Any) -> Any:
         (axes[1], "top10_own_share", "own-language share of the top 10"),
     ):
         for lang in langs:
-            ax.plot([x[p.index] for p in pts], [p.mean(f"{s.prefix}.bias.{lang}.{metric}") for p in pts],
+            ax.plot([x[p.index] for p in pts], [p.mean(flat_name(s.prefix, f"bias.{metric}", lang)) for p in pts],
                     marker=".", label=lang)  # fmt: skip
         if ticks is not None:
             ax.set_xticks(range(len(ticks)), ticks)
@@ -185,7 +186,7 @@ def _plot_alpha_curve(s: SweepSummary, plt: Any) -> Any:
     """Multilingual mAP and rank distance against alpha, with the seed intervals; mixed (off the axis) as
     a band, zero-shot as a dashed line."""
     pts = _alpha_points(s)
-    keys = [k for k in (f"{s.prefix}.multi.map", f"{s.prefix}.bias.rank_distance") if k in pts[0].stats]
+    keys = [k for k in curve_keys(s.prefix) if k in pts[0].stats]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         xs = np.array([p.xx_share for p in pts])
@@ -231,7 +232,7 @@ def save_plots(s: SweepSummary, directory: Path) -> list[Path]:
     plots = [(f"metric_vs_{x_name}", _plot_metric_vs_parameter)]
     if _alpha_points(s) and x_name != "alpha":  # an alpha grid has its curve already: metric_vs_alpha
         plots.append(("alpha_curve", _plot_alpha_curve))
-    if f"{s.prefix}.bias.rank_distance" in s.main_metrics():
+    if flat_name(s.prefix, "bias.rank_distance") in s.main_metrics():
         plots += [("pareto", _plot_pareto), ("bias", _plot_bias)]
     if s.languages():
         plots.append(("heatmaps", _plot_heatmaps))

@@ -17,6 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from xling.api.metrics import BEST, join
 from xling.api.tags import BEST_POINT, TRIALS_FINISHED
 from xling.trainer.sweep.plots import save_plots
 from xling.trainer.sweep.summary import SweepSummary
@@ -120,16 +121,19 @@ def publish(client: MlflowClient, s: SweepSummary) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_report(s, Path(tmp))
         client.log_artifacts(s.parent_run_id, tmp, artifact_path=SUMMARY_DIR)
-    metrics = {"sweep.trials_finished": float(s.finished), "sweep.points": float(len(s.points))}
+    metrics = {
+        join("sweep", "trials_finished"): float(s.finished),
+        join("sweep", "points"): float(len(s.points)),
+    }
     tags = [RunTag(TRIALS_FINISHED, f"{s.finished}/{s.planned}")]
     if s.best is not None:
         best = s.points[s.best]
         tags.append(RunTag(BEST_POINT, best.label))
         for key in s.main_metrics():
             ci = best.stats[key]
-            metrics[f"best.{key}"] = ci.mean
+            metrics[join(BEST, key)] = ci.mean
             if math.isfinite(ci.low):
-                metrics[f"best.{key}.ci_low"], metrics[f"best.{key}.ci_high"] = ci.low, ci.high
+                metrics[join(BEST, key, "ci_low")], metrics[join(BEST, key, "ci_high")] = ci.low, ci.high
     now = int(time.time() * 1000)
     batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if math.isfinite(v)]
     client.log_batch(s.parent_run_id, metrics=batch, tags=tags)

@@ -23,7 +23,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xling.api.errors import InputError
-from xling.api.metrics import is_headline, language_of, prefix_of, suite_prefix
+from xling.api.metrics import (
+    flat_name,
+    is_headline,
+    join,
+    language_of,
+    prefix_of,
+    split,
+    suite_prefix,
+    with_prefix,
+)
 from xling.api.spec.base import ClusterUnit
 from xling.api.spec.sweep import SweepSpec
 from xling.api.spec.training import CenteringSpec, SamplingSpec
@@ -50,8 +59,9 @@ def full_prefix(prefix: str) -> str:
 
 
 def short_key(key: str, prefix: str) -> str:
-    """A metric's name without its suite prefix, as tables and plots show it: ``multi.map``."""
-    return key.removeprefix(prefix + ".")
+    """A metric's name without its suite prefix, as tables and plots show it: ``multi/map``."""
+    parts = split(key)
+    return join(*parts[1:]) if parts[0] == prefix else key
 
 
 @dataclass
@@ -131,17 +141,18 @@ class SweepSummary:
 
     def main_metrics(self) -> list[str]:
         """The objective, then the headline retrieval and bias numbers that exist in these runs."""
-        wanted = [self.sweep.metric] + [f"{self.prefix}.{m}" for m in HEADLINE]
+        wanted = [self.sweep.metric] + [flat_name(self.prefix, m) for m in HEADLINE]
         present = {k for p in self.points for k in p.stats}
         return list(dict.fromkeys(k for k in wanted if k in present))
 
     def languages(self) -> list[str]:
         """The query languages of the per-language metrics the finished trials logged."""
         keys = {k for p in self.points for t in p.trials for k in t.metrics}
-        return list(per_language_keys(f"{self.prefix}.mono.map", keys))
+        return list(per_language_keys(flat_name(self.prefix, "mono.map"), keys))
 
 
-#: Per-language numbers the breakdown of the best point against zero-shot shows.
+#: Per-language numbers the breakdown of the best point against zero-shot shows (results keys, as
+#: :func:`~xling.api.metrics.flat_name` takes them; so is HEADLINE).
 BY_LANGUAGE = ("multi.map", "mono.map", "bias.rank_distance")
 #: The headline numbers of a LAReQA suite, in table order: mAP, recall, then language bias.
 HEADLINE = ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10", "bias.rank_distance",
@@ -200,7 +211,7 @@ def zero_shot(client: MlflowClient, run_id: str, keys: list[str]) -> dict[str, f
 
 
 def per_language_keys(metric: str, keys: set[str]) -> dict[str, str]:
-    """``xquad_r.multi.map`` -> {"ar": "xquad_r.multi.ar.map", ...} for the keys that exist."""
+    """``xquad_r/multi/map`` -> {"ar": "xquad_r/multi/map/ar", ...} for the keys that exist."""
     found = {k: language_of(metric, k) for k in sorted(keys)}
     return {lang: k for k, lang in found.items() if lang and re.fullmatch(r"[a-z]{2,3}", lang)}
 
@@ -360,7 +371,7 @@ def _comparisons(
 
 def curve_keys(prefix: str) -> tuple[str, str]:
     """The metrics a learning curve draws: the pooled task and language bias."""
-    return f"{prefix}.multi.map", f"{prefix}.bias.rank_distance"
+    return flat_name(prefix, "multi.map"), flat_name(prefix, "bias.rank_distance")
 
 
 def learning_curves(
@@ -390,26 +401,26 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     finished = [t for t in records if t.status == "FINISHED"]
     keys = {k for t in finished for k in t.metrics}
     suffix = CENTERED_SUFFIX.replace("-", "_")
-    headline = sorted(k for k in keys if is_headline(k) and not k.split(".")[0].endswith(suffix))
+    headline = sorted(k for k in keys if is_headline(k) and not prefix_of(k).endswith(suffix))
     # the baseline is logged once, at step 0, by every trial alike: the first finished trial's values, under
-    # the plain names (xquad_r_centered.multi.map -> xquad_r.multi.map), for every suite
+    # the plain names (xquad_r_centered/multi/map -> xquad_r/multi/map), for every suite
     centered = {
-        k.split(".")[0].removesuffix(suffix) + "." + k.split(".", 1)[1]: v
+        with_prefix(k, prefix_of(k).removesuffix(suffix)): v
         for k, v in (finished[0].metrics.items() if finished else ())
-        if k.split(".")[0].endswith(suffix)
+        if prefix_of(k).endswith(suffix)
     }
     suites = [suite_prefix(suite["name"]) for suite in plan["experiment"]["spec"]["evaluation"]["suites"]]
-    held_out = [p for p in suites if p != prefix and f"{p}.multi.map" in keys]
+    held_out = [p for p in suites if p != prefix and flat_name(p, "multi.map") in keys]
     source = centering_source(plan["experiment"]["spec"].get("evaluation", {}).get("centering"))
-    zero_keys = [k for k in headline if k.split(".")[0] in (prefix, *held_out)]
+    zero_keys = [k for k in headline if prefix_of(k) in (prefix, *held_out)]
     wanted = [c.metric for c in sweep.constraints if c.at_least_zero_shot] + [
-        f"{prefix}.{m}" for m in BY_LANGUAGE
+        flat_name(prefix, m) for m in BY_LANGUAGE
     ]
     for metric in wanted:
         zero_keys += per_language_keys(metric, keys).values()
     zero = zero_shot(client, finished[0].run_id, sorted(set(zero_keys))) if finished else {}
     base_sampling = plan["experiment"]["spec"]["sampling"]
-    full_key = f"{full_prefix(prefix)}.multi.map"
+    full_key = flat_name(full_prefix(prefix), "multi.map")
     points = []
     for index, point in enumerate(plan["points"]):
         trials = [t for t in finished if t.point == index]
@@ -432,7 +443,7 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
     comparisons: list[Comparison] = []
     against: list[Comparison] = []
     unit: str = "question"
-    if f"{prefix}.multi.map" in keys:  # a LAReQA suite (XQuAD-R, MLQA-R): per-query AP exists
+    if flat_name(prefix, "multi.map") in keys:  # a LAReQA suite (XQuAD-R, MLQA-R): per-query AP exists
         comparisons, against, unit = _comparisons(client, points, prefix.replace("_", "-"), sweep, notes)
     sign = 1 if sweep.mode == "max" else -1
     ranked = [p for p in points if p.feasible and sweep.metric in p.stats and p.stats[sweep.metric].n]
@@ -450,9 +461,7 @@ def summarize_sweep(client: MlflowClient, parent_run_id: str) -> SweepSummary:
         comparisons=comparisons,
         notes=notes,
         best=best,
-        zero_shot_full={
-            k: v for k, v in parent.data.metrics.items() if k.startswith(full_prefix(prefix) + ".")
-        },
+        zero_shot_full={k: v for k, v in parent.data.metrics.items() if prefix_of(k) == full_prefix(prefix)},
         bootstrap_unit=unit,
         centered=centered,
         centering_source=source,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from xling.api.metrics import flat_name
 from xling.trainer.stats import MeanCI, mean_ci
 from xling.trainer.sweep.claims import claims_table
 from xling.trainer.sweep.markup import Table
@@ -116,7 +117,7 @@ def _held_out(s: SweepSummary) -> list[Table]:
     Read beside the main suite's tests: these numbers carry seed intervals only."""
     pct, out = round(100 * s.sweep.confidence), []
     for prefix in s.held_out:
-        keys = [f"{prefix}.{m}" for m in HEADLINE if any(f"{prefix}.{m}" in p.stats for p in s.points)]
+        keys = [k for m in HEADLINE if any((k := flat_name(prefix, m)) in p.stats for p in s.points)]
         rows = [[name] + [_fmt(_single(values.get(k))) for k in keys]
                 for name, values in (("zero-shot", s.zero_shot), ("zero-shot + language-mean centering", s.centered))
                 if any(k in values for k in keys)]  # fmt: skip
@@ -151,8 +152,7 @@ def _by_language(s: SweepSummary) -> Table | None:
     for lang in langs:
         row = [lang]
         for metric in BY_LANGUAGE:
-            setting, leaf = metric.split(".", 1)
-            key = f"{s.prefix}.{setting}.{lang}.{leaf}"
+            key = flat_name(s.prefix, metric, lang)
             ci = mean_ci([t.metrics.get(key, math.nan) for t in best.trials], s.sweep.confidence)
             zero = s.zero_shot.get(key, math.nan)
             change = ci.mean - zero if ci.n else math.nan
@@ -169,7 +169,7 @@ def _full_pool(s: SweepSummary) -> Table | None:
     if not full and not s.zero_shot_full:
         return None
     prefix = full_prefix(s.prefix)
-    keys = [f"{prefix}.{m}" for m in HEADLINE]
+    keys = [flat_name(prefix, m) for m in HEADLINE]
     rows = (
         [["zero-shot", "-"] + [_fmt(_single(s.zero_shot_full.get(k))) for k in keys]]
         if s.zero_shot_full

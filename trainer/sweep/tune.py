@@ -57,6 +57,7 @@ from xling.trainer.driver import (
     prepare_run,
     storage_path,
 )
+from xling.trainer.sweep.progress import SweepProgress, tune_callback
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
@@ -344,7 +345,7 @@ def _tune(ctx: TrialContext, data: DataLocation, storage: str, stored: str | Non
     specs = [ctx.spec(i, sweep.seeds[0]) for i in range(len(ctx.plan.points))]
     init_ray(ctx.env, any(s.distributed.gpus_per_worker for s in specs))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx, data=data), {"cpu": TRIAL_CPUS})
-    if stored is not None:
+    if stored is not None:  # its RunConfig, the progress callback included, comes back with it
         print(f"sweep: continuing {stored} (finished trials are kept)", flush=True)
         return tune.Tuner.restore(stored, trainable, resume_errored=True).fit()
     scheduler = None
@@ -369,6 +370,11 @@ def _tune(ctx: TrialContext, data: DataLocation, storage: str, stored: str | Non
             trial_name_creator=_trial_name,
             trial_dirname_creator=_trial_name,
         ),
-        run_config=tune.RunConfig(name=ctx.exp.metadata.name, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(
+            name=ctx.exp.metadata.name,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[tune_callback(SweepProgress(len(ctx.plan.trials), sweep.metric), _trial_name)],
+        ),
     )
     return tuner.fit()

@@ -84,12 +84,12 @@ def test_centering_removes_a_language_offset_and_is_logged_as_its_own_suite(suit
     plain, base = evaluate_with_centering(suite, Offset(language_of), spec)
     assert plain.suite == "xquad-r" and base.suite == "xquad-r-centered"
     before, after = plain.flat_metrics(), base.flat_metrics()
-    assert before["xquad_r.bias.top10_own_share"] > 0.9, "the offset puts the own language on top"
-    assert after["xquad_r_centered.bias.top10_own_share"] < before["xquad_r.bias.top10_own_share"] - 0.2
+    assert before["xquad_r/bias/top10_own_share"] > 0.9, "the offset puts the own language on top"
+    assert after["xquad_r_centered/bias/top10_own_share"] < before["xquad_r/bias/top10_own_share"] - 0.2
     _, without = evaluate_with_centering(suite, HashingEncoder(), spec)
     assert base.multi_map == pytest.approx(without.multi_map, abs=0.02)
-    assert base.flat_metrics()["xquad_r_centered.bias.top10_own_share"] == pytest.approx(
-        without.flat_metrics()["xquad_r_centered.bias.top10_own_share"], abs=0.05
+    assert base.flat_metrics()["xquad_r_centered/bias/top10_own_share"] == pytest.approx(
+        without.flat_metrics()["xquad_r_centered/bias/top10_own_share"], abs=0.05
     )
     assert len(evaluate_with_centering(suite, HashingEncoder(), None)) == 1
 
@@ -123,8 +123,8 @@ def test_xling_eval_prints_and_writes_the_centering_baseline(
         and "lines 1-40 (NTREX-128, 40 per language)" in out
     )
     saved = json.loads(Path("res-centered.json").read_text())
-    assert saved["suite"] == "xquad-r-centered" and "xquad_r_centered.multi.map" in saved["metrics"]
-    assert "xquad_r.multi.map" in json.loads(Path("res.json").read_text())["metrics"]
+    assert saved["suite"] == "xquad-r-centered" and "xquad_r_centered/multi/map" in saved["metrics"]
+    assert "xquad_r/multi/map" in json.loads(Path("res.json").read_text())["metrics"]
 
 
 def test_training_never_sees_the_centering_sentences() -> None:

@@ -66,10 +66,10 @@ def test_miracl_scores_match_hand_computed_trec_eval(tmp_path: Path) -> None:
     assert res.scores["sw"] == pytest.approx({"ndcg10": (ndcg1 + ndcg2) / 3, "recall100": 2 / 3})
     assert res.flat_metrics() == pytest.approx(
         {
-            "miracl.ndcg10": (ndcg1 + ndcg2) / 3,
-            "miracl.recall100": 2 / 3,
-            "miracl.sw.ndcg10": (ndcg1 + ndcg2) / 3,
-            "miracl.sw.recall100": 2 / 3,
+            "miracl/ndcg10": (ndcg1 + ndcg2) / 3,
+            "miracl/recall100": 2 / 3,
+            "miracl/ndcg10/sw": (ndcg1 + ndcg2) / 3,
+            "miracl/recall100/sw": 2 / 3,
         }  # fmt: skip
     )
     assert res.ranked[0].query_ids == ["sw:1", "sw:2", "sw:3"]

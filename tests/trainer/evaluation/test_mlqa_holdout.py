@@ -141,15 +141,15 @@ def test_the_suite_pools_paragraphs_and_scores_the_perfect_encoder_at_one() -> N
     assert (rel >= 0).sum(axis=1).min() >= 1 and (rel >= 0).sum(axis=1).max() <= 4
     results = evaluate_suite(suite, Oracle())
     m = results.flat_metrics()
-    assert m["mlqa_holdout.multi.map"] == pytest.approx(1.0)
-    assert m["mlqa_holdout.mono.map"] == pytest.approx(1.0) and m["mlqa_holdout.cross.map"] == pytest.approx(
+    assert m["mlqa_holdout/multi/map"] == pytest.approx(1.0)
+    assert m["mlqa_holdout/mono/map"] == pytest.approx(1.0) and m["mlqa_holdout/cross/map"] == pytest.approx(
         1.0
     )
     # the relevant paragraphs fill the top ranks: rank distance |R| - 1 (undefined for |R| = 1), macro over
     # query languages
     sizes = [(suite.relevant(lang) >= 0).sum(axis=1) for lang in suite.languages]
     ideal = np.mean([(r[r > 1] - 1).mean() for r in sizes])
-    assert m["mlqa_holdout.bias.rank_distance"] == pytest.approx(ideal)
+    assert m["mlqa_holdout/bias/rank_distance"] == pytest.approx(ideal)
     # the bootstrap's clusters are the hold-out's components: one per component, both units
     qids = [q.split(":", 1)[1] for part in results.ranked for q in part.query_ids]
     paragraph = results.per_query["paragraph"]

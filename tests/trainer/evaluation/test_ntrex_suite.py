@@ -53,9 +53,9 @@ def test_relevant_are_the_translations_and_the_own_text_is_ranked_out() -> None:
     ]
     m = evaluate_suite(s, Oracle()).flat_metrics()
     # the query's own text scores 1.0; were it left in the pool, it would sit above every translation
-    assert m["ntrex_r.multi.map"] == pytest.approx(1.0) and m["ntrex_r.cross.map"] == pytest.approx(1.0)
-    assert m["ntrex_r.bias.rank_distance"] == pytest.approx(9.0), "the 10 translations fill ranks 1-10"
-    assert "ntrex_r.mono.map" not in m, "no monolingual task: the own-language answer is the query"
+    assert m["ntrex_r/multi/map"] == pytest.approx(1.0) and m["ntrex_r/cross/map"] == pytest.approx(1.0)
+    assert m["ntrex_r/bias/rank_distance"] == pytest.approx(9.0), "the 10 translations fill ranks 1-10"
+    assert "ntrex_r/mono/map" not in m, "no monolingual task: the own-language answer is the query"
     per_query = evaluate_suite(s, HashingEncoder()).per_query
     assert len(set(per_query["article"])) < len(set(per_query["paragraph"])) == len(LINES)
 

@@ -170,11 +170,11 @@ def test_flat_metric_names(real_run: tuple[LareqaSuite, HashingEncoder, LareqaRe
     res = real_run[2]
     flat = res.flat_metrics()
     assert not [k for k in flat if "@" in k or "=" in k]
-    for name in ("multi.map", "mono.map", "cross.map", "cross.ar_de.map", "mono.en.map", "multi.r10",
-                 "bias.rank_distance", "mono.r1", "cross.r1", "cross.zh.map", "bias.en.top10_own_share"):  # fmt: skip
-        assert f"xquad_r.{name}" in flat
+    for name in ("multi/map", "mono/map", "cross/map", "cross/map/ar_de", "mono/map/en", "multi/r10",
+                 "bias/rank_distance", "mono/r1", "cross/r1", "cross/map/zh", "bias/top10_own_share/en"):  # fmt: skip
+        assert f"xquad_r/{name}" in flat
     assert len(flat) == 15 + 4 * 15 + 12 * 2
-    assert set(res.flat_metrics("eval/xq")) == {k.replace("xquad_r.", "eval/xq.", 1) for k in flat}
+    assert set(res.flat_metrics("xq")) == {k.replace("xquad_r/", "xq/", 1) for k in flat}
     table = format_table(res)
     assert "mAP matrix" in table and table.count("\n") > 10
 
@@ -292,7 +292,7 @@ def test_cli_end_to_end_with_mlflow(
                                       "max_length": 128})]  # fmt: skip
     assert "mAP matrix" in capsys.readouterr().out
     saved = json.loads(Path("res.json").read_text())
-    assert saved["n_queries"] == {"ar": 30, "de": 30} and saved["metrics"]["xquad_r.multi.map"] > 0
+    assert saved["n_queries"] == {"ar": 30, "de": 30} and saved["metrics"]["xquad_r/multi/map"] > 0
     first = Path("run.trec").read_text().splitlines()[0].split()
     assert first[0].startswith("ar:") and first[1:2] == ["Q0"] and first[3] == "1" and first[5] == "xling"
     assert len(read_qrels("qrels.trec")) == 60
@@ -300,7 +300,7 @@ def test_cli_end_to_end_with_mlflow(
 
     client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("xling-eval").experiment_id])
-    assert run.data.metrics["xquad_r.multi.map"] == pytest.approx(saved["metrics"]["xquad_r.multi.map"])
+    assert run.data.metrics["xquad_r/multi/map"] == pytest.approx(saved["metrics"]["xquad_r/multi/map"])
     assert run.data.params["languages"] == "ar,de"
     names = {a.path for a in client.list_artifacts(run.info.run_id, "eval/xquad-r/step-0")}
     assert "eval/xquad-r/step-0/map_matrix.png" in names and len(names) == 7

@@ -73,12 +73,18 @@ def test_sweep_level_rules() -> None:
         ({"parameters": {"model.name": {"grid": ["x"]}}}, {}, "not sweepable"),
         ({"parameters": {"data.skipBadRows": {"grid": [True]}}}, {}, "not sweepable"),
         ({"parameters": {"distributed.deepspeed.stage": {"grid": [1]}}}, {}, "unset in the base spec"),
-        ({"metric": "miracl.ndcg10"}, {}, "sweep.metric: 'miracl.ndcg10' is not logged"),
-        ({"metric": "train.loss", "mode": "min", "constraints": [{"metric": "xquad_r.multi.map", "max": 1}]},
+        ({"metric": "miracl/ndcg10"}, {}, "sweep.metric: 'miracl/ndcg10' is not logged"),
+        ({"metric": "train/loss", "mode": "min", "constraints": [{"metric": "xquad_r/multi/map", "max": 1}]},
          {"evaluation": {"suites": []}}, "sweep.constraints\\[0\\].metric"),
-        ({"constraints": [{"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]},
+        ({"constraints": [{"metric": "xquad_r/multi/map", "atLeastZeroShot": True}]},
          {"evaluation": {"atStart": False, "suites": [{"name": "xquad-r", "path": "x"}]}}, "needs evaluation.atStart"),
         ({"asha": {}}, {"optimization": {"maxSteps": 8, "checkpointEvery": 0}}, "needs optimization.checkpointEvery"),
+        # names before the '/' spelling: each field says so, with the new name
+        ({"metric": "xquad_r.multi.map"}, {}, "sweep.metric: 'xquad_r.multi.map' is the old dotted spelling.*'xquad_r/multi/map'"),
+        ({"constraints": [{"metric": "xquad_r.multi.de.map", "max": 1}]}, {},
+         "sweep.constraints\\[0\\].metric: .*old dotted spelling.*'xquad_r/multi/map/de'"),
+        ({"asha": {"metric": "train.loss"}}, {"optimization": {"maxSteps": 8, "checkpointEvery": 4}},
+         "sweep.asha.metric: .*old dotted spelling.*'train/loss'"),
     ],
 )  # fmt: skip
 def test_check_names_the_offending_field_before_any_work(sweep: dict, changes: dict, message: str) -> None:
@@ -262,8 +268,8 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Swee
     tmp = tmp_path_factory.mktemp("fake-sweep")
     uri = f"sqlite:///{tmp}/mlflow.db"
     sweep = {"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2], "bootstrapSamples": 500,
-             "constraints": [{"metric": "xquad_r.bias.rank_distance", "max": 30},
-                             {"metric": "xquad_r.multi.map", "atLeastZeroShot": True}]}  # fmt: skip
+             "constraints": [{"metric": "xquad_r/bias/rank_distance", "max": 30},
+                             {"metric": "xquad_r/multi/map", "atLeastZeroShot": True}]}  # fmt: skip
     exp = experiment(sweep)
     plan = plan_sweep(exp)
     tags = {SWEEP: "fake", MODEL: "m", DATA_FINGERPRINT: "d", GIT_COMMIT: "c"}
@@ -277,19 +283,19 @@ def fake_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, Swee
         )
         assert finished is None
         good = trial.point == 1  # alpha=0.75: better mAP, but more bias than the constraint allows
-        final = {"xquad_r.multi.map": 0.3 + 0.1 * good + 0.01 * trial.seed, "xquad_r.mono.map": 0.5,
-                 "xquad_r.cross.map": 0.2 + 0.01 * trial.seed, "xquad_r.bias.rank_distance": 20.0 + 20 * good}  # fmt: skip
-        final |= {f"xquad_r.multi.{lang}.map": final["xquad_r.multi.map"] for lang in LANGS}
+        final = {"xquad_r/multi/map": 0.3 + 0.1 * good + 0.01 * trial.seed, "xquad_r/mono/map": 0.5,
+                 "xquad_r/cross/map": 0.2 + 0.01 * trial.seed, "xquad_r/bias/rank_distance": 20.0 + 20 * good}  # fmt: skip
+        final |= {f"xquad_r/multi/map/{lang}": final["xquad_r/multi/map"] for lang in LANGS}
         final |= {
-            f"xquad_r.mono.{a}.map" if a == b else f"xquad_r.cross.{a}_{b}.map": 0.5
+            f"xquad_r/mono/map/{a}" if a == b else f"xquad_r/cross/map/{a}_{b}": 0.5
             for a in LANGS
             for b in LANGS
         }
         final |= {
-            f"xquad_r.bias.{lang}.{m}": 0.3 for lang in LANGS for m in ("rank_distance", "top10_own_share")
+            f"xquad_r/bias/{m}/{lang}": 0.3 for lang in LANGS for m in ("rank_distance", "top10_own_share")
         }
-        zero = {"xquad_r.multi.map": 0.25, **{f"xquad_r.multi.{lang}.map": 0.25 for lang in LANGS}}
-        zero["xquad_r.multi.de.map"] = 0.35  # alpha=0.25 falls below zero-shot in German
+        zero = {"xquad_r/multi/map": 0.25, **{f"xquad_r/multi/map/{lang}": 0.25 for lang in LANGS}}
+        zero["xquad_r/multi/map/de"] = 0.35  # alpha=0.25 falls below zero-shot in German
         metrics = [Metric(k, v, 0, 0) for k, v in zero.items()] + [
             Metric(k, v, 1, 6) for k, v in final.items()
         ]
@@ -305,13 +311,13 @@ def test_summary_statistics_constraints_and_comparisons(fake_sweep: tuple[str, s
     uri, parent, plan = fake_sweep
     s = summarize_sweep(MlflowClient(uri), parent)
     assert s.planned == s.finished == 6 and [p.label for p in s.points] == ["alpha=0.25", "alpha=0.75"]
-    ci = s.points[0].stats["xquad_r.multi.map"]
+    ci = s.points[0].stats["xquad_r/multi/map"]
     ref = mean_ci([0.30, 0.31, 0.32])
     assert (ci.mean, ci.low, ci.high, ci.n) == pytest.approx((ref.mean, ref.low, ref.high, 3))
-    assert s.points[1].violations == ["xquad_r.bias.rank_distance 40 > 30"]
-    assert s.points[0].violations == ["de: xquad_r.multi.de.map 0.31 below zero-shot 0.35"]
+    assert s.points[1].violations == ["xquad_r/bias/rank_distance 40 > 30"]
+    assert s.points[0].violations == ["de: xquad_r/multi/map/de 0.31 below zero-shot 0.35"]
     assert s.best is None and any("No point meets every constraint" in n for n in s.notes)
-    assert s.zero_shot["xquad_r.multi.map"] == 0.25
+    assert s.zero_shot["xquad_r/multi/map"] == 0.25
     assert {c.setting for c in s.comparisons} == {"multi", "mono", "cross"}
     multi = next(c for c in s.comparisons if c.setting == "multi")
     assert (multi.a, multi.b) == (0, 1) and multi.test.diff < 0 and multi.test.n == 100
@@ -346,7 +352,7 @@ def test_best_point_and_report_files(fake_sweep: tuple[str, str, SweepPlan], tmp
     assert data["comparisons"][0]["questions"] == 25 and data["comparisons"][0]["over_seeds"]["df"] > 0
     publish(client, s)
     run = client.get_run(parent)
-    assert run.data.metrics["best.xquad_r.multi.map"] == pytest.approx(0.31)
+    assert run.data.metrics["best/xquad_r/multi/map"] == pytest.approx(0.31)
     assert run.data.tags[BEST_POINT] == "alpha=0.25"
     assert {a.path for a in client.list_artifacts(parent, "summary")} >= {
         "summary/summary.md",
@@ -381,7 +387,7 @@ def test_restarted_trial_reuses_its_child_run(fake_sweep: tuple[str, str, SweepP
     exp = experiment({"parameters": {"sampling.alpha": {"grid": [0.25, 0.75]}}, "seeds": [0, 1, 2]})
     ctx = TrialContext(exp, plan, uri, "fake", parent, {}, "model", {})
     run_id, finished = _child_run(ctx, plan.trials[0], exp.spec)
-    assert run_id == runs[0].info.run_id and finished["xquad_r.multi.map"] == pytest.approx(0.30)
+    assert run_id == runs[0].info.run_id and finished["xquad_r/multi/map"] == pytest.approx(0.30)
 
 
 def test_xling_results_cli(
@@ -410,10 +416,10 @@ def test_a_stored_sweep_continues_only_with_the_same_trials(tmp_path: Path) -> N
         _parent_run(exp, plan_sweep(exp), uri, "x", tags, "runs/ray/smoke")
     parent = _parent_run(exp, plan_sweep(exp), uri, "x", tags, None)
     # Same trials, another objective: the same parent, and the summary follows the new spec.
-    again = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}, "metric": "xquad_r.mono.map"})
+    again = experiment({"parameters": {"sampling.alpha": {"grid": [0.25]}}, "metric": "xquad_r/mono/map"})
     assert _parent_run(again, plan_sweep(again), uri, "x", tags, "runs/ray/smoke") == parent
     plan = MlflowClient(uri).download_artifacts(parent, "sweep/plan.json", str(tmp_path))
-    assert json.loads(Path(plan).read_text())["sweep"]["metric"] == "xquad_r.mono.map"
+    assert json.loads(Path(plan).read_text())["sweep"]["metric"] == "xquad_r/mono/map"
     other = experiment({"parameters": {"sampling.alpha": {"grid": [0.5]}}})
     with pytest.raises(ValueError, match="planned from a different spec"):
         _parent_run(other, plan_sweep(other), uri, "x", tags, "runs/ray/smoke")
@@ -473,12 +479,12 @@ def test_per_query_settings_from_the_evaluation_file() -> None:
 
 
 def test_metric_names() -> None:
-    assert is_headline("xquad_r.multi.map") and is_headline("train.loss")
-    assert not is_headline("xquad_r.multi.ar.map") and not is_headline("system/cpu_utilization_percentage")
-    keys = {"xquad_r.multi.ar.map", "xquad_r.multi.de.map", "xquad_r.multi.map", "xquad_r.mono.ar.map"}
-    assert per_language_keys("xquad_r.multi.map", keys) == {
-        "ar": "xquad_r.multi.ar.map",
-        "de": "xquad_r.multi.de.map",
+    assert is_headline("xquad_r/multi/map") and is_headline("train/loss")
+    assert not is_headline("xquad_r/multi/map/ar") and not is_headline("system/cpu_utilization_percentage")
+    keys = {"xquad_r/multi/map/ar", "xquad_r/multi/map/de", "xquad_r/multi/map", "xquad_r/mono/map/ar"}
+    assert per_language_keys("xquad_r/multi/map", keys) == {
+        "ar": "xquad_r/multi/map/ar",
+        "de": "xquad_r/multi/map/de",
     }
 
 
@@ -548,23 +554,23 @@ def strategy_sweep(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         doc["paragraph"] = [k // 5 for _ in LANGS for k in range(25)]  # five questions on each paragraph
         d = shift[trial.point] + 0.002 * trial.seed
         final = {
-            f"xquad_r.{k}": 0.4 + d
-            for k in ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.r10")
+            f"xquad_r/{k}": 0.4 + d
+            for k in ("multi/map", "mono/map", "cross/map", "mono/r1", "cross/r1", "multi/r10")
         }
-        final |= {"xquad_r.bias.rank_distance": 50 - 200 * d, "xquad_r.bias.top10_own_share": 0.5}
+        final |= {"xquad_r/bias/rank_distance": 50 - 200 * d, "xquad_r/bias/top10_own_share": 0.5}
         final |= {
-            f"xquad_r.{s}.{lang}.{m}": 0.4 + d
+            f"xquad_r/{s}/{m}/{lang}": 0.4 + d
             for lang in LANGS
             for s, m in (("multi", "map"), ("mono", "map"))
         }
-        final |= {f"xquad_r.bias.{lang}.rank_distance": 50 - 200 * d for lang in LANGS}
-        zero = {k: 0.3 for k in final if k.endswith("map")}
+        final |= {f"xquad_r/bias/rank_distance/{lang}": 50 - 200 * d for lang in LANGS}
+        zero = {k: 0.3 for k in final if "map" in k.split("/")}
         # the centering baseline: between X-X/X-Y and hybrid on AP, no better than any on rank distance
-        zero |= {"xquad_r_centered.multi.map": 0.45, "xquad_r_centered.bias.rank_distance": 60.0}
-        zero |= {"ntrex_r.multi.map": 0.2, "ntrex_r_centered.multi.map": 0.25}
-        final |= {"ntrex_r.multi.map": 0.3 + d, "ntrex_r.bias.rank_distance": 500 - 100 * d}
+        zero |= {"xquad_r_centered/multi/map": 0.45, "xquad_r_centered/bias/rank_distance": 60.0}
+        zero |= {"ntrex_r/multi/map": 0.2, "ntrex_r_centered/multi/map": 0.25}
+        final |= {"ntrex_r/multi/map": 0.3 + d, "ntrex_r/bias/rank_distance": 500 - 100 * d}
         # a learning curve (evaluation.curvePoints 3): the arms part by step 3
-        middle = {"xquad_r.multi.map": 0.35 + d / 2, "xquad_r.bias.rank_distance": 55 - 100 * d}
+        middle = {"xquad_r/multi/map": 0.35 + d / 2, "xquad_r/bias/rank_distance": 55 - 100 * d}
         client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in zero.items()]
                          + [Metric(k, v, 0, 3) for k, v in middle.items()]
                          + [Metric(k, v, 1, 6) for k, v in final.items()])  # fmt: skip
@@ -605,10 +611,10 @@ def test_learning_curves_over_seeds_in_the_report(strategy_sweep: tuple[str, str
     from mlflow import MlflowClient
 
     s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
-    hybrid = s.points[3].curves["xquad_r.multi.map"]
+    hybrid = s.points[3].curves["xquad_r/multi/map"]
     assert [step for step, _ in hybrid] == [0, 3, 6]
     assert hybrid[1][1].mean == pytest.approx(0.35 + (0.1 + 0.002) / 2) and hybrid[1][1].n == 3
-    assert "xquad_r.bias.rank_distance" not in s.points[3].curves, "two evaluations (3, 6) are no curve"
+    assert "xquad_r/bias/rank_distance" not in s.points[3].curves, "two evaluations (3, 6) are no curve"
     assert "learning_curves.png" in {p.name for p in write_report(s, tmp_path)}
     md = markdown(s)
     assert "### Learning curves" in md and "| strategy=hybrid, alpha=0.5 | 3 | 0.4010 ± " in md
@@ -620,7 +626,7 @@ def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
     from mlflow import MlflowClient
 
     s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
-    assert s.centered["xquad_r.multi.map"] == 0.45 and "xquad_r_centered.multi.map" not in s.points[0].stats
+    assert s.centered["xquad_r/multi/map"] == 0.45 and "xquad_r_centered/multi/map" not in s.points[0].stats
     assert s.centering_source == "NTREX-128 lines 1001-1120 (120 per language)"
     multi = {c.a: c for c in s.against_centering if c.setting == "multi"}
     assert set(multi) == {0, 1, 2, 3} and multi[3].test.seeds == (3, 1), "the baseline is one evaluation"
@@ -629,15 +635,15 @@ def test_the_report_shows_the_centering_row_and_tests_every_point_against_it(
     assert "| - | zero-shot + language-mean centering | - | 0.4500 |" in md
     assert "Against language-mean centering (means: NTREX-128 lines 1001-1120" in md
     assert "| multi | strategy=hybrid, alpha=0.5 | +0.05" in md and "| beats centering |" in md
-    assert to_json(s)["centering"]["metrics"]["xquad_r.multi.map"] == 0.45
+    assert to_json(s)["centering"]["metrics"]["xquad_r/multi/map"] == 0.45
 
 
 def test_a_held_out_suite_gets_its_own_table_with_both_baselines(strategy_sweep: tuple[str, str]) -> None:
     from mlflow import MlflowClient
 
     s = summarize_sweep(MlflowClient(strategy_sweep[0]), strategy_sweep[1])
-    assert s.held_out == ["ntrex_r"] and s.zero_shot["ntrex_r.multi.map"] == 0.2
-    assert s.centered["ntrex_r.multi.map"] == 0.25 and "ntrex_r_centered.multi.map" not in s.points[0].stats
+    assert s.held_out == ["ntrex_r"] and s.zero_shot["ntrex_r/multi/map"] == 0.2
+    assert s.centered["ntrex_r/multi/map"] == 0.25 and "ntrex_r_centered/multi/map" not in s.points[0].stats
     md = markdown(s)
     assert "### Held-out suite ntrex_r: mean ± 95% t-interval half-width over seeds" in md
     assert "| zero-shot | 0.2000 | - |" in md and "| zero-shot + language-mean centering | 0.2500 | - |" in md
@@ -658,11 +664,11 @@ def test_research_report_has_the_alpha_curve_the_languages_and_the_full_pool(
     assert "By language: best point (strategy=hybrid, alpha=0.5) against zero-shot" in md
     assert "| de | 0.3000 | 0.5020 ± " in md, "zero-shot, then the best point's seed mean"
     assert "Full pool" not in md
-    best_xx = max((t for t in s.points[0].trials), key=lambda t: t.metrics["xquad_r.multi.map"])
-    client.log_batch(best_xx.run_id, metrics=[Metric("xquad_r_full.multi.map", 0.33, 0, 6)])
-    client.log_batch(parent, metrics=[Metric("xquad_r_full.multi.map", 0.30, 0, 0)])
+    best_xx = max((t for t in s.points[0].trials), key=lambda t: t.metrics["xquad_r/multi/map"])
+    client.log_batch(best_xx.run_id, metrics=[Metric("xquad_r_full/multi/map", 0.33, 0, 6)])
+    client.log_batch(parent, metrics=[Metric("xquad_r_full/multi/map", 0.30, 0, 0)])
     s = summarize_sweep(client, parent)
-    assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full.multi.map": 0.30}
+    assert s.points[0].full.run_id == best_xx.run_id and s.zero_shot_full == {"xquad_r_full/multi/map": 0.30}
     rows = [
         line
         for line in markdown(s).splitlines()
@@ -681,7 +687,7 @@ def test_full_pool_waits_until_every_seed_of_a_point_finished(strategy_sweep: tu
     assert list(chosen) == [3, 1, 0, 2], (
         "the arms the claims compare, hybrid first: a stopped call has the main one"
     )
-    assert chosen[3] == max(s.points[3].trials, key=lambda t: t.metrics["xquad_r.multi.map"]).run_id
+    assert chosen[3] == max(s.points[3].trials, key=lambda t: t.metrics["xquad_r/multi/map"]).run_id
     s.points[0].trials = s.points[0].trials[:2]  # seed 2 still running: its best seed is not known yet
     assert 0 not in {p.index for p, _ in best_trials(s)}
 

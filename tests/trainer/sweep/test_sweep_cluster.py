@@ -37,7 +37,7 @@ def _sweep(tmp: Path):
     spec["tracking"] = {}
     spec["outputDir"] = str(tmp / "runs")  # the experiment's shared storage (s3:// or a pvc on a cluster)
     spec["sweep"] = {"parameters": {"sampling.alpha": {"grid": [0.0, 1.0]}}, "seeds": [0],
-                     "metric": "xquad_r.multi.map", "maxConcurrentTrials": 1}  # fmt: skip
+                     "metric": "xquad_r/multi/map", "maxConcurrentTrials": 1}  # fmt: skip
     return parse_experiment(doc, "cluster-sweep.yaml")
 
 
@@ -67,9 +67,9 @@ def test_sweep_trials_under_the_operator_are_separate_runs(tmp_path: Path) -> No
     losses = {}
     for run in trials:
         name = run.data.tags[TRIAL]
-        resumed = client.get_metric_history(run.info.run_id, "train.resumed_at_step")
+        resumed = client.get_metric_history(run.info.run_id, "train/resumed_at_step")
         assert not resumed, f"trial {name} resumed from a checkpoint at step {resumed[0].value:g}"
-        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train.loss"))
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
         assert [step for step, _ in history] == list(range(1, STEPS + 1)), f"trial {name} trained {history}"
         losses[name] = [loss for _, loss in history]
     assert losses["p0-s0"] != losses["p1-s0"], "X-Y-only and X-X-only trials trained on the same batches"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,11 +115,22 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(smoke_swe
     before = smoke_sweep.finished_before
     assert 1 <= len(before) < 4, "the interrupt came after at least one and before all trials finished"
     assert "continuing" in smoke_sweep.second and "4 of 4 trials finished" in smoke_sweep.second
+    # the console: a line per ended trial (counting on after the restart), worker lines under their trial's
+    # label, and no Tune status table
+    ended = [line for line in smoke_sweep.second.splitlines() if line.startswith("sweep: trial p")]
+    assert ended and ended[-1].endswith("(4/4 finished, done)"), smoke_sweep.second[-4000:]
+    assert re.search(
+        r"^sweep: trial p\d-s\d finished: xquad_r/multi/map [\d.]+ \(1/4 finished, ETA ",
+        smoke_sweep.first,
+        re.M,
+    )
+    assert re.search(r"^\[p\d-s\d\] zero-shot: xquad-r$", smoke_sweep.first, re.M)
+    assert "Trial status" not in smoke_sweep.first + smoke_sweep.second
     client = MlflowClient(smoke_sweep.uri)
     for run_id, end_time in before.items():
         run = client.get_run(run_id)
         assert run.info.end_time == end_time, f"trial {run.data.tags[TRIAL]} was run again"
-        steps = [m.step for m in client.get_metric_history(run_id, "train.loss")]
+        steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
         assert sorted(steps) == list(range(1, 7)), "each step logged once"
 
 
@@ -148,7 +160,7 @@ def test_one_parent_four_nested_children_with_tags_and_system_metrics(smoke_swee
     assert trials == {"p0-s0": (0.25, 0), "p0-s1": (0.25, 1), "p1-s0": (0.75, 0), "p1-s1": (0.75, 1)}
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "summary")}
     assert {f"summary/{name}" for name in PLOTS + REPORT} <= artifacts
-    assert "best.xquad_r.multi.map" in parent.data.metrics
+    assert "best/xquad_r/multi/map" in parent.data.metrics
     assert parent.data.tags[BEST_POINT] in {"alpha=0.25", "alpha=0.75"}
 
 
@@ -167,7 +179,7 @@ def test_every_trial_logs_its_model_and_the_best_one_is_registered(smoke_sweep: 
     best = children[version.run_id]
     assert best.data.tags[POINT_LABEL] == parent.data.tags[BEST_POINT]
     rivals = [r for r in children.values() if r.data.tags[POINT_LABEL] == best.data.tags[POINT_LABEL]]
-    metric = "xquad_r.multi.map"
+    metric = "xquad_r/multi/map"
     assert best.data.metrics[metric] == max(r.data.metrics[metric] for r in rivals), (
         "the best seed of the point"
     )
@@ -192,16 +204,16 @@ def test_summary_statistics_match_a_reference_computation(smoke_sweep: SmokeSwee
         ).read_text()
     )
     for point in summary["points"]:
-        values = [r.data.metrics["xquad_r.multi.map"] for r in runs if r.info.run_id in point["runs"]]
+        values = [r.data.metrics["xquad_r/multi/map"] for r in runs if r.info.run_id in point["runs"]]
         assert len(values) == 2
-        got = point["metrics"]["xquad_r.multi.map"]
+        got = point["metrics"]["xquad_r/multi/map"]
         low, high = sps.t.interval(0.95, 1, loc=np.mean(values), scale=sps.sem(values))
         assert got["mean"] == pytest.approx(np.mean(values))
         assert (got["low"], got["high"]) == pytest.approx((low, high))
-    best = max(summary["points"], key=lambda p: p["metrics"]["xquad_r.multi.map"]["mean"])
+    best = max(summary["points"], key=lambda p: p["metrics"]["xquad_r/multi/map"]["mean"])
     assert summary["best"] == best["index"]
-    assert parent.data.metrics["best.xquad_r.multi.map"] == pytest.approx(
-        best["metrics"]["xquad_r.multi.map"]["mean"]
+    assert parent.data.metrics["best/xquad_r/multi/map"] == pytest.approx(
+        best["metrics"]["xquad_r/multi/map"]["mean"]
     )
     settings = {c["setting"] for c in summary["comparisons"]}
     assert settings == {"multi", "mono", "cross", "rank_distance", "top10_own_share"}, summary["notes"]
@@ -244,7 +256,7 @@ def test_full_pool_evaluates_each_points_best_seed_once(smoke_sweep: SmokeSweep)
     for run in done:
         best = max(
             client.search_runs([exp.experiment_id], tag_is(POINT, run.data.tags[POINT])),
-            key=lambda r: r.data.metrics["xquad_r.multi.map"],
+            key=lambda r: r.data.metrics["xquad_r/multi/map"],
         )
         assert best.info.run_id == run.info.run_id, "the point's best seed by the objective"
         steps = [a.path for a in client.list_artifacts(run.info.run_id, "eval/xquad-r-full")]
