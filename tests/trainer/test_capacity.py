@@ -122,7 +122,7 @@ def test_sweep_with_a_point_that_cannot_fit_is_refused_before_anything_starts(
     monkeypatch.setenv("XLING_GPU_MEM_GB", "80")  # as on a GPU-less head node
     doc = experiment("Qwen/Qwen2.5-32B")
     grid = {"distributed.numWorkers": {"grid": [16, 8]}}
-    doc["spec"]["sweep"] = {"metric": "train.loss", "mode": "min", "parameters": grid}
+    doc["spec"]["sweep"] = {"metric": "train/loss", "mode": "min", "parameters": grid}
     with pytest.raises(InputError, match="sweep point numWorkers=8: big: refused before starting any worker"):
         run_sweep(parse_experiment(doc))
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()
