@@ -137,3 +137,88 @@ def test_every_xling_environment_variable_is_named_in_the_registry() -> None:
         for name in re.findall(r"XLING_[A-Z_]+", path.read_text(errors="replace"))
     }
     assert deployed <= set(VARIABLES), sorted(deployed - set(VARIABLES))  # the chart sets only known names
+
+
+# The layers of docs/architecture.md, bottom first. A module may import (deferred imports included) from its
+# own layer or a lower one, never from a higher one. A module's layer is that of its exact name, else of the
+# longest package pattern it falls under; a module no pattern covers fails the test (give it a layer).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("contracts", ("xling.api.*",)),
+    (
+        "library",
+        (
+            "xling.trainer.*",
+            "xling.trainer.data.*",
+            "xling.trainer.evaluation.*",
+            "xling.trainer.capacity.*",
+            "xling.operator.*",
+        ),
+    ),
+    ("the worker", ("xling.trainer.train_loop",)),
+    ("reports", ("xling.trainer.sweep.*",)),
+    ("what the drivers share", ("xling.trainer.driver",)),
+    (
+        "drivers",
+        (
+            "xling.trainer.run",
+            "xling.trainer.sweep.tune",
+            "xling.trainer.sweep.full_pool",
+            "xling.operator.reconcile",
+            "xling.operator.render",
+        ),
+    ),
+    (
+        "entry points",
+        (
+            "xling.trainer.cli",
+            "xling.trainer.evaluation.cli",
+            "xling.trainer.sweep.cli",
+            "xling.trainer.capacity.cli",
+            "xling.operator.handlers",
+        ),
+    ),
+)
+
+
+def _layer(module: str) -> int:
+    """The index in LAYERS of ``module``'s layer."""
+    exact = [i for i, (_, names) in enumerate(LAYERS) if module in names]
+    if exact:
+        return exact[0]
+    covering = [(len(p), i) for i, (_, names) in enumerate(LAYERS) for p in names
+                if p.endswith(".*") and module.startswith(p[:-1])]  # fmt: skip
+    assert covering, f"{module} has no layer: add it to LAYERS in tests/test_architecture.py"
+    return max(covering)[1]
+
+
+def test_no_import_points_up_a_layer() -> None:
+    """The reader walks down: an entry point calls a driver, a driver the shared sequence, which starts the
+    worker over the library and the contracts. An arrow up (a report importing a driver, the library a
+    report) would make a lower module unreadable without a higher one."""
+    import_graph = load_script("tools", "import_graph")
+    up = sorted(
+        f"{src} ({LAYERS[_layer(src)][0]}) -> {dst} ({LAYERS[_layer(dst)][0]})"
+        for src, dst in import_graph.edges(import_graph.modules())
+        if _layer(dst) > _layer(src)
+    )
+    assert not up, "imports pointing up a layer:\n" + "\n".join(up)
+
+
+def test_the_layer_check_finds_an_arrow_up() -> None:
+    assert _layer("xling.trainer.sweep.summary") > _layer("xling.trainer.stats")
+    assert _layer("xling.trainer.driver") > _layer("xling.trainer.train_loop") > _layer("xling.trainer.model")
+    assert _layer("xling.trainer.evaluation.cli") > _layer("xling.trainer.evaluation.api")
+    assert (
+        _layer("xling.operator.handlers") > _layer("xling.operator.reconcile") > _layer("xling.operator.kube")
+    )
+
+
+def test_no_module_of_the_trainer_or_the_operator_is_over_500_lines() -> None:
+    """A module a newcomer reads in one sitting (issue 25)."""
+    long = {
+        str(path.relative_to(ROOT)): n
+        for folder in ("trainer", "operator")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long
