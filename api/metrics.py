@@ -18,8 +18,9 @@ SEP = "/"
 SETTINGS = frozenset({"mono", "cross", "multi", "bias"})
 #: Where MLflow's own (system) metrics live; never an xling metric.
 SYSTEM = "system"
-#: The prefixes of the training loop's metrics and of the batch-composition counters.
-TRAIN, BATCHES = "train", "batches"
+#: The prefixes of the training loop's metrics, of the batch-composition counters and of what the driver
+#: logs of the training data (``data/held_out/groups``, ``data/mined/removed/<rule>``).
+TRAIN, BATCHES, DATA = "train", "batches", "data"
 #: The prefix of a sweep parent run's copy of its best point's metrics (``best/xquad_r/multi/map``).
 BEST = "best"
 

@@ -96,8 +96,8 @@ def test_smoke_run_end_to_end(smoke_run: SmokeRun) -> None:
     assert all(0.0 <= m.value <= 1.0 for m in mapk)
     assert "batches/xx_fraction" in run.data.metrics
     for side in ("query", "passage"):  # the realised per-language shares of every run
-        shares = {k: v for k, v in run.data.metrics.items() if k.startswith(f"batches.{side}_share.")}
-        assert set(shares) == {f"batches.{side}_share.{lang}" for lang in ("ar", "de", "en", "es")}
+        shares = {k: v for k, v in run.data.metrics.items() if k.startswith(f"batches/{side}_share/")}
+        assert set(shares) == {f"batches/{side}_share/{lang}" for lang in ("ar", "de", "en", "es")}
         assert sum(shares.values()) == pytest.approx(1.0)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "batch_composition.json" in artifacts

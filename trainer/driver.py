@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from xling.api.contracts import default_cache_dir, prepared_cache_dir, staged_model_cache_dir
 from xling.api.env import CACHE_ENV, EXPERIMENT_UID_ENV
 from xling.api.errors import InputError, failure_reason
+from xling.api.metrics import DATA, join
 from xling.api.spec.base import TINY_MODEL, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.training import DistributedSpec
@@ -285,7 +286,7 @@ def log_training_data(
     uri: str, run_id: str, spec: ExperimentSpec, fingerprint: str, mined: dict | None
 ) -> None:
     """The training pairs as the run's MLflow dataset (digest = the corpus fingerprint, source = the sources),
-    what an MLQA hold-out took out of them (``data.held_out.*``), and with mined hard negatives, how many were
+    what an MLQA hold-out took out of them (``data/held_out/*``), and with mined hard negatives, how many were
     mined and what each false-negative rule removed."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -295,12 +296,12 @@ def log_training_data(
     log_dataset(client, run_id, "training-pairs", fingerprint, sources, "training")
     for source in spec.data.sources:
         if split := held_out(source):
-            client.log_batch(run_id, metrics=[Metric(f"data.held_out.{k}", float(v), int(time.time() * 1000), 0)
+            client.log_batch(run_id, metrics=[Metric(join(DATA, "held_out", k), float(v), int(time.time() * 1000), 0)
                                               for k, v in split.counts().items()])  # fmt: skip
     if mined is not None:
         counts = {"negatives": mined["negatives"], "with_negatives": mined["with_negatives"], "passages": mined["passages"],
-                  **{f"removed.{rule}": n for rule, n in mined["removed"].items()}}  # fmt: skip
-        client.log_batch(run_id, metrics=[Metric(f"data.mined.{k}", float(v), int(time.time() * 1000), 0)
+                  **{join("removed", rule): n for rule, n in mined["removed"].items()}}  # fmt: skip
+        client.log_batch(run_id, metrics=[Metric(join(DATA, "mined", k), float(v), int(time.time() * 1000), 0)
                                           for k, v in counts.items()])  # fmt: skip
         client.set_tag(run_id, MINED_NEGATIVES, mined["key"])
 

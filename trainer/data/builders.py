@@ -433,7 +433,7 @@ class HoldOut(NamedTuple):
     components: int  # of the directory
 
     def counts(self) -> dict[str, int]:
-        """What a run prints and logs (``data.held_out.*``): groups and components held out, of how many."""
+        """What a run prints and logs (``data/held_out/*``): groups and components held out, of how many."""
         held = {"groups": len(self.component_of), "components": len(set(self.component_of.values()))}
         return held | {"of_groups": self.groups, "of_components": self.components}
 

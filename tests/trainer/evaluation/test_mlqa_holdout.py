@@ -96,8 +96,8 @@ def test_a_run_prints_and_logs_what_it_held_out(tmp_path: Path) -> None:
     run = client.create_run(client.create_experiment("holdout"))
     log_training_data(uri, run.info.run_id, spec, "fingerprint", None)
     logged = client.get_run(run.info.run_id).data.metrics
-    assert logged["data.held_out.groups"] == len(split.component_of) > logged["data.held_out.components"] > 0
-    assert logged["data.held_out.of_groups"] == split.groups
+    assert logged["data/held_out/groups"] == len(split.component_of) > logged["data/held_out/components"] > 0
+    assert logged["data/held_out/of_groups"] == split.groups
 
 
 class Oracle:
