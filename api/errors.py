@@ -14,7 +14,8 @@ import functools
 import re
 import sys
 from argparse import Namespace
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,19 @@ def _rebuilt(cls: type[InputError], text: str, fields: dict[str, Any]) -> InputE
     err = cls.__new__(cls, text)
     err.__dict__.update(fields)
     return err
+
+
+@contextmanager
+def sweep_point(label: str | None) -> Iterator[None]:
+    """An input error of one sweep point's spec, prefixed with the point's label (None: not a sweep point,
+    the error as it is), so the user knows which combination of values to change."""
+    if label is None:
+        yield
+        return
+    try:
+        yield
+    except InputError as err:
+        raise InputError(None, f"sweep point {label}: {err}") from None
 
 
 class RunFailed(RuntimeError):

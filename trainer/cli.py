@@ -14,6 +14,7 @@ from pathlib import Path
 from xling.api.contracts import DEFAULT_TRACKING_URI
 from xling.api.env import EXPERIMENT_UID_ENV
 from xling.api.errors import RunFailed, command, failure_reason, training_failed
+from xling.api.spec.experiment import ExperimentSpec
 from xling.api.spec.loading import load_experiment
 from xling.trainer.console import QuietConsole
 
@@ -25,7 +26,12 @@ def _run(args: argparse.Namespace) -> int:
     exp = skipping_bad_rows(load_experiment(args.file), args.skip_bad_rows)
     # plan-only models, the memory plan, paths, languages, the model, ignored fields: before any work. A run
     # leaves loading the model's files to driver.prepare_run, which loads them before Ray starts.
-    check(exp, args.file, ahead=args.check)
+    points: list[tuple[str, ExperimentSpec]] = []
+    if args.check and exp.spec.sweep is not None:  # --check sizes each point, as the run will
+        from xling.trainer.sweep.trials import plan_sweep, point_specs
+
+        points = point_specs(exp, plan_sweep(exp))
+    check(exp, args.file, ahead=args.check, points=points)
     if args.check:
         print(f"{args.file}: ready to run RetrievalExperiment {exp.metadata.name!r}")
         return 0

@@ -11,15 +11,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xling.api.contracts import default_cache_dir, prepared_cache_dir, staged_model_cache_dir
 from xling.api.env import CACHE_ENV, EXPERIMENT_UID_ENV
-from xling.api.errors import InputError, failure_reason
+from xling.api.errors import InputError, failure_reason, sweep_point
 from xling.api.metrics import DATA, join
 from xling.api.spec.base import TINY_MODEL, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
@@ -253,12 +252,12 @@ def prepare_run(
     env = local_env(exp.spec)
     runs = list(points) or [(None, exp.spec)]
     for label, spec in runs:
-        with _naming(label):
+        with sweep_point(label):
             check_fits(exp.model_copy(update={"spec": spec}))
     exp = skipping_bad_rows(exp, skip_bad_rows)
     prepared = prepare_data(exp)
     for label, spec in runs:
-        with _naming(label):
+        with sweep_point(label):
             check_batches(prepared.corpus.index, spec)
     model_path = resolve_model(exp.spec, prepared)
     staged_model = stage(model_path, exp.spec)
@@ -268,18 +267,6 @@ def prepare_run(
     tags = {MODEL: exp.spec.model.name, DATA_FINGERPRINT: corpus.fingerprint(), GIT_COMMIT: git_commit(),
             BAD_ROWS_SKIPPED: str(prepared.report.total), **source_tags(exp.metadata.name)}  # fmt: skip
     return PreparedRun(exp, env, prepared, model_path, uri, tags, staged_model)
-
-
-@contextmanager
-def _naming(point: str | None) -> Iterator[None]:
-    """An input error of one sweep point's spec, prefixed with the point's label (as ``plan_sweep`` does)."""
-    if point is None:
-        yield
-        return
-    try:
-        yield
-    except InputError as err:
-        raise InputError(None, f"sweep point {point}: {err}") from None
 
 
 def log_training_data(

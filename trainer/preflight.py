@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
 from xling.api.env import EXPERIMENT_UID_ENV
-from xling.api.errors import InputError, Problem
+from xling.api.errors import InputError, Problem, sweep_point
 from xling.api.spec.base import SpecError, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.training import DataSource, ModelSpec
@@ -27,17 +27,27 @@ MODEL = "spec.model.name"
 HUB_SOURCES = ("hf",)
 
 
-def check(exp: RetrievalExperiment, spec_file: str | Path, *, run: bool = True, ahead: bool = True) -> None:
+def check(
+    exp: RetrievalExperiment,
+    spec_file: str | Path,
+    *,
+    run: bool = True,
+    ahead: bool = True,
+    points: Sequence[tuple[str, ExperimentSpec]] = (),
+) -> None:
     """Raise SpecError (naming ``spec_file`` and each field) if the run cannot do what the spec asks, fields
     it would ignore included. ``run=False`` checks for data preparation only (no memory plan, no model).
     ``ahead=False``: leave loading the model's files to the run that follows (``driver.resolve_model`` loads
-    them before Ray starts), so they are not loaded twice."""
+    them before Ray starts), so they are not loaded twice. ``points``: a sweep's (label, spec) pairs, each
+    checked to fit (default: the spec itself)."""
     if run:  # spec-only, so they go first: a model shape with nothing to load; PlanError, with the plan
         from xling.trainer.capacity.check import check_fits
 
         if problem := exp.spec.model.plan_only():
             raise SpecError(spec_file, problem, field=MODEL)
-        check_fits(exp)
+        for label, spec in points or [(None, exp.spec)]:
+            with sweep_point(label):
+                check_fits(exp.model_copy(update={"spec": spec}))
     base = Path(spec_file).resolve().parent
     spec = exp.spec
     errors = list(path_problems(spec, base))

@@ -128,6 +128,22 @@ def test_sweep_with_a_point_that_cannot_fit_is_refused_before_anything_starts(
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "runs").exists()
 
 
+def test_check_of_a_sweep_sizes_every_point(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``xling run --check`` refuses the sweep the run would refuse, naming the point that cannot fit: it used
+    to size the base spec only, which fits, and said the file was ready to run."""
+    monkeypatch.setenv("XLING_GPU_MEM_GB", "80")
+    doc = experiment("Qwen/Qwen2.5-32B")
+    doc["spec"]["sweep"] = {"metric": "train/loss", "mode": "min",
+                            "parameters": {"distributed.numWorkers": {"grid": [16, 8]}}}  # fmt: skip
+    file = tmp_path / "sweep.yaml"
+    file.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(file), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep point numWorkers=8: big: refused before starting any worker" in err, err
+
+
 def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -15,8 +15,8 @@ import random
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from xling.api.errors import InputError
-from xling.api.spec.experiment import RetrievalExperiment
+from xling.api.errors import sweep_point
+from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.sweep import SweepParameter
 
 #: What a trial's result depends on: a restored sweep must have been planned from the same values.
@@ -96,10 +96,8 @@ def plan_sweep(exp: RetrievalExperiment) -> SweepPlan:
             values = {**explicit, **drawn}
             points.append(Point(_label(values), values))
     for point in points:  # combinations can break cross-field rules that single values keep
-        try:
+        with sweep_point(point.label):
             sweep.trial_spec(spec, point.values, sweep.seeds[0])
-        except InputError as err:
-            raise InputError(None, f"sweep point {point.label}: {err}") from None
     width = len(str(len(points) - 1))
     trials = [Trial(f"p{i:0{width}d}-s{seed}", i, seed) for i in range(len(points)) for seed in sweep.seeds]
     if len(trials) != sweep.trial_count:  # the operator sized the cluster for trial_count trials
@@ -109,3 +107,11 @@ def plan_sweep(exp: RetrievalExperiment) -> SweepPlan:
              "points": [asdict(p) for p in points], "trials": [asdict(t) for t in trials]}  # fmt: skip
     digest = hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
     return SweepPlan(points, trials, digest)
+
+
+def point_specs(exp: RetrievalExperiment, plan: SweepPlan) -> list[tuple[str, ExperimentSpec]]:
+    """Each point's label and spec (its first seed's: the seed changes no size), what the fit and batch
+    checks take (``preflight.check``, ``driver.prepare_run``)."""
+    sweep = exp.spec.sweep
+    assert sweep is not None, "a sweep's plan"
+    return [(p.label, sweep.trial_spec(exp.spec, p.values, sweep.seeds[0])) for p in plan.points]

@@ -61,7 +61,7 @@ from xling.trainer.sweep.progress import SweepProgress, tune_callback
 from xling.trainer.sweep.report import publish
 from xling.trainer.sweep.summary import summarize_sweep
 from xling.trainer.sweep.tables import markdown
-from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep
+from xling.trainer.sweep.trials import SweepPlan, Trial, plan_sweep, point_specs
 from xling.trainer.tracking import flatten, register_run_model, sampling_tags, start_run, version_tags
 
 if TYPE_CHECKING:
@@ -275,9 +275,7 @@ def run_sweep(
     if "://" not in exp.spec.output_dir:  # trials run in Tune's trial directories
         output_dir = str(Path(exp.spec.output_dir).resolve())
         exp = exp.model_copy(update={"spec": exp.spec.model_copy(update={"output_dir": output_dir})})
-    sweep = exp.spec.sweep
-    points = [(p.label, sweep.trial_spec(exp.spec, p.values, sweep.seeds[0])) for p in plan.points]
-    run = prepare_run(exp, tracking_uri, skip_bad_rows, points)  # once for every trial
+    run = prepare_run(exp, tracking_uri, skip_bad_rows, point_specs(exp, plan))  # once for every trial
     exp, prepared, uri = run.exp, run.prepared, run.tracking_uri
     experiment_name = exp.mlflow_experiment_name
     storage = storage_path(exp.spec.output_dir)
