@@ -74,12 +74,14 @@ def twin(path: Path, kind: str) -> Path:
     return tiny_model_dir(path, kind)
 
 
-def export(backbone_dir: Path, tokenizer: object, spec: ModelSpec, out: Path) -> HFTextEncoder:
+def export(backbone_dir: Path, tokenizer: object, model_spec: ModelSpec, out: Path) -> HFTextEncoder:
     """xling's encoder for ``backbone_dir`` and its export to ``out`` (as the trainer's final checkpoint)."""
-    tokenize = Tokenize(tokenizer, spec)
-    model = BiEncoder(load_backbone(str(backbone_dir), spec), spec.pooling, spec.normalize).eval()
+    tokenize = Tokenize(tokenizer, model_spec)
+    model = BiEncoder(
+        load_backbone(str(backbone_dir), model_spec), model_spec.pooling, model_spec.normalize
+    ).eval()
     model.backbone.save_pretrained(out)
-    write_sentence_transformers(out, spec, tokenize.tok, tokenize.append_eos)
+    write_sentence_transformers(out, model_spec, tokenize.tok, tokenize.append_eos)
     return HFTextEncoder(model, tokenize, batch_size=3)
 
 
