@@ -74,15 +74,15 @@ def mined(corpus: PreparedCorpus, key: str) -> dict | None:
     return json.loads(done.read_text()) if done.is_file() else None
 
 
-def mining_key(corpus: PreparedCorpus, spec: MineSpec, model_fingerprint: str) -> str:
-    basis = {"corpus": corpus.fingerprint(), "mine": spec.model_dump(mode="json", exclude={"batch_size", "workers"}),
+def mining_key(corpus: PreparedCorpus, settings: MineSpec, model_fingerprint: str) -> str:
+    basis = {"corpus": corpus.fingerprint(), "mine": settings.model_dump(mode="json", exclude={"batch_size", "workers"}),
              "model": model_fingerprint}  # fmt: skip
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def mine(
     corpus: PreparedCorpus,
-    spec: MineSpec,
+    settings: MineSpec,
     encoder: TextEncoder,
     key: str,
     cache_dir: str | Path | None = None,
@@ -93,8 +93,8 @@ def mine(
     n_lang = len(index.languages)
     group_of = index.member_key // n_lang
     found = anchors(corpus)
-    negatives = np.full((len(group_of), spec.per_pair), -1, dtype=np.int64)
-    scores = np.full((len(group_of), spec.per_pair), np.nan, dtype=np.float32)
+    negatives = np.full((len(group_of), settings.per_pair), -1, dtype=np.int64)
+    scores = np.full((len(group_of), settings.per_pair), np.nan, dtype=np.float32)
     removed = dict.fromkeys(RULES, 0)
     encode_s = search_s = 0.0
     encoded = 0
@@ -112,7 +112,7 @@ def mine(
         encoded += len(set(texts)) + len(set(query_texts))  # distinct texts, each encoded once
         encode_s += time.perf_counter() - started
         started = time.perf_counter()
-        found_scores, ids = search(build_index(pool_emb), query_emb, spec.top_k)
+        found_scores, ids = search(build_index(pool_emb), query_emb, settings.top_k)
         search_s += time.perf_counter() - started
         where = np.searchsorted(pool, mine_here)
         positive = np.einsum("ij,ij->i", query_emb, pool_emb[where])
@@ -121,10 +121,10 @@ def mine(
                 ids[i] >= 0, pool[np.maximum(ids[i], 0)], -1
             )  # FAISS pads short lists with -1
             kept = _filter(index, int(member), int(group_of[member]), candidates, found_scores[i],
-                           float(positive[i]), group_of, spec, removed)  # fmt: skip
+                           float(positive[i]), group_of, settings, removed)  # fmt: skip
             for j, (candidate, score) in enumerate(kept):
                 negatives[member, j], scores[member, j] = candidate, score
-    meta = {"key": key, "spec": spec.model_dump(mode="json", by_alias=True), "removed": removed,
+    meta = {"key": key, "spec": settings.model_dump(mode="json", by_alias=True), "removed": removed,
             "passages": len(found.passages), "with_negatives": int((negatives[:, 0] >= 0).sum()),
             "negatives": int((negatives >= 0).sum()), "texts": encoded, "encode_s": encode_s,
             "search_s": search_s}  # fmt: skip
@@ -148,7 +148,7 @@ def _encode_distinct(
 
 def _filter(
     index: CorpusIndex, member: int, group: int, candidates: np.ndarray, candidate_scores: np.ndarray, positive: float,
-    group_of: np.ndarray, spec: MineSpec, removed: dict[str, int],
+    group_of: np.ndarray, settings: MineSpec, removed: dict[str, int],
 ) -> list[tuple[int, float]]:  # fmt: skip
     """The kept (member, score) negatives of one passage, best first; what each rule removed is counted."""
     own_keys = set(index.keys(group))
@@ -159,14 +159,14 @@ def _filter(
         other = int(group_of[candidate])
         rule = ("positive" if candidate == member else "translation" if other == group
                 else "conflict_key" if not own_keys.isdisjoint(index.keys(other))
-                else "skip_top" if skipped < spec.skip_top
-                else "score_ratio" if score > spec.max_score_ratio * positive else None)  # fmt: skip
+                else "skip_top" if skipped < settings.skip_top
+                else "score_ratio" if score > settings.max_score_ratio * positive else None)  # fmt: skip
         if rule == "skip_top":
             skipped += 1
         if rule is not None:
             removed[rule] += 1
             continue
-        if len(kept) < spec.per_pair:
+        if len(kept) < settings.per_pair:
             kept.append((candidate, score))
     return kept
 

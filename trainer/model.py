@@ -131,11 +131,11 @@ class BiEncoder(nn.Module):
 class Tokenize:
     """Turns raw texts into model inputs: prefix, truncation, padding side, EOS for last-token pooling."""
 
-    def __init__(self, tokenizer: Any, spec: ModelSpec):
+    def __init__(self, tokenizer: Any, model_spec: ModelSpec):
         self.tok = tokenizer
-        self.spec = spec
+        self.model_spec = model_spec
         self.append_eos = False
-        if spec.pooling == "last_token":
+        if model_spec.pooling == "last_token":
             tokenizer.padding_side = "left"
             if tokenizer.pad_token is None:  # decoder LLMs (Mistral, Llama) ship none; pads are masked anyway
                 tokenizer.pad_token = tokenizer.eos_token
@@ -143,8 +143,8 @@ class Tokenize:
             self.append_eos = tokenizer.eos_token is not None and ids[-1] != tokenizer.eos_token_id
 
     def __call__(self, texts: Sequence[str], kind: Kind) -> dict[str, torch.Tensor]:
-        prefix = self.spec.query_prefix if kind == "query" else self.spec.passage_prefix
-        max_len = self.spec.max_query_length if kind == "query" else self.spec.max_passage_length
+        prefix = self.model_spec.query_prefix if kind == "query" else self.model_spec.passage_prefix
+        max_len = self.model_spec.max_query_length if kind == "query" else self.model_spec.max_passage_length
         texts = [f"{prefix}{t}" for t in texts]
         if self.append_eos:  # truncate first, then append: a long text keeps the EOS its embedding is read at
             ids = self.tok(texts, max_length=max_len - 1, truncation=True)["input_ids"]
@@ -268,33 +268,37 @@ def stage_model(path: str, root: str, cache: Path) -> DataLocation | None:
     return DataLocation(target, fingerprint)
 
 
-def load_tokenizer(path: str, spec: ModelSpec | None = None) -> Any:
+def load_tokenizer(path: str, model_spec: ModelSpec | None = None) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(
         path,
-        revision=spec.revision if spec else None,
-        trust_remote_code=bool(spec and spec.trust_remote_code),
+        revision=model_spec.revision if model_spec else None,
+        trust_remote_code=bool(model_spec and model_spec.trust_remote_code),
     )
 
 
-def load_backbone(path: str, spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_backbone(path: str, model_spec: ModelSpec, dtype: torch.dtype = torch.float32) -> nn.Module:
     """AutoModel.from_pretrained. Under a live HfDeepSpeedConfig (ZeRO-3) it is built already partitioned."""
     from transformers import AutoConfig, AutoModel
 
     kwargs: dict[str, Any] = {}
     config = AutoConfig.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code
+        path, revision=model_spec.revision, trust_remote_code=model_spec.trust_remote_code
     )
     if config.model_type in ("bert", "xlm-roberta", "xlm-roberta-xl", "roberta"):
         kwargs["add_pooling_layer"] = False  # retrieval pools itself; an unused pooler gets no gradient
     model = AutoModel.from_pretrained(
-        path, revision=spec.revision, trust_remote_code=spec.trust_remote_code, dtype=dtype, **kwargs
+        path,
+        revision=model_spec.revision,
+        trust_remote_code=model_spec.trust_remote_code,
+        dtype=dtype,
+        **kwargs,
     )
-    if spec.freeze_embeddings:
+    if model_spec.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
-    if spec.freeze_layers:
-        freeze_lower(model, spec.freeze_layers, config.num_hidden_layers)
+    if model_spec.freeze_layers:
+        freeze_lower(model, model_spec.freeze_layers, config.num_hidden_layers)
     return model
 
 
@@ -353,9 +357,9 @@ class HFTextEncoder:
         self.model = model
         self.tokenize = tokenize
         self.batch_size = batch_size
-        spec = tokenize.spec
+        model_spec = tokenize.model_spec
         # The cache key covers everything that changes an embedding, not just the weights.
-        settings = f"{model.pooling}|{model.normalize}|{spec.query_prefix}|{spec.passage_prefix}|{spec.max_query_length}|{spec.max_passage_length}"
+        settings = f"{model.pooling}|{model.normalize}|{model_spec.query_prefix}|{model_spec.passage_prefix}|{model_spec.max_query_length}|{model_spec.max_passage_length}"
         self.fingerprint = hashlib.sha256(
             f"{fingerprint or weights_fingerprint(model)}|{settings}".encode()
         ).hexdigest()[:16]
@@ -403,18 +407,20 @@ def load_text_encoder(
     batch_size: int = 64,
 ) -> HFTextEncoder:
     """A ready TextEncoder for ``xling eval``: loads any HF encoder or built-in name onto the best device."""
-    spec = ModelSpec(
+    model_spec = ModelSpec(
         name=name_or_path, pooling=pooling, query_prefix=query_prefix, passage_prefix=passage_prefix,
         max_query_length=max_length, max_passage_length=max_length,
     )  # fmt: skip
-    return encoder_for(resolve_model_path(name_or_path), spec, batch_size)
+    return encoder_for(resolve_model_path(name_or_path), model_spec, batch_size)
 
 
-def encoder_for(path: str, spec: ModelSpec, batch_size: int = 64) -> HFTextEncoder:
-    """The TextEncoder of the backbone at ``path``, encoding as ``spec`` says."""
+def encoder_for(path: str, model_spec: ModelSpec, batch_size: int = 64) -> HFTextEncoder:
+    """The TextEncoder of the backbone at ``path``, encoding as ``model_spec`` says."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = BiEncoder(load_backbone(path, spec), spec.pooling, spec.normalize).to(device).eval()
-    return HFTextEncoder(model, Tokenize(load_tokenizer(path, spec), spec), batch_size)
+    model = (
+        BiEncoder(load_backbone(path, model_spec), model_spec.pooling, model_spec.normalize).to(device).eval()
+    )
+    return HFTextEncoder(model, Tokenize(load_tokenizer(path, model_spec), model_spec), batch_size)
 
 
 def model_fingerprint(model_path: str) -> str:

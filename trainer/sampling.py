@@ -118,10 +118,10 @@ class BatchSampler:
 
     kind: str = ""  # the batch kind it produces ("hybrid": xx or xy)
 
-    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None):
+    def __init__(self, index: CorpusIndex, batch_size: int, sampling: SamplingSpec, steps: int | None = None):
         self.index = index
         self.batch_size = batch_size
-        self.spec = spec
+        self.sampling = sampling
         self.steps = steps  # the run's length (optimization.maxSteps): the exact alpha schedule's period
         self._by_language, self._by_pair = index.by_language(), index.by_pair()
         # X-X: only languages that can fill a batch (a smaller one would fail mid-run)
@@ -129,10 +129,10 @@ class BatchSampler:
             lang for lang, ids in self._by_language.items() if _can_fill(ids, index, batch_size)
         ]
         sizes = [len(self._by_language[lang]) for lang in self._xx_langs]
-        self._xx_p = _weights(sizes, spec.language_weighting, spec.language_temperature)
+        self._xx_p = _weights(sizes, sampling.language_weighting, sampling.language_temperature)
         self._xy_pairs = list(self._by_pair)
         sizes = [len(self._by_pair[pair]) for pair in self._xy_pairs]
-        self._xy_p = _weights(sizes, spec.pair_weighting, spec.language_temperature)
+        self._xy_p = _weights(sizes, sampling.pair_weighting, sampling.language_temperature)
         self._mixed = index.mixed_groups
 
     def plan(self, step: int) -> BatchPlan:
@@ -211,7 +211,7 @@ class XXSampler(BatchSampler):
     kind = "xx"
 
     def plan(self, step: int) -> BatchPlan:
-        return self._xx(_rng(self.spec.seed, step), step)
+        return self._xx(_rng(self.sampling.seed, step), step)
 
 
 class XYSampler(BatchSampler):
@@ -220,7 +220,7 @@ class XYSampler(BatchSampler):
     kind = "xy"
 
     def plan(self, step: int) -> BatchPlan:
-        return self._xy(_rng(self.spec.seed, step), step)
+        return self._xy(_rng(self.sampling.seed, step), step)
 
 
 def xx_count(alpha: float, steps: int) -> int:
@@ -237,32 +237,35 @@ class HybridSampler(BatchSampler):
 
     kind = "hybrid"
 
-    def __init__(self, index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None):
-        super().__init__(index, batch_size, spec, steps)
-        if spec.alpha_schedule == "exact" and not steps:
+    def __init__(self, index: CorpusIndex, batch_size: int, sampling: SamplingSpec, steps: int | None = None):
+        super().__init__(index, batch_size, sampling, steps)
+        if sampling.alpha_schedule == "exact" and not steps:
             raise InputError(
                 None, "'exact' needs the run's length (optimization.maxSteps)", field="sampling.alphaSchedule"
             )
         self._block: tuple[int, np.ndarray] | None = None
 
     def uses(self) -> set[str]:
-        return {"xx"} if self.spec.alpha >= 1 else {"xy"} if self.spec.alpha <= 0 else {"xx", "xy"}
+        return {"xx"} if self.sampling.alpha >= 1 else {"xy"} if self.sampling.alpha <= 0 else {"xx", "xy"}
 
     def is_xx(self, step: int, rng: np.random.Generator) -> bool:
         """The batch type of ``step``; ``rng`` is the step's own generator (the coin of bernoulli)."""
-        if self.spec.alpha_schedule == "bernoulli":
-            return bool(rng.random() < self.spec.alpha)
+        if self.sampling.alpha_schedule == "bernoulli":
+            return bool(rng.random() < self.sampling.alpha)
         assert self.steps  # checked in __init__
         block, position = divmod(step, self.steps)
         if self._block is None or self._block[0] != block:
-            order = np.random.default_rng([self.spec.seed, block, 0xA1FA]).permutation(self.steps)
-            self._block = (block, order < xx_count(self.spec.alpha, self.steps))
+            order = np.random.default_rng([self.sampling.seed, block, 0xA1FA]).permutation(self.steps)
+            self._block = (block, order < xx_count(self.sampling.alpha, self.steps))
         return bool(self._block[1][position])
 
     def plan(self, step: int) -> BatchPlan:
-        rng = _rng(self.spec.seed, step)
-        if self.spec.alpha in (0.0, 1.0):  # no coin: alpha = 1 and 0 give XXSampler's and XYSampler's batches
-            return self._xx(rng, step) if self.spec.alpha else self._xy(rng, step)
+        rng = _rng(self.sampling.seed, step)
+        if self.sampling.alpha in (
+            0.0,
+            1.0,
+        ):  # no coin: alpha = 1 and 0 give XXSampler's and XYSampler's batches
+            return self._xx(rng, step) if self.sampling.alpha else self._xy(rng, step)
         return self._xx(rng, step) if self.is_xx(step, rng) else self._xy(rng, step)
 
 
@@ -272,7 +275,7 @@ class MixedSampler(BatchSampler):
     kind = "mixed"
 
     def plan(self, step: int) -> BatchPlan:
-        return self._mixed_batch(_rng(self.spec.seed, step), step)
+        return self._mixed_batch(_rng(self.sampling.seed, step), step)
 
 
 SAMPLERS: dict[str, type[BatchSampler]] = {
@@ -284,16 +287,16 @@ SAMPLERS: dict[str, type[BatchSampler]] = {
 
 
 def build_sampler(
-    index: CorpusIndex, batch_size: int, spec: SamplingSpec, steps: int | None = None
+    index: CorpusIndex, batch_size: int, sampling: SamplingSpec, steps: int | None = None
 ) -> BatchSampler:
     """The spec's sampler for a run of ``steps`` global steps; refused (before any worker starts) when the
     data cannot fill its batches."""
-    sampler = SAMPLERS[spec.strategy](index, batch_size, spec, steps)
+    sampler = SAMPLERS[sampling.strategy](index, batch_size, sampling, steps)
     uses = sampler.uses()
     if "xx" in uses and not sampler._xx_langs:
         raise InputError(
             None,
-            f"{spec.strategy!r} needs a language with {batch_size} groups that have a query "
+            f"{sampling.strategy!r} needs a language with {batch_size} groups that have a query "
             f"and a passage in it and share no conflict key (optimization.globalBatchSize); the data has "
             f"{index.sizes() or 'none'}",
             field="sampling.strategy",
@@ -301,7 +304,7 @@ def build_sampler(
     if "xy" in uses and not _can_fill(index.xy_union, index, batch_size):
         raise InputError(
             None,
-            f"{spec.strategy!r} needs at least {batch_size} parallel groups (a query and a "
+            f"{sampling.strategy!r} needs at least {batch_size} parallel groups (a query and a "
             f"passage in two languages, no shared conflict key); the data has {len(index.xy_union)}",
             field="sampling.strategy",
         )

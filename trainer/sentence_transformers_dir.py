@@ -72,12 +72,12 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
-def export_tokenizer(tokenizer: Any, spec: ModelSpec, append_eos: bool) -> Any:
+def export_tokenizer(tokenizer: Any, model_spec: ModelSpec, append_eos: bool) -> Any:
     """A copy of the training tokenizer that tokenizes on its own as ``Tokenize`` does: truncation at the
     passage length, and for last-token pooling left padding and EOS appended after truncation."""
     tok = copy.deepcopy(tokenizer)
-    settings: dict[str, Any] = {"model_max_length": spec.max_passage_length}
-    if spec.pooling == "last_token":
+    settings: dict[str, Any] = {"model_max_length": model_spec.max_passage_length}
+    if model_spec.pooling == "last_token":
         settings["padding_side"] = "left"
     for key, value in settings.items():
         setattr(tok, key, value)
@@ -95,18 +95,20 @@ def export_tokenizer(tokenizer: Any, spec: ModelSpec, append_eos: bool) -> Any:
     return tok
 
 
-def write_sentence_transformers(directory: Path, spec: ModelSpec, tokenizer: Any, append_eos: bool) -> None:
+def write_sentence_transformers(
+    directory: Path, model_spec: ModelSpec, tokenizer: Any, append_eos: bool
+) -> None:
     """Add the sentence-transformers files and the export tokenizer to the HF model dir ``directory``."""
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
     dim = config.get("hidden_size") or config["d_model"]
-    export_tokenizer(tokenizer, spec, append_eos).save_pretrained(directory)
+    export_tokenizer(tokenizer, model_spec, append_eos).save_pretrained(directory)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.base.modules.transformer.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling",
          "type": "sentence_transformers.sentence_transformer.modules.pooling.Pooling"},
     ]  # fmt: skip
-    if spec.normalize:
+    if model_spec.normalize:
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize",
                         "type": "sentence_transformers.base.modules.normalize.Normalize"})  # fmt: skip
         write_json(directory / "2_Normalize" / "config.json", {})
@@ -116,17 +118,17 @@ def write_sentence_transformers(directory: Path, spec: ModelSpec, tokenizer: Any
         "transformer_task": "feature-extraction",
         "modality_config": {"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
         "module_output_name": "token_embeddings",
-        "query_length": spec.max_query_length,
-        "document_length": spec.max_passage_length,
+        "query_length": model_spec.max_query_length,
+        "document_length": model_spec.max_passage_length,
     })  # fmt: skip
     write_json(directory / "1_Pooling" / "config.json",
-          {"embedding_dimension": dim, "pooling_mode": POOLING_MODES[spec.pooling], "include_prompt": True})  # fmt: skip
+          {"embedding_dimension": dim, "pooling_mode": POOLING_MODES[model_spec.pooling], "include_prompt": True})  # fmt: skip
     write_json(directory / "config_sentence_transformers.json", {
         "model_type": "SentenceTransformer",
         # "document" too: else sentence-transformers fills in "" and encode_document would drop the prefix
-        "prompts": {"query": spec.query_prefix, "passage": spec.passage_prefix, "document": spec.passage_prefix},
+        "prompts": {"query": model_spec.query_prefix, "passage": model_spec.passage_prefix, "document": model_spec.passage_prefix},
         "default_prompt_name": None,
-        "similarity_fn_name": "cosine" if spec.normalize else "dot",
+        "similarity_fn_name": "cosine" if model_spec.normalize else "dot",
     })  # fmt: skip
 
 
@@ -198,14 +200,14 @@ def read_sentence_transformers(path: str | Path) -> tuple[str, ModelSpec]:
         or 512
     )
     longest = min(int(longest), 8192)
-    spec = ModelSpec(
+    model_spec = ModelSpec(
         name=str(root), pooling=pooling, normalize="Normalize" in kinds,
         query_prefix=prompts.get("query", ""),
         passage_prefix=next((prompts[k] for k in ("passage", "document", "corpus") if k in prompts), ""),
         max_query_length=module.get("query_length") or longest,
         max_passage_length=module.get("document_length") or longest,
     )  # fmt: skip
-    return str(backbone), spec
+    return str(backbone), model_spec
 
 
 # --------------------------------------------------------------------------------------- model card

@@ -25,10 +25,12 @@ from xling.trainer.job import local_model_path
 class _Shard:
     """One worker's encoder (torch is imported in the actor, not in the driver)."""
 
-    def __init__(self, path: str, spec: ModelSpec, batch_size: int, staged: DataLocation | None) -> None:
+    def __init__(
+        self, path: str, model_spec: ModelSpec, batch_size: int, staged: DataLocation | None
+    ) -> None:
         from xling.trainer.model import encoder_for
 
-        self.encoder = encoder_for(local_model_path(path, staged), spec, batch_size)
+        self.encoder = encoder_for(local_model_path(path, staged), model_spec, batch_size)
 
     def fingerprint(self) -> str:
         return self.encoder.fingerprint
@@ -38,12 +40,12 @@ class _Shard:
 
 
 class ShardedEncoder:
-    """``encoder_for(path, spec, batch_size)`` on ``workers`` Ray actors, one GPU each with ``gpus`` (as the
+    """``encoder_for(path, model_spec, batch_size)`` on ``workers`` Ray actors, one GPU each with ``gpus`` (as the
     run's workers train), else one CPU each; needs a started Ray. With ``staged`` (``model.stage_model``) the
     actors load their node's copy of it, not ``path`` on the driver's disk."""
 
     def __init__(
-        self, path: str, spec: ModelSpec, batch_size: int, workers: int, gpus: bool,
+        self, path: str, model_spec: ModelSpec, batch_size: int, workers: int, gpus: bool,
         staged: DataLocation | None = None,
     ) -> None:  # fmt: skip
         unit = "GPU" if gpus else "CPU"
@@ -58,7 +60,7 @@ class ShardedEncoder:
             )
         self.batch_size = batch_size
         self.actors = [
-            _Shard.options(num_cpus=1, num_gpus=int(gpus)).remote(path, spec, batch_size, staged)
+            _Shard.options(num_cpus=1, num_gpus=int(gpus)).remote(path, model_spec, batch_size, staged)
             for _ in range(workers)
         ]
         self.fingerprint = ray.get(self.actors[0].fingerprint.remote())

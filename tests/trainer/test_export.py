@@ -74,19 +74,21 @@ def twin(path: Path, kind: str) -> Path:
     return tiny_model_dir(path, kind)
 
 
-def export(backbone_dir: Path, tokenizer: object, spec: ModelSpec, out: Path) -> HFTextEncoder:
+def export(backbone_dir: Path, tokenizer: object, model_spec: ModelSpec, out: Path) -> HFTextEncoder:
     """xling's encoder for ``backbone_dir`` and its export to ``out`` (as the trainer's final checkpoint)."""
-    tokenize = Tokenize(tokenizer, spec)
-    model = BiEncoder(load_backbone(str(backbone_dir), spec), spec.pooling, spec.normalize).eval()
+    tokenize = Tokenize(tokenizer, model_spec)
+    model = BiEncoder(
+        load_backbone(str(backbone_dir), model_spec), model_spec.pooling, model_spec.normalize
+    ).eval()
     model.backbone.save_pretrained(out)
-    write_sentence_transformers(out, spec, tokenize.tok, tokenize.append_eos)
+    write_sentence_transformers(out, model_spec, tokenize.tok, tokenize.append_eos)
     return HFTextEncoder(model, tokenize, batch_size=3)
 
 
 def assert_same_embeddings(encoder: HFTextEncoder, out: Path, short: list[str], long: list[str]) -> None:
     from sentence_transformers import SentenceTransformer
 
-    spec = encoder.tokenize.spec
+    spec = encoder.tokenize.model_spec
     assert encoder.tokenize(short, "query")["attention_mask"].sum(1).max() < spec.max_query_length, (
         "short fits"
     )
@@ -208,7 +210,7 @@ def test_eval_takes_pooling_prompts_and_lengths_from_the_exported_dir(
     want = export(backbone, load_tokenizer(str(backbone)), spec, tmp_path / "export")
     got = _encoder(_eval_args("--model", str(tmp_path / "export"), "--pooling", "mean", "--max-length", "8"))
     assert "ignoring --pooling, --max-length" in capsys.readouterr().err
-    assert got.tokenize.spec.model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
+    assert got.tokenize.model_spec.model_dump(exclude={"name"}) == spec.model_dump(exclude={"name"})
     texts = SHORT + LONG
     for kind in ("query", "passage"):
         np.testing.assert_allclose(got.encode(texts, kind), want.encode(texts, kind), atol=1e-6, rtol=0)
@@ -229,7 +231,7 @@ def test_eval_reads_a_directory_saved_by_sentence_transformers_itself(tmp_path: 
     )
     model.save(str(tmp_path / "st"))
     encoder = _encoder(_eval_args("--model", str(tmp_path / "st")))
-    got = encoder.tokenize.spec
+    got = encoder.tokenize.model_spec
     assert (got.pooling, got.normalize, got.query_prefix, got.passage_prefix) == ("cls", False, "q: ", "d: ")
     assert (got.max_query_length, got.max_passage_length) == (20, 40)
     reloaded = SentenceTransformer(str(tmp_path / "st"), device="cpu")

@@ -56,11 +56,11 @@ def bundled_corpus() -> PairCorpus:
     return load_corpus(DataSpec(languages=list(XQUAD_R_LANGUAGES), sources=sources))
 
 
-def false_negative_rate(corpus: PairCorpus, spec: SamplingSpec, batch: int, batches: int) -> float:
+def false_negative_rate(corpus: PairCorpus, sampling: SamplingSpec, batch: int, batches: int) -> float:
     """Share of queries for which another item's positive or hard negative is their own positive or a
     translation of it (any passage of their group), or contains their query sentence or a translation of it
     verbatim (an NTREX window holding a neighbour's sentence; sentences of 20 characters or more)."""
-    sampler = build_sampler(corpus.index, batch, spec)
+    sampler = build_sampler(corpus.index, batch, sampling)
     bad = total = 0
     for step in range(batches):
         plan = sampler.plan(step)
@@ -86,9 +86,9 @@ def bundled() -> PairCorpus:
     return bundled_corpus()
 
 
-@pytest.mark.parametrize("spec", STRATEGIES, ids=lambda s: s.strategy)
-def test_no_in_batch_false_negatives_in_1000_batches(bundled: PairCorpus, spec: SamplingSpec) -> None:
-    assert false_negative_rate(bundled, spec, batch=32, batches=1000) == 0.0
+@pytest.mark.parametrize("sampling", STRATEGIES, ids=lambda s: s.strategy)
+def test_no_in_batch_false_negatives_in_1000_batches(bundled: PairCorpus, sampling: SamplingSpec) -> None:
+    assert false_negative_rate(bundled, sampling, batch=32, batches=1000) == 0.0
 
 
 def test_without_conflict_keys_the_same_check_finds_false_negatives(bundled: PairCorpus) -> None:

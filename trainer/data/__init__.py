@@ -32,9 +32,9 @@ __all__ = [
 ]
 
 
-def load_corpus(spec: DataSpec, report: BadRows | None = None) -> PairCorpus:
-    """Every source of ``spec``, prepared in a temporary directory and read back into memory. Bad rows
-    raise BadRowError naming file and row, unless ``spec.skip_bad_rows``: then they are counted in
+def load_corpus(data: DataSpec, report: BadRows | None = None) -> PairCorpus:
+    """Every source of ``data``, prepared in a temporary directory and read back into memory. Bad rows
+    raise BadRowError naming file and row, unless ``data.skip_bad_rows``: then they are counted in
     ``report``."""
     with tempfile.TemporaryDirectory() as tmp:
-        return prepare_corpus(spec, tmp, report=report).corpus.materialize()
+        return prepare_corpus(data, tmp, report=report).corpus.materialize()

@@ -136,28 +136,28 @@ def file_stats(path: str) -> list[tuple[str, int, int]] | str:
     ]
 
 
-def preparation_key(spec: DataSpec, guard: EvalGuard | None) -> str:
-    basis = {"format": FORMAT, "data": spec.model_dump(mode="json", exclude={"prefetch_steps", "hard_negatives"}),
-             "files": [file_stats(s.path) for s in spec.sources],
-             "guard": guard.key if guard and spec.drop_eval_overlap else None}  # fmt: skip
+def preparation_key(data: DataSpec, guard: EvalGuard | None) -> str:
+    basis = {"format": FORMAT, "data": data.model_dump(mode="json", exclude={"prefetch_steps", "hard_negatives"}),
+             "files": [file_stats(s.path) for s in data.sources],
+             "guard": guard.key if guard and data.drop_eval_overlap else None}  # fmt: skip
     return hashlib.sha256(json.dumps(basis, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_corpus(
-    spec: DataSpec, root: str, guard: EvalGuard | None = None, report: BadRows | None = None,
+    data: DataSpec, root: str, guard: EvalGuard | None = None, report: BadRows | None = None,
     cache: Path | None = None,
 ) -> Prepared:  # fmt: skip
-    """The prepared corpus of ``spec`` under ``root`` (a directory or a URI), built unless one with the same
-    preparation key is there. Bad rows raise BadRowError naming file and row, unless ``spec.skip_bad_rows``:
+    """The prepared corpus of ``data`` under ``root`` (a directory or a URI), built unless one with the same
+    preparation key is there. Bad rows raise BadRowError naming file and row, unless ``data.skip_bad_rows``:
     then they are counted in ``report`` (a fresh one when none is passed). ``cache`` is the node-local copy
     of a corpus in a URI root (default: a temporary directory)."""
     from xling.trainer.data.store import open_corpus
 
-    report = (report if report is not None else BadRows()) if spec.skip_bad_rows else None
-    key = preparation_key(spec, guard)
+    report = (report if report is not None else BadRows()) if data.skip_bad_rows else None
+    key = preparation_key(data, guard)
     target = f"{root.rstrip('/')}/{key}"
     cache = cache or Path(tempfile.gettempdir()) / "xling-prepared"
-    meta, reused = store_once(target, cache, lambda staging: _build(spec, staging, guard, report))
+    meta, reused = store_once(target, cache, lambda staging: _build(data, staging, guard, report))
     location = DataLocation(target, meta["fingerprint"])
     corpus = open_corpus(location, cache)
     if report is None:
@@ -221,13 +221,13 @@ def held_out(source: DataSource) -> HoldOut | None:
     return mlqa_holdout(source.path, source.hold_out.fraction, source.hold_out.seed)
 
 
-def _stream(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> _Rows:
+def _stream(data: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> _Rows:
     """Read every source once: each row checked (a bad one raised or counted) and written."""
-    overlaps = overlap_test(guard.texts()) if guard is not None and spec.drop_eval_overlap else None
+    overlaps = overlap_test(guard.texts()) if guard is not None and data.drop_eval_overlap else None
     with pa.OSFile(str(staging / ROWS), "wb") as sink, pa.ipc.new_file(sink, ROW_SCHEMA) as writer:
         rows = _Rows(writer)
-        for i, source in enumerate(spec.sources):
-            languages = set(spec.languages) & set(source.languages or spec.languages)
+        for i, source in enumerate(data.sources):
+            languages = set(data.languages) & set(source.languages or data.languages)
             held = split.component_of if (split := held_out(source)) else {}
             for pair, where in source_rows(source, languages, report):
                 if source.sides == "both" and (pair.query is None or pair.passage is None):
@@ -276,13 +276,13 @@ def _first_of_runs(start: np.ndarray) -> np.ndarray:
     return np.flatnonzero(start)[np.cumsum(start) - 1]
 
 
-def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> dict:
+def _build(data: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRows | None) -> dict:
     """Stream the sources into ``staging``, group the rows, write the index and meta; returns the meta."""
-    rows = _stream(spec, staging, guard, report)
+    rows = _stream(data, staging, guard, report)
     a = rows.arrays()
     table = pa.ipc.open_file(pa.memory_map(str(staging / ROWS))).read_all()
     src, pid, lang, seq = a["source"], a["pid"], a["lang"], np.arange(len(a["pid"]))
-    names = [source_name(i, s) for i, s in enumerate(spec.sources)]
+    names = [source_name(i, s) for i, s in enumerate(data.sources)]
 
     # A pair_id that repeats a language within a source: the later row is bad.
     order = np.lexsort((seq, lang, pid, src))
@@ -304,7 +304,7 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRo
     c = np.flatnonzero(valid & a["wanted"])
     o = c[np.lexsort((first_seq[c], lang[c], src[c]))]
     rank = np.arange(len(o)) - _first_of_runs(_runs(src[o], lang[o]))
-    caps = np.array([s.max_pairs_per_language or len(seq) + 1 for s in spec.sources], dtype=np.int64)
+    caps = np.array([s.max_pairs_per_language or len(seq) + 1 for s in data.sources], dtype=np.int64)
     kept = np.zeros(len(seq), dtype=bool)
     kept[o[rank < caps[src[o]]]] = True
     del c, o, rank, valid
@@ -319,11 +319,11 @@ def _build(spec: DataSpec, staging: Path, guard: EvalGuard | None, report: BadRo
     member = kept.copy()
     member[again] = False
     del k, o, again, seq
-    return _finish(spec, staging, a, kept, member, first_seq, names, report)
+    return _finish(data, staging, a, kept, member, first_seq, names, report)
 
 
 def _finish(
-    spec: DataSpec, staging: Path, a: dict[str, np.ndarray], kept: np.ndarray, member: np.ndarray,
+    data: DataSpec, staging: Path, a: dict[str, np.ndarray], kept: np.ndarray, member: np.ndarray,
     first_seq: np.ndarray, names: list[str], report: BadRows | None,
 ) -> dict:  # fmt: skip
     """Order the groups, apply the shared-pool rule and the overlap guard, write the index and meta."""
@@ -340,21 +340,21 @@ def _finish(
     n_groups = len(group_pids)
     del k, o, start, group_pids, group_first, rank
 
-    pools_shared = np.array([s.pool == "shared" for s in spec.sources], dtype=bool)
+    pools_shared = np.array([s.pool == "shared" for s in data.sources], dtype=bool)
     f = a["flags"][m]
     count = functools.partial(_count_per_group, group, n_groups)
     group_shared = count(~pools_shared[src[m]]) == 0
     n_query, n_passage, n_both = count(f & QUERY > 0), count(f & PASSAGE > 0), count(f == QUERY | PASSAGE)
     xy_ok = (n_query > 0) & (n_passage > 0) & ~((n_query == 1) & (n_passage == 1) & (n_both == 1))
     drop = group_shared & ~((n_both > 0) & xy_ok)
-    for i, (name, source) in enumerate(zip(names, spec.sources, strict=True)):
+    for i, (name, source) in enumerate(zip(names, data.sources, strict=True)):
         mine = np.unique(group[src[m] == i]) if source.pool == "shared" else np.empty(0, np.int64)
         sizes = {ALL_LANGUAGES[c]: int(n) for c, n in enumerate(np.bincount(lang[kept & (src == i) & (a["flags"] == 3)],
                                                                         minlength=len(ALL_LANGUAGES))) if n}  # fmt: skip
         n_kept = len(np.unique(pid[kept & (src == i)]))
         log.info("%s: %d groups, pairs per language %s", name, n_kept, sizes)
         if not n_kept:
-            languages = sorted(set(spec.languages) & set(source.languages or spec.languages))
+            languages = sorted(set(data.languages) & set(source.languages or data.languages))
             log.warning("%s: no pairs in languages %s", name, languages)
         dropped = int(drop[mine].sum())
         if len(mine) and dropped == len(mine):
@@ -377,7 +377,7 @@ def _finish(
         log.warning("skipped %d bad rows: %s", report.total, dict(report.skipped))
     keep_group = ~drop
     if not keep_group.any():
-        raise InputError(None, f"no source has pairs in languages {sorted(spec.languages)}", field="data")
+        raise InputError(None, f"no source has pairs in languages {sorted(data.languages)}", field="data")
     kept_members = keep_group[group]
     rows, new_group = m[kept_members], (np.cumsum(keep_group) - 1).astype(np.int32)[group[kept_members]]
     del m, group, f, kept_members, count  # the index build below is the peak: hold nothing it does not need

@@ -18,48 +18,48 @@ from xling.trainer.evaluation.results import SuiteResults
 Suite = LareqaSuite | MiraclSuite
 
 
-def load_suite(spec: EvalSuite) -> Suite:
-    """Read a suite's files. ``spec.path`` is used as given: resolve it against the spec file first."""
-    if spec.name == "miracl":
+def load_suite(suite: EvalSuite) -> Suite:
+    """Read a suite's files. ``suite.path`` is used as given: resolve it against the spec file first."""
+    if suite.name == "miracl":
         return load_miracl(
-            spec.path,
-            languages=spec.languages,
-            max_queries=spec.max_queries,
-            max_passages=spec.max_paragraphs,
+            suite.path,
+            languages=suite.languages,
+            max_queries=suite.max_queries,
+            max_passages=suite.max_paragraphs,
         )
-    if spec.name == "ntrex-r":
-        return load_ntrex_suite(spec.name, spec.path, languages=spec.languages, first_line=spec.first_line,
-                                lines=spec.max_paragraphs)  # fmt: skip
-    if spec.hold_out is not None:
-        return load_mlqa_holdout(spec.name, spec.path, languages=spec.languages, hold_out=spec.hold_out,
-                                 max_queries=spec.max_queries)  # fmt: skip
+    if suite.name == "ntrex-r":
+        return load_ntrex_suite(suite.name, suite.path, languages=suite.languages, first_line=suite.first_line,
+                                lines=suite.max_paragraphs)  # fmt: skip
+    if suite.hold_out is not None:
+        return load_mlqa_holdout(suite.name, suite.path, languages=suite.languages, hold_out=suite.hold_out,
+                                 max_queries=suite.max_queries)  # fmt: skip
     return load_lareqa(
-        spec.name,
-        spec.path,
-        languages=spec.languages,
-        candidate_context=spec.candidate_context,
-        max_paragraphs=spec.max_paragraphs,
-        max_queries=spec.max_queries,
+        suite.name,
+        suite.path,
+        languages=suite.languages,
+        candidate_context=suite.candidate_context,
+        max_paragraphs=suite.max_paragraphs,
+        max_queries=suite.max_queries,
     )
 
 
-def suite_languages(spec: EvalSuite) -> list[str]:
+def suite_languages(suite: EvalSuite) -> list[str]:
     """The languages a suite's files hold, by the suite's own layout (what ``languages`` may name); raises
     EvalDataError naming the directory when it holds none."""
     from xling.trainer.data.builders import mlqa_context_languages, ntrex_languages
     from xling.trainer.evaluation.errors import EvalDataError
     from xling.trainer.evaluation.lareqa import discover_languages
 
-    if spec.name == "ntrex-r":
+    if suite.name == "ntrex-r":
         find = ntrex_languages
-    elif spec.hold_out is not None:
+    elif suite.hold_out is not None:
         find = mlqa_context_languages
     else:
-        return discover_languages(Path(spec.path))
+        return discover_languages(Path(suite.path))
     try:
-        return find(spec.path)
+        return find(suite.path)
     except OSError as err:
-        raise EvalDataError(Path(spec.path), str(err).removeprefix(f"{Path(spec.path)}: ")) from None
+        raise EvalDataError(Path(suite.path), str(err).removeprefix(f"{Path(suite.path)}: ")) from None
 
 
 def evaluate_suite(

@@ -46,21 +46,24 @@ class LanguageMeans:
 
 
 def language_means(
-    encoder: TextEncoder, spec: CenteringSpec, languages: Sequence[str], cache_dir: str | Path | None = None
+    encoder: TextEncoder,
+    centering: CenteringSpec,
+    languages: Sequence[str],
+    cache_dir: str | Path | None = None,
 ) -> LanguageMeans:
-    """Encode ``spec.sentences`` NTREX-128 lines per language as queries and as passages (through the
+    """Encode ``centering.sentences`` NTREX-128 lines per language as queries and as passages (through the
     embedding cache: every trial of a sweep starts from the same weights); average each."""
     from xling.trainer.data.builders import ntrex_sentences
 
-    lines = range(spec.first_line, spec.first_line + spec.sentences)
+    lines = range(centering.first_line, centering.first_line + centering.sentences)
     try:
-        texts = ntrex_sentences(spec.path, languages, lines)
+        texts = ntrex_sentences(centering.path, languages, lines)
     except (OSError, ValueError) as err:
-        raise EvalDataError(Path(spec.path), f"evaluation.centering: {err}") from None
+        raise EvalDataError(Path(centering.path), f"evaluation.centering: {err}") from None
     means = {}
     for language, sentences in texts.items():
         for kind in KINDS:
             emb = encode_cached(encoder, sentences, kind, tag=f"centering.{language}", cache_dir=cache_dir)
             means[(language, kind)] = emb.mean(axis=0)
-    source = f"{spec.path} lines {lines.start + 1}-{lines.stop} (NTREX-128, {spec.sentences} per language)"
-    return LanguageMeans(spec.path, source, means)
+    source = f"{centering.path} lines {lines.start + 1}-{lines.stop} (NTREX-128, {centering.sentences} per language)"
+    return LanguageMeans(centering.path, source, means)

@@ -159,15 +159,15 @@ def _encoder(args: argparse.Namespace) -> TextEncoder:
             for k, default in ENCODING_FLAGS.items()
         }
         return load_text_encoder(args.model, **flags)
-    backbone, spec = read_sentence_transformers(directory)
+    backbone, model_spec = read_sentence_transformers(directory)
     if ignored := [f"--{k.replace('_', '-')}" for k in ENCODING_FLAGS if getattr(args, k) is not None]:
         print(f"xling eval: ignoring {', '.join(ignored)}: {args.model} is a sentence-transformers model and "
               "its own settings win", file=sys.stderr)  # fmt: skip
-    print(f"sentence-transformers model: pooling {spec.pooling}, normalize {spec.normalize}, prompts "
-          f"{spec.query_prefix!r} / {spec.passage_prefix!r}, max length {spec.max_query_length} / {spec.max_passage_length}")  # fmt: skip
+    print(f"sentence-transformers model: pooling {model_spec.pooling}, normalize {model_spec.normalize}, prompts "
+          f"{model_spec.query_prefix!r} / {model_spec.passage_prefix!r}, max length {model_spec.max_query_length} / {model_spec.max_passage_length}")  # fmt: skip
     from xling.trainer.model import encoder_for
 
-    return encoder_for(backbone, spec)
+    return encoder_for(backbone, model_spec)
 
 
 def _suite_spec(args: argparse.Namespace) -> EvalSuite:
