@@ -79,11 +79,6 @@ def language_of(metric: str, key: str) -> str | None:
     return lang if sep and head == metric and lang else None
 
 
-def per_language(metric: str, lang: str) -> str:
-    """The name of ``metric``'s value for one language (or pair): ``xquad_r/multi/map`` -> ``.../map/de``."""
-    return join(metric, lang)
-
-
 def from_dotted(name: str) -> str | None:
     """The ``/`` spelling of a name in the old ``.`` one (``xquad_r.multi.de.map`` ->
     ``xquad_r/multi/map/de``), for a message to a spec that still uses it; None when ``name`` is not one."""

@@ -27,7 +27,7 @@ def _run(args: argparse.Namespace) -> int:
     # plan-only models, the memory plan, paths, languages, the model, ignored fields: before any work. A run
     # leaves loading the model's files to driver.prepare_run, which loads them before Ray starts.
     points: list[tuple[str, ExperimentSpec]] = []
-    if args.check and exp.spec.sweep is not None:  # --check sizes each point, as the run will
+    if exp.spec.sweep is not None:  # each point is sized, as prepare_run will (not the base values)
         from xling.trainer.sweep.trials import plan_sweep, point_specs
 
         points = point_specs(exp, plan_sweep(exp))

@@ -261,10 +261,7 @@ class HybridSampler(BatchSampler):
 
     def plan(self, step: int) -> BatchPlan:
         rng = _rng(self.sampling.seed, step)
-        if self.sampling.alpha in (
-            0.0,
-            1.0,
-        ):  # no coin: alpha = 1 and 0 give XXSampler's and XYSampler's batches
+        if self.sampling.alpha in (0.0, 1.0):  # no coin: XXSampler's (1) and XYSampler's (0) batches
             return self._xx(rng, step) if self.sampling.alpha else self._xy(rng, step)
         return self._xx(rng, step) if self.is_xx(step, rng) else self._xy(rng, step)
 

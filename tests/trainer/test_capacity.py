@@ -144,6 +144,23 @@ def test_check_of_a_sweep_sizes_every_point(
     assert "sweep point numWorkers=8: big: refused before starting any worker" in err, err
 
 
+def test_a_sweep_is_sized_by_its_points_not_by_the_base_values(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Base values that never run (numWorkers 8, too few for a 32B model) do not refuse a sweep whose every
+    point fits (16 workers): ``xling run`` sized the base spec in its preflight and refused it."""
+    monkeypatch.setenv("XLING_GPU_MEM_GB", "80")
+    doc = experiment("Qwen/Qwen2.5-32B")
+    doc["spec"]["distributed"]["numWorkers"] = 8
+    doc["spec"]["sweep"] = {"metric": "train/loss", "mode": "min",
+                            "parameters": {"distributed.numWorkers": {"grid": [16]}}}  # fmt: skip
+    file = tmp_path / "sweep.yaml"
+    file.write_text(yaml.safe_dump(doc))
+    assert main(["run", str(file)]) == 2  # the pairs file and the model are missing here
+    err = capsys.readouterr().err
+    assert "refused before starting any worker" not in err and "pairs.jsonl" in err, err
+
+
 def test_cpu_mfu_of_real_training_steps_is_a_fraction_of_the_measured_peak(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

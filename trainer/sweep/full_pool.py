@@ -92,9 +92,8 @@ def evaluate_full_pool(client: MlflowClient, s: SweepSummary, exp: RetrievalExpe
     ran = 0
     if done_key not in client.get_run(s.parent_run_id).data.metrics:
         print(f"full pool: zero-shot {spec.model.name}", flush=True)
-        model_path = resolve_model(
-            spec, prepare_data(exp)
-        )  # as the sweep resolved it (the tiny test model is built from the data)
+        # as the sweep resolved it (the tiny test model is built from the data)
+        model_path = resolve_model(spec, prepare_data(exp))
         encoder = encoder_for(model_path, spec.model, spec.evaluation.batch_size)
         _evaluate_into(client, s.parent_run_id, 0, spec, suite_name, encoder)
         ran += 1

@@ -166,11 +166,11 @@ HEADLINE = ("multi.map", "mono.map", "cross.map", "mono.r1", "cross.r1", "multi.
 CENTERED = -1
 
 
-def centering_source(spec: dict[str, Any] | None) -> str | None:
-    """Where the baseline's means came from, as the report states it."""
-    if not spec:
+def centering_source(document: dict[str, Any] | None) -> str | None:
+    """Where the baseline's means came from, as the report states it (``document``: the centering spec)."""
+    if not document:
         return None
-    centering = CenteringSpec.model_validate(spec)
+    centering = CenteringSpec.model_validate(document)
     first = centering.first_line + 1
     return f"NTREX-128 lines {first}-{first + centering.sentences - 1} ({centering.sentences} per language)"
 
