@@ -100,11 +100,22 @@ def log_dataset(client: Any, run_id: str, name: str, digest: str, sources: list[
     import json
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import IntegrityError
 
     source = json.dumps({"uri": ", ".join(sources)})
     dataset = Dataset(name=name, digest=digest, source_type="local", source=source)
     tags = [InputTag("mlflow.data.context", context)]
-    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+    for attempt in range(3):
+        try:
+            client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=tags)])
+            return
+        except MlflowException as err:
+            # Sweep trials side by side log the same suite: MLflow looks the dataset up, then inserts it, so
+            # another run's insert in between fails this one on the unique key. The dataset exists now, and
+            # the next try only links it to this run.
+            if not isinstance(err.__cause__, IntegrityError) or attempt == 2:
+                raise
 
 
 def start_run(
