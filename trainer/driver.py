@@ -247,13 +247,11 @@ def prepare_run(
     filled from it; the model (:func:`resolve_model`, :func:`stage`); where and under which tags to track.
     A spec that cannot fit is refused before any data is read, MLflow is opened or Ray started; an error of
     one sweep point names it."""
-    from xling.trainer.capacity.check import check_fits
+    from xling.trainer.capacity.check import check_each_fits
 
     env = local_env(exp.spec)
+    check_each_fits(exp, points)
     runs = list(points) or [(None, exp.spec)]
-    for label, spec in runs:
-        with sweep_point(label):
-            check_fits(exp.model_copy(update={"spec": spec}))
     exp = skipping_bad_rows(exp, skip_bad_rows)
     prepared = prepare_data(exp)
     for label, spec in runs:

@@ -36,9 +36,8 @@ class Job:
     name: str | None = None  # the experiment's name (the model card's title)
     run: TrackedRun | None = None
     staged_model: DataLocation | None = None  # the model's copy in the run's storage (``model.stage_model``)
-    trial: str | None = (
-        None  # a sweep trial's label (``p0-s1``): its console lines carry it; None in a single run
-    )
+    #: a sweep trial's label (``p0-s1``): its console lines carry it; None in a single run
+    trial: str | None = None
 
     @property
     def run_id(self) -> str | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from xling.api.env import EXPERIMENT_UID_ENV
-from xling.api.errors import InputError, Problem, sweep_point
+from xling.api.errors import InputError, Problem
 from xling.api.spec.base import SpecError, is_xling_model
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.api.spec.training import DataSource, ModelSpec
@@ -41,13 +41,11 @@ def check(
     them before Ray starts), so they are not loaded twice. ``points``: a sweep's (label, spec) pairs, each
     checked to fit (default: the spec itself)."""
     if run:  # spec-only, so they go first: a model shape with nothing to load; PlanError, with the plan
-        from xling.trainer.capacity.check import check_fits
+        from xling.trainer.capacity.check import check_each_fits
 
         if problem := exp.spec.model.plan_only():
             raise SpecError(spec_file, problem, field=MODEL)
-        for label, spec in points or [(None, exp.spec)]:
-            with sweep_point(label):
-                check_fits(exp.model_copy(update={"spec": spec}))
+        check_each_fits(exp, points)
     base = Path(spec_file).resolve().parent
     spec = exp.spec
     errors = list(path_problems(spec, base))

@@ -4,10 +4,11 @@ starts, ``auto_stage`` resolves ``stage: auto``."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from xling.api.env import GPU_MEM_GB_ENV
-from xling.api.errors import InputError
+from xling.api.errors import InputError, sweep_point
 from xling.api.spec.experiment import ExperimentSpec, RetrievalExperiment
 from xling.trainer.capacity.estimate import CapacityPlan, GiB, make_plan
 from xling.trainer.capacity.shapes import model_shape
@@ -91,6 +92,16 @@ def check_fits(exp: RetrievalExperiment) -> CapacityPlan | None:
             + format_plan(plan, exp.metadata.name, cpu=not gpu_run),
         )
     return plan
+
+
+def check_each_fits(
+    exp: RetrievalExperiment, specs: Sequence[tuple[str | None, ExperimentSpec]] = ()
+) -> None:
+    """:func:`check_fits` for each (label, spec) of ``specs`` (a sweep's points; default: ``exp``'s own
+    spec), a refusal prefixed with its point's label."""
+    for label, spec in specs or [(None, exp.spec)]:
+        with sweep_point(label):
+            check_fits(exp.model_copy(update={"spec": spec}))
 
 
 def auto_stage(spec: ExperimentSpec, model: str | None = None) -> ExperimentSpec:
